@@ -1,0 +1,35 @@
+//! Math for the forward pass, knowing nothing of requests or checkpoints.
+//!
+//! Owns: [`Weight`] (a row-major `[out, in]` matrix stored as f32 or bf16, the
+//! layout of safetensors checkpoints), [`matmul::matmul_nt`] (activations times
+//! a weight's transpose, multithreaded and SIMD), and the element-wise kernels
+//! in [`ops`] (RMSNorm, rotary embeddings, SiLU-and-multiply, softmax, top-k).
+//!
+//! Invariants: activations are f32, row-major, contiguous; weights keep the
+//! checkpoint's precision (bf16 stays 2 bytes per value, converted inside the
+//! kernel), so decoding reads as few bytes as the checkpoint holds. No kernel
+//! allocates on the decode hot path except thread-local scratch reused across
+//! calls. A CUDA backend (cudarc, behind a `cuda` feature) comes later.
+
+pub mod matmul;
+pub mod ops;
+mod simd;
+mod weight;
+
+pub use matmul::matmul_nt;
+pub use weight::{Weight, WeightData};
+
+/// Errors raised by kernel entry points on inconsistent shapes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    /// A buffer's length does not match the shape it was given.
+    #[error("{what}: expected {expected} elements, got {got}")]
+    Shape {
+        /// Which operand.
+        what: &'static str,
+        /// Elements implied by the shape.
+        expected: usize,
+        /// Elements present.
+        got: usize,
+    },
+}

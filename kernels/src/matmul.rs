@@ -1,0 +1,242 @@
+//! `out = x · Wᵀ`: activations `[m, k]` times a `[n, k]` weight.
+//!
+//! Two regimes:
+//! - few rows (decode, `m <= SMALL_M`): the product is memory-bound, so each
+//!   weight row is streamed once through SIMD dot products (bf16 widened in
+//!   registers), with output features split across threads;
+//! - many rows (prefill, big expert groups): compute-bound, handed to the
+//!   `gemm` crate; bf16 weights are widened block by block into thread-local
+//!   scratch first, amortised over the `m` rows.
+
+use crate::simd::{dot_bf16, dot_f32};
+use crate::weight::{bf16_to_f32, Weight, WeightData};
+use crate::KernelError;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Up to this many activation rows use the streaming dot-product path.
+const SMALL_M: usize = 4;
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MACS: usize = 1 << 16;
+/// Weight rows widened per block on the bf16 gemm path.
+const BF16_BLOCK_ROWS: usize = 64;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ`, overwriting `out`.
+pub fn matmul_nt(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) -> Result<(), KernelError> {
+    let (n, k) = (w.rows(), w.cols());
+    if x.len() != m * k {
+        return Err(KernelError::Shape { what: "matmul input", expected: m * k, got: x.len() });
+    }
+    if out.len() != m * n {
+        return Err(KernelError::Shape { what: "matmul output", expected: m * n, got: out.len() });
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    let parallel = m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1;
+    if m <= SMALL_M {
+        small_m(x, m, w, out, parallel);
+    } else {
+        match w.data() {
+            WeightData::F32(v) => {
+                let par = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+                // SAFETY: shapes were checked above; `v` is `[n, k]` row-major,
+                // read as the `[k, n]` matrix Wᵀ (row stride 1, column stride k).
+                unsafe { gemm_f32(GemmArgs { m, n, k, x, w: v, out: out.as_mut_ptr(), out_rs: n }, par) }
+            }
+            WeightData::Bf16(bits) => bf16_blocked(x, m, k, n, bits, out, parallel),
+        }
+    }
+    Ok(())
+}
+
+/// The streaming path: one pass over each weight row per call.
+fn small_m(x: &[f32], m: usize, w: &Weight, out: &mut [f32], parallel: bool) {
+    let (n, k) = (w.rows(), w.cols());
+    let row_dot = |r: usize, xi: &[f32]| -> f32 {
+        match w.data() {
+            WeightData::F32(v) => dot_f32(xi, &v[r * k..(r + 1) * k]),
+            WeightData::Bf16(v) => dot_bf16(xi, &v[r * k..(r + 1) * k]),
+        }
+    };
+    if m == 1 {
+        let fill = |(c, chunk): (usize, &mut [f32])| {
+            let base = c * chunk_len(n);
+            for (j, o) in chunk.iter_mut().enumerate() {
+                *o = row_dot(base + j, x);
+            }
+        };
+        if parallel {
+            out.par_chunks_mut(chunk_len(n)).enumerate().for_each(fill);
+        } else {
+            fill((0, out));
+        }
+        return;
+    }
+    // m in 2..=SMALL_M: compute [n, m] then transpose into out [m, n].
+    SCRATCH.with(|s| {
+        let mut tmp = s.borrow_mut();
+        tmp.resize(n * m, 0.0);
+        let cl = chunk_len(n) * m;
+        let fill = |(c, chunk): (usize, &mut [f32])| {
+            let base = c * chunk_len(n);
+            for (j, o) in chunk.chunks_mut(m).enumerate() {
+                for (i, oi) in o.iter_mut().enumerate() {
+                    *oi = row_dot(base + j, &x[i * k..(i + 1) * k]);
+                }
+            }
+        };
+        if parallel {
+            tmp.par_chunks_mut(cl).enumerate().for_each(fill);
+        } else {
+            fill((0, &mut tmp[..]));
+        }
+        for j in 0..n {
+            for i in 0..m {
+                out[i * n + j] = tmp[j * m + i];
+            }
+        }
+    });
+}
+
+/// Output features per parallel task on the streaming path.
+fn chunk_len(n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    // a few tasks per thread for balance, at least 16 rows each
+    n.div_ceil(threads * 4).max(16)
+}
+
+/// bf16 weights on the gemm path: widen a block of rows, multiply, repeat.
+fn bf16_blocked(x: &[f32], m: usize, k: usize, n: usize, bits: &[u16], out: &mut [f32], parallel: bool) {
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let blocks = n.div_ceil(BF16_BLOCK_ROWS);
+    let run = |b: usize| {
+        let r0 = b * BF16_BLOCK_ROWS;
+        let rows = BF16_BLOCK_ROWS.min(n - r0);
+        SCRATCH.with(|s| {
+            let mut wf = s.borrow_mut();
+            wf.resize(rows * k, 0.0);
+            for (o, &b) in wf.iter_mut().zip(&bits[r0 * k..(r0 + rows) * k]) {
+                *o = bf16_to_f32(b);
+            }
+            let ptr = out_ptr;
+            // SAFETY: block b writes only columns r0..r0+rows of every output
+            // row; blocks are disjoint, so no two tasks write the same element,
+            // and `out` outlives the parallel loop.
+            unsafe {
+                gemm_f32(
+                    GemmArgs { m, n: rows, k, x, w: &wf, out: ptr.0.add(r0), out_rs: n },
+                    gemm::Parallelism::None,
+                )
+            }
+        });
+    };
+    if parallel {
+        (0..blocks).into_par_iter().for_each(run);
+    } else {
+        (0..blocks).for_each(run);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint output regions to rayon tasks (see
+// `bf16_blocked`).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above; the pointer itself is never dereferenced concurrently
+// at the same element.
+unsafe impl Sync for SendPtr {}
+
+struct GemmArgs<'a> {
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &'a [f32],
+    /// `[n, k]` row-major.
+    w: &'a [f32],
+    out: *mut f32,
+    /// Row stride of `out` in elements.
+    out_rs: usize,
+}
+
+/// # Safety
+/// `out` must be valid for writes of an `[m, n]` block with row stride `out_rs`.
+unsafe fn gemm_f32(a: GemmArgs<'_>, par: gemm::Parallelism) {
+    gemm::gemm(
+        a.m,
+        a.n,
+        a.k,
+        a.out,
+        1,
+        a.out_rs as isize,
+        false,
+        a.x.as_ptr(),
+        1,
+        a.k as isize,
+        a.w.as_ptr(),
+        a.k as isize,
+        1,
+        0.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    fn check(m: usize, n: usize, k: usize) {
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 97) as f32 / 97.0) - 0.5).collect();
+        let wv: Vec<f32> = (0..n * k)
+            .map(|i| bf16::from_f32(((i * 104729 % 89) as f32 / 89.0) - 0.5).to_f32())
+            .collect();
+        let want = reference(&x, m, &wv, n, k);
+        let wf = Weight::from_f32(n, k, wv.clone()).unwrap();
+        let wb = Weight::from_bf16_bits(n, k, wv.iter().map(|&v| bf16::from_f32(v).to_bits()).collect()).unwrap();
+        for w in [&wf, &wb] {
+            let mut out = vec![f32::NAN; m * n];
+            matmul_nt(&x, m, w, &mut out).unwrap();
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "m={m} n={n} k={k}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn matches_reference_across_regimes() {
+        for &(m, n, k) in &[(1, 1, 1), (1, 300, 129), (2, 70, 64), (4, 513, 256), (5, 65, 33), (37, 200, 300), (64, 1, 8)] {
+            check(m, n, k);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let w = Weight::from_f32(2, 3, vec![0.0; 6]).unwrap();
+        let mut out = vec![0.0; 2];
+        assert!(matmul_nt(&[0.0; 4], 1, &w, &mut out).is_err());
+        assert!(matmul_nt(&[0.0; 3], 1, &w, &mut out[..1]).is_err());
+    }
+}

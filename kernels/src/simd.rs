@@ -1,0 +1,156 @@
+//! Dot products of an f32 activation row with one weight row, f32 or bf16,
+//! using AVX2+FMA when the CPU has them and a portable loop otherwise.
+
+use crate::weight::bf16_to_f32;
+
+/// `sum(x[i] * w[i])` with w in f32.
+pub(crate) fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
+    debug_assert_eq!(x.len(), w.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time) and
+            // both slices have the same length.
+            return unsafe { avx2::dot_f32(x, w) };
+        }
+    }
+    portable_dot(x, w, |v| v)
+}
+
+/// `sum(x[i] * w[i])` with w as raw bf16 bits.
+pub(crate) fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+    debug_assert_eq!(x.len(), w.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time) and
+            // both slices have the same length.
+            return unsafe { avx2::dot_bf16(x, w) };
+        }
+    }
+    portable_dot(x, w, bf16_to_f32)
+}
+
+fn portable_dot<T: Copy>(x: &[f32], w: &[T], widen: impl Fn(T) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            let i = c * 8 + l;
+            acc[l] += x[i] * widen(w[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..x.len() {
+        s += x[i] * widen(w[i]);
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// # Safety
+    /// Requires AVX2+FMA and `x.len() == w.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
+        let n = x.len();
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut a0 = _mm256_setzero_ps();
+        let mut a1 = _mm256_setzero_ps();
+        let mut a2 = _mm256_setzero_ps();
+        let mut a3 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY (whole loop): every load reads 8 floats at offsets < n.
+        while i + 32 <= n {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(wp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), _mm256_loadu_ps(wp.add(i + 8)), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 16)), _mm256_loadu_ps(wp.add(i + 16)), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 24)), _mm256_loadu_ps(wp.add(i + 24)), a3);
+            i += 32;
+        }
+        while i + 8 <= n {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(wp.add(i)), a0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        while i < n {
+            s += *xp.add(i) * *wp.add(i);
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn widen8(p: *const u16) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+
+    /// # Safety
+    /// Requires AVX2+FMA and `x.len() == w.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+        let n = x.len();
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut a0 = _mm256_setzero_ps();
+        let mut a1 = _mm256_setzero_ps();
+        let mut a2 = _mm256_setzero_ps();
+        let mut a3 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY (whole loop): every load reads 8 values at offsets < n.
+        while i + 32 <= n {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), widen8(wp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), widen8(wp.add(i + 8)), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 16)), widen8(wp.add(i + 16)), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 24)), widen8(wp.add(i + 24)), a3);
+            i += 32;
+        }
+        while i + 8 <= n {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), widen8(wp.add(i)), a0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        while i < n {
+            s += *xp.add(i) * f32::from_bits((*wp.add(i) as u32) << 16);
+            i += 1;
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_dots_match_scalar() {
+        for n in [1usize, 7, 8, 31, 32, 33, 100, 1024] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1).collect();
+            let w: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.25).collect();
+            let wb: Vec<u16> = w.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let want: f64 = x.iter().zip(&w).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
+            assert!((dot_f32(&x, &w) as f64 - want).abs() < 1e-4, "f32 n={n}");
+            // these w values are exact in bf16
+            assert!((dot_bf16(&x, &wb) as f64 - want).abs() < 1e-4, "bf16 n={n}");
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Tensor names of each architecture, in one place, so the loader and a
+//! later on-demand expert reader agree on them.
+
+use crate::config::Arch;
+
+/// Names of one layer's tensors.
+pub(crate) struct LayerNames {
+    arch: Arch,
+    prefix: String,
+}
+
+impl LayerNames {
+    pub(crate) fn new(arch: Arch, layer: usize) -> Self {
+        Self { arch, prefix: format!("model.layers.{layer}") }
+    }
+
+    pub(crate) fn get(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.prefix)
+    }
+
+    fn moe_prefix(&self) -> &'static str {
+        match self.arch {
+            Arch::Mixtral => "block_sparse_moe",
+            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe => "mlp",
+        }
+    }
+
+    /// The router (gate) matrix `[experts, hidden]`.
+    pub(crate) fn router(&self) -> String {
+        self.get(&format!("{}.gate.weight", self.moe_prefix()))
+    }
+
+    /// An expert's `[gate, up, down]` matrices.
+    pub(crate) fn expert(&self, e: usize) -> [String; 3] {
+        let p = format!("{}.experts.{e}", self.moe_prefix());
+        match self.arch {
+            Arch::Mixtral => [self.get(&format!("{p}.w1.weight")), self.get(&format!("{p}.w3.weight")), self.get(&format!("{p}.w2.weight"))],
+            _ => [
+                self.get(&format!("{p}.gate_proj.weight")),
+                self.get(&format!("{p}.up_proj.weight")),
+                self.get(&format!("{p}.down_proj.weight")),
+            ],
+        }
+    }
+
+    /// A dense layer's MLP `[gate, up, down]`, or with `sub = "shared_expert"`
+    /// the shared expert's.
+    pub(crate) fn mlp(&self, sub: Option<&str>) -> [String; 3] {
+        let p = match sub {
+            Some(s) => format!("mlp.{s}"),
+            None => "mlp".to_string(),
+        };
+        [self.get(&format!("{p}.gate_proj.weight")), self.get(&format!("{p}.up_proj.weight")), self.get(&format!("{p}.down_proj.weight"))]
+    }
+}

@@ -1,0 +1,103 @@
+//! Causal self-attention over the paged KV cache.
+
+use crate::forward::{SeqChunk, Workspace};
+use crate::kv_cache::KvCache;
+use crate::weights::Model;
+use crate::Result;
+use moe_kernels::{matmul_nt, ops};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Below this many (token, key) pairs per step attention runs on one thread.
+const PARALLEL_PAIRS: usize = 4096;
+
+impl Model {
+    /// Attention of layer `l`: reads `ws.xn`, writes `ws.out`; appends the
+    /// step's keys and values to `kv`.
+    pub(crate) fn attention(&self, l: usize, chunks: &[SeqChunk<'_>], kv: &mut KvCache, ws: &mut Workspace) -> Result<()> {
+        let a = &self.cfg.attention;
+        let w = &self.layers[l].attn;
+        let (d, nh, nkv) = (a.head_dim, a.num_heads, a.num_kv_heads);
+        let (qw, kvw) = (nh * d, nkv * d);
+        let row = qw + 2 * kvw;
+        let t = ws.tok.len();
+        ws.qkv.resize(t * row, 0.0);
+        matmul_nt(&ws.xn, t, &w.qkv, &mut ws.qkv)?;
+        let half = d / 2;
+        for (i, r) in ws.qkv.chunks_exact_mut(row).enumerate() {
+            if let Some(b) = &w.qkv_bias {
+                ops::add_inplace(r, b);
+            }
+            let (q, rest) = r.split_at_mut(qw);
+            let (k, v) = rest.split_at_mut(kvw);
+            if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+                // per-head norms have head_dim weights, full-width ones cover every head
+                ops::rms_norm_inplace(q, qn, self.cfg.rms_norm_eps);
+                ops::rms_norm_inplace(k, kn, self.cfg.rms_norm_eps);
+            }
+            if let Some(c) = a.clip_qkv {
+                for x in q.iter_mut().chain(k.iter_mut()).chain(v.iter_mut()) {
+                    *x = x.clamp(-c, c);
+                }
+            }
+            let (cos, sin) = (&ws.cos[i * half..(i + 1) * half], &ws.sin[i * half..(i + 1) * half]);
+            ops::rope_rotate_half(q, cos, sin);
+            ops::rope_rotate_half(k, cos, sin);
+            let (c, pos) = ws.tok[i];
+            let slot = kv.row(chunks[c].blocks, pos);
+            kv.write(l, slot, k, v);
+        }
+
+        // scores and weighted values, one task per token
+        let (kc, vc) = kv.layer(l);
+        let scale = 1.0 / (d as f32).sqrt();
+        let group = nh / nkv;
+        let window = a.sliding_window;
+        let qkv = &ws.qkv;
+        let tok = &ws.tok;
+        let kv_ref = &*kv;
+        ws.attn.resize(t * qw, 0.0);
+        let run = |(i, out): (usize, &mut [f32])| {
+            let (c, pos) = tok[i];
+            let blocks = chunks[c].blocks;
+            let lo = window.map_or(0, |wn| (pos + 1).saturating_sub(wn));
+            let q_all = &qkv[i * row..i * row + qw];
+            SCORES.with(|s| {
+                let mut scores = s.borrow_mut();
+                scores.resize(pos + 1 - lo, 0.0);
+                for h in 0..nh {
+                    let kvh = h / group;
+                    let q = &q_all[h * d..(h + 1) * d];
+                    for (j, sc) in (lo..=pos).zip(scores.iter_mut()) {
+                        let r = kv_ref.row(blocks, j) * kvw + kvh * d;
+                        *sc = ops::dot(q, &kc[r..r + d]) * scale;
+                    }
+                    ops::softmax_inplace(&mut scores);
+                    let o = &mut out[h * d..(h + 1) * d];
+                    o.fill(0.0);
+                    for (j, &p) in (lo..=pos).zip(scores.iter()) {
+                        let r = kv_ref.row(blocks, j) * kvw + kvh * d;
+                        ops::axpy(o, p, &vc[r..r + d]);
+                    }
+                }
+            });
+        };
+        let pairs: usize = tok.iter().map(|&(_, p)| p + 1).sum();
+        if pairs >= PARALLEL_PAIRS {
+            ws.attn.par_chunks_mut(qw).enumerate().for_each(run);
+        } else {
+            ws.attn.chunks_mut(qw).enumerate().for_each(run);
+        }
+        matmul_nt(&ws.attn, t, &w.o, &mut ws.out)?;
+        if let Some(b) = &w.o_bias {
+            for r in ws.out.chunks_exact_mut(self.cfg.hidden_size) {
+                ops::add_inplace(r, b);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,165 @@
+//! The tensors of a checkpoint directory: one `model.safetensors` or shards
+//! listed in `model.safetensors.index.json` (or, lacking an index, every
+//! `*.safetensors` file), memory-mapped and indexed by tensor name.
+//!
+//! Tensors are copied out of the mapping only when asked for, so a later
+//! expert cache can read an expert's bytes on demand.
+
+use crate::{ModelError, Result};
+use memmap2::Mmap;
+use moe_kernels::Weight;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// The memory-mapped safetensors files of a model directory.
+pub struct Checkpoint {
+    files: Vec<(PathBuf, Mmap)>,
+    index: HashMap<String, Entry>,
+}
+
+impl Checkpoint {
+    /// Maps the safetensors file(s) in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let paths = shard_paths(dir)?;
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (i, path) in paths.into_iter().enumerate() {
+            let file = File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            // SAFETY: the mapping is read-only; the model directory must not be
+            // modified while the server runs (as with every mmap-based loader).
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let (header, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| ModelError::Safetensors { path: path.clone(), message: e.to_string() })?;
+            let base = 8 + header;
+            for (name, info) in meta.tensors() {
+                let (s, e) = info.data_offsets;
+                index.insert(name, Entry { file: i, dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e });
+            }
+            files.push((path, mmap));
+        }
+        Ok(Self { files, index })
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names (unordered).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_bytes(&self) -> usize {
+        self.index.values().map(|e| e.end - e.start).sum()
+    }
+
+    /// The shape of tensor `name`, if present.
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.index.get(name).map(|e| e.shape.as_slice())
+    }
+
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
+        let e = self.index.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        if e.shape != shape {
+            return Err(ModelError::ShapeMismatch { name: name.into(), got: e.shape.clone(), expected: shape.to_vec() });
+        }
+        Ok(e)
+    }
+
+    fn bytes(&self, e: &Entry) -> &[u8] {
+        &self.files[e.file].1[e.start..e.end]
+    }
+
+    /// A `[rows, cols]` matrix, keeping bf16 as bf16.
+    pub fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
+        let e = self.entry(name, &[rows, cols])?;
+        let b = self.bytes(e);
+        let w = match e.dtype {
+            Dtype::F32 => Weight::from_f32(rows, cols, f32s(b)),
+            Dtype::BF16 => Weight::from_bf16_bits(rows, cols, u16s(b)),
+            Dtype::F16 => Weight::from_f16_bits(rows, cols, &u16s(b)),
+            other => return Err(ModelError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
+        };
+        Ok(w?)
+    }
+
+    /// A tensor of exactly `shape`, widened to f32 (norms, biases).
+    pub fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let e = self.entry(name, shape)?;
+        let b = self.bytes(e);
+        Ok(match e.dtype {
+            Dtype::F32 => f32s(b),
+            Dtype::BF16 => u16s(b).into_iter().map(|x| half::bf16::from_bits(x).to_f32()).collect(),
+            Dtype::F16 => u16s(b).into_iter().map(|x| half::f16::from_bits(x).to_f32()).collect(),
+            other => return Err(ModelError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
+        })
+    }
+
+    /// A 1-D vector of length `len`, widened to f32.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.f32_tensor(name, &[len])
+    }
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn u16s(b: &[u8]) -> Vec<u16> {
+    b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+}
+
+/// The safetensors files of a model directory, in a stable order.
+fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.is_file() {
+        let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Safetensors { path: index_path.clone(), message: e.to_string() })?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Safetensors {
+            path: index_path.clone(),
+            message: "no `weight_map` object".into(),
+        })?;
+        let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut paths = Vec::new();
+        for n in names {
+            // Shard names come from the index file: accept plain file names only.
+            if n.contains('/') || n.contains('\\') || n == ".." {
+                return Err(ModelError::Safetensors { path: index_path.clone(), message: format!("shard name {n:?} is not a plain file name") });
+            }
+            paths.push(dir.join(n));
+        }
+        return Ok(paths);
+    }
+    let rd = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
+    let mut paths: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(ModelError::Io {
+            path: single,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no *.safetensors file in the model directory"),
+        });
+    }
+    Ok(paths)
+}

@@ -1,0 +1,391 @@
+//! `config.json`, parsed once into a typed description of the network.
+
+use crate::{ModelError, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::Path;
+
+/// The supported architectures, chosen by `model_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// `mixtral`: softmax routing renormalised over the top-k.
+    Mixtral,
+    /// `qwen2_moe`: qkv bias, a sigmoid-gated shared expert, dense layers by
+    /// `decoder_sparse_step` / `mlp_only_layers`.
+    Qwen2Moe,
+    /// `qwen3_moe`: per-head q/k RMSNorm, explicit `head_dim`.
+    Qwen3Moe,
+    /// `olmoe`: full-width q/k RMSNorm, optional `clip_qkv`.
+    Olmoe,
+}
+
+impl Arch {
+    fn from_model_type(t: &str) -> Result<Self> {
+        match t {
+            "mixtral" => Ok(Arch::Mixtral),
+            "qwen2_moe" => Ok(Arch::Qwen2Moe),
+            "qwen3_moe" => Ok(Arch::Qwen3Moe),
+            "olmoe" => Ok(Arch::Olmoe),
+            other => Err(ModelError::UnsupportedArch(other.to_string())),
+        }
+    }
+
+    /// The `model_type` string.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen2Moe => "qwen2_moe",
+            Arch::Qwen3Moe => "qwen3_moe",
+            Arch::Olmoe => "olmoe",
+        }
+    }
+}
+
+/// Where q/k normalisation happens, if anywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    /// None (Mixtral, Qwen2-MoE).
+    None,
+    /// RMSNorm over each head's `head_dim` values (Qwen3-MoE).
+    PerHead,
+    /// RMSNorm over all heads' values at once (OLMoE).
+    Full,
+}
+
+/// Rotary-embedding frequency scaling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Positions divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+}
+
+/// Attention shape and options.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionConfig {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `num_heads`).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Bias on the q, k and v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    /// q/k normalisation.
+    pub qk_norm: QkNorm,
+    /// Clamp of q, k, v to `[-c, c]` (OLMoE).
+    pub clip_qkv: Option<f32>,
+    /// Keys further back than this many positions are masked (Mixtral).
+    pub sliding_window: Option<usize>,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+}
+
+/// What follows attention in a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnKind {
+    /// A dense SwiGLU MLP of this width.
+    Dense(usize),
+    /// The routed experts (see [`MoeConfig`]).
+    Moe,
+}
+
+/// The routed-expert block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    /// Experts per MoE layer.
+    pub num_experts: usize,
+    /// Experts chosen per token.
+    pub top_k: usize,
+    /// Hidden width of one expert's FFN.
+    pub expert_ffn: usize,
+    /// Renormalise the top-k softmax weights to sum to one.
+    pub norm_topk_prob: bool,
+    /// Width of an always-on shared expert, gated by a sigmoid (Qwen2-MoE).
+    pub shared_expert_ffn: Option<usize>,
+}
+
+/// A checkpoint's network, typed and checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Architecture family.
+    pub arch: Arch,
+    /// Vocabulary entries.
+    pub vocab_size: usize,
+    /// Residual stream width.
+    pub hidden_size: usize,
+    /// Attention options.
+    pub attention: AttentionConfig,
+    /// Per layer: dense MLP or MoE.
+    pub layers: Vec<FfnKind>,
+    /// MoE block options.
+    pub moe: MoeConfig,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// Longest supported context.
+    pub max_position_embeddings: usize,
+    /// `lm_head` shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// End-of-sequence ids named by the config.
+    pub eos_token_ids: Vec<u32>,
+    /// Beginning-of-sequence id, if any.
+    pub bos_token_id: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    intermediate_size: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    shared_expert_intermediate_size: Option<usize>,
+    num_local_experts: Option<usize>,
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    qkv_bias: Option<bool>,
+    clip_qkv: Option<f64>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+}
+
+impl ModelConfig {
+    /// Reads and resolves `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+        Self::from_json(&text).map_err(|e| match e {
+            ModelError::Config { message, .. } => ModelError::Config { path: path.into(), message },
+            other => other,
+        })
+    }
+
+    /// Resolves a `config.json` text.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let bad = |message: String| ModelError::Config { path: "config.json".into(), message };
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let need = |v: Option<usize>, name: &str| v.ok_or_else(|| bad(format!("missing field `{name}`")));
+        let arch = Arch::from_model_type(raw.model_type.as_deref().ok_or_else(|| bad("missing field `model_type`".into()))?)?;
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" {
+                return Err(ModelError::Unsupported(format!("hidden_act {act:?} (only \"silu\")")));
+            }
+        }
+        if raw.use_sliding_window == Some(true) {
+            return Err(ModelError::Unsupported("use_sliding_window=true".into()));
+        }
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        if num_heads == 0 || hidden_size == 0 || num_layers == 0 {
+            return Err(bad("hidden_size, num_hidden_layers and num_attention_heads must be positive".into()));
+        }
+        let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(bad(format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")));
+        }
+        let head_dim = raw.head_dim.unwrap_or(hidden_size / num_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(bad(format!("head_dim {head_dim} must be positive and even")));
+        }
+        let (rope_theta, rope_scaling) = resolve_rope(&raw).map_err(bad)?;
+
+        // hub configs name the count by family; transformers 5 writes
+        // `num_local_experts` for qwen3_moe too, so accept either
+        let num_experts = need(raw.num_experts.or(raw.num_local_experts), "num_local_experts` or `num_experts")?;
+        let top_k = need(raw.num_experts_per_tok, "num_experts_per_tok")?;
+        if top_k == 0 || top_k > num_experts {
+            return Err(bad(format!("num_experts_per_tok {top_k} must be in 1..={num_experts}")));
+        }
+        let expert_ffn = match arch {
+            Arch::Mixtral | Arch::Olmoe => need(raw.intermediate_size, "intermediate_size")?,
+            Arch::Qwen2Moe | Arch::Qwen3Moe => need(raw.moe_intermediate_size, "moe_intermediate_size")?,
+        };
+        let layers = resolve_layers(arch, &raw, num_layers).map_err(bad)?;
+        let shared_expert_ffn = match arch {
+            Arch::Qwen2Moe => Some(need(raw.shared_expert_intermediate_size, "shared_expert_intermediate_size")?),
+            _ => None,
+        }
+        .filter(|&w| w > 0);
+        let norm_topk_prob = match arch {
+            Arch::Mixtral => true,
+            Arch::Qwen3Moe => raw.norm_topk_prob.unwrap_or(true),
+            Arch::Qwen2Moe | Arch::Olmoe => raw.norm_topk_prob.unwrap_or(false),
+        };
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let attention = AttentionConfig {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            qkv_bias: raw.qkv_bias.unwrap_or(arch == Arch::Qwen2Moe) || attention_bias,
+            o_bias: arch != Arch::Qwen2Moe && attention_bias,
+            qk_norm: match arch {
+                Arch::Mixtral | Arch::Qwen2Moe => QkNorm::None,
+                Arch::Qwen3Moe => QkNorm::PerHead,
+                Arch::Olmoe => QkNorm::Full,
+            },
+            clip_qkv: if arch == Arch::Olmoe { raw.clip_qkv.map(|c| c as f32) } else { None },
+            sliding_window: if arch == Arch::Mixtral { raw.sliding_window.filter(|&w| w > 0) } else { None },
+            rope_theta,
+            rope_scaling,
+        };
+        Ok(ModelConfig {
+            arch,
+            vocab_size: need(raw.vocab_size, "vocab_size")?,
+            hidden_size,
+            attention,
+            layers,
+            moe: MoeConfig { num_experts, top_k, expert_ffn, norm_topk_prob, shared_expert_ffn },
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
+        })
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Indices of the MoE layers.
+    pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.layers.iter().enumerate().filter(|(_, k)| **k == FfnKind::Moe).map(|(i, _)| i)
+    }
+
+    /// Width of one token's keys (or values) in one layer.
+    pub fn kv_width(&self) -> usize {
+        self.attention.num_kv_heads * self.attention.head_dim
+    }
+}
+
+/// RoPE base and scaling from either the hub form (top-level `rope_theta`,
+/// `rope_scaling`) or the transformers 5 form (`rope_parameters`).
+fn resolve_rope(raw: &RawConfig) -> std::result::Result<(f64, RopeScaling), String> {
+    let params = raw.rope_parameters.as_ref().filter(|v| !v.is_null());
+    let theta = params
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(Value::as_f64)
+        .or(raw.rope_theta)
+        .unwrap_or(10000.0);
+    let scaling = params.or(raw.rope_scaling.as_ref().filter(|v| !v.is_null()));
+    let Some(s) = scaling else { return Ok((theta, RopeScaling::None)) };
+    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
+    match kind {
+        "default" => Ok((theta, RopeScaling::None)),
+        "linear" => {
+            let factor = s.get("factor").and_then(Value::as_f64).ok_or("linear rope scaling without `factor`")?;
+            Ok((theta, RopeScaling::Linear { factor }))
+        }
+        other => Err(format!("unsupported rope type {other:?} (supported: default, linear)")),
+    }
+}
+
+fn resolve_layers(arch: Arch, raw: &RawConfig, n: usize) -> std::result::Result<Vec<FfnKind>, String> {
+    match arch {
+        Arch::Mixtral | Arch::Olmoe => Ok(vec![FfnKind::Moe; n]),
+        Arch::Qwen2Moe | Arch::Qwen3Moe => {
+            let step = raw.decoder_sparse_step.unwrap_or(1);
+            if step == 0 {
+                return Err("decoder_sparse_step must be positive".into());
+            }
+            let mlp_only = raw.mlp_only_layers.clone().unwrap_or_default();
+            let dense_width = raw.intermediate_size;
+            (0..n)
+                .map(|l| {
+                    if !mlp_only.contains(&l) && (l + 1) % step == 0 {
+                        Ok(FfnKind::Moe)
+                    } else {
+                        dense_width.map(FfnKind::Dense).ok_or_else(|| format!("layer {l} is dense but `intermediate_size` is missing"))
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+fn token_ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIXTRAL: &str = r#"{"model_type":"mixtral","vocab_size":32000,"hidden_size":4096,
+        "num_hidden_layers":2,"num_attention_heads":32,"num_key_value_heads":8,"intermediate_size":14336,
+        "num_local_experts":8,"num_experts_per_tok":2,"rms_norm_eps":1e-5,"rope_theta":1000000.0,
+        "rope_scaling":null,"eos_token_id":2,"bos_token_id":1}"#;
+
+    #[test]
+    fn hub_form_rope() {
+        let c = ModelConfig::from_json(MIXTRAL).unwrap();
+        assert_eq!(c.attention.rope_theta, 1e6);
+        assert_eq!(c.attention.head_dim, 128);
+        assert_eq!(c.layers, vec![FfnKind::Moe; 2]);
+        assert_eq!(c.eos_token_ids, vec![2]);
+        assert!(c.moe.norm_topk_prob);
+    }
+
+    #[test]
+    fn rope_parameters_form() {
+        let text = MIXTRAL
+            .replace(r#""rope_theta":1000000.0,"#, "")
+            .replace(r#""rope_scaling":null"#, r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"linear","factor":2.0}"#);
+        let c = ModelConfig::from_json(&text).unwrap();
+        assert_eq!(c.attention.rope_theta, 5e5);
+        assert_eq!(c.attention.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    }
+
+    #[test]
+    fn qwen2_dense_layers() {
+        let text = r#"{"model_type":"qwen2_moe","vocab_size":10,"hidden_size":8,"num_hidden_layers":4,
+            "num_attention_heads":2,"intermediate_size":16,"moe_intermediate_size":4,"num_experts":4,
+            "num_experts_per_tok":2,"shared_expert_intermediate_size":8,"decoder_sparse_step":2,"mlp_only_layers":[3]}"#;
+        let c = ModelConfig::from_json(text).unwrap();
+        assert_eq!(c.layers, vec![FfnKind::Dense(16), FfnKind::Moe, FfnKind::Dense(16), FfnKind::Dense(16)]);
+        assert_eq!(c.moe.shared_expert_ffn, Some(8));
+        assert!(c.attention.qkv_bias && !c.attention.o_bias);
+    }
+
+    #[test]
+    fn clear_errors() {
+        let e = ModelConfig::from_json(&MIXTRAL.replace("mixtral", "llama4")).unwrap_err();
+        assert!(e.to_string().contains("unsupported model_type \"llama4\""), "{e}");
+        let e = ModelConfig::from_json(&MIXTRAL.replace(r#""num_local_experts":8,"#, "")).unwrap_err();
+        assert!(e.to_string().contains("num_local_experts"), "{e}");
+        let e = ModelConfig::from_json("{not json").unwrap_err();
+        assert!(e.to_string().contains("malformed config"), "{e}");
+        let e = ModelConfig::from_json(&MIXTRAL.replace(r#""rope_scaling":null"#, r#""rope_scaling":{"type":"yarn","factor":4}"#)).unwrap_err();
+        assert!(e.to_string().contains("yarn"), "{e}");
+    }
+}

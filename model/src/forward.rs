@@ -1,0 +1,182 @@
+//! The forward pass over a batch of sequence chunks (prefill and decode
+//! mixed), writing keys and values into the paged KV cache.
+
+use crate::experts::ExpertProvider;
+use crate::kv_cache::KvCache;
+use crate::weights::{FfnWeights, Model};
+use crate::{ModelError, Result};
+use moe_kernels::{matmul_nt, ops};
+use moe_types::{BlockId, StepRouting, TokenId};
+
+/// Which positions of a chunk need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsRequest {
+    /// None (a prefill chunk that is not the prompt's last).
+    None,
+    /// The chunk's last token (normal generation).
+    Last,
+    /// Every token (prompt logprobs, tests).
+    All,
+}
+
+/// New tokens of one sequence to run this step.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqChunk<'a> {
+    /// Tokens to process, at positions `start_pos..start_pos + tokens.len()`.
+    pub tokens: &'a [TokenId],
+    /// Tokens of this sequence already in the KV cache.
+    pub start_pos: usize,
+    /// The sequence's KV blocks; must cover `start_pos + tokens.len()` slots.
+    pub blocks: &'a [BlockId],
+    /// Which logits to return.
+    pub logits: LogitsRequest,
+}
+
+/// Where a row of [`ForwardOutput::logits`] comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogitRow {
+    /// Index of the chunk in the batch.
+    pub chunk: usize,
+    /// Token position in its sequence.
+    pub pos: usize,
+}
+
+/// What a forward step returns.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// `[rows.len(), vocab]` logits.
+    pub logits: Vec<f32>,
+    /// Origin of each logits row.
+    pub rows: Vec<LogitRow>,
+    /// Routing of every token of the step at every MoE layer, in batch
+    /// token order (chunk by chunk).
+    pub routing: StepRouting,
+}
+
+impl ForwardOutput {
+    /// Logits row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        let v = self.logits.len() / self.rows.len().max(1);
+        &self.logits[i * v..(i + 1) * v]
+    }
+}
+
+/// Buffers reused across steps so steady-state decoding does not allocate.
+#[derive(Default)]
+pub struct Workspace {
+    pub(crate) h: Vec<f32>,
+    pub(crate) xn: Vec<f32>,
+    pub(crate) out: Vec<f32>,
+    pub(crate) qkv: Vec<f32>,
+    pub(crate) attn: Vec<f32>,
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
+    /// Per token: (chunk index, position).
+    pub(crate) tok: Vec<(usize, usize)>,
+    pub(crate) moe: crate::moe::MoeScratch,
+}
+
+impl Workspace {
+    /// Empty buffers; they grow to the largest step seen.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Model {
+    /// Runs one step: every chunk's tokens through every layer, appending
+    /// their keys and values to `kv`. Experts are reached only through
+    /// `experts`.
+    pub fn forward<E: ExpertProvider>(
+        &self,
+        chunks: &[SeqChunk<'_>],
+        kv: &mut KvCache,
+        experts: &E,
+        ws: &mut Workspace,
+    ) -> Result<ForwardOutput> {
+        self.validate(chunks, kv)?;
+        let cfg = &self.cfg;
+        let hsz = cfg.hidden_size;
+        ws.tok.clear();
+        for (c, ch) in chunks.iter().enumerate() {
+            ws.tok.extend((0..ch.tokens.len()).map(|i| (c, ch.start_pos + i)));
+        }
+        let t = ws.tok.len();
+        let half = self.rope.half();
+        ws.cos.resize(t * half, 0.0);
+        ws.sin.resize(t * half, 0.0);
+        for (i, &(_, pos)) in ws.tok.iter().enumerate() {
+            self.rope.angles(pos, &mut ws.cos[i * half..(i + 1) * half], &mut ws.sin[i * half..(i + 1) * half]);
+        }
+        ws.h.resize(t * hsz, 0.0);
+        for (i, &id) in chunks.iter().flat_map(|c| c.tokens).enumerate() {
+            self.embed.row_to_f32(id as usize, &mut ws.h[i * hsz..(i + 1) * hsz]);
+        }
+        ws.xn.resize(t * hsz, 0.0);
+        ws.out.resize(t * hsz, 0.0);
+        let mut routing = StepRouting::default();
+        for (l, layer) in self.layers.iter().enumerate() {
+            ops::rms_norm(&ws.h, &layer.input_norm, cfg.rms_norm_eps, &mut ws.xn);
+            self.attention(l, chunks, kv, ws)?;
+            ops::add_inplace(&mut ws.h, &ws.out);
+            ops::rms_norm(&ws.h, &layer.post_attn_norm, cfg.rms_norm_eps, &mut ws.xn);
+            match &layer.ffn {
+                FfnWeights::Dense(mlp) => crate::moe::mlp(mlp, &ws.xn, t, ws.moe.ffn_mut(), &mut ws.out)?,
+                FfnWeights::Moe { router, shared } => {
+                    let r = self.moe_block(l, router, shared.as_ref(), experts, ws)?;
+                    routing.layers.push(r);
+                }
+            }
+            ops::add_inplace(&mut ws.h, &ws.out);
+        }
+        self.logits(chunks, ws, routing)
+    }
+
+    fn logits(&self, chunks: &[SeqChunk<'_>], ws: &mut Workspace, routing: StepRouting) -> Result<ForwardOutput> {
+        let hsz = self.cfg.hidden_size;
+        let mut rows = Vec::new();
+        let mut first = 0;
+        for (c, ch) in chunks.iter().enumerate() {
+            let n = ch.tokens.len();
+            let pick = match ch.logits {
+                LogitsRequest::None => 0..0,
+                LogitsRequest::Last => n - 1..n,
+                LogitsRequest::All => 0..n,
+            };
+            rows.extend(pick.map(|i| (first + i, LogitRow { chunk: c, pos: ch.start_pos + i })));
+            first += n;
+        }
+        // gather the chosen rows into xn, normalise, project
+        for (r, &(t, _)) in rows.iter().enumerate() {
+            ws.xn[r * hsz..(r + 1) * hsz].copy_from_slice(&ws.h[t * hsz..(t + 1) * hsz]);
+        }
+        let n = rows.len();
+        ops::rms_norm_inplace(&mut ws.xn[..n * hsz], &self.final_norm, self.cfg.rms_norm_eps);
+        let mut logits = vec![0.0; n * self.cfg.vocab_size];
+        matmul_nt(&ws.xn[..n * hsz], n, self.lm_head(), &mut logits)?;
+        Ok(ForwardOutput { logits, rows: rows.into_iter().map(|(_, r)| r).collect(), routing })
+    }
+
+    fn validate(&self, chunks: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Input(m));
+        for (c, ch) in chunks.iter().enumerate() {
+            if ch.tokens.is_empty() {
+                return bad(format!("chunk {c} has no tokens"));
+            }
+            if let Some(&id) = ch.tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                return bad(format!("token id {id} is outside the vocabulary of {}", self.cfg.vocab_size));
+            }
+            let end = ch.start_pos + ch.tokens.len();
+            if end > self.cfg.max_position_embeddings {
+                return bad(format!("position {} exceeds the context length {}", end - 1, self.cfg.max_position_embeddings));
+            }
+            if ch.blocks.len() * kv.block_size() < end {
+                return bad(format!("chunk {c} needs {end} KV slots but holds {} blocks of {}", ch.blocks.len(), kv.block_size()));
+            }
+            if let Some(b) = ch.blocks.iter().find(|b| b.index() >= kv.num_blocks()) {
+                return bad(format!("KV block {b} does not exist (cache has {})", kv.num_blocks()));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,62 @@
+//! The paged KV cache: per layer, keys and values of `num_blocks` blocks of
+//! `block_size` token slots. Which block belongs to which sequence is decided
+//! outside (`moe-scheduler`'s block tables); the forward pass receives each
+//! sequence's block ids.
+
+use crate::ModelConfig;
+use moe_types::BlockId;
+
+/// Keys and values of every layer, addressed by (block, slot).
+pub struct KvCache {
+    block_size: usize,
+    num_blocks: usize,
+    width: usize,
+    /// Per layer: `[num_blocks * block_size, width]` keys, then values.
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl KvCache {
+    /// Allocates a zeroed cache for `cfg`.
+    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
+        assert!(block_size > 0, "block_size must be positive");
+        let width = cfg.kv_width();
+        let n = num_blocks * block_size * width;
+        let layers = (0..cfg.num_layers()).map(|_| (vec![0.0; n], vec![0.0; n])).collect();
+        Self { block_size, num_blocks, width, layers }
+    }
+
+    /// Bytes one token occupies across all layers (keys and values).
+    pub fn bytes_per_token(cfg: &ModelConfig) -> usize {
+        cfg.num_layers() * 2 * cfg.kv_width() * 4
+    }
+
+    /// Token slots per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Blocks in the cache.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Row index of token position `pos` of a sequence holding `blocks`.
+    #[inline]
+    pub(crate) fn row(&self, blocks: &[BlockId], pos: usize) -> usize {
+        blocks[pos / self.block_size].index() * self.block_size + pos % self.block_size
+    }
+
+    /// Writes one token's key and value for `layer` at `row`.
+    pub(crate) fn write(&mut self, layer: usize, row: usize, k: &[f32], v: &[f32]) {
+        let w = self.width;
+        let (kc, vc) = &mut self.layers[layer];
+        kc[row * w..(row + 1) * w].copy_from_slice(k);
+        vc[row * w..(row + 1) * w].copy_from_slice(v);
+    }
+
+    /// Keys and values of `layer`.
+    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let (k, v) = &self.layers[layer];
+        (k, v)
+    }
+}

@@ -1,0 +1,47 @@
+//! MoE language models: checkpoint loading, the forward pass, sampling and
+//! tokenization.
+//!
+//! Owns: [`ModelConfig`] (a checkpoint's `config.json`, parsed once into a
+//! typed description), [`Model`] (non-expert weights and the forward pass),
+//! the [`ExpertProvider`] view through which every expert is reached,
+//! [`KvCache`] (paged KV tensors addressed by block ids), [`Sampler`], and
+//! [`TextCodec`] (tokenizer, chat template source, generation defaults).
+//!
+//! Not here: which sequences run together (`moe-scheduler`), which experts are
+//! resident (the expert cache, later), wire formats (`moe-server`). The model
+//! never owns the KV cache or the experts: both are passed into
+//! [`Model::forward`], so the engine decides batching and residency.
+//!
+//! Invariants: compute is f32; weights keep the checkpoint precision (f32 or
+//! bf16; f16 is widened at load). The forward pass is deterministic and free
+//! of IO, clocks and environment reads.
+
+mod arch;
+mod attention;
+mod checkpoint;
+mod config;
+mod error;
+mod experts;
+mod forward;
+mod kv_cache;
+mod loader;
+mod moe;
+pub mod random;
+mod rope;
+pub mod sampling;
+mod tokenizer;
+mod weights;
+
+pub use checkpoint::Checkpoint;
+pub use config::{Arch, AttentionConfig, FfnKind, ModelConfig, MoeConfig, QkNorm, RopeScaling};
+pub use error::ModelError;
+pub use experts::{ExpertProvider, ExpertWeights, ResidentExperts};
+pub use forward::{ForwardOutput, LogitRow, LogitsRequest, SeqChunk, Workspace};
+pub use kv_cache::KvCache;
+pub use loader::{load_model, load_weights, LoadProgress, LoadedModel};
+pub use sampling::{SampledToken, Sampler, SamplingParams};
+pub use tokenizer::{GenerationDefaults, IncrementalDecoder, TextCodec};
+pub use weights::Model;
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -1,0 +1,66 @@
+//! Loading a model directory: config, tokenizer files, weights.
+
+use crate::checkpoint::Checkpoint;
+use crate::experts::ResidentExperts;
+use crate::tokenizer::TextCodec;
+use crate::weights::Model;
+use crate::{ModelConfig, ModelError, Result};
+use std::path::Path;
+
+/// Receives loading progress in bytes of tensor data.
+pub trait LoadProgress {
+    /// Called once with the total before loading starts.
+    fn start(&mut self, total_bytes: u64);
+    /// Called as tensors are read.
+    fn advance(&mut self, bytes: u64);
+}
+
+/// Ignores progress.
+impl LoadProgress for () {
+    fn start(&mut self, _: u64) {}
+    fn advance(&mut self, _: u64) {}
+}
+
+/// Everything loaded from a model directory.
+pub struct LoadedModel {
+    /// Non-expert weights and the forward pass.
+    pub model: Model,
+    /// Every expert, resident in memory.
+    pub experts: ResidentExperts,
+    /// Tokenizer and generation facts.
+    pub codec: TextCodec,
+}
+
+/// Loads `dir`: `config.json`, `tokenizer.json` (+ optional
+/// `tokenizer_config.json`, `generation_config.json`) and the safetensors
+/// weights, with every expert resident.
+pub fn load_model(dir: &Path, progress: &mut dyn LoadProgress) -> Result<LoadedModel> {
+    if !dir.is_dir() {
+        return Err(ModelError::Io {
+            path: dir.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+        });
+    }
+    // fail on unreadable directories up front, with the directory named
+    std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let codec = TextCodec::load(dir, &cfg)?;
+    let (model, experts) = load_weights(dir, &cfg, progress)?;
+    if codec.vocab_size() > cfg.vocab_size {
+        return Err(ModelError::Tokenizer(format!(
+            "tokenizer has {} tokens but the model's vocab_size is {}",
+            codec.vocab_size(),
+            cfg.vocab_size
+        )));
+    }
+    Ok(LoadedModel { model, experts, codec })
+}
+
+/// Loads only the weights of `dir` for `cfg` (no tokenizer files needed).
+pub fn load_weights(dir: &Path, cfg: &ModelConfig, progress: &mut dyn LoadProgress) -> Result<(Model, ResidentExperts)> {
+    let ck = Checkpoint::open(dir)?;
+    progress.start(ck.total_bytes() as u64);
+    let model = Model::load(&ck, cfg, |b| progress.advance(b as u64))?;
+    let experts = ResidentExperts::load(&ck, cfg, |b| progress.advance(b as u64))?;
+    Ok((model, experts))
+}

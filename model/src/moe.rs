@@ -1,0 +1,120 @@
+//! The FFN half of a layer: dense SwiGLU MLPs and the routed-expert block.
+//!
+//! The MoE block routes every token of the step, groups tokens by expert,
+//! runs each chosen expert once over its group, and scatter-adds the
+//! weighted outputs. Experts are reached only through an `ExpertProvider`.
+
+use crate::experts::{ExpertProvider, ExpertWeights};
+use crate::forward::Workspace;
+use crate::weights::{Model, SharedExpert};
+use crate::Result;
+use moe_kernels::{matmul_nt, ops, Weight};
+use moe_types::{ExpertId, LayerId, LayerRouting};
+
+/// Buffers of the FFN half, reused across steps.
+#[derive(Default)]
+pub(crate) struct MoeScratch {
+    router: Vec<f32>,
+    gather: Vec<f32>,
+    ffn: FfnScratch,
+    y: Vec<f32>,
+    shared: Vec<f32>,
+    topk: Vec<usize>,
+    /// Per expert: (token, weight) pairs routed to it this layer.
+    groups: Vec<Vec<(usize, f32)>>,
+    used: Vec<ExpertId>,
+}
+
+impl MoeScratch {
+    pub(crate) fn ffn_mut(&mut self) -> &mut FfnScratch {
+        &mut self.ffn
+    }
+}
+
+/// Intermediate activations of one SwiGLU MLP.
+#[derive(Default)]
+pub(crate) struct FfnScratch {
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// `out[t] = mlp(x[t])` for `t` rows of `x`.
+pub(crate) fn mlp(w: &ExpertWeights, x: &[f32], t: usize, s: &mut FfnScratch, out: &mut [f32]) -> Result<()> {
+    let f = w.ffn();
+    s.gate_up.resize(t * 2 * f, 0.0);
+    s.act.resize(t * f, 0.0);
+    matmul_nt(x, t, &w.gate_up, &mut s.gate_up)?;
+    ops::silu_mul(&s.gate_up, f, &mut s.act);
+    matmul_nt(&s.act, t, &w.down, out)?;
+    Ok(())
+}
+
+impl Model {
+    /// The MoE block of layer `l`: reads `ws.xn`, writes `ws.out`, returns the
+    /// routing it applied.
+    pub(crate) fn moe_block<E: ExpertProvider>(
+        &self,
+        l: usize,
+        router: &Weight,
+        shared: Option<&SharedExpert>,
+        experts: &E,
+        ws: &mut Workspace,
+    ) -> Result<LayerRouting> {
+        let m = &self.cfg.moe;
+        let (hsz, ne, k) = (self.cfg.hidden_size, m.num_experts, m.top_k);
+        let t = ws.tok.len();
+        let s = &mut ws.moe;
+        let layer = LayerId(l as u16);
+
+        // route: softmax over all experts, keep the top k, optionally renormalise
+        s.router.resize(t * ne, 0.0);
+        matmul_nt(&ws.xn, t, router, &mut s.router)?;
+        s.groups.resize_with(ne, Vec::new);
+        s.groups.iter_mut().for_each(Vec::clear);
+        let mut routing = LayerRouting { layer, top_k: k, ids: Vec::with_capacity(t * k), weights: Vec::with_capacity(t * k) };
+        for (i, probs) in s.router.chunks_exact_mut(ne).enumerate() {
+            ops::softmax_inplace(probs);
+            ops::top_k(probs, k, &mut s.topk);
+            let norm = if m.norm_topk_prob { s.topk.iter().map(|&e| probs[e]).sum::<f32>() } else { 1.0 };
+            for &e in &s.topk {
+                let wgt = probs[e] / norm;
+                routing.ids.push(ExpertId(e as u16));
+                routing.weights.push(wgt);
+                s.groups[e].push((i, wgt));
+            }
+        }
+        s.used.clear();
+        s.used.extend((0..ne).filter(|&e| !s.groups[e].is_empty()).map(|e| ExpertId(e as u16)));
+        experts.prepare(layer, &s.used)?;
+
+        // each chosen expert once over its token group, then scatter-add
+        ws.out.fill(0.0);
+        for ui in 0..s.used.len() {
+            let e = s.used[ui];
+            let group = std::mem::take(&mut s.groups[e.index()]);
+            let n = group.len();
+            s.gather.resize(n * hsz, 0.0);
+            for (r, &(tok, _)) in group.iter().enumerate() {
+                s.gather[r * hsz..(r + 1) * hsz].copy_from_slice(&ws.xn[tok * hsz..(tok + 1) * hsz]);
+            }
+            let w = experts.get(layer, e)?;
+            s.y.resize(n * hsz, 0.0);
+            mlp(&w, &s.gather, n, &mut s.ffn, &mut s.y)?;
+            for (r, &(tok, wgt)) in group.iter().enumerate() {
+                ops::axpy(&mut ws.out[tok * hsz..(tok + 1) * hsz], wgt, &s.y[r * hsz..(r + 1) * hsz]);
+            }
+            s.groups[e.index()] = group;
+        }
+
+        if let Some(sh) = shared {
+            s.shared.resize(t * hsz, 0.0);
+            mlp(&sh.mlp, &ws.xn, t, &mut s.ffn, &mut s.shared)?;
+            let mut g = [0.0f32];
+            for (tok, yr) in s.shared.chunks_exact(hsz).enumerate() {
+                matmul_nt(&ws.xn[tok * hsz..(tok + 1) * hsz], 1, &sh.gate, &mut g)?;
+                ops::axpy(&mut ws.out[tok * hsz..(tok + 1) * hsz], ops::sigmoid(g[0]), yr);
+            }
+        }
+        Ok(routing)
+    }
+}

@@ -1,0 +1,270 @@
+//! Choosing the next token from logits: penalties, logit bias, temperature,
+//! top-k / top-p / min-p filtering, a seeded RNG, and logprobs.
+//!
+//! Order of processing (as in vLLM and HF): logit bias, repetition penalty
+//! (over prompt and output), presence and frequency penalties (over the
+//! output), then temperature and the filters. Temperature 0 is greedy.
+//! Logprobs describe the model's raw distribution (log-softmax of the
+//! unprocessed logits), which is what OpenAI clients expect to compare.
+
+use moe_types::TokenId;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+
+/// How to choose tokens; the defaults are greedy decoding with no penalties.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches this (1: off).
+    pub top_p: f32,
+    /// Drop tokens less likely than this fraction of the best one (0: off).
+    pub min_p: f32,
+    /// HF-style: divides positive logits of seen tokens, multiplies negative ones (1: off).
+    pub repetition_penalty: f32,
+    /// OpenAI-style: subtracted once from every token already generated.
+    pub presence_penalty: f32,
+    /// OpenAI-style: subtracted per occurrence in the generated text.
+    pub frequency_penalty: f32,
+    /// Added to the logits of the given tokens.
+    pub logit_bias: Vec<(TokenId, f32)>,
+    /// Return this many most likely alternatives with each token (None: no logprobs).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            logprobs: None,
+        }
+    }
+}
+
+/// A chosen token and, if asked for, its logprob and the top alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampledToken {
+    /// The token.
+    pub id: TokenId,
+    /// Its log-probability under the model's raw distribution.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, best first.
+    pub top: Vec<(TokenId, f32)>,
+}
+
+/// Per-sequence sampling state: parameters, RNG and token counts.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Tokens of the prompt (for the repetition penalty).
+    prompt: Vec<TokenId>,
+    /// Generated token counts.
+    counts: HashMap<TokenId, u32>,
+    work: Vec<f32>,
+    cand: Vec<(TokenId, f32)>,
+}
+
+impl Sampler {
+    /// A sampler seeded with `seed` (same seed, same choices).
+    pub fn new(params: SamplingParams, seed: u64, prompt: &[TokenId]) -> Self {
+        Self {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            prompt: prompt.to_vec(),
+            counts: HashMap::new(),
+            work: Vec::new(),
+            cand: Vec::new(),
+        }
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Chooses the next token from `logits` and records it as generated.
+    pub fn sample(&mut self, logits: &[f32]) -> SampledToken {
+        let p = &self.params;
+        self.work.clear();
+        self.work.extend_from_slice(logits);
+        let w = &mut self.work;
+        for &(id, b) in &p.logit_bias {
+            if let Some(x) = w.get_mut(id as usize) {
+                *x += b;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            let seen = self.prompt.iter().chain(self.counts.keys());
+            let mut done = std::collections::HashSet::new();
+            for &id in seen {
+                if done.insert(id) {
+                    if let Some(x) = w.get_mut(id as usize) {
+                        *x = if *x > 0.0 { *x / p.repetition_penalty } else { *x * p.repetition_penalty };
+                    }
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&id, &n) in &self.counts {
+                if let Some(x) = w.get_mut(id as usize) {
+                    *x -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        let id = if p.temperature <= 0.0 { argmax(w) } else { self.sample_filtered() };
+        let (logprob, top) = match self.params.logprobs {
+            Some(n) => logprobs(logits, id, n),
+            None => (0.0, Vec::new()),
+        };
+        *self.counts.entry(id).or_insert(0) += 1;
+        SampledToken { id, logprob, top }
+    }
+
+    fn sample_filtered(&mut self) -> TokenId {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        self.cand.clear();
+        self.cand.extend(self.work.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as TokenId, x * inv_t)));
+        if self.cand.is_empty() {
+            return argmax(&self.work);
+        }
+        let by_logit_desc = |a: &(TokenId, f32), b: &(TokenId, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < self.cand.len() {
+            self.cand.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            self.cand.truncate(p.top_k);
+        }
+        self.cand.sort_unstable_by(by_logit_desc);
+        // softmax over the survivors
+        let max = self.cand[0].1;
+        let mut sum = 0.0;
+        for c in self.cand.iter_mut() {
+            c.1 = (c.1 - max).exp();
+            sum += c.1;
+        }
+        for c in self.cand.iter_mut() {
+            c.1 /= sum;
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = self.cand.iter().position(|c| {
+                acc += c.1;
+                acc >= p.top_p
+            });
+            self.cand.truncate(keep.map_or(self.cand.len(), |i| i + 1));
+        }
+        if p.min_p > 0.0 {
+            let floor = self.cand[0].1 * p.min_p;
+            self.cand.retain(|c| c.1 >= floor);
+        }
+        let total: f32 = self.cand.iter().map(|c| c.1).sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for c in &self.cand {
+            r -= c.1;
+            if r <= 0.0 {
+                return c.0;
+            }
+        }
+        self.cand.last().map_or(0, |c| c.0)
+    }
+}
+
+/// Index of the largest value; the first one on ties (as `torch.argmax`).
+pub fn argmax(x: &[f32]) -> TokenId {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as TokenId
+}
+
+/// Log-probability of `id` and the `n` most likely tokens under softmax(logits).
+fn logprobs(logits: &[f32], id: TokenId, n: usize) -> (f32, Vec<(TokenId, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let mut top: Vec<(TokenId, f32)> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        let by = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        if n < idx.len() {
+            idx.select_nth_unstable_by(n - 1, by);
+            idx.truncate(n);
+        }
+        idx.sort_unstable_by(by);
+        top.extend(idx.into_iter().map(|i| (i as TokenId, logits[i] - lse)));
+    }
+    (logits[id as usize] - lse, top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![0.5, 2.0, -1.0, 1.9, 0.0, -3.0, 1.0, 0.2]
+    }
+
+    #[test]
+    fn greedy_is_argmax_and_logprobs_are_normalised() {
+        let mut s = Sampler::new(SamplingParams { logprobs: Some(3), ..Default::default() }, 0, &[]);
+        let t = s.sample(&logits());
+        assert_eq!(t.id, 1);
+        assert_eq!(t.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3, 6]);
+        let total: f32 = logits().iter().map(|&x| (x - 2.0).exp()).sum();
+        assert!((t.logprob - (1.0 / total).ln()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn same_seed_same_choices() {
+        let p = SamplingParams { temperature: 1.0, ..Default::default() };
+        let run = |seed| {
+            let mut s = Sampler::new(p.clone(), seed, &[]);
+            (0..50).map(|_| s.sample(&logits()).id).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn filters_restrict_choices() {
+        for p in [
+            SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() },
+            SamplingParams { temperature: 1.0, top_p: 0.01, ..Default::default() },
+            SamplingParams { temperature: 1.0, min_p: 0.99, ..Default::default() },
+        ] {
+            let mut s = Sampler::new(p, 3, &[]);
+            assert!((0..100).all(|_| s.sample(&logits()).id == 1));
+        }
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() }, 3, &[]);
+        let ids: std::collections::HashSet<_> = (0..200).map(|_| s.sample(&logits()).id).collect();
+        assert_eq!(ids, [1, 3].into_iter().collect());
+    }
+
+    #[test]
+    fn bias_and_penalties_move_greedy_choice() {
+        let mut s = Sampler::new(SamplingParams { logit_bias: vec![(5, 10.0)], ..Default::default() }, 0, &[]);
+        assert_eq!(s.sample(&logits()).id, 5);
+        // token 1 in the prompt is penalised below token 3
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 1.1, ..Default::default() }, 0, &[1]);
+        assert_eq!(s.sample(&logits()).id, 3);
+        // after generating 1 once, a presence penalty moves greedy to 3
+        let mut s = Sampler::new(SamplingParams { presence_penalty: 0.5, ..Default::default() }, 0, &[]);
+        assert_eq!(s.sample(&logits()).id, 1);
+        assert_eq!(s.sample(&logits()).id, 3);
+        let mut s = Sampler::new(SamplingParams { frequency_penalty: 0.06, ..Default::default() }, 0, &[]);
+        assert_eq!(s.sample(&logits()).id, 1);
+        assert_eq!(s.sample(&logits()).id, 1);
+        assert_eq!(s.sample(&logits()).id, 3);
+    }
+}

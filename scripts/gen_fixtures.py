@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Generate the numerical-fidelity fixtures used by the Rust tests (tests/fixtures/).
+
+For each of five tiny random-weight MoE checkpoints this writes a directory with the
+checkpoint exactly as transformers' `save_pretrained` produces it (config.json,
+model.safetensors or shards + model.safetensors.index.json, generation_config.json)
+plus `reference.safetensors`, holding outputs computed by transformers on CPU in
+float32 (eval mode, eager attention, eager experts) from the checkpoint reloaded from
+disk:
+
+  input_ids          int64   [T]       T = 12 random token ids
+  logits             float32 [T, V]    logits of one full-sequence forward
+  router_logits.{l}  float32 [T, E]    router logits of MoE layer l (dense layers absent)
+  topk_ids.{l}       int64   [T, K]    experts HF selected, in HF order (descending weight)
+  topk_weights.{l}   float32 [T, K]    routing weights HF applied to those experts
+  greedy_ids         int64   [16]      16 greedy tokens continuing input_ids
+                                       (full forward + argmax per step; eos ignored)
+
+The metadata of reference.safetensors records the generator seed and library versions.
+
+Fixtures: mixtral (f32; config.json rewritten to the old hub form with top-level
+rope_theta), mixtral_bf16 (bf16 weights, reference computed with weights upcast to f32),
+qwen2_moe (shared expert, layer 2 dense, sharded checkpoint), qwen3_moe (q/k norm,
+explicit head_dim != hidden/heads, norm_topk_prob), olmoe (q/k norm over the full
+projection, norm_topk_prob False).
+
+No near ties: for every position of the final greedy forward (which covers the input
+and the generated tokens) and every MoE layer the gap between the K-th and (K+1)-th
+largest router logit is >= --router-gap, and every argmax taken (logits rows and greedy
+steps) beats the runner-up by >= --logit-gap. A seed that fails this is skipped and the
+next one tried; the seed used is printed and stored.
+
+How to run (CPU, one thread, ~1 minute):
+  OMP_NUM_THREADS=1 python scripts/gen_fixtures.py --out tests/fixtures
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np
+import safetensors
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+SEQ_LEN = 12
+GREEDY_STEPS = 16
+VOCAB = 256
+
+# Settings shared by all fixtures: tiny, GQA (4 query heads, 2 key/value heads), top-2.
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=64,
+    initializer_range=0.15,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+)
+
+# name -> (model class, config class, config kwargs, options)
+FIXTURES = {
+    "mixtral": (
+        MixtralForCausalLM, MixtralConfig,
+        dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32,
+             rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=None),
+        dict(save_dtype=torch.float32, old_rope_form=True),
+    ),
+    "mixtral_bf16": (
+        MixtralForCausalLM, MixtralConfig,
+        dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32,
+             rope_theta=1000000.0, rms_norm_eps=1e-5, sliding_window=None),
+        dict(save_dtype=torch.bfloat16),
+    ),
+    "qwen2_moe": (
+        Qwen2MoeForCausalLM, Qwen2MoeConfig,
+        dict(num_hidden_layers=4, num_experts=4, moe_intermediate_size=32,
+             shared_expert_intermediate_size=48, intermediate_size=64,
+             decoder_sparse_step=1, mlp_only_layers=[2], norm_topk_prob=False,
+             qkv_bias=True, use_sliding_window=False, rope_theta=1000000.0, rms_norm_eps=1e-6),
+        dict(save_dtype=torch.float32, max_shard_size="300KB"),
+    ),
+    "qwen3_moe": (
+        Qwen3MoeForCausalLM, Qwen3MoeConfig,
+        dict(num_hidden_layers=2, num_experts=8, moe_intermediate_size=32, intermediate_size=64,
+             head_dim=32, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+             attention_bias=False, use_sliding_window=False, rope_theta=1000000.0,
+             rms_norm_eps=1e-6),
+        dict(save_dtype=torch.float32),
+    ),
+    "olmoe": (
+        OlmoeForCausalLM, OlmoeConfig,
+        dict(num_hidden_layers=2, num_experts=8, intermediate_size=32, norm_topk_prob=False,
+             clip_qkv=None, attention_bias=False, rope_theta=10000.0, rms_norm_eps=1e-5),
+        dict(save_dtype=torch.float32),
+    ),
+}
+
+
+def versions():
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": np.__version__,
+    }
+
+
+# ------------------------------------------------------------------ model building
+
+
+def is_router(module) -> bool:
+    """The top-k router modules of transformers' MoE blocks (…TopKRouter classes)."""
+    return type(module).__name__.endswith("TopKRouter")
+
+
+@torch.no_grad()
+def randomize_small_params(model, router_std: float, gen: torch.Generator):
+    """Make the tiny model exercise every weight and route decisively.
+
+    transformers initialises norm weights to 1 and biases to 0, so a loader that
+    ignored them would go unnoticed; give them random values. Router weights are
+    redrawn with a larger std so top-k choices are well separated.
+    """
+    for name, mod in model.named_modules():
+        if is_router(mod):
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * router_std)
+    for name, p in model.named_parameters():
+        if p.dim() != 1:
+            continue
+        if "norm" in name:
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+        elif name.endswith("bias"):
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def rewrite_config_old_rope_form(path: str):
+    """Rewrite config.json the way older hub checkpoints look: top-level rope_theta,
+    rope_scaling null, no rope_parameters, torch_dtype instead of dtype, no head_dim."""
+    with open(path) as f:
+        cfg = json.load(f)
+    rope = cfg.pop("rope_parameters")
+    assert rope.get("rope_type", "default") == "default", rope
+    cfg["rope_theta"] = rope["rope_theta"]
+    cfg["rope_scaling"] = None
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg.pop("dtype")
+    if cfg.get("head_dim", 0) is None:
+        del cfg["head_dim"]
+    with open(path, "w") as f:
+        json.dump(dict(sorted(cfg.items())), f, indent=2)
+        f.write("\n")
+
+
+# -------------------------------------------------------------------- references
+
+
+class RouterRecorder:
+    """Forward hooks on the router modules; records (logits, weights, ids) per layer."""
+
+    def __init__(self, model):
+        self.records = {}
+        self.handles = []
+        for name, mod in model.named_modules():
+            if is_router(mod):
+                layer = int(name.split("layers.")[1].split(".")[0])
+                self.handles.append(mod.register_forward_hook(self._hook(layer)))
+
+    def _hook(self, layer):
+        def fn(module, inputs, output):
+            logits, weights, ids = output  # all routers return (logits, scores, indices)
+            self.records[layer] = (logits.detach().float().clone(),
+                                   weights.detach().float().clone(), ids.detach().clone())
+        return fn
+
+    def clear(self):
+        self.records = {}
+
+
+@torch.no_grad()
+def compute_reference(model, input_ids: torch.Tensor):
+    rec = RouterRecorder(model)
+    logits = model(input_ids=input_ids[None], use_cache=False).logits[0].float()
+    routers = dict(rec.records)
+
+    # Greedy decoding by repeated full forwards; eos is not treated specially.
+    seq = input_ids.clone()
+    greedy, step_logits = [], []
+    for _ in range(GREEDY_STEPS):
+        rec.clear()
+        last = model(input_ids=seq[None], use_cache=False).logits[0, -1].float()
+        nxt = int(torch.argmax(last))
+        step_logits.append(last)
+        greedy.append(nxt)
+        seq = torch.cat([seq, torch.tensor([nxt])])
+    # rec now holds the routers of the last forward: every position ever computed.
+    final_routers = dict(rec.records)
+    return logits, routers, torch.tensor(greedy, dtype=torch.int64), step_logits, final_routers
+
+
+def top2_gap(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Gap between the k-th and (k+1)-th largest values along the last dim."""
+    v = torch.topk(x, k + 1, dim=-1).values
+    return v[..., k - 1] - v[..., k]
+
+
+# -------------------------------------------------------------------------- main
+
+
+def build_fixture(name, spec, seed, out_dir, args):
+    model_cls, cfg_cls, cfg_kwargs, opts = spec
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = cfg_cls(**COMMON, **cfg_kwargs)
+    model = model_cls(cfg).float().eval()
+    randomize_small_params(model, args.router_std, gen)
+    input_ids = torch.randint(3, VOCAB, (SEQ_LEN,), generator=gen, dtype=torch.int64)
+
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    save_model = model.to(opts["save_dtype"])
+    save_kwargs = {"max_shard_size": opts.get("max_shard_size", "1GB")}
+    save_model.save_pretrained(out_dir, **save_kwargs)
+    if opts.get("old_rope_form"):
+        rewrite_config_old_rope_form(os.path.join(out_dir, "config.json"))
+
+    # Reference = the checkpoint as reloaded from disk, in float32, eager everything.
+    ref = model_cls.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager",
+                                    experts_implementation="eager").eval()
+    # Sanity: reloaded weights equal what we saved (upcast for bf16).
+    orig = {k: v.float() for k, v in save_model.state_dict().items()}
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, orig[k]), f"{name}: reloaded {k} differs"
+
+    logits, routers, greedy, step_logits, final_routers = compute_reference(ref, input_ids)
+    k = cfg.num_experts_per_tok
+
+    # --- near-tie checks
+    min_router_gap = min(float(top2_gap(r[0], k).min()) for r in final_routers.values())
+    min_router_gap = min(min_router_gap,
+                         min(float(top2_gap(r[0], k).min()) for r in routers.values()))
+    min_logit_gap = min(float(top2_gap(logits, 1).min()),
+                        min(float(top2_gap(s, 1)) for s in step_logits))
+    ok = min_router_gap >= args.router_gap and min_logit_gap >= args.logit_gap
+    stats = dict(min_router_gap=min_router_gap, min_logit_gap=min_logit_gap,
+                 max_abs_logit=float(logits.abs().max()))
+    if not ok:
+        return None, stats
+
+    tensors = {"input_ids": input_ids, "logits": logits.contiguous(), "greedy_ids": greedy}
+    for layer, (rl, w, ids) in sorted(routers.items()):
+        tensors[f"router_logits.{layer}"] = rl.contiguous()
+        tensors[f"topk_ids.{layer}"] = ids.to(torch.int64).contiguous()
+        tensors[f"topk_weights.{layer}"] = w.contiguous()
+    meta = {"seed": str(seed), "fixture": name, "architecture": model_cls.__name__,
+            "checkpoint_dtype": str(opts["save_dtype"]).replace("torch.", ""),
+            "reference_dtype": "float32", "moe_layers": json.dumps(sorted(routers)),
+            "min_router_gap": f"{min_router_gap:.4f}", "min_logit_gap": f"{min_logit_gap:.5f}",
+            **{f"version_{k}": v for k, v in versions().items()}}
+    save_file(tensors, os.path.join(out_dir, "reference.safetensors"), metadata=meta)
+    return tensors, stats
+
+
+def describe(name, out_dir, tensors, stats, seed):
+    files = sorted(os.listdir(out_dir))
+    size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in files)
+    with open(os.path.join(out_dir, "config.json")) as f:
+        cfg = json.load(f)
+    rope_form = ("rope_parameters" if "rope_parameters" in cfg else
+                 "top-level rope_theta" if "rope_theta" in cfg else "none")
+    names = []
+    for fn in files:
+        if fn.startswith("model") and fn.endswith(".safetensors"):
+            with safe_open(os.path.join(out_dir, fn), "pt") as st:
+                names += [(n, st.get_slice(n).get_shape(), st.get_slice(n).get_dtype())
+                          for n in st.keys()]
+    print(f"== {name}: seed {seed}, {size / 1024:.0f} KiB, files {files}")
+    print(f"   rope form: {rope_form}; max|logit| {stats['max_abs_logit']:.3f};"
+          f" min router gap {stats['min_router_gap']:.4f}; min logit gap {stats['min_logit_gap']:.5f}")
+    print(f"   reference tensors: {sorted(tensors)}")
+    print(f"   greedy_ids: {tensors['greedy_ids'].tolist()}")
+    # Show each distinct name pattern once (first layer it appears in; expert 0 only).
+    seen, shown = set(), []
+    for t in sorted(names, key=lambda t: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", t[0])]):
+        pattern = re.sub(r"experts\.\d+\.", "experts.N.", re.sub(r"layers\.\d+\.", "layers.L.", t[0]))
+        if pattern not in seen:
+            seen.add(pattern)
+            shown.append(t)
+    print(f"   checkpoint tensors ({len(names)} total; one per name pattern):")
+    for n, shape, dt in shown:
+        print(f"     {n} {shape} {dt}")
+    sys.stdout.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="tests/fixtures", help="fixtures directory")
+    ap.add_argument("--seed", type=int, default=1000, help="first seed tried per fixture")
+    ap.add_argument("--max-tries", type=int, default=50)
+    ap.add_argument("--router-std", type=float, default=0.4, help="std of router weights")
+    ap.add_argument("--router-gap", type=float, default=0.02)
+    ap.add_argument("--logit-gap", type=float, default=2e-3)
+    ap.add_argument("--only", nargs="*", help="generate only these fixtures")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
+    os.makedirs(args.out, exist_ok=True)
+
+    for name, spec in FIXTURES.items():
+        if args.only and name not in args.only:
+            continue
+        out_dir = os.path.join(args.out, name)
+        for attempt in range(args.max_tries):
+            seed = args.seed + attempt
+            tensors, stats = build_fixture(name, spec, seed, out_dir, args)
+            if tensors is not None:
+                break
+            print(f"-- {name}: seed {seed} rejected (router gap {stats['min_router_gap']:.4f},"
+                  f" logit gap {stats['min_logit_gap']:.5f})", flush=True)
+        else:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise SystemExit(f"{name}: no seed in {args.max_tries} tries passes the gap checks")
+        describe(name, out_dir, tensors, stats, seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+//! Small shared vocabulary of the project: identifier newtypes and the routing
+//! record produced by the forward pass.
+//!
+//! Owns: `LayerId`, `ExpertId`, `BlockId`, `SeqId`, `TokenId`, and
+//! [`StepRouting`]. Depends on nothing of ours; no IO, no clocks.
+//! Later work adds the versioned routing-trace and placement-plan file
+//! formats here, because both the engine and the offline planner read them.
+
+use serde::{Deserialize, Serialize};
+
+/// A vocabulary entry.
+pub type TokenId = u32;
+
+macro_rules! id_newtype {
+    ($(#[$doc:meta])* $name:ident($inner:ty)) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub struct $name(pub $inner);
+
+        impl $name {
+            /// The raw index, for indexing dense arrays.
+            pub fn index(self) -> usize {
+                self.0 as usize
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}", self.0)
+            }
+        }
+    };
+}
+
+id_newtype!(
+    /// A decoder layer index (0-based, in checkpoint order).
+    LayerId(u16)
+);
+id_newtype!(
+    /// A logical expert of one layer, as numbered by the checkpoint's router.
+    ExpertId(u16)
+);
+id_newtype!(
+    /// A physical block of the paged KV cache.
+    BlockId(u32)
+);
+id_newtype!(
+    /// A sequence known to the engine.
+    SeqId(u64)
+);
+
+/// Routing decisions of one MoE layer for every token of a step, in the
+/// step's token order: token `t` chose `ids[t*k..(t+1)*k]` with weights
+/// `weights[t*k..(t+1)*k]`, strongest first.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerRouting {
+    /// The decoder layer.
+    pub layer: LayerId,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Chosen experts, `tokens * top_k`.
+    pub ids: Vec<ExpertId>,
+    /// Weight applied to each chosen expert's output, `tokens * top_k`.
+    pub weights: Vec<f32>,
+}
+
+impl LayerRouting {
+    /// Number of tokens recorded.
+    pub fn tokens(&self) -> usize {
+        if self.top_k == 0 {
+            0
+        } else {
+            self.ids.len() / self.top_k
+        }
+    }
+
+    /// The experts chosen by token `t`, strongest first.
+    pub fn experts_of(&self, t: usize) -> &[ExpertId] {
+        &self.ids[t * self.top_k..(t + 1) * self.top_k]
+    }
+
+    /// The weights of the experts chosen by token `t`.
+    pub fn weights_of(&self, t: usize) -> &[f32] {
+        &self.weights[t * self.top_k..(t + 1) * self.top_k]
+    }
+}
+
+impl Default for LayerId {
+    fn default() -> Self {
+        LayerId(0)
+    }
+}
+
+/// Routing of a whole forward step: one entry per MoE layer, in layer order
+/// (dense layers have no entry).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepRouting {
+    /// Per MoE layer routing.
+    pub layers: Vec<LayerRouting>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_routing_slices_per_token() {
+        let r = LayerRouting {
+            layer: LayerId(3),
+            top_k: 2,
+            ids: vec![ExpertId(1), ExpertId(0), ExpertId(5), ExpertId(2)],
+            weights: vec![0.7, 0.3, 0.6, 0.4],
+        };
+        assert_eq!(r.tokens(), 2);
+        assert_eq!(r.experts_of(1), &[ExpertId(5), ExpertId(2)]);
+        assert_eq!(r.weights_of(0), &[0.7, 0.3]);
+    }
+}
