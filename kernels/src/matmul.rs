@@ -132,10 +132,7 @@ fn bf16_blocked(x: &[f32], m: usize, k: usize, n: usize, bits: &[u16], out: &mut
             // row; blocks are disjoint, so no two tasks write the same element,
             // and `out` outlives the parallel loop.
             unsafe {
-                gemm_f32(
-                    GemmArgs { m, n: rows, k, x, w: &wf, out: ptr.0.add(r0), out_rs: n },
-                    gemm::Parallelism::None,
-                )
+                gemm_f32(GemmArgs { m, n: rows, k, x, w: &wf, out: ptr.0.add(r0), out_rs: n }, gemm::Parallelism::None)
             }
         });
     };
@@ -210,9 +207,8 @@ mod tests {
 
     fn check(m: usize, n: usize, k: usize) {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 97) as f32 / 97.0) - 0.5).collect();
-        let wv: Vec<f32> = (0..n * k)
-            .map(|i| bf16::from_f32(((i * 104729 % 89) as f32 / 89.0) - 0.5).to_f32())
-            .collect();
+        let wv: Vec<f32> =
+            (0..n * k).map(|i| bf16::from_f32(((i * 104729 % 89) as f32 / 89.0) - 0.5).to_f32()).collect();
         let want = reference(&x, m, &wv, n, k);
         let wf = Weight::from_f32(n, k, wv.clone()).unwrap();
         let wb = Weight::from_bf16_bits(n, k, wv.iter().map(|&v| bf16::from_f32(v).to_bits()).collect()).unwrap();
@@ -227,7 +223,9 @@ mod tests {
 
     #[test]
     fn matches_reference_across_regimes() {
-        for &(m, n, k) in &[(1, 1, 1), (1, 300, 129), (2, 70, 64), (4, 513, 256), (5, 65, 33), (37, 200, 300), (64, 1, 8)] {
+        for &(m, n, k) in
+            &[(1, 1, 1), (1, 300, 129), (2, 70, 64), (4, 513, 256), (5, 65, 33), (37, 200, 300), (64, 1, 8)]
+        {
             check(m, n, k);
         }
     }

@@ -33,16 +33,16 @@ pub(crate) fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
 
 fn portable_dot<T: Copy>(x: &[f32], w: &[T], widen: impl Fn(T) -> f32) -> f32 {
     let mut acc = [0f32; 8];
-    let chunks = x.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            let i = c * 8 + l;
-            acc[l] += x[i] * widen(w[i]);
+    let (xc, xt) = x.split_at(x.len() / 8 * 8);
+    let (wc, wt) = w.split_at(xc.len());
+    for (xs, ws) in xc.chunks_exact(8).zip(wc.chunks_exact(8)) {
+        for ((a, &xv), &wv) in acc.iter_mut().zip(xs).zip(ws) {
+            *a += xv * widen(wv);
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..x.len() {
-        s += x[i] * widen(w[i]);
+    for (&xv, &wv) in xt.iter().zip(wt) {
+        s += xv * widen(wv);
     }
     s
 }

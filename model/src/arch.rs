@@ -34,7 +34,11 @@ impl LayerNames {
     pub(crate) fn expert(&self, e: usize) -> [String; 3] {
         let p = format!("{}.experts.{e}", self.moe_prefix());
         match self.arch {
-            Arch::Mixtral => [self.get(&format!("{p}.w1.weight")), self.get(&format!("{p}.w3.weight")), self.get(&format!("{p}.w2.weight"))],
+            Arch::Mixtral => [
+                self.get(&format!("{p}.w1.weight")),
+                self.get(&format!("{p}.w3.weight")),
+                self.get(&format!("{p}.w2.weight")),
+            ],
             _ => [
                 self.get(&format!("{p}.gate_proj.weight")),
                 self.get(&format!("{p}.up_proj.weight")),
@@ -50,6 +54,10 @@ impl LayerNames {
             Some(s) => format!("mlp.{s}"),
             None => "mlp".to_string(),
         };
-        [self.get(&format!("{p}.gate_proj.weight")), self.get(&format!("{p}.up_proj.weight")), self.get(&format!("{p}.down_proj.weight"))]
+        [
+            self.get(&format!("{p}.gate_proj.weight")),
+            self.get(&format!("{p}.up_proj.weight")),
+            self.get(&format!("{p}.down_proj.weight")),
+        ]
     }
 }

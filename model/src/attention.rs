@@ -18,7 +18,13 @@ const PARALLEL_PAIRS: usize = 4096;
 impl Model {
     /// Attention of layer `l`: reads `ws.xn`, writes `ws.out`; appends the
     /// step's keys and values to `kv`.
-    pub(crate) fn attention(&self, l: usize, chunks: &[SeqChunk<'_>], kv: &mut KvCache, ws: &mut Workspace) -> Result<()> {
+    pub(crate) fn attention(
+        &self,
+        l: usize,
+        chunks: &[SeqChunk<'_>],
+        kv: &mut KvCache,
+        ws: &mut Workspace,
+    ) -> Result<()> {
         let a = &self.cfg.attention;
         let w = &self.layers[l].attn;
         let (d, nh, nkv) = (a.head_dim, a.num_heads, a.num_kv_heads);

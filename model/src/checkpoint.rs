@@ -34,16 +34,19 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for (i, path) in paths.into_iter().enumerate() {
-            let file = File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let file = File::open(&path).map_err(|cause| ModelError::Io { path: path.clone(), cause })?;
             // SAFETY: the mapping is read-only; the model directory must not be
             // modified while the server runs (as with every mmap-based loader).
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|cause| ModelError::Io { path: path.clone(), cause })?;
             let (header, meta) = SafeTensors::read_metadata(&mmap)
                 .map_err(|e| ModelError::Safetensors { path: path.clone(), message: e.to_string() })?;
             let base = 8 + header;
             for (name, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
-                index.insert(name, Entry { file: i, dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e });
+                index.insert(
+                    name,
+                    Entry { file: i, dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e },
+                );
             }
             files.push((path, mmap));
         }
@@ -73,7 +76,11 @@ impl Checkpoint {
     fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
         let e = self.index.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         if e.shape != shape {
-            return Err(ModelError::ShapeMismatch { name: name.into(), got: e.shape.clone(), expected: shape.to_vec() });
+            return Err(ModelError::ShapeMismatch {
+                name: name.into(),
+                got: e.shape.clone(),
+                expected: shape.to_vec(),
+            });
         }
         Ok(e)
     }
@@ -129,7 +136,8 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index_path = dir.join("model.safetensors.index.json");
     if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
+        let text =
+            std::fs::read_to_string(&index_path).map_err(|cause| ModelError::Io { path: index_path.clone(), cause })?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| ModelError::Safetensors { path: index_path.clone(), message: e.to_string() })?;
         let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Safetensors {
@@ -143,13 +151,16 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
         for n in names {
             // Shard names come from the index file: accept plain file names only.
             if n.contains('/') || n.contains('\\') || n == ".." {
-                return Err(ModelError::Safetensors { path: index_path.clone(), message: format!("shard name {n:?} is not a plain file name") });
+                return Err(ModelError::Safetensors {
+                    path: index_path.clone(),
+                    message: format!("shard name {n:?} is not a plain file name"),
+                });
             }
             paths.push(dir.join(n));
         }
         return Ok(paths);
     }
-    let rd = std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
+    let rd = std::fs::read_dir(dir).map_err(|cause| ModelError::Io { path: dir.into(), cause })?;
     let mut paths: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -158,7 +169,7 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     if paths.is_empty() {
         return Err(ModelError::Io {
             path: single,
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no *.safetensors file in the model directory"),
+            cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no *.safetensors file in the model directory"),
         });
     }
     Ok(paths)

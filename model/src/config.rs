@@ -177,7 +177,7 @@ struct RawConfig {
 impl ModelConfig {
     /// Reads and resolves `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|cause| ModelError::Io { path: path.into(), cause })?;
         Self::from_json(&text).map_err(|e| match e {
             ModelError::Config { message, .. } => ModelError::Config { path: path.into(), message },
             other => other,
@@ -189,7 +189,8 @@ impl ModelConfig {
         let bad = |message: String| ModelError::Config { path: "config.json".into(), message };
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         let need = |v: Option<usize>, name: &str| v.ok_or_else(|| bad(format!("missing field `{name}`")));
-        let arch = Arch::from_model_type(raw.model_type.as_deref().ok_or_else(|| bad("missing field `model_type`".into()))?)?;
+        let arch =
+            Arch::from_model_type(raw.model_type.as_deref().ok_or_else(|| bad("missing field `model_type`".into()))?)?;
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
                 return Err(ModelError::Unsupported(format!("hidden_act {act:?} (only \"silu\")")));
@@ -205,11 +206,13 @@ impl ModelConfig {
             return Err(bad("hidden_size, num_hidden_layers and num_attention_heads must be positive".into()));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            return Err(bad(format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")));
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
+            return Err(bad(format!(
+                "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+            )));
         }
         let head_dim = raw.head_dim.unwrap_or(hidden_size / num_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {head_dim} must be positive and even")));
         }
         let (rope_theta, rope_scaling) = resolve_rope(&raw).map_err(bad)?;
@@ -288,11 +291,7 @@ impl ModelConfig {
 /// `rope_scaling`) or the transformers 5 form (`rope_parameters`).
 fn resolve_rope(raw: &RawConfig) -> std::result::Result<(f64, RopeScaling), String> {
     let params = raw.rope_parameters.as_ref().filter(|v| !v.is_null());
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .or(raw.rope_theta)
-        .unwrap_or(10000.0);
+    let theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(raw.rope_theta).unwrap_or(10000.0);
     let scaling = params.or(raw.rope_scaling.as_ref().filter(|v| !v.is_null()));
     let Some(s) = scaling else { return Ok((theta, RopeScaling::None)) };
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
@@ -321,7 +320,9 @@ fn resolve_layers(arch: Arch, raw: &RawConfig, n: usize) -> std::result::Result<
                     if !mlp_only.contains(&l) && (l + 1) % step == 0 {
                         Ok(FfnKind::Moe)
                     } else {
-                        dense_width.map(FfnKind::Dense).ok_or_else(|| format!("layer {l} is dense but `intermediate_size` is missing"))
+                        dense_width
+                            .map(FfnKind::Dense)
+                            .ok_or_else(|| format!("layer {l} is dense but `intermediate_size` is missing"))
                     }
                 })
                 .collect()
@@ -358,9 +359,10 @@ mod tests {
 
     #[test]
     fn rope_parameters_form() {
-        let text = MIXTRAL
-            .replace(r#""rope_theta":1000000.0,"#, "")
-            .replace(r#""rope_scaling":null"#, r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"linear","factor":2.0}"#);
+        let text = MIXTRAL.replace(r#""rope_theta":1000000.0,"#, "").replace(
+            r#""rope_scaling":null"#,
+            r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"linear","factor":2.0}"#,
+        );
         let c = ModelConfig::from_json(&text).unwrap();
         assert_eq!(c.attention.rope_theta, 5e5);
         assert_eq!(c.attention.rope_scaling, RopeScaling::Linear { factor: 2.0 });
@@ -385,7 +387,10 @@ mod tests {
         assert!(e.to_string().contains("num_local_experts"), "{e}");
         let e = ModelConfig::from_json("{not json").unwrap_err();
         assert!(e.to_string().contains("malformed config"), "{e}");
-        let e = ModelConfig::from_json(&MIXTRAL.replace(r#""rope_scaling":null"#, r#""rope_scaling":{"type":"yarn","factor":4}"#)).unwrap_err();
+        let e = ModelConfig::from_json(
+            &MIXTRAL.replace(r#""rope_scaling":null"#, r#""rope_scaling":{"type":"yarn","factor":4}"#),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("yarn"), "{e}");
     }
 }

@@ -99,10 +99,12 @@ impl ExpertProvider for ResidentExperts {
     type Guard<'a> = &'a ExpertWeights;
 
     fn get(&self, layer: LayerId, expert: ExpertId) -> Result<&ExpertWeights> {
-        self.experts.get(layer.index()).and_then(|l| l.get(expert.index())).ok_or_else(|| ModelError::ExpertUnavailable {
-            layer: layer.index(),
-            expert: expert.index(),
-            message: "no such expert".into(),
+        self.experts.get(layer.index()).and_then(|l| l.get(expert.index())).ok_or_else(|| {
+            ModelError::ExpertUnavailable {
+                layer: layer.index(),
+                expert: expert.index(),
+                message: "no such expert".into(),
+            }
         })
     }
 }

@@ -168,10 +168,18 @@ impl Model {
             }
             let end = ch.start_pos + ch.tokens.len();
             if end > self.cfg.max_position_embeddings {
-                return bad(format!("position {} exceeds the context length {}", end - 1, self.cfg.max_position_embeddings));
+                return bad(format!(
+                    "position {} exceeds the context length {}",
+                    end - 1,
+                    self.cfg.max_position_embeddings
+                ));
             }
             if ch.blocks.len() * kv.block_size() < end {
-                return bad(format!("chunk {c} needs {end} KV slots but holds {} blocks of {}", ch.blocks.len(), kv.block_size()));
+                return bad(format!(
+                    "chunk {c} needs {end} KV slots but holds {} blocks of {}",
+                    ch.blocks.len(),
+                    kv.block_size()
+                ));
             }
             if let Some(b) = ch.blocks.iter().find(|b| b.index() >= kv.num_blocks()) {
                 return bad(format!("KV block {b} does not exist (cache has {})", kv.num_blocks()));

@@ -38,11 +38,11 @@ pub fn load_model(dir: &Path, progress: &mut dyn LoadProgress) -> Result<LoadedM
     if !dir.is_dir() {
         return Err(ModelError::Io {
             path: dir.into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            cause: std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
         });
     }
     // fail on unreadable directories up front, with the directory named
-    std::fs::read_dir(dir).map_err(|source| ModelError::Io { path: dir.into(), source })?;
+    std::fs::read_dir(dir).map_err(|cause| ModelError::Io { path: dir.into(), cause })?;
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let codec = TextCodec::load(dir, &cfg)?;
     let (model, experts) = load_weights(dir, &cfg, progress)?;
@@ -57,7 +57,11 @@ pub fn load_model(dir: &Path, progress: &mut dyn LoadProgress) -> Result<LoadedM
 }
 
 /// Loads only the weights of `dir` for `cfg` (no tokenizer files needed).
-pub fn load_weights(dir: &Path, cfg: &ModelConfig, progress: &mut dyn LoadProgress) -> Result<(Model, ResidentExperts)> {
+pub fn load_weights(
+    dir: &Path,
+    cfg: &ModelConfig,
+    progress: &mut dyn LoadProgress,
+) -> Result<(Model, ResidentExperts)> {
     let ck = Checkpoint::open(dir)?;
     progress.start(ck.total_bytes() as u64);
     let model = Model::load(&ck, cfg, |b| progress.advance(b as u64))?;

@@ -71,7 +71,8 @@ impl Model {
         matmul_nt(&ws.xn, t, router, &mut s.router)?;
         s.groups.resize_with(ne, Vec::new);
         s.groups.iter_mut().for_each(Vec::clear);
-        let mut routing = LayerRouting { layer, top_k: k, ids: Vec::with_capacity(t * k), weights: Vec::with_capacity(t * k) };
+        let mut routing =
+            LayerRouting { layer, top_k: k, ids: Vec::with_capacity(t * k), weights: Vec::with_capacity(t * k) };
         for (i, probs) in s.router.chunks_exact_mut(ne).enumerate() {
             ops::softmax_inplace(probs);
             ops::top_k(probs, k, &mut s.topk);

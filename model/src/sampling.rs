@@ -134,7 +134,9 @@ impl Sampler {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         self.cand.clear();
-        self.cand.extend(self.work.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as TokenId, x * inv_t)));
+        self.cand.extend(
+            self.work.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as TokenId, x * inv_t)),
+        );
         if self.cand.is_empty() {
             return argmax(&self.work);
         }

@@ -40,10 +40,11 @@ impl TextCodec {
         if !tk_path.is_file() {
             return Err(ModelError::Io {
                 path: tk_path,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
+                cause: std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
             });
         }
-        let tokenizer = Tokenizer::from_file(&tk_path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tk_path.display())))?;
+        let tokenizer =
+            Tokenizer::from_file(&tk_path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tk_path.display())))?;
         let tk_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?;
         let gen_cfg = read_json_opt(&dir.join("generation_config.json"))?;
         let token_str = |v: Option<&Value>| -> Option<String> {
@@ -92,8 +93,16 @@ impl TextCodec {
 
     /// Wraps a tokenizer file alone (tests, tools).
     pub fn from_tokenizer_file(path: &Path) -> Result<Self> {
-        let tokenizer = Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Self { tokenizer, eos_ids: Vec::new(), bos_token: None, eos_token: None, chat_template: None, defaults: GenerationDefaults::default() })
+        let tokenizer =
+            Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            tokenizer,
+            eos_ids: Vec::new(),
+            bos_token: None,
+            eos_token: None,
+            chat_template: None,
+            defaults: GenerationDefaults::default(),
+        })
     }
 
     /// Token ids of `text`, with the tokenizer's special tokens (e.g. bos)
@@ -143,10 +152,8 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| ModelError::Config { path: path.into(), message: e.to_string() })
+    let text = std::fs::read_to_string(path).map_err(|cause| ModelError::Io { path: path.into(), cause })?;
+    serde_json::from_str(&text).map(Some).map_err(|e| ModelError::Config { path: path.into(), message: e.to_string() })
 }
 
 /// Turns a stream of token ids into text deltas, holding back bytes that do

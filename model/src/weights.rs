@@ -76,7 +76,9 @@ impl Model {
                 let a = l.attn.qkv.nbytes() + l.attn.o.nbytes();
                 let f = match &l.ffn {
                     FfnWeights::Dense(m) => m.nbytes(),
-                    FfnWeights::Moe { router, shared } => router.nbytes() + shared.as_ref().map_or(0, |s| s.mlp.nbytes() + s.gate.nbytes()),
+                    FfnWeights::Moe { router, shared } => {
+                        router.nbytes() + shared.as_ref().map_or(0, |s| s.mlp.nbytes() + s.gate.nbytes())
+                    }
                 };
                 a + f
             })
@@ -154,7 +156,10 @@ fn load_attention(ck: &Checkpoint, cfg: &ModelConfig, n: &LayerNames) -> Result<
             Some(ck.vector(&n.get("self_attn.q_norm.weight"), a.head_dim)?),
             Some(ck.vector(&n.get("self_attn.k_norm.weight"), a.head_dim)?),
         ),
-        QkNorm::Full => (Some(ck.vector(&n.get("self_attn.q_norm.weight"), qw)?), Some(ck.vector(&n.get("self_attn.k_norm.weight"), kvw)?)),
+        QkNorm::Full => (
+            Some(ck.vector(&n.get("self_attn.q_norm.weight"), qw)?),
+            Some(ck.vector(&n.get("self_attn.k_norm.weight"), kvw)?),
+        ),
     };
     Ok(AttentionWeights {
         qkv: Weight::concat_rows(&[q, k, v])?,

@@ -1,1 +1,167 @@
-fn main() {}
+//! `moe-serve`: serve, generate with, and benchmark MoE models.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use moe_model::SamplingParams;
+use moe_server::bench::{self, BenchArgs};
+use moe_server::generate::{generate, GenerateArgs};
+use moe_server::model_dir::{default_model_dir, load_with_progress};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "moe-serve", version, about = "Mixture-of-Experts inference server")]
+struct Cli {
+    /// Worker threads for compute (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion of one prompt, streamed to stdout.
+    Generate(GenerateCmd),
+    /// Measure prefill and decode throughput against the memory-bandwidth bound.
+    Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct GenerateCmd {
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Model directory (HuggingFace layout); default: the built-in model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy (default: the model's generation_config, else 1).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling threshold (default: the model's generation_config, else 1).
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Keep only the k most likely tokens (0: off).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// RNG seed (default: from the clock); same seed, same text.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct BenchCmd {
+    /// Model directory to benchmark; default: the built-in model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Skip the larger random-weight model (1.19B parameters, 2.4 GB of bf16).
+    #[arg(long)]
+    no_large: bool,
+    /// Prompt tokens for prefill.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Repetitions (best is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring threads")?;
+    }
+    match cli.cmd {
+        Command::Generate(g) => run_generate(g),
+        Command::Bench(b) => run_bench(b),
+    }
+}
+
+fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
+    let dir = g.model.unwrap_or_else(default_model_dir);
+    let t = Instant::now();
+    let m = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    eprintln!("loaded {} ({}) in {:.2}s", dir.display(), m.model.config().arch.name(), t.elapsed().as_secs_f64());
+    let d = m.codec.defaults();
+    let sampling = SamplingParams {
+        temperature: g.temperature.or(d.temperature).unwrap_or(1.0),
+        top_p: g.top_p.or(d.top_p).unwrap_or(1.0),
+        top_k: g.top_k.or(d.top_k).unwrap_or(0),
+        ..Default::default()
+    };
+    validate_sampling(&sampling)?;
+    let seed = g.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    });
+    let args = GenerateArgs { prompt: g.prompt, max_tokens: g.max_tokens, sampling, seed };
+    let t = Instant::now();
+    let stats = generate(&m, &args, &mut std::io::stdout().lock())?;
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "{} prompt tokens, {} generated in {:.2}s ({:.1} tok/s), seed {}",
+        stats.prompt_tokens,
+        stats.generated,
+        secs,
+        stats.generated as f64 / secs,
+        seed
+    );
+    Ok(())
+}
+
+fn validate_sampling(p: &SamplingParams) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        p.temperature >= 0.0 && p.temperature.is_finite(),
+        "--temperature must be >= 0, got {}",
+        p.temperature
+    );
+    anyhow::ensure!(p.top_p > 0.0 && p.top_p <= 1.0, "--top-p must be in (0, 1], got {}", p.top_p);
+    Ok(())
+}
+
+fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
+    let args = BenchArgs { prompt_tokens: b.prompt_tokens, decode_tokens: b.decode_tokens, repeats: b.repeats };
+    anyhow::ensure!(
+        args.prompt_tokens > 0 && args.decode_tokens > 0,
+        "--prompt-tokens and --decode-tokens must be positive"
+    );
+    eprintln!("measuring read bandwidth...");
+    let bw = bench::read_bandwidth();
+    let dir = b.model.unwrap_or_else(default_model_dir);
+    let m = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let cfg = m.model.config().clone();
+    let per_value = if m.experts.nbytes() == 0 {
+        4
+    } else {
+        m.experts.nbytes() / (cfg.moe_layers().count() * cfg.moe.num_experts * 3 * cfg.hidden_size * cfg.moe.expert_ffn)
+    };
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    eprintln!("benchmarking {name}...");
+    let mut rows =
+        vec![bench::bench_model(&name, &m.model, &m.experts, bench::expert_bytes(&cfg, per_value), args, bw)?];
+    drop(m);
+    if !b.no_large {
+        eprintln!("building the random-weight large model (1.19B parameters, bf16)...");
+        let cfg = moe_model::ModelConfig::from_json(bench::LARGE_CONFIG)?;
+        let (model, experts) = moe_model::random::random_model(&cfg, 0)?;
+        eprintln!("benchmarking random-large...");
+        rows.push(bench::bench_model("random-large (bf16)", &model, &experts, bench::expert_bytes(&cfg, 2), args, bw)?);
+    }
+    print!("{}", bench::render(&rows, bw, args));
+    Ok(())
+}

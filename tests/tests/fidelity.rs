@@ -80,7 +80,10 @@ impl Harness {
         let (model, experts) = load_weights(&dir, &cfg, &mut ())?;
         // small blocks so sequences span several, non-contiguous blocks
         let kv = KvCache::new(&cfg, 64, 4);
-        Ok((Self { alloc: BlockAllocator::new(64, 4), kv, model, experts, cfg, ws: Workspace::new() }, read_reference(&dir)?))
+        Ok((
+            Self { alloc: BlockAllocator::new(64, 4), kv, model, experts, cfg, ws: Workspace::new() },
+            read_reference(&dir)?,
+        ))
     }
 }
 
@@ -101,8 +104,14 @@ fn check_fixture(name: &str) -> Result<()> {
         &mut h.ws,
     )?;
     let diff = max_abs_diff(&out.logits, &r.logits);
+    eprintln!("{name}: max abs logit diff vs transformers = {diff:e}");
     ensure!(diff < LOGIT_TOL, "{name}: max |logit diff| {diff} >= {LOGIT_TOL}");
-    ensure!(out.routing.layers.len() == r.routing.len(), "{name}: {} MoE layers routed, reference has {}", out.routing.layers.len(), r.routing.len());
+    ensure!(
+        out.routing.layers.len() == r.routing.len(),
+        "{name}: {} MoE layers routed, reference has {}",
+        out.routing.layers.len(),
+        r.routing.len()
+    );
     for (got, (layer, ids, weights)) in out.routing.layers.iter().zip(&r.routing) {
         ensure!(got.layer.index() == *layer, "{name}: routed layer {} vs reference {layer}", got.layer);
         let got_ids: Vec<u16> = got.ids.iter().map(|e| e.0).collect();
@@ -159,7 +168,12 @@ fn check_batched(name: &str) -> Result<()> {
     let step2 = h.model.forward(
         &[
             SeqChunk { tokens: &b_next, start_pos: t, blocks: b.blocks(), logits: LogitsRequest::Last },
-            SeqChunk { tokens: &r.input_ids[split..], start_pos: split, blocks: a.blocks(), logits: LogitsRequest::All },
+            SeqChunk {
+                tokens: &r.input_ids[split..],
+                start_pos: split,
+                blocks: a.blocks(),
+                logits: LogitsRequest::All,
+            },
         ],
         &mut h.kv,
         &h.experts,

@@ -14,7 +14,7 @@ pub type TokenId = u32;
 macro_rules! id_newtype {
     ($(#[$doc:meta])* $name:ident($inner:ty)) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         pub struct $name(pub $inner);
 
         impl $name {
@@ -67,11 +67,7 @@ pub struct LayerRouting {
 impl LayerRouting {
     /// Number of tokens recorded.
     pub fn tokens(&self) -> usize {
-        if self.top_k == 0 {
-            0
-        } else {
-            self.ids.len() / self.top_k
-        }
+        self.ids.len().checked_div(self.top_k).unwrap_or(0)
     }
 
     /// The experts chosen by token `t`, strongest first.
@@ -82,12 +78,6 @@ impl LayerRouting {
     /// The weights of the experts chosen by token `t`.
     pub fn weights_of(&self, t: usize) -> &[f32] {
         &self.weights[t * self.top_k..(t + 1) * self.top_k]
-    }
-}
-
-impl Default for LayerId {
-    fn default() -> Self {
-        LayerId(0)
     }
 }
 

@@ -1,0 +1,130 @@
+//! The `moe-serve generate` command end to end: clear errors with a non-zero
+//! exit for broken model directories, and working generation.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_moe-serve");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A word-level tokenizer small enough for the 256-entry fixture vocabularies.
+const TINY_TOKENIZER: &str = r###"{"version":"1.0","truncation":null,"padding":null,
+ "added_tokens":[{"id":1,"content":"<s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+                 {"id":2,"content":"</s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+ "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+ "decoder":{"type":"WordPiece","prefix":"##","cleanup":true},
+ "model":{"type":"WordLevel","vocab":{"<unk>":0,"<s>":1,"</s>":2,"hello":3,"world":4,"the":5},"unk_token":"<unk>"}}"###;
+
+/// A copy of fixture `name` with a tokenizer added, in a fresh temp dir.
+fn model_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(repo().join("tests/fixtures").join(name)).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(dir.path().join("tokenizer.json"), TINY_TOKENIZER).unwrap();
+    dir
+}
+
+fn generate(model: &Path, extra: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["generate", "--prompt", "hello world", "--max-tokens", "8", "--temperature", "0", "--model"])
+        .arg(model)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn assert_fails_with(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+}
+
+#[test]
+fn missing_directory() {
+    let out = generate(Path::new("/definitely/not/a/model"), &[]);
+    assert_fails_with(&out, "/definitely/not/a/model: model directory not found");
+}
+
+#[test]
+fn malformed_config() {
+    let dir = model_copy("mixtral");
+    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"mixtral\", ").unwrap();
+    assert_fails_with(&generate(dir.path(), &[]), "malformed config");
+}
+
+#[test]
+fn unknown_model_type() {
+    let dir = model_copy("mixtral");
+    let cfg =
+        std::fs::read_to_string(dir.path().join("config.json")).unwrap().replace("\"mixtral\"", "\"llama4_text\"");
+    std::fs::write(dir.path().join("config.json"), cfg).unwrap();
+    assert_fails_with(&generate(dir.path(), &[]), "unsupported model_type \"llama4_text\"");
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = model_copy("mixtral");
+    let p = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
+    assert_fails_with(&generate(dir.path(), &[]), "invalid safetensors file");
+}
+
+#[test]
+fn shape_mismatch() {
+    let dir = model_copy("mixtral");
+    // the config now promises wider experts than the tensors hold
+    let cfg = std::fs::read_to_string(dir.path().join("config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 32", "\"intermediate_size\": 48");
+    std::fs::write(dir.path().join("config.json"), cfg).unwrap();
+    assert_fails_with(&generate(dir.path(), &[]), "has shape [32, 64], expected [48, 64]");
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = model_copy("mixtral");
+    // one more layer than the checkpoint has
+    let cfg = std::fs::read_to_string(dir.path().join("config.json"))
+        .unwrap()
+        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
+    std::fs::write(dir.path().join("config.json"), cfg).unwrap();
+    assert_fails_with(&generate(dir.path(), &[]), "missing tensor model.layers.2.");
+}
+
+#[test]
+fn bad_sampling_flag() {
+    let dir = model_copy("mixtral");
+    assert_fails_with(&generate(dir.path(), &["--top-p", "0"]), "--top-p must be in (0, 1]");
+}
+
+#[test]
+fn generates_from_a_fixture_checkpoint() {
+    let dir = model_copy("qwen2_moe");
+    let out = generate(dir.path(), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("generated"));
+}
+
+#[test]
+fn default_model_speaks_and_same_seed_repeats() {
+    let run = |seed: &str| {
+        let out = Command::new(BIN)
+            .args(["generate", "--prompt", "ROMEO:", "--max-tokens", "40", "--temperature", "0.8", "--seed", seed])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let a = run("7");
+    assert_eq!(a, run("7"), "same seed, different text");
+    assert_ne!(a, run("8"), "different seeds, same text");
+    let words = a.split_whitespace().count();
+    assert!(words >= 10, "too little text: {a:?}");
+}
