@@ -174,3 +174,65 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(paths)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_kernels::WeightData;
+    use safetensors::tensor::TensorView;
+
+    fn write(dir: &Path, file: &str, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+        let views: Vec<(String, TensorView<'_>)> =
+            tensors.iter().map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &dir.join(file)).unwrap();
+    }
+
+    fn le16(v: &[u16]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn loads_each_precision_and_reports_bad_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let vals = [0.5f32, -1.0, 2.0, 0.25, 3.0, -0.125];
+        let f16: Vec<u16> = vals.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+        let bf16: Vec<u16> = vals.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        write(
+            dir.path(),
+            "model.safetensors",
+            &[
+                ("h", Dtype::F16, vec![2, 3], le16(&f16)),
+                ("b", Dtype::BF16, vec![2, 3], le16(&bf16)),
+                ("f", Dtype::F32, vec![2, 3], f32b),
+                ("i", Dtype::I64, vec![1], vec![0; 8]),
+            ],
+        );
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let mut row = [0f32; 3];
+        for name in ["h", "b", "f"] {
+            let w = ck.weight(name, 2, 3).unwrap();
+            w.row_to_f32(1, &mut row);
+            assert_eq!(row, [0.25, 3.0, -0.125], "{name}");
+        }
+        assert!(matches!(ck.weight("b", 2, 3).unwrap().data(), WeightData::Bf16(_)), "bf16 must stay bf16");
+        assert_eq!(ck.vector("f", 6).unwrap_err().to_string(), "tensor f has shape [2, 3], expected [6]");
+        assert_eq!(ck.weight("nope", 1, 1).unwrap_err().to_string(), "missing tensor nope");
+        assert!(ck.vector("i", 1).unwrap_err().to_string().contains("unsupported dtype"));
+    }
+
+    #[test]
+    fn shards_without_index_and_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a-00001.safetensors", &[("x", Dtype::F32, vec![1], 1f32.to_le_bytes().to_vec())]);
+        write(dir.path(), "a-00002.safetensors", &[("y", Dtype::F32, vec![1], 2f32.to_le_bytes().to_vec())]);
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ck.vector("y", 1).unwrap(), vec![2.0]);
+        assert!(ck.contains("x"));
+        let p = dir.path().join("a-00002.safetensors");
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 2]).unwrap();
+        let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("invalid safetensors file") && err.contains("a-00002"), "{err}");
+    }
+}

@@ -257,3 +257,26 @@ fn mixtral_tokenizer_hello_world() {
     assert_eq!(codec.encode("Hello world", true).unwrap(), vec![1, 22557, 1526]);
     assert_eq!(codec.decode(&[1, 22557, 1526], true).unwrap(), "Hello world");
 }
+
+/// Streaming detokenization yields exactly the full decode, even when a
+/// character spans several byte-fallback tokens.
+#[test]
+fn incremental_decoding_matches_full_decode() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/tokenizers/mixtral-tokenizer.json");
+    let codec = moe_model::TextCodec::from_tokenizer_file(&path).unwrap();
+    let text = "Héllo 🦀 wörld, 東京!  spaces\nnew line";
+    let ids = codec.encode(text, false).unwrap();
+    let mut dec = moe_model::IncrementalDecoder::new();
+    let mut streamed = String::new();
+    let mut partial_seen = false;
+    for &id in &ids {
+        let delta = dec.push(&codec, id).unwrap();
+        partial_seen |= delta.is_empty();
+        assert!(!delta.contains('\u{FFFD}'), "a partial character leaked: {delta:?}");
+        streamed.push_str(&delta);
+    }
+    streamed.push_str(&dec.finish(&codec).unwrap());
+    assert_eq!(streamed, codec.decode(&ids, true).unwrap());
+    assert_eq!(streamed, text);
+    assert!(partial_seen, "the text should exercise held-back bytes");
+}
