@@ -1,18 +1,22 @@
-//! Scheduling state that must stay pure and deterministic: which KV-cache
-//! blocks are free and which blocks each sequence holds.
+//! Scheduling state that must stay pure and deterministic: which sequences
+//! run in each step, and which KV-cache blocks each holds.
 //!
-//! Owns: [`BlockAllocator`] (the free list of physical KV blocks) and
+//! Owns: [`Scheduler`] (continuous batching: waiting and running sequences,
+//! token budget, chunked prefill, preemption by recomputation),
+//! [`BlockAllocator`] (the free list of physical KV blocks) and
 //! [`BlockTable`] (one sequence's logical-to-physical block map). Deals only
-//! in block ids, never in tensors: the KV tensors live in `moe-model`'s
-//! `KvCache`, addressed by the ids handed out here.
+//! in token and block ids, never in tensors: the KV tensors live in
+//! `moe-model`'s `KvCache`, addressed by the ids handed out here.
 //!
-//! Invariants: a block id is held by at most one table at a time; a table's
-//! blocks cover exactly `ceil(tokens / block_size)` blocks. No IO, no clocks,
-//! no async. The continuous-batching scheduler and ExpertFlow's token
-//! regrouping land here in later work.
+//! Invariants: a block id is held by at most one table at a time; a step
+//! never exceeds its token budget or sequence limit; running sequences are
+//! served oldest first. No IO, no clocks, no async. ExpertFlow's token
+//! regrouping lands here in later work.
 
+mod batch;
 mod blocks;
 
+pub use batch::{ScheduledChunk, Scheduler, SchedulerConfig, StepPlan};
 pub use blocks::{BlockAllocator, BlockTable};
 
 /// Errors of the scheduling state.

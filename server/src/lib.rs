@@ -1,12 +1,16 @@
-//! The `moe-serve` binary's library: command-line front ends over the model.
+//! The `moe-serve` binary's library: the front ends over the engine.
 //!
-//! Owns: `generate` (stream a completion of one prompt to stdout), `bench`
-//! (prefill/decode throughput against the memory-bandwidth bound), and the
-//! single-sequence [`session::Session`] both drive. The REST and gRPC servers
-//! over a continuous-batching engine come next; this crate stays the only
-//! place that knows wire formats and the terminal.
+//! Owns: `serve` (the OpenAI-compatible REST API in [`http`], over the
+//! continuous-batching engine of `moe-engine`), `config` (flags, environment,
+//! TOML), `generate` (stream one completion to stdout), `bench`
+//! (prefill/decode throughput against the memory-bandwidth bound) and the
+//! single-sequence [`session::Session`] the last two drive. This crate is the
+//! only place that knows wire formats, the terminal and signals.
 
 pub mod bench;
+pub mod config;
 pub mod generate;
+pub mod http;
 pub mod model_dir;
+pub mod serve;
 pub mod session;

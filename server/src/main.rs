@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use moe_model::SamplingParams;
 use moe_server::bench::{self, BenchArgs};
+use moe_server::config::ServeArgs;
 use moe_server::generate::{generate, GenerateArgs};
 use moe_server::model_dir::{default_model_dir, load_with_progress};
 use std::path::PathBuf;
@@ -16,11 +17,13 @@ struct Cli {
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
-    cmd: Command,
+    cmd: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible REST API (the default command).
+    Serve(ServeArgs),
     /// Generate a completion of one prompt, streamed to stdout.
     Generate(GenerateCmd),
     /// Measure prefill and decode throughput against the memory-bandwidth bound.
@@ -74,7 +77,7 @@ struct BenchCmd {
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -87,7 +90,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring threads")?;
     }
-    match cli.cmd {
+    match cli.cmd.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(a) => {
+            let cfg = a.resolve()?;
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+            rt.block_on(moe_server::serve::serve(cfg))
+        }
         Command::Generate(g) => run_generate(g),
         Command::Bench(b) => run_bench(b),
     }

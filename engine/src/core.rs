@@ -1,0 +1,203 @@
+//! The deterministic heart of the engine: requests in, token outputs out,
+//! one step at a time. No threads, channels or clocks.
+
+use crate::{EngineError, FinishReason, GenerationRequest};
+use moe_model::{ExpertProvider, KvCache, LogitsRequest, Model, SampledToken, Sampler, SeqChunk, Workspace};
+use moe_scheduler::{BlockAllocator, Scheduler, SchedulerConfig, StepPlan};
+use moe_types::{SeqId, TokenId};
+use std::collections::HashMap;
+
+struct Request {
+    sampler: Sampler,
+    max_tokens: usize,
+    min_tokens: usize,
+    ignore_eos: bool,
+    generated: usize,
+}
+
+/// A token produced by a step, and whether it ended its sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    /// The sequence.
+    pub seq: SeqId,
+    /// The token.
+    pub token: SampledToken,
+    /// Set when this token ends the sequence (it has been removed).
+    pub finish: Option<FinishReason>,
+}
+
+/// Model, experts, KV cache, scheduler and per-request sampling state.
+pub struct EngineCore<E> {
+    model: Model,
+    experts: E,
+    kv: KvCache,
+    sched: Scheduler,
+    ws: Workspace,
+    reqs: HashMap<SeqId, Request>,
+    eos: Vec<TokenId>,
+    masked: Vec<f32>,
+    last_plan: StepPlan,
+}
+
+impl<E: ExpertProvider> EngineCore<E> {
+    /// An engine with `num_blocks` KV blocks of `block_size` slots.
+    pub fn new(model: Model, experts: E, eos: Vec<TokenId>, sched: SchedulerConfig, kv_blocks: (usize, usize)) -> Self {
+        let (num_blocks, block_size) = kv_blocks;
+        let kv = KvCache::new(model.config(), num_blocks, block_size);
+        Self {
+            model,
+            experts,
+            kv,
+            sched: Scheduler::new(sched, BlockAllocator::new(num_blocks, block_size)),
+            ws: Workspace::new(),
+            reqs: HashMap::new(),
+            eos,
+            masked: Vec::new(),
+            last_plan: StepPlan::default(),
+        }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Longest prompt + output a request may have: the context length,
+    /// bounded by the KV cache's total capacity.
+    pub fn max_model_len(&self) -> usize {
+        let cap = self.kv.num_blocks() * self.kv.block_size();
+        self.model.config().max_position_embeddings.min(cap)
+    }
+
+    /// Checks a request against the model without adding it.
+    pub fn check(&self, req: &GenerationRequest) -> Result<(), EngineError> {
+        check_request(req, self.model.config().vocab_size, self.max_model_len())
+    }
+
+    /// Adds a request as sequence `id`.
+    pub fn add(&mut self, id: SeqId, req: GenerationRequest) -> Result<(), EngineError> {
+        self.check(&req)?;
+        let sampler = Sampler::new(req.sampling, req.seed, &req.prompt);
+        self.sched.add(id, req.prompt);
+        let r = Request {
+            sampler,
+            max_tokens: req.max_tokens,
+            min_tokens: req.min_tokens,
+            ignore_eos: req.ignore_eos,
+            generated: 0,
+        };
+        self.reqs.insert(id, r);
+        Ok(())
+    }
+
+    /// Aborts a sequence, freeing its blocks; false if unknown.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        self.reqs.remove(&id);
+        self.sched.remove(id)
+    }
+
+    /// Whether no sequence is waiting or running.
+    pub fn is_idle(&self) -> bool {
+        self.sched.is_idle()
+    }
+
+    /// The scheduler (for gauges).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
+    }
+
+    /// The plan of the last step.
+    pub fn last_plan(&self) -> &StepPlan {
+        &self.last_plan
+    }
+
+    /// Runs one step. On a model error every sequence of the step is
+    /// removed and returned with the error.
+    pub fn step(&mut self) -> Result<Vec<StepOutput>, (Vec<SeqId>, moe_model::ModelError)> {
+        let plan = self.sched.schedule();
+        if plan.chunks.is_empty() {
+            self.last_plan = plan;
+            return Ok(Vec::new());
+        }
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .chunks
+            .iter()
+            .map(|c| SeqChunk {
+                tokens: &self.sched.tokens(c.seq)[c.start..c.start + c.len],
+                start_pos: c.start,
+                blocks: self.sched.blocks(c.seq),
+                logits: if c.sample { LogitsRequest::Last } else { LogitsRequest::None },
+            })
+            .collect();
+        let out = match self.model.forward(&chunks, &mut self.kv, &self.experts, &mut self.ws) {
+            Ok(o) => o,
+            Err(e) => {
+                let ids: Vec<SeqId> = plan.chunks.iter().map(|c| c.seq).collect();
+                for &id in &ids {
+                    self.abort(id);
+                }
+                self.last_plan = plan;
+                return Err((ids, e));
+            }
+        };
+        drop(chunks);
+        self.sched.commit(&plan);
+        let mut outputs = Vec::new();
+        for (row, c) in plan.chunks.iter().filter(|c| c.sample).enumerate() {
+            let r = self.reqs.get_mut(&c.seq).expect("scheduled sequence has a request");
+            let logits = out.row(row);
+            let token = if r.generated < r.min_tokens && !self.eos.is_empty() {
+                self.masked.clear();
+                self.masked.extend_from_slice(logits);
+                for &e in &self.eos {
+                    if let Some(x) = self.masked.get_mut(e as usize) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+                r.sampler.sample(&self.masked)
+            } else {
+                r.sampler.sample(logits)
+            };
+            r.generated += 1;
+            let total = self.sched.tokens(c.seq).len() + 1;
+            let finish = if !r.ignore_eos && self.eos.contains(&token.id) {
+                Some(FinishReason::Eos)
+            } else if r.generated >= r.max_tokens || total >= self.max_model_len() {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if finish.is_some() {
+                self.abort(c.seq);
+            } else {
+                self.sched.append_token(c.seq, token.id);
+            }
+            outputs.push(StepOutput { seq: c.seq, token, finish });
+        }
+        self.last_plan = plan;
+        Ok(outputs)
+    }
+}
+
+/// Shape checks shared by the handle (at submission) and the core.
+pub(crate) fn check_request(req: &GenerationRequest, vocab: usize, max_len: usize) -> Result<(), EngineError> {
+    if req.prompt.is_empty() {
+        return Err(EngineError::Invalid("the prompt is empty".into()));
+    }
+    if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(EngineError::Invalid(format!("token id {t} is outside the vocabulary (size {vocab})")));
+    }
+    if req.max_tokens == 0 {
+        return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
+    }
+    let needed = req.prompt.len() + req.max_tokens;
+    if needed > max_len {
+        return Err(EngineError::ContextLength {
+            needed,
+            prompt: req.prompt.len(),
+            max_tokens: req.max_tokens,
+            limit: max_len,
+        });
+    }
+    Ok(())
+}

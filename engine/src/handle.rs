@@ -1,0 +1,275 @@
+//! The engine thread and the handle other threads talk to it through.
+
+use crate::core::{check_request, EngineCore};
+use crate::metric_names as m;
+use crate::{EngineError, EngineEvent, GenerationRequest};
+use moe_model::ExpertProvider;
+use moe_types::SeqId;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc as tmpsc;
+
+/// Admission limits enforced at submission.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineLimits {
+    /// Most requests admitted and not yet finished (running plus waiting).
+    pub max_in_flight: usize,
+    /// Capacity of the submission channel.
+    pub inbox: usize,
+}
+
+/// Gauges readable from any thread.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences holding KV blocks.
+    pub running: AtomicUsize,
+    /// Sequences waiting for admission.
+    pub waiting: AtomicUsize,
+    /// KV blocks in use.
+    pub kv_blocks_used: AtomicUsize,
+    /// KV blocks in total.
+    pub kv_blocks_total: AtomicUsize,
+    /// Requests submitted and not yet finished or dropped.
+    pub in_flight: AtomicUsize,
+    /// Steps run.
+    pub steps: AtomicU64,
+}
+
+enum Command {
+    Add { id: SeqId, req: GenerationRequest, events: tmpsc::Sender<EngineEvent> },
+}
+
+/// Cheap to clone; submits requests to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inbox: SyncSender<Command>,
+    aborts: Sender<SeqId>,
+    stats: Arc<EngineStats>,
+    next_id: Arc<AtomicU64>,
+    closed: Arc<AtomicBool>,
+    limits: EngineLimits,
+    vocab: usize,
+    max_model_len: usize,
+}
+
+/// The events of one request. Dropping it before the end aborts the
+/// request on the engine thread (freeing its KV blocks).
+pub struct RequestStream {
+    id: SeqId,
+    events: tmpsc::Receiver<EngineEvent>,
+    aborts: Sender<SeqId>,
+    stats: Arc<EngineStats>,
+    done: bool,
+}
+
+impl RequestStream {
+    /// The engine's id for this request.
+    pub fn id(&self) -> SeqId {
+        self.id
+    }
+
+    /// The next event; `None` after the last.
+    pub async fn next(&mut self) -> Option<EngineEvent> {
+        if self.done {
+            return None;
+        }
+        let ev = self.events.recv().await;
+        match &ev {
+            Some(EngineEvent::Token(_)) => {}
+            _ => self.done = true,
+        }
+        ev
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.done {
+            // the engine may already be gone; then there is nothing to free
+            let _ = self.aborts.send(self.id);
+        }
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl EngineHandle {
+    /// Submits a request; its events arrive on the returned stream.
+    pub fn submit(&self, req: GenerationRequest) -> Result<RequestStream, EngineError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        check_request(&req, self.vocab, self.max_model_len)?;
+        let in_flight = self.stats.in_flight.fetch_add(1, Ordering::AcqRel);
+        if in_flight >= self.limits.max_in_flight {
+            self.stats.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::QueueFull(in_flight));
+        }
+        let id = SeqId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        // one slot per possible token plus the final event: the engine never blocks
+        let (tx, rx) = tmpsc::channel(req.max_tokens + 2);
+        let stream =
+            RequestStream { id, events: rx, aborts: self.aborts.clone(), stats: self.stats.clone(), done: false };
+        match self.inbox.try_send(Command::Add { id, req, events: tx }) {
+            Ok(()) => Ok(stream),
+            Err(TrySendError::Full(_)) => {
+                let mut s = stream;
+                s.done = true; // never reached the engine
+                Err(EngineError::QueueFull(in_flight))
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                let mut s = stream;
+                s.done = true;
+                Err(EngineError::ShuttingDown)
+            }
+        }
+    }
+
+    /// Gauges.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Longest prompt plus output accepted.
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    /// Stops accepting requests (in-flight ones continue).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Starts the engine thread. It runs until every handle is dropped and the
+/// work in hand is done.
+pub fn spawn_engine<E: ExpertProvider + Send + 'static>(core: EngineCore<E>, limits: EngineLimits) -> EngineHandle {
+    let (inbox, rx) = mpsc::sync_channel(limits.inbox.max(1));
+    let (aborts, abort_rx) = mpsc::channel();
+    let stats = Arc::new(EngineStats::default());
+    let handle = EngineHandle {
+        inbox,
+        aborts,
+        stats: stats.clone(),
+        next_id: Arc::new(AtomicU64::new(1)),
+        closed: Arc::new(AtomicBool::new(false)),
+        limits,
+        vocab: core.model().config().vocab_size,
+        max_model_len: core.max_model_len(),
+    };
+    std::thread::Builder::new()
+        .name("moe-engine".into())
+        .spawn(move || run(core, rx, abort_rx, stats))
+        .expect("spawning the engine thread");
+    handle
+}
+
+fn run<E: ExpertProvider>(
+    mut core: EngineCore<E>,
+    rx: Receiver<Command>,
+    aborts: Receiver<SeqId>,
+    stats: Arc<EngineStats>,
+) {
+    let mut streams: std::collections::HashMap<SeqId, tmpsc::Sender<EngineEvent>> = Default::default();
+    let mut disconnected = false;
+    loop {
+        while let Ok(id) = aborts.try_recv() {
+            core.abort(id);
+            streams.remove(&id);
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => accept(&mut core, &mut streams, cmd),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
+            }
+        }
+        publish(&core, &stats);
+        if core.is_idle() {
+            if disconnected {
+                return;
+            }
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(cmd) => accept(&mut core, &mut streams, cmd),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => disconnected = true,
+            }
+            continue;
+        }
+        let t = Instant::now();
+        let result = core.step();
+        let plan = core.last_plan();
+        metrics::histogram!(m::STEP_TIME).record(t.elapsed().as_secs_f64());
+        metrics::histogram!(m::BATCH_TOKENS).record(plan.num_tokens() as f64);
+        metrics::histogram!(m::BATCH_SEQS).record(plan.chunks.len() as f64);
+        if !plan.preempted.is_empty() {
+            metrics::counter!(m::PREEMPTIONS).increment(plan.preempted.len() as u64);
+        }
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(outputs) => {
+                for o in outputs {
+                    let Some(tx) = streams.get(&o.seq) else { continue };
+                    let sent = tx.try_send(EngineEvent::Token(o.token)).is_ok();
+                    if let Some(reason) = o.finish {
+                        let _ = tx.try_send(EngineEvent::Finished(reason));
+                        streams.remove(&o.seq);
+                    } else if !sent {
+                        // the client went away
+                        core.abort(o.seq);
+                        streams.remove(&o.seq);
+                    }
+                }
+            }
+            Err((ids, e)) => {
+                tracing::error!(error = %e, sequences = ids.len(), "forward step failed");
+                for id in ids {
+                    if let Some(tx) = streams.remove(&id) {
+                        let _ = tx.try_send(EngineEvent::Error(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn accept<E: ExpertProvider>(
+    core: &mut EngineCore<E>,
+    streams: &mut std::collections::HashMap<SeqId, tmpsc::Sender<EngineEvent>>,
+    cmd: Command,
+) {
+    let Command::Add { id, req, events } = cmd;
+    if events.is_closed() {
+        return; // dropped before it arrived
+    }
+    match core.add(id, req) {
+        Ok(()) => {
+            streams.insert(id, events);
+        }
+        Err(e) => {
+            let _ = events.try_send(EngineEvent::Error(e.to_string()));
+        }
+    }
+}
+
+fn publish<E: ExpertProvider>(core: &EngineCore<E>, stats: &EngineStats) {
+    let s = core.scheduler();
+    let (used, total) = s.blocks_used();
+    stats.running.store(s.num_running(), Ordering::Relaxed);
+    stats.waiting.store(s.num_waiting(), Ordering::Relaxed);
+    stats.kv_blocks_used.store(used, Ordering::Relaxed);
+    stats.kv_blocks_total.store(total, Ordering::Relaxed);
+    metrics::gauge!(m::RUNNING).set(s.num_running() as f64);
+    metrics::gauge!(m::WAITING).set(s.num_waiting() as f64);
+    metrics::gauge!(m::KV_BLOCKS_USED).set(used as f64);
+    metrics::gauge!(m::KV_BLOCKS_TOTAL).set(total as f64);
+}

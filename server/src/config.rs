@@ -1,0 +1,151 @@
+//! `moe-serve serve` configuration: command-line flags, environment
+//! variables and an optional TOML file.
+//!
+//! Precedence, highest first: a flag on the command line, its environment
+//! variable (`MOE_*`, shown in `--help`), the key of the same name in the
+//! `--config` TOML file (snake_case, e.g. `max_num_seqs = 64`), the default.
+
+use clap::Args;
+use serde::Deserialize;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+macro_rules! serve_config {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, env = $env:literal; )*) => {
+        /// Raw flags of `moe-serve serve` (each optional: unset flags fall back
+        /// to the TOML file, then to the default).
+        #[derive(Args, Debug, Default, Clone)]
+        pub struct ServeArgs {
+            /// TOML file with any of the settings below (flags and environment win).
+            #[arg(long, env = "MOE_CONFIG")]
+            pub config: Option<PathBuf>,
+            /// Model directory (HuggingFace layout); default: the built-in model.
+            #[arg(long, env = "MOE_MODEL")]
+            pub model: Option<PathBuf>,
+            /// API key required as `Authorization: Bearer <key>` (default: none).
+            #[arg(long, env = "MOE_API_KEY", hide_env_values = true)]
+            pub api_key: Option<String>,
+            /// Model name clients use (default: the model directory's name).
+            #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
+            pub served_model_name: Option<String>,
+            $(
+                $(#[doc = $doc])*
+                #[arg(long, env = $env)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        /// The file form of the settings.
+        #[derive(Deserialize, Debug, Default)]
+        #[serde(deny_unknown_fields)]
+        struct FileConfig {
+            model: Option<PathBuf>,
+            api_key: Option<String>,
+            served_model_name: Option<String>,
+            $( $name: Option<$ty>, )*
+        }
+
+        /// Resolved settings.
+        #[derive(Debug, Clone)]
+        pub struct ServeConfig {
+            /// Model directory; `None` means the built-in model.
+            pub model: Option<PathBuf>,
+            /// API key, if any.
+            pub api_key: Option<String>,
+            /// Name served in `/v1/models`.
+            pub served_model_name: Option<String>,
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl ServeArgs {
+            /// Applies the precedence rules.
+            pub fn resolve(&self) -> anyhow::Result<ServeConfig> {
+                let file = match &self.config {
+                    Some(p) => read_file(p)?,
+                    None => FileConfig::default(),
+                };
+                Ok(ServeConfig {
+                    model: self.model.clone().or(file.model),
+                    api_key: self.api_key.clone().or(file.api_key).filter(|k| !k.is_empty()),
+                    served_model_name: self.served_model_name.clone().or(file.served_model_name),
+                    $( $name: self.$name.clone().or(file.$name).unwrap_or_else(|| $default), )*
+                })
+            }
+        }
+    };
+}
+
+serve_config! {
+    /// Address to bind.
+    host: IpAddr = IpAddr::from([127, 0, 0, 1]), env = "MOE_HOST";
+    /// HTTP port (0 picks a free one, printed at start).
+    port: u16 = 8000, env = "MOE_PORT";
+    /// Most sequences computed together in one step.
+    max_num_seqs: usize = 64, env = "MOE_MAX_NUM_SEQS";
+    /// Token budget of one step (prefill chunks plus decodes).
+    max_batched_tokens: usize = 512, env = "MOE_MAX_BATCHED_TOKENS";
+    /// Requests queued beyond the running ones before 429.
+    max_waiting: usize = 256, env = "MOE_MAX_WAITING";
+    /// KV cache size in tokens (rounded up to whole blocks).
+    kv_cache_tokens: usize = 65536, env = "MOE_KV_CACHE_TOKENS";
+    /// Token slots per KV block.
+    block_size: usize = 16, env = "MOE_BLOCK_SIZE";
+    /// Longest prompt accepted, in tokens (also bounded by the context).
+    max_prompt_tokens: usize = 32768, env = "MOE_MAX_PROMPT_TOKENS";
+    /// Largest `max_tokens` accepted.
+    max_tokens_limit: usize = 4096, env = "MOE_MAX_TOKENS_LIMIT";
+    /// Largest `n`.
+    max_n: usize = 8, env = "MOE_MAX_N";
+    /// Most stop strings per request.
+    max_stop: usize = 8, env = "MOE_MAX_STOP";
+    /// Most `logit_bias` entries per request.
+    max_logit_bias: usize = 300, env = "MOE_MAX_LOGIT_BIAS";
+    /// Largest request body in bytes.
+    max_body_bytes: usize = 2 << 20, env = "MOE_MAX_BODY_BYTES";
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    shutdown_grace_secs: u64 = 30, env = "MOE_SHUTDOWN_GRACE_SECS";
+}
+
+fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
+    let text =
+        std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", p.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", p.display()))
+}
+
+impl ServeConfig {
+    /// Checks values that must be positive.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (name, v) in [
+            ("max_num_seqs", self.max_num_seqs),
+            ("max_batched_tokens", self.max_batched_tokens),
+            ("kv_cache_tokens", self.kv_cache_tokens),
+            ("block_size", self.block_size),
+            ("max_prompt_tokens", self.max_prompt_tokens),
+            ("max_tokens_limit", self.max_tokens_limit),
+            ("max_n", self.max_n),
+            ("max_body_bytes", self.max_body_bytes),
+        ] {
+            anyhow::ensure!(v > 0, "{name} must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "max_num_seqs = 7\nport = 9000\napi_key = \"k\"\n").unwrap();
+        let args = ServeArgs { config: Some(f.clone()), port: Some(9100), ..Default::default() };
+        let c = args.resolve().unwrap();
+        assert_eq!((c.port, c.max_num_seqs, c.max_n), (9100, 7, 8));
+        assert_eq!(c.api_key.as_deref(), Some("k"));
+        std::fs::write(&f, "max_num_seq = 7\n").unwrap();
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.contains("unknown field `max_num_seq`"), "{e}");
+    }
+}

@@ -1,0 +1,186 @@
+//! `POST /v1/chat/completions`: the checkpoint's chat template turns the
+//! messages into a prompt; the rest is shared with completions.
+
+use super::chat_template::Message;
+use super::completions::{collect, usage, MAX_LOGPROBS};
+use super::error::ApiError;
+use super::generation::{self, token_text, Job, Piece};
+use super::params::{CommonParams, Fields};
+use super::sse::{self, StreamFormat};
+use super::{new_id, parse_body, unix_now, AppState};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use moe_model::{SampledToken, TextCodec};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub(super) async fn handle(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let r = state.ready()?;
+    let mut f = Fields::new(parse_body(body)?)?;
+    let common = CommonParams::parse(&mut f, &state.cfg, &["max_completion_tokens", "max_tokens"])?;
+    let messages =
+        parse_messages(f.take("messages").ok_or_else(|| ApiError::invalid("messages", "`messages` is required"))?)?;
+    let logprobs = f.bool("logprobs")?.unwrap_or(false);
+    let top = f.int_in("top_logprobs", 0, MAX_LOGPROBS)?;
+    if top.is_some() && !logprobs {
+        return Err(ApiError::invalid("top_logprobs", "`top_logprobs` requires `logprobs` to be true"));
+    }
+    f.finish()?;
+    state.check_model(&r, common.model.as_deref())?;
+    let template =
+        r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
+    let text = template.render(&messages)?;
+    let codec = r.codec.clone();
+    // the template writes special tokens (bos) itself
+    let prompt = tokio::task::spawn_blocking(move || codec.encode(&text, false))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    if prompt.is_empty() || prompt.len() > state.cfg.max_prompt_tokens {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid(
+                "messages",
+                format!("the prompt has {} tokens; the limit is {}", prompt.len(), state.cfg.max_prompt_tokens),
+            )
+        });
+    }
+    let prompt_tokens = prompt.len() * common.n;
+    let room = r.engine.max_model_len().saturating_sub(prompt.len()).clamp(1, state.cfg.max_tokens_limit);
+    let mut sampling = common.sampling.clone();
+    sampling.logprobs = logprobs.then(|| top.unwrap_or(0) as usize);
+    let job = Job {
+        prompts: vec![prompt],
+        n: common.n,
+        max_tokens: common.max_tokens.unwrap_or(room),
+        sampling,
+        seed: common.seed.unwrap_or_else(rand::random),
+        stop: common.stop.clone(),
+        min_tokens: common.min_tokens,
+        ignore_eos: common.ignore_eos,
+    };
+    tracing::debug!(user = common.user.as_deref().unwrap_or(""), choices = common.n, "chat completion");
+    let choices = generation::submit(&r, job, started)?;
+    let (id, created, model) = (new_id("chatcmpl"), unix_now(), r.model_name.clone());
+    if common.stream {
+        let prelude = (0..common.n)
+            .map(|i| chunk(&id, created, &model, i, json!({"role": "assistant", "content": ""}), Value::Null, None))
+            .collect();
+        let (id2, model2, codec) = (id.clone(), model.clone(), r.codec.clone());
+        let piece = Box::new(move |p: &Piece| {
+            let lp = match (&p.token, logprobs) {
+                (Some(t), true) => chat_logprobs(&codec, std::slice::from_ref(t)),
+                _ => Value::Null,
+            };
+            let delta = if p.finish.is_some() && p.text.is_empty() { json!({}) } else { json!({"content": p.text}) };
+            chunk(&id2, created, &model2, p.index, delta, lp, p.finish)
+        });
+        let usage = common.include_usage.then(|| {
+            let (id, model) = (id.clone(), model.clone());
+            Box::new(move |completion: usize| {
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                       "usage": usage(prompt_tokens, completion)})
+            }) as Box<dyn Fn(usize) -> Value + Send>
+        });
+        return Ok(sse::respond(choices, StreamFormat { prelude, piece, usage }));
+    }
+    let results = collect(choices).await?;
+    let completion_tokens: usize = results.iter().map(|c| c.tokens.len()).sum();
+    let out: Vec<Value> = results
+        .into_iter()
+        .map(|c| {
+            let lp = if logprobs { chat_logprobs(&r.codec, &c.tokens) } else { Value::Null };
+            json!({"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp, "finish_reason": c.finish})
+        })
+        .collect();
+    Ok(Json(json!({
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": out, "usage": usage(prompt_tokens, completion_tokens),
+    }))
+    .into_response())
+}
+
+fn chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    index: usize,
+    delta: Value,
+    logprobs: Value,
+    finish: Option<&str>,
+) -> Value {
+    json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+}
+
+fn chat_logprobs(codec: &TextCodec, tokens: &[SampledToken]) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let t = token_text(codec, id);
+        json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+    };
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(t.id, t.logprob);
+            e["top_logprobs"] = Value::Array(t.top.iter().map(|&(id, lp)| entry(id, lp)).collect());
+            e
+        })
+        .collect();
+    json!({"content": content})
+}
+
+/// Validates `messages`: a non-empty list of `{role, content}` with roles
+/// system, developer, user or assistant; content a string or text parts.
+pub(super) fn parse_messages(v: Value) -> Result<Vec<Message>, ApiError> {
+    let bad = |m: String| ApiError::invalid("messages", m);
+    let Value::Array(items) = v else { return Err(bad("`messages` must be a list".into())) };
+    if items.is_empty() {
+        return Err(bad("`messages` must not be empty".into()));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let Value::Object(mut o) = m else { return Err(bad(format!("messages[{i}] must be an object"))) };
+            let role = match o.remove("role") {
+                Some(Value::String(r)) if matches!(r.as_str(), "system" | "developer" | "user" | "assistant") => r,
+                Some(r) => {
+                    return Err(bad(format!("messages[{i}].role {r} is not one of system, developer, user, assistant")))
+                }
+                None => return Err(bad(format!("messages[{i}].role is required"))),
+            };
+            let content = match o.remove("content") {
+                Some(Value::String(s)) => s,
+                Some(Value::Array(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                            (Some("text"), Some(t)) => s.push_str(t),
+                            _ => return Err(bad(format!("messages[{i}].content: only text parts are supported"))),
+                        }
+                    }
+                    s
+                }
+                Some(Value::Null) | None if role == "assistant" => String::new(),
+                _ => return Err(bad(format!("messages[{i}].content must be a string or a list of text parts"))),
+            };
+            let name = match o.remove("name") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(n)) => Some(n),
+                Some(_) => return Err(bad(format!("messages[{i}].name must be a string"))),
+            };
+            if let Some(k) = o.keys().next() {
+                return Err(bad(format!("messages[{i}].{k} is not supported")));
+            }
+            Ok(Message { role, content, name })
+        })
+        .collect()
+}

@@ -1,0 +1,226 @@
+//! `POST /v1/completions`.
+
+use super::error::ApiError;
+use super::generation::{self, token_text, Choice, Job, Piece};
+use super::params::{CommonParams, Fields};
+use super::sse::{self, StreamFormat};
+use super::{new_id, parse_body, unix_now, AppState, Ready};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use moe_model::SampledToken;
+use moe_types::TokenId;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Largest `logprobs` / `top_logprobs`.
+pub(super) const MAX_LOGPROBS: i64 = 20;
+
+pub(super) async fn handle(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let r = state.ready()?;
+    let mut f = Fields::new(parse_body(body)?)?;
+    let common = CommonParams::parse(&mut f, &state.cfg, &["max_tokens"])?;
+    let prompt = f.take("prompt").ok_or_else(|| ApiError::invalid("prompt", "`prompt` is required"))?;
+    let echo = f.bool("echo")?.unwrap_or(false);
+    let logprobs = f.int_in("logprobs", 0, MAX_LOGPROBS)?.map(|n| n as usize);
+    f.finish()?;
+    state.check_model(&r, common.model.as_deref())?;
+    if echo && logprobs.is_some() {
+        return Err(ApiError::invalid("echo", "`echo` together with `logprobs` (prompt logprobs) is not supported"));
+    }
+    let prompts = prompts(&r, prompt, state.cfg.max_prompt_tokens).await?;
+    let echoes: Vec<String> =
+        if echo { prompts.iter().map(|p| r.codec.decode(p, true).unwrap_or_default()).collect() } else { Vec::new() };
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum::<usize>() * common.n;
+    let mut sampling = common.sampling.clone();
+    sampling.logprobs = logprobs;
+    let job = Job {
+        prompts,
+        n: common.n,
+        max_tokens: common.max_tokens.unwrap_or(16),
+        sampling,
+        seed: common.seed.unwrap_or_else(rand::random),
+        stop: common.stop.clone(),
+        min_tokens: common.min_tokens,
+        ignore_eos: common.ignore_eos,
+    };
+    let n = common.n;
+    tracing::debug!(user = common.user.as_deref().unwrap_or(""), choices = job.prompts.len() * n, "completion");
+    let choices = generation::submit(&r, job, started)?;
+    let (id, created, model) = (new_id("cmpl"), unix_now(), r.model_name.clone());
+    if common.stream {
+        let codec = r.codec.clone();
+        let (id2, model2) = (id.clone(), model.clone());
+        let prelude = echoes
+            .iter()
+            .enumerate()
+            .flat_map(|(p, text)| (0..n).map(move |i| (p * n + i, text.clone())))
+            .map(|(index, text)| chunk(&id, created, &model, index, &text, Value::Null, None))
+            .collect();
+        let piece = Box::new(move |p: &Piece| {
+            let lp = match (&p.token, logprobs) {
+                (Some(t), Some(_)) => completion_logprobs(&codec, std::slice::from_ref(t), 0),
+                _ => Value::Null,
+            };
+            chunk(&id2, created, &model2, p.index, &p.text, lp, p.finish)
+        });
+        let usage = common.include_usage.then(|| {
+            let (id, model) = (id.clone(), model.clone());
+            Box::new(move |completion: usize| {
+                json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [],
+                       "usage": usage(prompt_tokens, completion)})
+            }) as Box<dyn Fn(usize) -> Value + Send>
+        });
+        return Ok(sse::respond(choices, StreamFormat { prelude, piece, usage }));
+    }
+    let results = collect(choices).await?;
+    let mut completion_tokens = 0;
+    let out: Vec<Value> = results
+        .into_iter()
+        .map(|c| {
+            completion_tokens += c.tokens.len();
+            let echo_text = echoes.get(c.index / n).cloned().unwrap_or_default();
+            let lp = if logprobs.is_some() {
+                completion_logprobs(&r.codec, &c.tokens, echo_text.len())
+            } else {
+                Value::Null
+            };
+            json!({"index": c.index, "text": echo_text + &c.text, "logprobs": lp, "finish_reason": c.finish})
+        })
+        .collect();
+    Ok(Json(json!({
+        "id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": out, "usage": usage(prompt_tokens, completion_tokens),
+    }))
+    .into_response())
+}
+
+fn chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    index: usize,
+    text: &str,
+    logprobs: Value,
+    finish: Option<&str>,
+) -> Value {
+    json!({"id": id, "object": "text_completion", "created": created, "model": model,
+           "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+}
+
+pub(super) fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// The legacy completions logprobs object.
+fn completion_logprobs(codec: &moe_model::TextCodec, tokens: &[SampledToken], offset0: usize) -> Value {
+    let mut offset = offset0;
+    let (mut toks, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+    for t in tokens {
+        let text = token_text(codec, t.id);
+        offs.push(offset);
+        offset += text.len();
+        toks.push(text);
+        lps.push(t.logprob);
+        let top: serde_json::Map<String, Value> =
+            t.top.iter().map(|&(id, lp)| (token_text(codec, id), json!(lp))).collect();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
+}
+
+/// A finished choice.
+pub(super) struct Collected {
+    pub index: usize,
+    pub text: String,
+    pub tokens: Vec<SampledToken>,
+    pub finish: &'static str,
+}
+
+/// Runs every choice to the end.
+pub(super) async fn collect(choices: Vec<Choice>) -> Result<Vec<Collected>, ApiError> {
+    let runs = choices.into_iter().map(|mut c| async move {
+        let mut out = Collected { index: c.index(), text: String::new(), tokens: Vec::new(), finish: "length" };
+        while let Some(p) = c.next().await {
+            let p = p?;
+            out.text.push_str(&p.text);
+            out.tokens.extend(p.token);
+            if let Some(f) = p.finish {
+                out.finish = f;
+            }
+        }
+        Ok::<_, ApiError>(out)
+    });
+    let mut all = futures_util::future::try_join_all(runs).await?;
+    all.sort_by_key(|c| c.index);
+    Ok(all)
+}
+
+/// The prompt forms: a string, a list of strings, token ids, or lists of ids.
+async fn prompts(r: &Ready, v: Value, max_prompt: usize) -> Result<Vec<Vec<TokenId>>, ApiError> {
+    let texts: Vec<String> = match v {
+        Value::String(s) => vec![s],
+        Value::Array(a) if a.is_empty() => return Err(ApiError::invalid("prompt", "`prompt` must not be empty")),
+        Value::Array(a) if a.iter().all(Value::is_string) => {
+            a.into_iter().filter_map(|x| x.as_str().map(str::to_string)).collect()
+        }
+        Value::Array(a) if a.iter().all(Value::is_array) => {
+            let mut out = Vec::new();
+            for x in a {
+                out.push(check_len(token_list(Some(x), "prompt", r.engine_vocab)?.unwrap_or_default(), max_prompt)?);
+            }
+            return Ok(out);
+        }
+        v @ Value::Array(_) => {
+            return Ok(vec![check_len(
+                token_list(Some(v), "prompt", r.engine_vocab)?.unwrap_or_default(),
+                max_prompt,
+            )?]);
+        }
+        _ => return Err(ApiError::invalid("prompt", "`prompt` must be a string, a list of strings, or token ids")),
+    };
+    let codec = r.codec.clone();
+    let encoded =
+        tokio::task::spawn_blocking(move || texts.iter().map(|t| codec.encode(t, true)).collect::<Result<Vec<_>, _>>())
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    encoded.into_iter().map(|p| check_len(p, max_prompt)).collect()
+}
+
+fn check_len(p: Vec<TokenId>, max: usize) -> Result<Vec<TokenId>, ApiError> {
+    if p.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if p.len() > max {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid("prompt", format!("the prompt has {} tokens; the limit is {max}", p.len()))
+        });
+    }
+    Ok(p)
+}
+
+/// A list of token ids, each inside the vocabulary.
+pub(super) fn token_list(v: Option<Value>, param: &str, vocab: usize) -> Result<Option<Vec<TokenId>>, ApiError> {
+    let Some(v) = v else { return Ok(None) };
+    let Value::Array(a) = v else {
+        return Err(ApiError::invalid(param, format!("`{param}` must be a list of token ids")));
+    };
+    a.into_iter()
+        .map(|x| {
+            x.as_u64()
+                .filter(|&t| (t as usize) < vocab)
+                .map(|t| t as TokenId)
+                .ok_or_else(|| ApiError::invalid(param, format!("`{param}` holds {x}, not a token id below {vocab}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}

@@ -1,0 +1,105 @@
+//! The one mapping from failures to OpenAI-style HTTP errors:
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use moe_engine::EngineError;
+use serde_json::json;
+
+/// An error response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message.
+    pub message: String,
+    /// The offending request field, if any.
+    pub param: Option<String>,
+    /// Machine-readable code, if any.
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400 naming a request field.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: Some(param.to_string()), code: None }
+    }
+
+    /// 400 about the request as a whole.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: None, code: None }
+    }
+
+    /// 404 for a model we do not serve.
+    pub fn model_not_found(name: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{name}` does not exist."),
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        }
+    }
+
+    /// 503: loading or shutting down.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into(), param: None, code: None }
+    }
+
+    /// 401.
+    pub fn unauthorized() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: "Missing or invalid API key (send `Authorization: Bearer <key>`).".into(),
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
+    /// 500 (a bug or a failed computation; never for bad input).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), param: None, code: None }
+    }
+
+    /// The OpenAI `type` for the status.
+    pub fn kind(&self) -> &'static str {
+        match self.status.as_u16() {
+            400 | 404 | 413 => "invalid_request_error",
+            401 => "authentication_error",
+            429 => "rate_limit_exceeded",
+            503 => "service_unavailable",
+            _ => "internal_error",
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.code}})
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        match e {
+            EngineError::QueueFull(_) => {
+                Self { status: StatusCode::TOO_MANY_REQUESTS, message, param: None, code: None }
+            }
+            EngineError::ShuttingDown => Self::unavailable(message),
+            EngineError::ContextLength { .. } => Self {
+                status: StatusCode::BAD_REQUEST,
+                message,
+                param: Some("max_tokens".into()),
+                code: Some("context_length_exceeded"),
+            },
+            EngineError::Invalid(_) => Self::invalid("prompt", message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        r.extensions_mut().insert(self);
+        r
+    }
+}

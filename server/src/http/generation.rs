@@ -1,0 +1,159 @@
+//! Running the choices of one request on the engine and turning their
+//! events into text pieces, shared by completions and chat completions.
+
+use super::error::ApiError;
+use super::text::TextAssembler;
+use super::Ready;
+use moe_engine::metric_names as m;
+use moe_engine::{EngineEvent, FinishReason, GenerationRequest, RequestStream};
+use moe_model::{SampledToken, SamplingParams, TextCodec};
+use moe_types::TokenId;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What to run: prompts x `n` choices.
+pub struct Job {
+    /// Tokenized prompts.
+    pub prompts: Vec<Vec<TokenId>>,
+    /// Choices per prompt.
+    pub n: usize,
+    /// New tokens per choice.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Base seed (choice i uses seed + i).
+    pub seed: u64,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Suppress eos before this many tokens.
+    pub min_tokens: usize,
+    /// Ignore eos.
+    pub ignore_eos: bool,
+}
+
+/// One generated token as the client sees it.
+#[derive(Debug, Clone)]
+pub struct Piece {
+    /// Choice index.
+    pub index: usize,
+    /// Text to append (may be empty while a stop string or character is pending).
+    pub text: String,
+    /// The token and its logprobs (when asked for).
+    pub token: Option<SampledToken>,
+    /// Set on the last piece of a choice: `stop` or `length`.
+    pub finish: Option<&'static str>,
+}
+
+/// A running choice.
+pub struct Choice {
+    index: usize,
+    stream: Option<RequestStream>,
+    text: TextAssembler,
+    codec: Arc<TextCodec>,
+    /// Tokens generated so far.
+    pub tokens: usize,
+    started: Instant,
+    last: Option<Instant>,
+    done: bool,
+}
+
+/// Submits every choice of `job`; nothing runs if any submission fails.
+pub fn submit(ready: &Ready, job: Job, started: Instant) -> Result<Vec<Choice>, ApiError> {
+    let vocab = ready.engine_vocab;
+    if let Some(&(id, _)) = job.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!("logit_bias token id {id} is outside the vocabulary ({vocab})"),
+        ));
+    }
+    let mut choices = Vec::with_capacity(job.prompts.len() * job.n);
+    for (p, prompt) in job.prompts.iter().enumerate() {
+        metrics::counter!(m::PROMPT_TOKENS).increment(prompt.len() as u64);
+        for i in 0..job.n {
+            let req = GenerationRequest {
+                prompt: prompt.clone(),
+                sampling: job.sampling.clone(),
+                seed: job.seed.wrapping_add(i as u64),
+                max_tokens: job.max_tokens,
+                min_tokens: job.min_tokens,
+                ignore_eos: job.ignore_eos,
+            };
+            let stream = ready.engine.submit(req)?; // on error, earlier streams drop and abort
+            choices.push(Choice {
+                index: p * job.n + i,
+                stream: Some(stream),
+                text: TextAssembler::new(job.stop.clone()),
+                codec: ready.codec.clone(),
+                tokens: 0,
+                started,
+                last: None,
+                done: false,
+            });
+        }
+    }
+    Ok(choices)
+}
+
+impl Choice {
+    /// Choice index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The next piece; `None` once the choice has finished.
+    pub async fn next(&mut self) -> Option<Result<Piece, ApiError>> {
+        if self.done {
+            return None;
+        }
+        let stream = self.stream.as_mut()?;
+        let ev = stream.next().await;
+        let piece = match ev {
+            Some(EngineEvent::Token(tok)) => {
+                let now = Instant::now();
+                match self.last {
+                    None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN).record((now - self.started).as_secs_f64()),
+                    Some(t) => metrics::histogram!(m::INTER_TOKEN_LATENCY).record((now - t).as_secs_f64()),
+                }
+                self.last = Some(now);
+                self.tokens += 1;
+                metrics::counter!(m::GENERATED_TOKENS).increment(1);
+                let text = match self.text.push(&self.codec, tok.id) {
+                    Ok(t) => t,
+                    Err(e) => return Some(Err(self.fail(e.to_string()))),
+                };
+                let finish = if self.text.stopped() { Some("stop") } else { None };
+                Piece { index: self.index, text, token: Some(tok), finish }
+            }
+            Some(EngineEvent::Finished(reason)) => {
+                let text = match self.text.finish(&self.codec) {
+                    Ok(t) => t,
+                    Err(e) => return Some(Err(self.fail(e.to_string()))),
+                };
+                let finish = match reason {
+                    FinishReason::Eos => "stop",
+                    FinishReason::Length => "length",
+                };
+                Piece { index: self.index, text, token: None, finish: Some(finish) }
+            }
+            Some(EngineEvent::Error(e)) => return Some(Err(self.fail(e))),
+            None => return Some(Err(self.fail("the engine stopped".into()))),
+        };
+        if piece.finish.is_some() {
+            self.done = true;
+            self.stream = None; // a stop string ends the sequence: abort it now
+            metrics::histogram!(m::E2E_LATENCY).record(self.started.elapsed().as_secs_f64());
+        }
+        Some(Ok(piece))
+    }
+
+    fn fail(&mut self, msg: String) -> ApiError {
+        self.done = true;
+        self.stream = None;
+        ApiError::internal(format!("generation failed: {msg}"))
+    }
+}
+
+/// Text of a single token, for logprobs.
+pub fn token_text(codec: &TextCodec, id: TokenId) -> String {
+    codec.decode(&[id], false).unwrap_or_default()
+}

@@ -1,0 +1,76 @@
+//! Small endpoints: health, metrics, models, tokenize, detokenize.
+
+use super::error::ApiError;
+use super::params::Fields;
+use super::{parse_body, AppState};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub(super) async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    match state.ready() {
+        Ok(_) => (StatusCode::OK, Json(json!({"status": "ok"}))),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": e.message}))),
+    }
+}
+
+pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+pub(super) async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let r = state.ready()?;
+    Ok(Json(json!({
+        "object": "list",
+        "data": [{
+            "id": r.model_name, "object": "model", "created": r.created, "owned_by": "moe-serve",
+            "max_model_len": r.engine.max_model_len(),
+        }]
+    })))
+}
+
+pub(super) async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let r = state.ready()?;
+    let mut f = Fields::new(parse_body(body)?)?;
+    state.check_model(&r, f.string("model")?.as_deref())?;
+    let add_special = f.bool("add_special_tokens")?.unwrap_or(true);
+    let text = match (f.string("prompt")?, f.take("messages")) {
+        (Some(p), None) => p,
+        (None, Some(m)) => {
+            let msgs = super::chat::parse_messages(m)?;
+            let t =
+                r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
+            t.render(&msgs)?
+        }
+        _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` or `messages`")),
+    };
+    f.finish()?;
+    let codec = r.codec.clone();
+    let tokens = tokio::task::spawn_blocking(move || codec.encode(&text, add_special))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": r.engine.max_model_len()})))
+}
+
+pub(super) async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let r = state.ready()?;
+    let mut f = Fields::new(parse_body(body)?)?;
+    state.check_model(&r, f.string("model")?.as_deref())?;
+    let tokens = super::completions::token_list(f.take("tokens"), "tokens", r.engine_vocab)?
+        .ok_or_else(|| ApiError::invalid("tokens", "`tokens` is required"))?;
+    f.finish()?;
+    let prompt = r.codec.decode(&tokens, false).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    Ok(Json(json!({"prompt": prompt})))
+}

@@ -1,0 +1,177 @@
+//! The OpenAI-compatible REST API (axum). Translates between JSON and the
+//! engine; validation, tokenization, stop strings and error mapping happen
+//! here and nowhere else.
+
+mod chat;
+mod chat_template;
+mod completions;
+pub mod error;
+mod generation;
+mod misc;
+mod params;
+mod sse;
+mod text;
+
+pub use chat_template::{ChatTemplate, Message};
+
+use crate::config::ServeConfig;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use error::ApiError;
+use metrics_exporter_prometheus::PrometheusHandle;
+use moe_engine::EngineHandle;
+use moe_model::TextCodec;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use subtle::ConstantTimeEq;
+
+/// Everything handlers need once the model is loaded.
+pub struct Ready {
+    /// The engine.
+    pub engine: EngineHandle,
+    /// Tokenizer and special tokens.
+    pub codec: Arc<TextCodec>,
+    /// The compiled chat template, if the checkpoint has one.
+    pub template: Option<ChatTemplate>,
+    /// Name clients use.
+    pub model_name: String,
+    /// Unix time the model was loaded.
+    pub created: u64,
+    /// Model vocabulary size.
+    pub engine_vocab: usize,
+}
+
+/// Shared state of the HTTP server.
+pub struct AppState {
+    /// Resolved configuration.
+    pub cfg: ServeConfig,
+    ready: OnceLock<Arc<Ready>>,
+    metrics: PrometheusHandle,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    /// State for a server whose model is not loaded yet.
+    pub fn new(cfg: ServeConfig, metrics: PrometheusHandle) -> Arc<Self> {
+        Arc::new(Self { cfg, ready: OnceLock::new(), metrics, shutting_down: AtomicBool::new(false) })
+    }
+
+    /// Marks the model loaded; `/health` turns 200.
+    pub fn set_ready(&self, ready: Ready) {
+        let _ = self.ready.set(Arc::new(ready));
+    }
+
+    /// Stops admitting requests (503) while in-flight ones finish.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        if let Some(r) = self.ready.get() {
+            r.engine.close();
+        }
+    }
+
+    /// The loaded model, or 503.
+    pub fn ready(&self) -> Result<Arc<Ready>, ApiError> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(ApiError::unavailable("The server is shutting down."));
+        }
+        self.ready.get().cloned().ok_or_else(|| ApiError::unavailable("The model is still loading."))
+    }
+
+    /// Resolves the `model` field: absent means the served model.
+    pub fn check_model(&self, ready: &Ready, asked: Option<&str>) -> Result<(), ApiError> {
+        match asked {
+            Some(name) if name != ready.model_name => Err(ApiError::model_not_found(name)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The router with every endpoint, auth and request metrics.
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/completions", post(completions::handle))
+        .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/models", get(misc::models))
+        .route("/tokenize", post(misc::tokenize))
+        .route("/detokenize", post(misc::detokenize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(api)
+        .route("/health", get(misc::health))
+        .route("/metrics", get(misc::metrics))
+        .fallback(|| async {
+            ApiError {
+                status: axum::http::StatusCode::NOT_FOUND,
+                message: "Not found.".into(),
+                param: None,
+                code: None,
+            }
+        })
+        .layer(middleware::from_fn(count_requests))
+        .with_state(state)
+}
+
+async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.cfg.api_key {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // constant-time comparison (the length is not secret)
+        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn count_requests(req: Request, next: Next) -> Response {
+    let endpoint: &'static str = match req.uri().path() {
+        "/v1/completions" => "/v1/completions",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/models" => "/v1/models",
+        "/tokenize" => "/tokenize",
+        "/detokenize" => "/detokenize",
+        "/health" => "/health",
+        "/metrics" => "/metrics",
+        _ => "other",
+    };
+    let resp = next.run(req).await;
+    metrics::counter!(moe_engine::metric_names::REQUESTS, "endpoint" => endpoint, "status" => resp.status().as_u16().to_string(), "protocol" => "http")
+        .increment(1);
+    resp
+}
+
+/// Reads a JSON body within the size limit: 413 above it, 400 if malformed.
+pub(crate) fn parse_body(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<serde_json::Value, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError { status: r.status(), message: "The request body is too large.".into(), param: None, code: None }
+        } else {
+            ApiError::bad_request(format!("Could not read the request body: {r}"))
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))
+}
+
+/// Unix time now.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A short random-looking id (request counter mixed with the clock).
+pub(crate) fn new_id(prefix: &str) -> String {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    format!("{prefix}-{:016x}", (t ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(17))
+}

@@ -1,0 +1,148 @@
+//! `moe-serve serve`: load the model, start the engine thread, serve HTTP
+//! until SIGTERM / Ctrl-C, then drain within the grace period.
+
+use crate::config::ServeConfig;
+use crate::http::{self, AppState, ChatTemplate, Ready};
+use crate::model_dir::{default_model_dir, load_with_progress};
+use anyhow::Context;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use moe_engine::{metric_names as m, spawn_engine, EngineCore, EngineLimits};
+use moe_scheduler::SchedulerConfig;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Installs the global Prometheus recorder (once per process).
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), m::LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Prefix("moe_step_batch".into()), m::BATCH_BUCKETS)?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Loads the model of `cfg` and starts its engine (blocking; run off the
+/// async runtime).
+pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
+    let dir = cfg.model.clone().unwrap_or_else(default_model_dir);
+    let loaded = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let model_cfg = loaded.model.config().clone();
+    let template = match loaded.codec.chat_template() {
+        Some(src) => Some(
+            ChatTemplate::new(src, loaded.codec.bos_token(), loaded.codec.eos_token())
+                .context("compiling the checkpoint's chat template")?,
+        ),
+        None => None,
+    };
+    let name = cfg.served_model_name.clone().unwrap_or_else(|| {
+        dir.canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "model".into())
+    });
+    let blocks = cfg.kv_cache_tokens.div_ceil(cfg.block_size);
+    let sched = SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batched_tokens: cfg.max_batched_tokens };
+    let eos = loaded.codec.eos_ids().to_vec();
+    let core = EngineCore::new(loaded.model, loaded.experts, eos, sched, (blocks, cfg.block_size));
+    let engine = spawn_engine(core, EngineLimits { max_in_flight: cfg.max_num_seqs + cfg.max_waiting, inbox: 1024 });
+    tracing::info!(model = %name, arch = model_cfg.arch.name(), kv_blocks = blocks, "model ready");
+    Ok(Ready {
+        engine,
+        codec: Arc::new(loaded.codec),
+        template,
+        model_name: name,
+        created: http_now(),
+        engine_vocab: model_cfg.vocab_size,
+    })
+}
+
+fn http_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; then refuses new
+/// requests (503) and waits up to the grace period for in-flight ones.
+pub async fn run_server(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
+    let app = http::router(state.clone()).layer(axum::extract::DefaultBodyLimit::max(state.cfg.max_body_bytes));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let st = state.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: refusing new requests, draining in-flight ones");
+        st.begin_shutdown();
+        let _ = stop_tx.send(true);
+    });
+    let mut rx = stop_rx.clone();
+    // token chunks are small: do not let Nagle's algorithm delay them
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = rx.wait_for(|s| *s).await;
+    });
+    let mut rx = stop_rx;
+    tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => r.context("HTTP server failed")?,
+        _ = async {
+            let _ = rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("grace period over; exiting with requests in flight"),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// The whole `serve` command.
+pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let metrics = install_metrics()?;
+    let addr = std::net::SocketAddr::new(cfg.host, cfg.port);
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    eprintln!("listening on http://{}", listener.local_addr()?);
+    let state = AppState::new(cfg, metrics);
+    // load in the background so /health can answer 503 meanwhile
+    let st = state.clone();
+    let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    tokio::task::spawn_blocking(move || match load_ready(&st.cfg) {
+        Ok(ready) => {
+            eprintln!("model {} ready", ready.model_name);
+            st.set_ready(ready);
+        }
+        Err(e) => {
+            let _ = fail_tx.send(e);
+        }
+    });
+    let server = run_server(listener, state, shutdown_signal());
+    tokio::select! {
+        r = server => r,
+        Ok(e) = fail_rx => Err(e),
+    }
+}
