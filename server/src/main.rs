@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible REST API (the default command).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Generate a completion of one prompt, streamed to stdout.
     Generate(GenerateCmd),
     /// Measure prefill and decode throughput against the memory-bandwidth bound.
@@ -90,7 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring threads")?;
     }
-    match cli.cmd.unwrap_or(Command::Serve(ServeArgs::default())) {
+    match cli.cmd.unwrap_or_default() {
         Command::Serve(a) => {
             let cfg = a.resolve()?;
             let rt =
@@ -173,4 +173,10 @@ fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
     }
     print!("{}", bench::render(&rows, bw, args));
     Ok(())
+}
+
+impl Default for Command {
+    fn default() -> Self {
+        Command::Serve(Box::default())
+    }
 }

@@ -14,8 +14,9 @@ use tokio::net::TcpListener;
 
 /// Installs the global Prometheus recorder (once per process).
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
-    if let Some(h) = HANDLE.get() {
+    static HANDLE: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
+    let mut h = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = h.as_ref() {
         return Ok(h.clone());
     }
     let handle = PrometheusBuilder::new()
@@ -23,7 +24,8 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Prefix("moe_step_batch".into()), m::BATCH_BUCKETS)?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    *h = Some(handle.clone());
+    Ok(handle)
 }
 
 /// Loads the model of `cfg` and starts its engine (blocking; run off the

@@ -1,0 +1,93 @@
+//! Disconnects free resources at once; SIGTERM-style shutdown drains
+//! in-flight requests and refuses new ones. (Own test binary: it reads the
+//! process-wide metrics.)
+
+mod common;
+
+use common::{config, TestServer};
+use futures_util::StreamExt;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test]
+async fn disconnect_mid_stream_frees_kv_and_sequences() {
+    let s = TestServer::default().await;
+    let engine = s.state.ready().unwrap().engine.clone();
+    let mut resps = Vec::new();
+    for i in 0..4 {
+        let r = s
+            .client
+            .post(s.url("/v1/completions"))
+            .json(&json!({"prompt": format!("Tale {i}"), "max_tokens": 400, "ignore_eos": true, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        resps.push(r.bytes_stream());
+    }
+    for r in resps.iter_mut() {
+        assert!(r.next().await.is_some(), "no first chunk");
+    }
+    assert!(engine.stats().kv_blocks_used.load(Ordering::Relaxed) > 0);
+    let steps_at_drop = engine.stats().steps.load(Ordering::Relaxed);
+    drop(resps);
+    let mut ok = false;
+    for _ in 0..300 {
+        let m = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if gauge(&m, "moe_running_sequences") == 0.0
+            && gauge(&m, "moe_kv_blocks_used") == 0.0
+            && gauge(&m, "moe_waiting_sequences") == 0.0
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ok, "gauges did not return to zero");
+    // the sequences were aborted, not run to their 400 tokens
+    let steps = engine.stats().steps.load(Ordering::Relaxed) - steps_at_drop;
+    assert!(steps < 200, "{steps} steps ran after the clients left");
+    assert_eq!(engine.stats().in_flight.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_and_refuses_new() {
+    let mut s = TestServer::start(config(|a| a.shutdown_grace_secs = Some(30)), true).await;
+    let client = s.client.clone();
+    let url = s.url("/v1/completions");
+    let inflight = tokio::spawn(async move {
+        let r = client
+            .post(url)
+            .json(&json!({"prompt": "ROMEO:", "max_tokens": 150, "ignore_eos": true}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+    });
+    // wait until it runs, then shut down
+    let engine = s.state.ready().unwrap().engine.clone();
+    while engine.stats().running.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.shutdown();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // new work is refused: 503 on a live connection, or the listener is closed
+    match s.client.post(s.url("/v1/completions")).json(&json!({"prompt": "x", "max_tokens": 2})).send().await {
+        Ok(r) => assert_eq!(r.status().as_u16(), 503),
+        Err(e) => assert!(e.is_connect() || e.is_request(), "{e}"),
+    }
+    let (st, v) = inflight.await.unwrap();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 150);
+    let r = s.task.take().unwrap().await.unwrap();
+    assert!(r.is_ok());
+}
