@@ -8,14 +8,14 @@
 //!   `gemm` crate; bf16 weights are widened block by block into thread-local
 //!   scratch first, amortised over the `m` rows.
 
-use crate::simd::{dot_bf16, dot_f32};
+use crate::simd::{dot4, WeightRow};
 use crate::weight::{bf16_to_f32, Weight, WeightData};
 use crate::KernelError;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Up to this many activation rows use the streaming dot-product path.
-const SMALL_M: usize = 4;
+const SMALL_M: usize = 16;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MACS: usize = 1 << 16;
 /// Weight rows widened per block on the bf16 gemm path.
@@ -58,53 +58,45 @@ pub fn matmul_nt(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) -> Result<(),
     Ok(())
 }
 
-/// The streaming path: one pass over each weight row per call.
+/// The streaming path: one pass over each weight row per call, shared by up
+/// to four activation rows at a time.
 fn small_m(x: &[f32], m: usize, w: &Weight, out: &mut [f32], parallel: bool) {
-    let (n, k) = (w.rows(), w.cols());
-    let row_dot = |r: usize, xi: &[f32]| -> f32 {
-        match w.data() {
-            WeightData::F32(v) => dot_f32(xi, &v[r * k..(r + 1) * k]),
-            WeightData::Bf16(v) => dot_bf16(xi, &v[r * k..(r + 1) * k]),
-        }
-    };
-    if m == 1 {
-        let fill = |(c, chunk): (usize, &mut [f32])| {
-            let base = c * chunk_len(n);
-            for (j, o) in chunk.iter_mut().enumerate() {
-                *o = row_dot(base + j, x);
-            }
-        };
-        if parallel {
-            out.par_chunks_mut(chunk_len(n)).enumerate().for_each(fill);
-        } else {
-            fill((0, out));
-        }
-        return;
+    match w.data() {
+        WeightData::F32(v) => small_m_rows(x, m, v, w.cols(), out, parallel),
+        WeightData::Bf16(v) => small_m_rows(x, m, v, w.cols(), out, parallel),
     }
-    // m in 2..=SMALL_M: compute [n, m] then transpose into out [m, n].
-    SCRATCH.with(|s| {
-        let mut tmp = s.borrow_mut();
-        tmp.resize(n * m, 0.0);
-        let cl = chunk_len(n) * m;
-        let fill = |(c, chunk): (usize, &mut [f32])| {
-            let base = c * chunk_len(n);
-            for (j, o) in chunk.chunks_mut(m).enumerate() {
-                for (i, oi) in o.iter_mut().enumerate() {
-                    *oi = row_dot(base + j, &x[i * k..(i + 1) * k]);
+}
+
+fn small_m_rows<W: WeightRow + Sync>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32], parallel: bool) {
+    let n = w.len() / k;
+    let mut rows: [&[f32]; SMALL_M] = [&[]; SMALL_M];
+    for (i, r) in rows.iter_mut().enumerate().take(m) {
+        *r = &x[i * k..(i + 1) * k];
+    }
+    let rows = &rows[..m];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let run = |c: usize| {
+        let ptr = out_ptr;
+        let mut tmp = [0f32; 4];
+        for j in c * chunk_len(n)..((c + 1) * chunk_len(n)).min(n) {
+            let wr = &w[j * k..(j + 1) * k];
+            for (g, group) in rows.chunks(4).enumerate() {
+                dot4(group, wr, &mut tmp);
+                for (r, &v) in tmp[..group.len()].iter().enumerate() {
+                    // SAFETY: task c writes only columns of its own row range
+                    // [c * chunk, (c + 1) * chunk) of `out` ([m, n]); ranges are
+                    // disjoint and `out` outlives the loop.
+                    unsafe { *ptr.0.add((g * 4 + r) * n + j) = v };
                 }
             }
-        };
-        if parallel {
-            tmp.par_chunks_mut(cl).enumerate().for_each(fill);
-        } else {
-            fill((0, &mut tmp[..]));
         }
-        for j in 0..n {
-            for i in 0..m {
-                out[i * n + j] = tmp[j * m + i];
-            }
-        }
-    });
+    };
+    let chunks = n.div_ceil(chunk_len(n));
+    if parallel {
+        (0..chunks).into_par_iter().for_each(run);
+    } else {
+        (0..chunks).for_each(run);
+    }
 }
 
 /// Output features per parallel task on the streaming path.

@@ -9,7 +9,8 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per thread: attention scores and key/value row offsets.
+    static SCORES: RefCell<(Vec<f32>, Vec<usize>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Below this many (token, key) pairs per step attention runs on one thread.
@@ -73,21 +74,22 @@ impl Model {
             let lo = window.map_or(0, |wn| (pos + 1).saturating_sub(wn));
             let q_all = &qkv[i * row..i * row + qw];
             SCORES.with(|s| {
-                let mut scores = s.borrow_mut();
-                scores.resize(pos + 1 - lo, 0.0);
+                let (scores, rows) = &mut *s.borrow_mut();
+                // key/value row offsets of the visible positions, computed once per token
+                rows.clear();
+                rows.extend((lo..=pos).map(|j| kv_ref.row(blocks, j) * kvw));
+                scores.resize(rows.len(), 0.0);
                 for h in 0..nh {
-                    let kvh = h / group;
+                    let off = (h / group) * d;
                     let q = &q_all[h * d..(h + 1) * d];
-                    for (j, sc) in (lo..=pos).zip(scores.iter_mut()) {
-                        let r = kv_ref.row(blocks, j) * kvw + kvh * d;
-                        *sc = ops::dot(q, &kc[r..r + d]) * scale;
+                    for (sc, &r) in scores.iter_mut().zip(rows.iter()) {
+                        *sc = dot_lanes(q, &kc[r + off..r + off + d]) * scale;
                     }
-                    ops::softmax_inplace(&mut scores);
+                    ops::softmax_inplace(scores);
                     let o = &mut out[h * d..(h + 1) * d];
                     o.fill(0.0);
-                    for (j, &p) in (lo..=pos).zip(scores.iter()) {
-                        let r = kv_ref.row(blocks, j) * kvw + kvh * d;
-                        ops::axpy(o, p, &vc[r..r + d]);
+                    for (&p, &r) in scores.iter().zip(rows.iter()) {
+                        ops::axpy(o, p, &vc[r + off..r + off + d]);
                     }
                 }
             });
@@ -106,4 +108,23 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// A dot product over short rows (head_dim), written lane-wise so the
+/// compiler vectorises it inline (no call per key).
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, at) = a.split_at(a.len() / 8 * 8);
+    let (bc, bt) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in at.iter().zip(bt) {
+        s += x * y;
+    }
+    s
 }

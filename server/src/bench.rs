@@ -126,3 +126,31 @@ pub fn render(rows: &[BenchRow], bandwidth: f64, args: BenchArgs) -> String {
     }
     s
 }
+
+/// Engine-level decode throughput with `batch` concurrent greedy sequences
+/// (no HTTP): generated tokens per second over the whole run.
+pub fn engine_throughput<E: ExpertProvider>(
+    core: &mut moe_engine::EngineCore<E>,
+    batch: usize,
+    max_tokens: usize,
+) -> f64 {
+    let vocab = core.model().config().vocab_size;
+    for i in 0..batch {
+        let prompt = (0..16).map(|j| (3 + (i * 131 + j * 7) % (vocab - 3)) as u32).collect();
+        let req = moe_engine::GenerationRequest {
+            prompt,
+            sampling: moe_model::SamplingParams::default(),
+            seed: i as u64,
+            max_tokens,
+            min_tokens: 0,
+            ignore_eos: true,
+        };
+        core.add(moe_types::SeqId(i as u64), req).expect("bench request fits");
+    }
+    let t = Instant::now();
+    let mut tokens = 0;
+    while !core.is_idle() {
+        tokens += core.step().map(|o| o.len()).unwrap_or(0);
+    }
+    tokens as f64 / t.elapsed().as_secs_f64()
+}

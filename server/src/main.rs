@@ -163,7 +163,14 @@ fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
     eprintln!("benchmarking {name}...");
     let mut rows =
         vec![bench::bench_model(&name, &m.model, &m.experts, bench::expert_bytes(&cfg, per_value), args, bw)?];
-    drop(m);
+    let eos = m.codec.eos_ids().to_vec();
+    let sched = moe_scheduler::SchedulerConfig { max_num_seqs: 256, max_batched_tokens: 4096 };
+    let mut core = moe_engine::EngineCore::new(m.model, m.experts, eos, sched, (2048, 16));
+    let mut batch_rows = Vec::new();
+    for batch in [1, 8, 32, 64] {
+        batch_rows.push((batch, bench::engine_throughput(&mut core, batch, args.decode_tokens)));
+    }
+    drop(core);
     if !b.no_large {
         eprintln!("building the random-weight large model (1.19B parameters, bf16)...");
         let cfg = moe_model::ModelConfig::from_json(bench::LARGE_CONFIG)?;
@@ -172,6 +179,14 @@ fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
         rows.push(bench::bench_model("random-large (bf16)", &model, &experts, bench::expert_bytes(&cfg, 2), args, bw)?);
     }
     print!("{}", bench::render(&rows, bw, args));
+    println!(
+        "\nengine decode throughput on {name} (greedy, 16-token prompts, {} new tokens each, no HTTP):\n",
+        args.decode_tokens
+    );
+    println!("| concurrent sequences | tokens/s | vs 1 sequence |\n|---|---|---|");
+    for (b, tps) in &batch_rows {
+        println!("| {b} | {tps:.0} | {:.2}x |", tps / batch_rows[0].1);
+    }
     Ok(())
 }
 
