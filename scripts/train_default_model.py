@@ -23,6 +23,11 @@ The number of optimizer steps is chosen at run time: the script times the first 
 thread. The weights kept are those with the best validation loss seen (early stopping
 against overfitting of this small corpus); the log records both the final and best values.
 
+Load balancing: the loss is next-token cross-entropy + --aux-loss-coef times a
+Switch-style balancing loss computed per layer and averaged (transformers' own aux loss
+pools the expert counts of all layers, which left experts of single layers unused in a
+first run). Each validation pass prints the min/max share of top-k selections per layer.
+
 How to run (one CPU thread; the corpus is never copied into the repo):
   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/train_default_model.py \
       --corpus ../shared/corpora/tinyshakespeare.txt \
@@ -152,23 +157,55 @@ def make_config(vocab_size: int) -> MixtralConfig:
 
 def lm_loss_of(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy only (no router auxiliary loss)."""
-    logits = model(input_ids=input_ids).logits
+    return next_token_loss(model(input_ids=input_ids).logits, input_ids)
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1)
     )
 
 
+def per_layer_balance_loss(router_logits, num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-style load-balancing loss computed for each layer separately, then averaged.
+
+    transformers' built-in aux loss sums the expert counts of all layers before taking
+    the product, so it only balances the *aggregate* over layers: a layer may leave
+    experts unused while another over-uses them. Per layer: E * sum_e f_e * P_e, with
+    f_e the fraction of the top-k assignments going to expert e (sums to top_k, as in
+    transformers, so a perfectly balanced layer scores top_k) and P_e its mean router
+    probability.
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        top = torch.topk(probs, top_k, dim=-1).indices
+        f = torch.zeros(num_experts, device=probs.device).scatter_add_(
+            0, top.reshape(-1), torch.ones(top.numel(), device=probs.device)) / probs.shape[0]
+        losses.append(num_experts * torch.sum(f * probs.mean(0)))
+    return torch.stack(losses).mean()
+
+
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, batch: int) -> float:
-    """Mean next-token loss over all validation windows."""
+def evaluate(model, windows: torch.Tensor, batch: int):
+    """Mean next-token loss over all validation windows, and per-layer expert shares
+    (fraction of top-k selections per expert, <s> positions excluded)."""
     model.eval()
     total, count = 0.0, 0
+    cfg = model.config
+    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts)
     for i in range(0, len(windows), batch):
         x = windows[i : i + batch]
-        total += lm_loss_of(model, x).item() * x.shape[0]
+        out = model(input_ids=x, output_router_logits=True)
+        total += next_token_loss(out.logits, x).item() * x.shape[0]
         count += x.shape[0]
+        for l, rl in enumerate(out.router_logits):
+            rl = rl.view(x.shape[0], x.shape[1], -1)[:, 1:]
+            top = torch.topk(rl, cfg.num_experts_per_tok, dim=-1).indices
+            counts[l] += torch.bincount(top.reshape(-1), minlength=cfg.num_local_experts).float()
     model.train()
-    return total / count
+    shares = counts / counts.sum(-1, keepdim=True)
+    return total / count, shares
 
 
 # ------------------------------------------------------------------------- saving
@@ -216,9 +253,10 @@ def main():
     ap.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
     ap.add_argument("--warmup-steps", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--aux-loss-coef", type=float, default=0.02)
+    ap.add_argument("--aux-loss-coef", type=float, default=0.03,
+                    help="weight of the per-layer load-balancing loss")
     ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-every", type=int, default=125)
     ap.add_argument("--timing-steps", type=int, default=20, help="steps used to measure speed")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -265,7 +303,7 @@ def main():
 
     # One validation pass at init (also measures evaluation cost).
     t0 = time.time()
-    val0 = evaluate(model, vwin, args.batch_size)
+    val0, _ = evaluate(model, vwin, args.batch_size)
     eval_time = time.time() - t0
     log(f"step 0: val loss {val0:.4f} (eval takes {eval_time:.1f}s)")
 
@@ -279,16 +317,17 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         x = sample_batch(train_ids, args.batch_size, args.seq_len, rng)
-        out = model(input_ids=x, labels=x, output_router_logits=True)
-        loss = out.loss  # = lm loss + coef * aux loss
+        out = model(input_ids=x, output_router_logits=True)
+        lm_loss = next_token_loss(out.logits, x)
+        aux = per_layer_balance_loss(out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
+        loss = lm_loss + cfg.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         tokens_seen += tokens_per_step
-        lm = loss.item() - cfg.router_aux_loss_coef * out.aux_loss.item()
-        recent.append(lm)
+        recent.append(lm_loss.item())
 
         if step == args.timing_steps:
             # Size the run: remaining time / time per step, minus evaluation passes.
@@ -302,18 +341,20 @@ def main():
 
         if step % args.log_every == 0 or step == plan["total"]:
             log(f"step {step}/{plan['total'] if plan['total'] < 10**9 else '?'}"
-                f"  train loss {np.mean(recent):.4f}  aux {out.aux_loss.item():.3f}"
+                f"  train loss {np.mean(recent):.4f}  balance {aux.item():.3f} (even = {cfg.num_experts_per_tok})"
                 f"  lr {lr_at(step - 1):.2e}  tokens {tokens_seen}"
                 f"  elapsed {time.time() - t_start:.0f}s")
             recent = []
         if step % args.eval_every == 0 or step == plan["total"]:
-            last_val = evaluate(model, vwin, args.batch_size)
+            last_val, shares = evaluate(model, vwin, args.batch_size)
             tag = ""
             if last_val < best["val"]:
-                best = {"val": last_val, "step": step,
+                best = {"val": last_val, "step": step, "shares": shares.tolist(),
                         "state": copy.deepcopy(model.state_dict())}
                 tag = " (best)"
-            log(f"step {step}: val loss {last_val:.4f}{tag}")
+            log(f"step {step}: val loss {last_val:.4f}{tag}; min/max expert share per layer: "
+                + " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(shares.min(1).values.tolist(),
+                                                            shares.max(1).values.tolist())))
 
     final_train = lm_loss_of_batches(model, train_ids, args, rng)
     wall = time.time() - t_start
@@ -344,6 +385,8 @@ def main():
         "saved_checkpoint_step": best["step"],
         "saved_checkpoint_train_loss": round(best_train, 4),
         "saved_checkpoint_val_loss": round(best["val"], 4),
+        "saved_checkpoint_val_expert_shares": [[round(v, 4) for v in row] for row in best["shares"]],
+        "balance_loss": "per-layer Switch loss averaged over layers (see per_layer_balance_loss)",
         "initial_val_loss": round(val0, 4),
         "wall_time_s": round(wall, 1),
         "threads": args.threads,

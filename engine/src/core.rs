@@ -39,7 +39,7 @@ pub struct EngineCore<E> {
     last_plan: StepPlan,
 }
 
-impl<E: ExpertProvider> EngineCore<E> {
+impl<E: ExpertProvider + Sync> EngineCore<E> {
     /// An engine with `num_blocks` KV blocks of `block_size` slots.
     pub fn new(model: Model, experts: E, eos: Vec<TokenId>, sched: SchedulerConfig, kv_blocks: (usize, usize)) -> Self {
         let (num_blocks, block_size) = kv_blocks;

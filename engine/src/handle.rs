@@ -149,7 +149,10 @@ impl EngineHandle {
 
 /// Starts the engine thread. It runs until every handle is dropped and the
 /// work in hand is done.
-pub fn spawn_engine<E: ExpertProvider + Send + 'static>(core: EngineCore<E>, limits: EngineLimits) -> EngineHandle {
+pub fn spawn_engine<E: ExpertProvider + Send + Sync + 'static>(
+    core: EngineCore<E>,
+    limits: EngineLimits,
+) -> EngineHandle {
     let (inbox, rx) = mpsc::sync_channel(limits.inbox.max(1));
     let (aborts, abort_rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::default());
@@ -170,7 +173,7 @@ pub fn spawn_engine<E: ExpertProvider + Send + 'static>(core: EngineCore<E>, lim
     handle
 }
 
-fn run<E: ExpertProvider>(
+fn run<E: ExpertProvider + Sync>(
     mut core: EngineCore<E>,
     rx: Receiver<Command>,
     aborts: Receiver<SeqId>,
@@ -242,7 +245,7 @@ fn run<E: ExpertProvider>(
     }
 }
 
-fn accept<E: ExpertProvider>(
+fn accept<E: ExpertProvider + Sync>(
     core: &mut EngineCore<E>,
     streams: &mut std::collections::HashMap<SeqId, tmpsc::Sender<EngineEvent>>,
     cmd: Command,
@@ -261,7 +264,7 @@ fn accept<E: ExpertProvider>(
     }
 }
 
-fn publish<E: ExpertProvider>(core: &EngineCore<E>, stats: &EngineStats) {
+fn publish<E: ExpertProvider + Sync>(core: &EngineCore<E>, stats: &EngineStats) {
     let s = core.scheduler();
     let (used, total) = s.blocks_used();
     stats.running.store(s.num_running(), Ordering::Relaxed);

@@ -17,7 +17,7 @@ use std::cell::RefCell;
 /// Up to this many activation rows use the streaming dot-product path.
 const SMALL_M: usize = 16;
 /// Below this many multiply-adds a product runs on the calling thread.
-const PARALLEL_MACS: usize = 1 << 16;
+const PARALLEL_MACS: usize = 1 << 20;
 /// Weight rows widened per block on the bf16 gemm path.
 const BF16_BLOCK_ROWS: usize = 64;
 
@@ -41,7 +41,9 @@ pub fn matmul_nt(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) -> Result<(),
         out.fill(0.0);
         return Ok(());
     }
-    let parallel = m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1;
+    // inside a pool task (e.g. experts run side by side) stay on this thread
+    let parallel =
+        m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none();
     if m <= SMALL_M {
         small_m(x, m, w, out, parallel);
     } else {

@@ -87,7 +87,7 @@ impl Model {
     /// Runs one step: every chunk's tokens through every layer, appending
     /// their keys and values to `kv`. Experts are reached only through
     /// `experts`.
-    pub fn forward<E: ExpertProvider>(
+    pub fn forward<E: ExpertProvider + Sync>(
         &self,
         chunks: &[SeqChunk<'_>],
         kv: &mut KvCache,

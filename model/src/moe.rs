@@ -10,6 +10,15 @@ use crate::weights::{Model, SharedExpert};
 use crate::Result;
 use moe_kernels::{matmul_nt, ops, Weight};
 use moe_types::{ExpertId, LayerId, LayerRouting};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Routed (token, expert) pairs from which experts run in parallel.
+const PARALLEL_ROUTED_TOKENS: usize = 8;
+
+thread_local! {
+    static FFN: RefCell<FfnScratch> = RefCell::new(FfnScratch::default());
+}
 
 /// Buffers of the FFN half, reused across steps.
 #[derive(Default)]
@@ -52,7 +61,7 @@ pub(crate) fn mlp(w: &ExpertWeights, x: &[f32], t: usize, s: &mut FfnScratch, ou
 impl Model {
     /// The MoE block of layer `l`: reads `ws.xn`, writes `ws.out`, returns the
     /// routing it applied.
-    pub(crate) fn moe_block<E: ExpertProvider>(
+    pub(crate) fn moe_block<E: ExpertProvider + Sync>(
         &self,
         l: usize,
         router: &Weight,
@@ -90,21 +99,48 @@ impl Model {
 
         // each chosen expert once over its token group, then scatter-add
         ws.out.fill(0.0);
-        for ui in 0..s.used.len() {
-            let e = s.used[ui];
-            let group = std::mem::take(&mut s.groups[e.index()]);
-            let n = group.len();
-            s.gather.resize(n * hsz, 0.0);
-            for (r, &(tok, _)) in group.iter().enumerate() {
-                s.gather[r * hsz..(r + 1) * hsz].copy_from_slice(&ws.xn[tok * hsz..(tok + 1) * hsz]);
+        let routed = t * k;
+        if s.used.len() > 1 && routed >= PARALLEL_ROUTED_TOKENS && rayon::current_num_threads() > 1 {
+            // experts side by side on the pool, each single-threaded; the
+            // scatter-add below stays in expert order, so results do not
+            // depend on scheduling
+            let (xn, groups) = (&ws.xn, &s.groups);
+            let outs: Vec<Result<Vec<f32>>> = s
+                .used
+                .par_iter()
+                .map(|&e| {
+                    let group = &groups[e.index()];
+                    let mut gather = vec![0.0; group.len() * hsz];
+                    for (r, &(tok, _)) in group.iter().enumerate() {
+                        gather[r * hsz..(r + 1) * hsz].copy_from_slice(&xn[tok * hsz..(tok + 1) * hsz]);
+                    }
+                    let w = experts.get(layer, e)?;
+                    let mut y = vec![0.0; group.len() * hsz];
+                    FFN.with(|f| mlp(&w, &gather, group.len(), &mut f.borrow_mut(), &mut y))?;
+                    Ok(y)
+                })
+                .collect();
+            for (&e, y) in s.used.iter().zip(outs) {
+                let y = y?;
+                for (r, &(tok, wgt)) in s.groups[e.index()].iter().enumerate() {
+                    ops::axpy(&mut ws.out[tok * hsz..(tok + 1) * hsz], wgt, &y[r * hsz..(r + 1) * hsz]);
+                }
             }
-            let w = experts.get(layer, e)?;
-            s.y.resize(n * hsz, 0.0);
-            mlp(&w, &s.gather, n, &mut s.ffn, &mut s.y)?;
-            for (r, &(tok, wgt)) in group.iter().enumerate() {
-                ops::axpy(&mut ws.out[tok * hsz..(tok + 1) * hsz], wgt, &s.y[r * hsz..(r + 1) * hsz]);
+        } else {
+            for &e in &s.used {
+                let group = &s.groups[e.index()];
+                let n = group.len();
+                s.gather.resize(n * hsz, 0.0);
+                for (r, &(tok, _)) in group.iter().enumerate() {
+                    s.gather[r * hsz..(r + 1) * hsz].copy_from_slice(&ws.xn[tok * hsz..(tok + 1) * hsz]);
+                }
+                let w = experts.get(layer, e)?;
+                s.y.resize(n * hsz, 0.0);
+                mlp(&w, &s.gather, n, &mut s.ffn, &mut s.y)?;
+                for (r, &(tok, wgt)) in group.iter().enumerate() {
+                    ops::axpy(&mut ws.out[tok * hsz..(tok + 1) * hsz], wgt, &s.y[r * hsz..(r + 1) * hsz]);
+                }
             }
-            s.groups[e.index()] = group;
         }
 
         if let Some(sh) = shared {

@@ -61,7 +61,7 @@ pub fn read_bandwidth() -> f64 {
 }
 
 /// Prefill and decode one model.
-pub fn bench_model<E: ExpertProvider>(
+pub fn bench_model<E: ExpertProvider + Sync>(
     name: &str,
     model: &Model,
     experts: &E,
@@ -129,7 +129,7 @@ pub fn render(rows: &[BenchRow], bandwidth: f64, args: BenchArgs) -> String {
 
 /// Engine-level decode throughput with `batch` concurrent greedy sequences
 /// (no HTTP): generated tokens per second over the whole run.
-pub fn engine_throughput<E: ExpertProvider>(
+pub fn engine_throughput<E: ExpertProvider + Sync>(
     core: &mut moe_engine::EngineCore<E>,
     batch: usize,
     max_tokens: usize,

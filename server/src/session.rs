@@ -21,7 +21,7 @@ pub struct Session<'m, E> {
     cached: usize,
 }
 
-impl<'m, E: ExpertProvider> Session<'m, E> {
+impl<'m, E: ExpertProvider + Sync> Session<'m, E> {
     /// A session able to hold `capacity` tokens (capped at the context length).
     pub fn new(model: &'m Model, experts: &'m E, capacity: usize) -> Self {
         let capacity = capacity.min(model.config().max_position_embeddings).max(1);
