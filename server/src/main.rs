@@ -23,6 +23,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI-compatible REST API (the default command).
+    ///
+    /// Every setting can come from a flag, its MOE_* environment variable, or
+    /// the same key in snake_case in the --config TOML file; that is also the
+    /// order of precedence (flag first), then the default shown.
     Serve(Box<ServeArgs>),
     /// Generate a completion of one prompt, streamed to stdout.
     Generate(GenerateCmd),
