@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod frontend;
 pub mod generate;
 pub mod http;
 pub mod model_dir;

@@ -2,12 +2,12 @@
 //! messages into a prompt; the rest is shared with completions.
 
 use super::chat_template::Message;
-use super::completions::{collect, usage, MAX_LOGPROBS};
-use super::error::ApiError;
-use super::generation::{self, token_text, Job, Piece};
-use super::params::{CommonParams, Fields};
+use super::completions::{collect, usage};
+use super::fields::{read_common, Fields};
 use super::sse::{self, StreamFormat};
 use super::{new_id, parse_body, unix_now, AppState};
+use crate::frontend::error::ApiError;
+use crate::frontend::generation::{self, token_text, Job, Piece};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -25,15 +25,17 @@ pub(super) async fn handle(
     let started = Instant::now();
     let r = state.ready()?;
     let mut f = Fields::new(parse_body(body)?)?;
-    let common = CommonParams::parse(&mut f, &state.cfg, &["max_completion_tokens", "max_tokens"])?;
+    let (mut raw, opts) = read_common(&mut f, &["max_completion_tokens", "max_tokens"])?;
     let messages =
         parse_messages(f.take("messages").ok_or_else(|| ApiError::invalid("messages", "`messages` is required"))?)?;
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
-    let top = f.int_in("top_logprobs", 0, MAX_LOGPROBS)?;
+    let top = f.int("top_logprobs")?;
     if top.is_some() && !logprobs {
         return Err(ApiError::invalid("top_logprobs", "`top_logprobs` requires `logprobs` to be true"));
     }
+    raw.logprobs = logprobs.then(|| ("top_logprobs", top.unwrap_or(0)));
     f.finish()?;
+    let common = raw.validate(&state.cfg, r.engine_vocab)?;
     state.check_model(&r, common.model.as_deref())?;
     let template =
         r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
@@ -55,13 +57,11 @@ pub(super) async fn handle(
     }
     let prompt_tokens = prompt.len() * common.n;
     let room = r.engine.max_model_len().saturating_sub(prompt.len()).clamp(1, state.cfg.max_tokens_limit);
-    let mut sampling = common.sampling.clone();
-    sampling.logprobs = logprobs.then(|| top.unwrap_or(0) as usize);
     let job = Job {
         prompts: vec![prompt],
         n: common.n,
         max_tokens: common.max_tokens.unwrap_or(room),
-        sampling,
+        sampling: common.sampling.clone(),
         seed: common.seed.unwrap_or_else(rand::random),
         stop: common.stop.clone(),
         min_tokens: common.min_tokens,
@@ -70,7 +70,7 @@ pub(super) async fn handle(
     tracing::debug!(user = common.user.as_deref().unwrap_or(""), choices = common.n, "chat completion");
     let choices = generation::submit(&r, job, started)?;
     let (id, created, model) = (new_id("chatcmpl"), unix_now(), r.model_name.clone());
-    if common.stream {
+    if opts.stream {
         let prelude = (0..common.n)
             .map(|i| chunk(&id, created, &model, i, json!({"role": "assistant", "content": ""}), Value::Null, None))
             .collect();
@@ -83,7 +83,7 @@ pub(super) async fn handle(
             let delta = if p.finish.is_some() && p.text.is_empty() { json!({}) } else { json!({"content": p.text}) };
             chunk(&id2, created, &model2, p.index, delta, lp, p.finish)
         });
-        let usage = common.include_usage.then(|| {
+        let usage = opts.include_usage.then(|| {
             let (id, model) = (id.clone(), model.clone());
             Box::new(move |completion: usize| {
                 json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],

@@ -1,7 +1,7 @@
 //! Rendering a checkpoint's Jinja chat template with minijinja (plus the
 //! Python string methods HF templates call, from `minijinja-contrib`).
 
-use super::error::ApiError;
+use crate::frontend::error::ApiError;
 use minijinja::{context, Environment, Error, ErrorKind, Value};
 
 /// One chat message, validated.

@@ -1,10 +1,10 @@
 //! `POST /v1/completions`.
 
-use super::error::ApiError;
-use super::generation::{self, token_text, Choice, Job, Piece};
-use super::params::{CommonParams, Fields};
+use super::fields::{read_common, Fields};
 use super::sse::{self, StreamFormat};
 use super::{new_id, parse_body, unix_now, AppState, Ready};
+use crate::frontend::error::ApiError;
+use crate::frontend::generation::{self, token_text, Choice, Job, Piece};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -16,9 +16,6 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Largest `logprobs` / `top_logprobs`.
-pub(super) const MAX_LOGPROBS: i64 = 20;
-
 pub(super) async fn handle(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -26,11 +23,13 @@ pub(super) async fn handle(
     let started = Instant::now();
     let r = state.ready()?;
     let mut f = Fields::new(parse_body(body)?)?;
-    let common = CommonParams::parse(&mut f, &state.cfg, &["max_tokens"])?;
+    let (mut raw, opts) = read_common(&mut f, &["max_tokens"])?;
     let prompt = f.take("prompt").ok_or_else(|| ApiError::invalid("prompt", "`prompt` is required"))?;
     let echo = f.bool("echo")?.unwrap_or(false);
-    let logprobs = f.int_in("logprobs", 0, MAX_LOGPROBS)?.map(|n| n as usize);
+    raw.logprobs = f.int("logprobs")?.map(|n| ("logprobs", n));
     f.finish()?;
+    let common = raw.validate(&state.cfg, r.engine_vocab)?;
+    let logprobs = common.sampling.logprobs;
     state.check_model(&r, common.model.as_deref())?;
     if echo && logprobs.is_some() {
         return Err(ApiError::invalid("echo", "`echo` together with `logprobs` (prompt logprobs) is not supported"));
@@ -39,13 +38,11 @@ pub(super) async fn handle(
     let echoes: Vec<String> =
         if echo { prompts.iter().map(|p| r.codec.decode(p, true).unwrap_or_default()).collect() } else { Vec::new() };
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum::<usize>() * common.n;
-    let mut sampling = common.sampling.clone();
-    sampling.logprobs = logprobs;
     let job = Job {
         prompts,
         n: common.n,
         max_tokens: common.max_tokens.unwrap_or(16),
-        sampling,
+        sampling: common.sampling.clone(),
         seed: common.seed.unwrap_or_else(rand::random),
         stop: common.stop.clone(),
         min_tokens: common.min_tokens,
@@ -55,7 +52,7 @@ pub(super) async fn handle(
     tracing::debug!(user = common.user.as_deref().unwrap_or(""), choices = job.prompts.len() * n, "completion");
     let choices = generation::submit(&r, job, started)?;
     let (id, created, model) = (new_id("cmpl"), unix_now(), r.model_name.clone());
-    if common.stream {
+    if opts.stream {
         let codec = r.codec.clone();
         let (id2, model2) = (id.clone(), model.clone());
         let prelude = echoes
@@ -71,7 +68,7 @@ pub(super) async fn handle(
             };
             chunk(&id2, created, &model2, p.index, &p.text, lp, p.finish)
         });
-        let usage = common.include_usage.then(|| {
+        let usage = opts.include_usage.then(|| {
             let (id, model) = (id.clone(), model.clone());
             Box::new(move |completion: usize| {
                 json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [],

@@ -1,8 +1,8 @@
 //! Small endpoints: health, metrics, models, tokenize, detokenize.
 
-use super::error::ApiError;
-use super::params::Fields;
+use super::fields::Fields;
 use super::{parse_body, AppState};
+use crate::frontend::error::ApiError;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;

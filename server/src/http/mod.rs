@@ -5,89 +5,22 @@
 mod chat;
 mod chat_template;
 mod completions;
-pub mod error;
-mod generation;
+mod fields;
 mod misc;
-mod params;
 mod sse;
-mod text;
 
 pub use chat_template::{ChatTemplate, Message};
 
-use crate::config::ServeConfig;
+use crate::frontend::error::ApiError;
+pub use crate::frontend::state::{AppState, Ready};
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use error::ApiError;
-use metrics_exporter_prometheus::PrometheusHandle;
-use moe_engine::EngineHandle;
-use moe_model::TextCodec;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use subtle::ConstantTimeEq;
-
-/// Everything handlers need once the model is loaded.
-pub struct Ready {
-    /// The engine.
-    pub engine: EngineHandle,
-    /// Tokenizer and special tokens.
-    pub codec: Arc<TextCodec>,
-    /// The compiled chat template, if the checkpoint has one.
-    pub template: Option<ChatTemplate>,
-    /// Name clients use.
-    pub model_name: String,
-    /// Unix time the model was loaded.
-    pub created: u64,
-    /// Model vocabulary size.
-    pub engine_vocab: usize,
-}
-
-/// Shared state of the HTTP server.
-pub struct AppState {
-    /// Resolved configuration.
-    pub cfg: ServeConfig,
-    ready: OnceLock<Arc<Ready>>,
-    metrics: PrometheusHandle,
-    shutting_down: AtomicBool,
-}
-
-impl AppState {
-    /// State for a server whose model is not loaded yet.
-    pub fn new(cfg: ServeConfig, metrics: PrometheusHandle) -> Arc<Self> {
-        Arc::new(Self { cfg, ready: OnceLock::new(), metrics, shutting_down: AtomicBool::new(false) })
-    }
-
-    /// Marks the model loaded; `/health` turns 200.
-    pub fn set_ready(&self, ready: Ready) {
-        let _ = self.ready.set(Arc::new(ready));
-    }
-
-    /// Stops admitting requests (503) while in-flight ones finish.
-    pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::Release);
-        if let Some(r) = self.ready.get() {
-            r.engine.close();
-        }
-    }
-
-    /// The loaded model, or 503.
-    pub fn ready(&self) -> Result<Arc<Ready>, ApiError> {
-        if self.shutting_down.load(Ordering::Acquire) {
-            return Err(ApiError::unavailable("The server is shutting down."));
-        }
-        self.ready.get().cloned().ok_or_else(|| ApiError::unavailable("The model is still loading."))
-    }
-
-    /// Resolves the `model` field: absent means the served model.
-    pub fn check_model(&self, ready: &Ready, asked: Option<&str>) -> Result<(), ApiError> {
-        match asked {
-            Some(name) if name != ready.model_name => Err(ApiError::model_not_found(name)),
-            _ => Ok(()),
-        }
-    }
-}
 
 /// The router with every endpoint, auth and request metrics.
 pub fn router(state: Arc<AppState>) -> Router {

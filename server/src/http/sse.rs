@@ -4,7 +4,7 @@
 //! stream closes. Dropping the response (client gone) drops every choice,
 //! which aborts their sequences on the engine.
 
-use super::generation::{Choice, Piece};
+use crate::frontend::generation::{Choice, Piece};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
@@ -32,7 +32,7 @@ enum Phase {
 
 struct StreamState {
     prelude: VecDeque<Value>,
-    choices: SelectAll<BoxStream<'static, Result<Piece, super::error::ApiError>>>,
+    choices: SelectAll<BoxStream<'static, Result<Piece, crate::frontend::error::ApiError>>>,
     fmt: StreamFormat,
     completion_tokens: usize,
     phase: Phase,

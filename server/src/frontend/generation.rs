@@ -2,8 +2,8 @@
 //! events into text pieces, shared by completions and chat completions.
 
 use super::error::ApiError;
+use super::state::Ready;
 use super::text::TextAssembler;
-use super::Ready;
 use moe_engine::metric_names as m;
 use moe_engine::{EngineEvent, FinishReason, GenerationRequest, RequestStream};
 use moe_model::{SampledToken, SamplingParams, TextCodec};
