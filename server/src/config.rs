@@ -80,6 +80,8 @@ serve_config! {
     host: IpAddr = IpAddr::from([127, 0, 0, 1]), env = "MOE_HOST";
     /// HTTP port (0 picks a free one, printed at start).
     port: u16 = 8000, env = "MOE_PORT";
+    /// gRPC port on the same host (0 picks a free one, printed at start).
+    grpc_port: u16 = 50051, env = "MOE_GRPC_PORT";
     /// Most sequences computed together in one step.
     max_num_seqs: usize = 64, env = "MOE_MAX_NUM_SEQS";
     /// Token budget of one step (prefill chunks plus decodes).

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod config;
 pub mod frontend;
 pub mod generate;
+pub mod grpc;
 pub mod http;
 pub mod model_dir;
 pub mod serve;

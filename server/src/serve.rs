@@ -2,6 +2,7 @@
 //! until SIGTERM / Ctrl-C, then drain within the grace period.
 
 use crate::config::ServeConfig;
+use crate::grpc;
 use crate::http::{self, AppState, ChatTemplate, Ready};
 use crate::model_dir::{default_model_dir, load_with_progress};
 use anyhow::Context;
@@ -60,6 +61,7 @@ pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
         model_name: name,
         created: http_now(),
         engine_vocab: model_cfg.vocab_size,
+        model_config: model_cfg,
     })
 }
 
@@ -67,36 +69,60 @@ fn http_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves; then refuses new
-/// requests (503) and waits up to the grace period for in-flight ones.
+/// Serves HTTP on `http` (and gRPC on `grpc`, if given) until `shutdown`
+/// resolves; then refuses new requests (503 / UNAVAILABLE, health
+/// NOT_SERVING) and waits up to the grace period for in-flight ones.
 pub async fn run_server(
-    listener: TcpListener,
+    http: TcpListener,
+    grpc: Option<TcpListener>,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
     let app = http::router(state.clone()).layer(axum::extract::DefaultBodyLimit::max(state.cfg.max_body_bytes));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let st = state.clone();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let (st, rep) = (state.clone(), reporter.clone());
     tokio::spawn(async move {
+        // health turns SERVING once the model is loaded
+        while st.ready().is_err() && !st.is_shutting_down() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !st.is_shutting_down() {
+            grpc::set_health(&rep, true).await;
+        }
         shutdown.await;
         tracing::info!("shutting down: refusing new requests, draining in-flight ones");
         st.begin_shutdown();
+        grpc::set_health(&rep, false).await;
         let _ = stop_tx.send(true);
     });
-    let mut rx = stop_rx.clone();
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     // token chunks are small: do not let Nagle's algorithm delay them
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+    let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = rx.wait_for(|s| *s).await;
-    });
-    let mut rx = stop_rx;
+    let http_server =
+        std::future::IntoFuture::into_future(axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx.clone())));
+    let grpc_stop = stopped(stop_rx.clone());
+    let grpc_server = async {
+        match grpc {
+            Some(l) => grpc::run_grpc(l, state.clone(), (reporter, health), grpc_stop).await,
+            None => Ok(()),
+        }
+    };
+    let servers = async {
+        let (h, g) = tokio::join!(http_server, grpc_server);
+        h.context("HTTP server failed")?;
+        g.context("gRPC server failed")
+    };
+    let rx = stop_rx;
     tokio::select! {
-        r = std::future::IntoFuture::into_future(server) => r.context("HTTP server failed")?,
+        r = servers => r?,
         _ = async {
-            let _ = rx.wait_for(|s| *s).await;
+            stopped(rx).await;
             tokio::time::sleep(grace).await;
         } => tracing::warn!("grace period over; exiting with requests in flight"),
     }
@@ -128,7 +154,9 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let metrics = install_metrics()?;
     let addr = std::net::SocketAddr::new(cfg.host, cfg.port);
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-    eprintln!("listening on http://{}", listener.local_addr()?);
+    let gaddr = std::net::SocketAddr::new(cfg.host, cfg.grpc_port);
+    let glistener = TcpListener::bind(gaddr).await.with_context(|| format!("binding {gaddr} for gRPC"))?;
+    eprintln!("listening on http://{} (REST) and {} (gRPC)", listener.local_addr()?, glistener.local_addr()?);
     let state = AppState::new(cfg, metrics);
     // load in the background so /health can answer 503 meanwhile
     let st = state.clone();
@@ -142,7 +170,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             let _ = fail_tx.send(e);
         }
     });
-    let server = run_server(listener, state, shutdown_signal());
+    let server = run_server(listener, Some(glistener), state, shutdown_signal());
     tokio::select! {
         r = server => r,
         Ok(e) = fail_rx => Err(e),

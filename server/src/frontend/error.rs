@@ -103,3 +103,22 @@ impl IntoResponse for ApiError {
         r
     }
 }
+
+impl From<ApiError> for tonic::Status {
+    /// The gRPC side of the one error mapping: the field, when known, leads
+    /// the message of INVALID_ARGUMENT.
+    fn from(e: ApiError) -> Self {
+        let msg = match &e.param {
+            Some(p) => format!("{p}: {}", e.message),
+            None => e.message.clone(),
+        };
+        match e.status.as_u16() {
+            400 => tonic::Status::invalid_argument(msg),
+            401 => tonic::Status::unauthenticated(msg),
+            404 => tonic::Status::not_found(msg),
+            413 | 429 => tonic::Status::resource_exhausted(msg),
+            503 => tonic::Status::unavailable(msg),
+            _ => tonic::Status::internal(msg),
+        }
+    }
+}

@@ -8,6 +8,7 @@ use moe_engine::metric_names as m;
 use moe_engine::{EngineEvent, FinishReason, GenerationRequest, RequestStream};
 use moe_model::{SampledToken, SamplingParams, TextCodec};
 use moe_types::TokenId;
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -156,4 +157,88 @@ impl Choice {
 /// Text of a single token, for logprobs.
 pub fn token_text(codec: &TextCodec, id: TokenId) -> String {
     codec.decode(&[id], false).unwrap_or_default()
+}
+
+/// A finished choice.
+pub struct Collected {
+    /// Choice index.
+    pub index: usize,
+    /// Text, stop strings removed.
+    pub text: String,
+    /// The tokens, with logprobs when asked for.
+    pub tokens: Vec<SampledToken>,
+    /// `stop` or `length`.
+    pub finish: &'static str,
+}
+
+/// Runs every choice to the end.
+pub async fn collect(choices: Vec<Choice>) -> Result<Vec<Collected>, ApiError> {
+    let runs = choices.into_iter().map(|mut c| async move {
+        let mut out = Collected { index: c.index(), text: String::new(), tokens: Vec::new(), finish: "length" };
+        while let Some(p) = c.next().await {
+            let p = p?;
+            out.text.push_str(&p.text);
+            out.tokens.extend(p.token);
+            if let Some(f) = p.finish {
+                out.finish = f;
+            }
+        }
+        Ok::<_, ApiError>(out)
+    });
+    let mut all = futures_util::future::try_join_all(runs).await?;
+    all.sort_by_key(|c| c.index);
+    Ok(all)
+}
+
+/// Rejects empty prompts and prompts over the limit.
+pub fn check_prompt(p: Vec<TokenId>, max: usize) -> Result<Vec<TokenId>, ApiError> {
+    if p.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if p.len() > max {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid("prompt", format!("the prompt has {} tokens; the limit is {max}", p.len()))
+        });
+    }
+    Ok(p)
+}
+
+/// A list of token ids, each inside the vocabulary.
+pub fn token_list(v: Option<Value>, param: &str, vocab: usize) -> Result<Option<Vec<TokenId>>, ApiError> {
+    let Some(v) = v else { return Ok(None) };
+    let Value::Array(a) = v else {
+        return Err(ApiError::invalid(param, format!("`{param}` must be a list of token ids")));
+    };
+    a.into_iter()
+        .map(|x| {
+            x.as_u64()
+                .filter(|&t| (t as usize) < vocab)
+                .map(|t| t as TokenId)
+                .ok_or_else(|| ApiError::invalid(param, format!("`{param}` holds {x}, not a token id below {vocab}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// Tokenizes `text` off the async runtime.
+pub async fn encode(r: &Ready, text: String, add_special: bool, param: &'static str) -> Result<Vec<TokenId>, ApiError> {
+    let codec = r.codec.clone();
+    tokio::task::spawn_blocking(move || codec.encode(&text, add_special))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::invalid(param, e.to_string()))
+}
+
+/// Every choice's pieces, merged in arrival order. Dropping the stream drops
+/// the choices, which aborts their sequences.
+pub fn merge(
+    choices: Vec<Choice>,
+) -> futures_util::stream::SelectAll<futures_util::stream::BoxStream<'static, Result<Piece, ApiError>>> {
+    use futures_util::StreamExt;
+    futures_util::stream::select_all(
+        choices
+            .into_iter()
+            .map(|c| futures_util::stream::unfold(c, |mut c| async move { c.next().await.map(|p| (p, c)) }).boxed()),
+    )
 }

@@ -24,6 +24,8 @@ pub struct Ready {
     pub created: u64,
     /// Model vocabulary size.
     pub engine_vocab: usize,
+    /// The model's configuration.
+    pub model_config: moe_model::ModelConfig,
 }
 
 /// Shared state of the HTTP server.

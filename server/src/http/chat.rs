@@ -2,12 +2,12 @@
 //! messages into a prompt; the rest is shared with completions.
 
 use super::chat_template::Message;
-use super::completions::{collect, usage};
+use super::completions::usage;
 use super::fields::{read_common, Fields};
 use super::sse::{self, StreamFormat};
 use super::{new_id, parse_body, unix_now, AppState};
 use crate::frontend::error::ApiError;
-use crate::frontend::generation::{self, token_text, Job, Piece};
+use crate::frontend::generation::{self, collect, token_text, Job, Piece};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -40,12 +40,8 @@ pub(super) async fn handle(
     let template =
         r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
     let text = template.render(&messages)?;
-    let codec = r.codec.clone();
     // the template writes special tokens (bos) itself
-    let prompt = tokio::task::spawn_blocking(move || codec.encode(&text, false))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let prompt = generation::encode(&r, text, false, "messages").await?;
     if prompt.is_empty() || prompt.len() > state.cfg.max_prompt_tokens {
         return Err(ApiError {
             code: Some("context_length_exceeded"),

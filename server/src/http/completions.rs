@@ -4,7 +4,7 @@ use super::fields::{read_common, Fields};
 use super::sse::{self, StreamFormat};
 use super::{new_id, parse_body, unix_now, AppState, Ready};
 use crate::frontend::error::ApiError;
-use crate::frontend::generation::{self, token_text, Choice, Job, Piece};
+use crate::frontend::generation::{self, check_prompt, collect, token_list, token_text, Job, Piece};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -133,33 +133,6 @@ fn completion_logprobs(codec: &moe_model::TextCodec, tokens: &[SampledToken], of
     json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
 }
 
-/// A finished choice.
-pub(super) struct Collected {
-    pub index: usize,
-    pub text: String,
-    pub tokens: Vec<SampledToken>,
-    pub finish: &'static str,
-}
-
-/// Runs every choice to the end.
-pub(super) async fn collect(choices: Vec<Choice>) -> Result<Vec<Collected>, ApiError> {
-    let runs = choices.into_iter().map(|mut c| async move {
-        let mut out = Collected { index: c.index(), text: String::new(), tokens: Vec::new(), finish: "length" };
-        while let Some(p) = c.next().await {
-            let p = p?;
-            out.text.push_str(&p.text);
-            out.tokens.extend(p.token);
-            if let Some(f) = p.finish {
-                out.finish = f;
-            }
-        }
-        Ok::<_, ApiError>(out)
-    });
-    let mut all = futures_util::future::try_join_all(runs).await?;
-    all.sort_by_key(|c| c.index);
-    Ok(all)
-}
-
 /// The prompt forms: a string, a list of strings, token ids, or lists of ids.
 async fn prompts(r: &Ready, v: Value, max_prompt: usize) -> Result<Vec<Vec<TokenId>>, ApiError> {
     let texts: Vec<String> = match v {
@@ -171,12 +144,12 @@ async fn prompts(r: &Ready, v: Value, max_prompt: usize) -> Result<Vec<Vec<Token
         Value::Array(a) if a.iter().all(Value::is_array) => {
             let mut out = Vec::new();
             for x in a {
-                out.push(check_len(token_list(Some(x), "prompt", r.engine_vocab)?.unwrap_or_default(), max_prompt)?);
+                out.push(check_prompt(token_list(Some(x), "prompt", r.engine_vocab)?.unwrap_or_default(), max_prompt)?);
             }
             return Ok(out);
         }
         v @ Value::Array(_) => {
-            return Ok(vec![check_len(
+            return Ok(vec![check_prompt(
                 token_list(Some(v), "prompt", r.engine_vocab)?.unwrap_or_default(),
                 max_prompt,
             )?]);
@@ -189,35 +162,5 @@ async fn prompts(r: &Ready, v: Value, max_prompt: usize) -> Result<Vec<Vec<Token
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
             .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-    encoded.into_iter().map(|p| check_len(p, max_prompt)).collect()
-}
-
-fn check_len(p: Vec<TokenId>, max: usize) -> Result<Vec<TokenId>, ApiError> {
-    if p.is_empty() {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
-    }
-    if p.len() > max {
-        return Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::invalid("prompt", format!("the prompt has {} tokens; the limit is {max}", p.len()))
-        });
-    }
-    Ok(p)
-}
-
-/// A list of token ids, each inside the vocabulary.
-pub(super) fn token_list(v: Option<Value>, param: &str, vocab: usize) -> Result<Option<Vec<TokenId>>, ApiError> {
-    let Some(v) = v else { return Ok(None) };
-    let Value::Array(a) = v else {
-        return Err(ApiError::invalid(param, format!("`{param}` must be a list of token ids")));
-    };
-    a.into_iter()
-        .map(|x| {
-            x.as_u64()
-                .filter(|&t| (t as usize) < vocab)
-                .map(|t| t as TokenId)
-                .ok_or_else(|| ApiError::invalid(param, format!("`{param}` holds {x}, not a token id below {vocab}")))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+    encoded.into_iter().map(|p| check_prompt(p, max_prompt)).collect()
 }

@@ -53,11 +53,7 @@ pub(super) async fn tokenize(
         _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` or `messages`")),
     };
     f.finish()?;
-    let codec = r.codec.clone();
-    let tokens = tokio::task::spawn_blocking(move || codec.encode(&text, add_special))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    let tokens = crate::frontend::generation::encode(&r, text, add_special, "prompt").await?;
     Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": r.engine.max_model_len()})))
 }
 
@@ -68,7 +64,7 @@ pub(super) async fn detokenize(
     let r = state.ready()?;
     let mut f = Fields::new(parse_body(body)?)?;
     state.check_model(&r, f.string("model")?.as_deref())?;
-    let tokens = super::completions::token_list(f.take("tokens"), "tokens", r.engine_vocab)?
+    let tokens = crate::frontend::generation::token_list(f.take("tokens"), "tokens", r.engine_vocab)?
         .ok_or_else(|| ApiError::invalid("tokens", "`tokens` is required"))?;
     f.finish()?;
     let prompt = r.codec.decode(&tokens, false).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;

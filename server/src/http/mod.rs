@@ -100,7 +100,7 @@ pub(crate) fn unix_now() -> u64 {
 }
 
 /// A short random-looking id (request counter mixed with the clock).
-pub(crate) fn new_id(prefix: &str) -> String {
+pub fn new_id(prefix: &str) -> String {
     use std::sync::atomic::AtomicU64;
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
     pub state: Arc<AppState>,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
@@ -34,11 +35,13 @@ impl TestServer {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let glistener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_addr = glistener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(run_server(listener, state.clone(), async move {
+        let task = tokio::spawn(run_server(listener, Some(glistener), state.clone(), async move {
             let _ = rx.await;
         }));
-        Self { addr, state, client: reqwest::Client::new(), stop: Some(tx), task: Some(task) }
+        Self { addr, grpc_addr, state, client: reqwest::Client::new(), stop: Some(tx), task: Some(task) }
     }
 
     pub async fn default() -> Self {

@@ -1,0 +1,71 @@
+//! The gRPC API (`moe.v1.Generation`, tonic), plus standard health checking
+//! and server reflection. Requests go through the same validation
+//! (`frontend::params`), generation driver and error mapping as REST.
+
+mod convert;
+mod service;
+
+use crate::frontend::state::AppState;
+use moe_proto::v1::generation_server::GenerationServer;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tonic::{Request, Status};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+/// Name of the generation service, as health checks know it.
+pub const SERVICE_NAME: &str = "moe.v1.Generation";
+
+/// Sets the health of both the server ("") and the generation service.
+pub async fn set_health(reporter: &HealthReporter, serving: bool) {
+    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Serves gRPC on `listener` until `shutdown` resolves. Health starts
+/// NOT_SERVING; the caller flips it with [`set_health`].
+pub async fn run_grpc(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    reporter_health: (
+        HealthReporter,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (reporter, health) = reporter_health;
+    set_health(&reporter, state.ready().is_ok()).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let key = state.cfg.api_key.clone();
+    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
+        if let Some(key) = &key {
+            let given = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+                return Err(Status::unauthenticated(
+                    "missing or invalid API key (send `authorization: Bearer <key>` metadata)",
+                ));
+            }
+        }
+        Ok(req)
+    };
+    let svc = GenerationServer::with_interceptor(service::GenerationApi::new(state), auth);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

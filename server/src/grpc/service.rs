@@ -1,0 +1,302 @@
+//! `moe.v1.Generation` over the shared front end.
+
+use super::convert;
+use crate::frontend::error::ApiError;
+use crate::frontend::generation::{self, check_prompt, collect, merge, Choice, Job};
+use crate::frontend::state::{AppState, Ready};
+use futures_util::stream::{BoxStream, StreamExt};
+use moe_engine::metric_names as m;
+use moe_proto::v1 as pb;
+use moe_proto::v1::generation_server::Generation;
+use std::sync::Arc;
+use std::time::Instant;
+use tonic::{Request, Response, Status};
+
+/// The service; cheap to clone.
+pub struct GenerationApi {
+    state: Arc<AppState>,
+}
+
+impl GenerationApi {
+    /// A service over `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+
+    fn ready(&self, model: &str) -> Result<Arc<Ready>, ApiError> {
+        let r = self.state.ready()?;
+        self.state.check_model(&r, Some(model).filter(|m| !m.is_empty()))?;
+        Ok(r)
+    }
+
+    /// Validates and submits a generation request.
+    async fn start(&self, req: &pb::GenerateRequest) -> Result<Started, ApiError> {
+        let started = Instant::now();
+        let r = self.ready(&req.model)?;
+        let common = convert::raw_params(req).validate(&self.state.cfg, r.engine_vocab)?;
+        let max_prompt = self.state.cfg.max_prompt_tokens;
+        let prompt = match &req.prompt {
+            Some(pb::generate_request::Prompt::Text(t)) => {
+                check_prompt(generation::encode(&r, t.clone(), true, "text").await?, max_prompt)?
+            }
+            Some(pb::generate_request::Prompt::TokenIds(ids)) => {
+                if let Some(&bad) = ids.ids.iter().find(|&&t| t as usize >= r.engine_vocab) {
+                    return Err(ApiError::invalid(
+                        "token_ids",
+                        format!("token id {bad} is outside the vocabulary ({})", r.engine_vocab),
+                    ));
+                }
+                check_prompt(ids.ids.clone(), max_prompt)?
+            }
+            None => return Err(ApiError::invalid("prompt", "set `text` or `token_ids`")),
+        };
+        let prompt_tokens = prompt.len() * common.n;
+        let logprobs = common.sampling.logprobs.is_some();
+        let job = Job {
+            prompts: vec![prompt],
+            n: common.n,
+            max_tokens: common.max_tokens.unwrap_or(16),
+            sampling: common.sampling,
+            seed: common.seed.unwrap_or_else(rand::random),
+            stop: common.stop,
+            min_tokens: common.min_tokens,
+            ignore_eos: common.ignore_eos,
+        };
+        tracing::debug!(user = common.user.as_deref().unwrap_or(""), choices = common.n, "grpc generate");
+        let choices = generation::submit(&r, job, started)?;
+        Ok(Started { ready: r, choices, prompt_tokens, logprobs, id: crate::http::new_id("gen") })
+    }
+}
+
+struct Started {
+    ready: Arc<Ready>,
+    choices: Vec<Choice>,
+    prompt_tokens: usize,
+    logprobs: bool,
+    id: String,
+}
+
+fn usage(prompt: usize, completion: usize) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: prompt as u32,
+        completion_tokens: completion as u32,
+        total_tokens: (prompt + completion) as u32,
+    }
+}
+
+/// Counts a finished call by method and status code.
+fn record<T>(method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
+    let code = match &r {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    metrics::counter!(m::REQUESTS, "endpoint" => method, "status" => format!("{code:?}"), "protocol" => "grpc")
+        .increment(1);
+    r
+}
+
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("the deadline passed; generation was stopped")
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationApi {
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let run = async {
+            let deadline = convert::deadline(request.metadata())?;
+            let s = self.start(request.get_ref()).await?;
+            let work = collect(s.choices);
+            let results = match deadline {
+                Some(d) => tokio::time::timeout(d, work).await.map_err(|_| deadline_exceeded())??,
+                None => work.await?,
+            };
+            let completion: usize = results.iter().map(|c| c.tokens.len()).sum();
+            let codec = &s.ready.codec;
+            let choices = results
+                .into_iter()
+                .map(|c| pb::Choice {
+                    index: c.index as u32,
+                    text: c.text,
+                    token_ids: c.tokens.iter().map(|t| t.id).collect(),
+                    logprobs: if s.logprobs {
+                        c.tokens.iter().map(|t| convert::logprob(codec, t)).collect()
+                    } else {
+                        Vec::new()
+                    },
+                    finish_reason: convert::finish_reason(c.finish) as i32,
+                })
+                .collect();
+            Ok::<_, Status>(pb::GenerateResponse {
+                id: s.id,
+                model: s.ready.model_name.clone(),
+                choices,
+                usage: Some(usage(s.prompt_tokens, completion)),
+            })
+        };
+        record("Generate", run.await.map(Response::new))
+    }
+
+    type GenerateStreamStream = BoxStream<'static, Result<pb::GenerateStreamResponse, Status>>;
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let run = async {
+            let deadline = convert::deadline(request.metadata())?.map(|d| tokio::time::Instant::now() + d);
+            let include_usage = request.get_ref().include_usage;
+            let s = self.start(request.get_ref()).await?;
+            let state = StreamState {
+                pieces: merge(s.choices),
+                pending: std::collections::VecDeque::new(),
+                codec: s.ready.codec.clone(),
+                logprobs: s.logprobs,
+                id: s.id,
+                prompt_tokens: s.prompt_tokens,
+                completion: 0,
+                include_usage,
+                deadline,
+                done: false,
+            };
+            Ok::<_, Status>(futures_util::stream::unfold(state, next_message).boxed())
+        };
+        record("GenerateStream", run.await.map(Response::new))
+    }
+
+    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let run = async {
+            let req = request.into_inner();
+            let r = self.ready(&req.model)?;
+            let ids = generation::encode(&r, req.text, req.add_special_tokens, "text").await?;
+            Ok::<_, Status>(pb::TokenizeResponse { token_ids: ids, max_model_len: r.engine.max_model_len() as u32 })
+        };
+        record("Tokenize", run.await.map(Response::new))
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<pb::DetokenizeRequest>,
+    ) -> Result<Response<pb::DetokenizeResponse>, Status> {
+        let run = async {
+            let req = request.into_inner();
+            let r = self.ready(&req.model)?;
+            if let Some(&bad) = req.token_ids.iter().find(|&&t| t as usize >= r.engine_vocab) {
+                return Err(ApiError::invalid(
+                    "token_ids",
+                    format!("token id {bad} is outside the vocabulary ({})", r.engine_vocab),
+                )
+                .into());
+            }
+            let text =
+                r.codec.decode(&req.token_ids, false).map_err(|e| ApiError::invalid("token_ids", e.to_string()))?;
+            Ok::<_, Status>(pb::DetokenizeResponse { text })
+        };
+        record("Detokenize", run.await.map(Response::new))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let run = async {
+            let r = self.ready("")?;
+            Ok::<_, Status>(pb::ListModelsResponse { models: vec![model_info(&r)] })
+        };
+        record("ListModels", run.await.map(Response::new))
+    }
+
+    async fn model_info(&self, request: Request<pb::ModelInfoRequest>) -> Result<Response<pb::ModelInfo>, Status> {
+        let run = async {
+            let r = self.ready(&request.get_ref().model)?;
+            Ok::<_, Status>(model_info(&r))
+        };
+        record("ModelInfo", run.await.map(Response::new))
+    }
+}
+
+fn model_info(r: &Ready) -> pb::ModelInfo {
+    let c = &r.model_config;
+    pb::ModelInfo {
+        name: r.model_name.clone(),
+        architecture: c.arch.name().to_string(),
+        num_layers: c.num_layers() as u32,
+        num_moe_layers: c.moe_layers().count() as u32,
+        num_experts: c.moe.num_experts as u32,
+        top_k: c.moe.top_k as u32,
+        context_length: r.engine.max_model_len() as u32,
+        vocab_size: c.vocab_size as u32,
+        hidden_size: c.hidden_size as u32,
+    }
+}
+
+struct StreamState {
+    pieces: futures_util::stream::SelectAll<BoxStream<'static, Result<generation::Piece, ApiError>>>,
+    pending: std::collections::VecDeque<pb::generate_stream_response::Event>,
+    codec: Arc<moe_model::TextCodec>,
+    logprobs: bool,
+    id: String,
+    prompt_tokens: usize,
+    completion: usize,
+    include_usage: bool,
+    deadline: Option<tokio::time::Instant>,
+    done: bool,
+}
+
+/// The next stream message: queued events first, then the next piece, then
+/// usage. Dropping the stream (cancel) drops the choices and aborts them.
+async fn next_message(mut s: StreamState) -> Option<(Result<pb::GenerateStreamResponse, Status>, StreamState)> {
+    use pb::generate_stream_response::Event;
+    loop {
+        if let Some(ev) = s.pending.pop_front() {
+            let msg = pb::GenerateStreamResponse { id: s.id.clone(), event: Some(ev) };
+            return Some((Ok(msg), s));
+        }
+        if s.done {
+            return None;
+        }
+        let next = match s.deadline {
+            Some(d) => match tokio::time::timeout_at(d, s.pieces.next()).await {
+                Ok(p) => p,
+                Err(_) => {
+                    s.done = true;
+                    s.pieces = futures_util::stream::select_all(Vec::new()); // abort every choice now
+                    return Some((Err(deadline_exceeded()), s));
+                }
+            },
+            None => s.pieces.next().await,
+        };
+        match next {
+            Some(Ok(p)) => {
+                if let Some(t) = &p.token {
+                    s.completion += 1;
+                    let logprob = s.logprobs.then(|| convert::logprob(&s.codec, t));
+                    let text = if p.finish.is_some() { String::new() } else { p.text.clone() };
+                    s.pending.push_back(Event::Token(pb::TokenEvent {
+                        index: p.index as u32,
+                        token_id: t.id,
+                        text,
+                        logprob,
+                    }));
+                }
+                if let Some(f) = p.finish {
+                    let text = if p.token.is_some() { p.text } else { p.text.clone() };
+                    s.pending.push_back(Event::Finish(pb::FinishEvent {
+                        index: p.index as u32,
+                        text,
+                        finish_reason: convert::finish_reason(f) as i32,
+                    }));
+                }
+            }
+            Some(Err(e)) => {
+                s.done = true;
+                return Some((Err(e.into()), s));
+            }
+            None => {
+                s.done = true;
+                if s.include_usage {
+                    s.pending.push_back(Event::Usage(usage(s.prompt_tokens, s.completion)));
+                }
+            }
+        }
+    }
+}
