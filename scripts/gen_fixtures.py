@@ -95,6 +95,14 @@ FIXTURES = {
              rope_theta=1000000.0, rms_norm_eps=1e-5, sliding_window=None),
         dict(save_dtype=torch.bfloat16),
     ),
+    # sliding-window attention (window 5 < SEQ_LEN) and linear RoPE scaling
+    "mixtral_window": (
+        MixtralForCausalLM, MixtralConfig,
+        dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32,
+             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+             rms_norm_eps=1e-5, sliding_window=5),
+        dict(save_dtype=torch.float32),
+    ),
     "qwen2_moe": (
         Qwen2MoeForCausalLM, Qwen2MoeConfig,
         dict(num_hidden_layers=4, num_experts=4, moe_intermediate_size=32,
