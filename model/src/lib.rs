@@ -38,7 +38,7 @@ pub use error::ModelError;
 pub use experts::{ExpertProvider, ExpertWeights, ResidentExperts};
 pub use forward::{ForwardOutput, LogitRow, LogitsRequest, SeqChunk, Workspace};
 pub use kv_cache::KvCache;
-pub use loader::{load_model, load_weights, LoadProgress, LoadedModel};
+pub use loader::{load_model, load_random, load_weights, LoadProgress, LoadedModel};
 pub use sampling::{SampledToken, Sampler, SamplingParams};
 pub use tokenizer::{GenerationDefaults, IncrementalDecoder, TextCodec};
 pub use weights::Model;

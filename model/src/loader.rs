@@ -56,6 +56,15 @@ pub fn load_model(dir: &Path, progress: &mut dyn LoadProgress) -> Result<LoadedM
     Ok(LoadedModel { model, experts, codec })
 }
 
+/// Loads `dir`'s config and tokenizer files but gives the model random bf16
+/// weights (for benchmarks of shapes without a checkpoint).
+pub fn load_random(dir: &Path, seed: u64) -> Result<LoadedModel> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let codec = TextCodec::load(dir, &cfg)?;
+    let (model, experts) = crate::random::random_model(&cfg, seed)?;
+    Ok(LoadedModel { model, experts, codec })
+}
+
 /// Loads only the weights of `dir` for `cfg` (no tokenizer files needed).
 pub fn load_weights(
     dir: &Path,

@@ -28,6 +28,10 @@ macro_rules! serve_config {
             /// Model name clients use (default: the model directory's name).
             #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
             pub served_model_name: Option<String>,
+            /// Benchmarking aid: ignore the checkpoint's weights and use random
+            /// bf16 weights of config.json's shape (tokenizer files still needed).
+            #[arg(long)]
+            pub random_weights: bool,
             $(
                 $(#[doc = $doc])*
                 #[arg(long, env = $env)]
@@ -54,6 +58,8 @@ macro_rules! serve_config {
             pub api_key: Option<String>,
             /// Name served in `/v1/models`.
             pub served_model_name: Option<String>,
+            /// Random weights instead of the checkpoint's.
+            pub random_weights: bool,
             $( $(#[doc = $doc])* pub $name: $ty, )*
         }
 
@@ -68,6 +74,7 @@ macro_rules! serve_config {
                     model: self.model.clone().or(file.model),
                     api_key: self.api_key.clone().or(file.api_key).filter(|k| !k.is_empty()),
                     served_model_name: self.served_model_name.clone().or(file.served_model_name),
+                    random_weights: self.random_weights,
                     $( $name: self.$name.clone().or(file.$name).unwrap_or_else(|| $default), )*
                 })
             }

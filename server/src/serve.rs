@@ -33,7 +33,13 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 /// async runtime).
 pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
     let dir = cfg.model.clone().unwrap_or_else(default_model_dir);
-    let loaded = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let loaded = if cfg.random_weights {
+        tracing::warn!("serving RANDOM weights of {}'s shape (--random-weights)", dir.display());
+        moe_model::load_random(&dir, 0)
+    } else {
+        load_with_progress(&dir)
+    }
+    .with_context(|| format!("loading model from {}", dir.display()))?;
     let model_cfg = loaded.model.config().clone();
     let template = match loaded.codec.chat_template() {
         Some(src) => Some(

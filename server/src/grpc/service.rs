@@ -106,7 +106,8 @@ impl Generation for GenerationApi {
             let deadline = convert::deadline(request.metadata())?;
             let s = self.start(request.get_ref()).await?;
             let work = collect(s.choices);
-            let results = match deadline {
+            // answer a little before tonic's own timer (which reports CANCELLED)
+            let results = match deadline.map(|d| d.saturating_sub((d / 10).min(std::time::Duration::from_millis(20)))) {
                 Some(d) => tokio::time::timeout(d, work).await.map_err(|_| deadline_exceeded())??,
                 None => work.await?,
             };
@@ -157,10 +158,15 @@ impl Generation for GenerationApi {
                 include_usage,
                 deadline,
                 done: false,
+                outcome: None,
             };
             Ok::<_, Status>(futures_util::stream::unfold(state, next_message).boxed())
         };
-        record("GenerateStream", run.await.map(Response::new))
+        // a started stream is counted when it ends (see StreamState's Drop)
+        match run.await {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(e) => record("GenerateStream", Err(e)),
+        }
     }
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
@@ -240,6 +246,15 @@ struct StreamState {
     include_usage: bool,
     deadline: Option<tokio::time::Instant>,
     done: bool,
+    /// How the stream ended; none yet means the client went away.
+    outcome: Option<tonic::Code>,
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        let code = self.outcome.unwrap_or(tonic::Code::Cancelled);
+        metrics::counter!(m::REQUESTS, "endpoint" => "GenerateStream", "status" => format!("{code:?}"), "protocol" => "grpc").increment(1);
+    }
 }
 
 /// The next stream message: queued events first, then the next piece, then
@@ -259,6 +274,7 @@ async fn next_message(mut s: StreamState) -> Option<(Result<pb::GenerateStreamRe
                 Ok(p) => p,
                 Err(_) => {
                     s.done = true;
+                    s.outcome = Some(tonic::Code::DeadlineExceeded);
                     s.pieces = futures_util::stream::select_all(Vec::new()); // abort every choice now
                     return Some((Err(deadline_exceeded()), s));
                 }
@@ -289,10 +305,13 @@ async fn next_message(mut s: StreamState) -> Option<(Result<pb::GenerateStreamRe
             }
             Some(Err(e)) => {
                 s.done = true;
-                return Some((Err(e.into()), s));
+                let status: Status = e.into();
+                s.outcome = Some(status.code());
+                return Some((Err(status), s));
             }
             None => {
                 s.done = true;
+                s.outcome = Some(tonic::Code::Ok);
                 if s.include_usage {
                     s.pending.push_back(Event::Usage(usage(s.prompt_tokens, s.completion)));
                 }
