@@ -119,35 +119,38 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// One row against one weight row, four accumulators; `load` reads 8
+    /// widened weights at an offset, `tail` one.
+    #[inline(always)]
+    unsafe fn dot_with(x: &[f32], load: impl Fn(usize) -> __m256, tail: impl Fn(usize) -> f32) -> f32 {
+        let (n, xp) = (x.len(), x.as_ptr());
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY (whole loop): every load reads 8 values at offsets < n.
+        while i + 32 <= n {
+            for (l, acc) in a.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8 * l)), load(i + 8 * l), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), load(i), a[0]);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+        while i < n {
+            s += *xp.add(i) * tail(i);
+            i += 1;
+        }
+        s
+    }
+
     /// # Safety
     /// Requires AVX2+FMA and `x.len() == w.len()`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
-        let n = x.len();
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let mut a0 = _mm256_setzero_ps();
-        let mut a1 = _mm256_setzero_ps();
-        let mut a2 = _mm256_setzero_ps();
-        let mut a3 = _mm256_setzero_ps();
-        let mut i = 0;
-        // SAFETY (whole loop): every load reads 8 floats at offsets < n.
-        while i + 32 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(wp.add(i)), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), _mm256_loadu_ps(wp.add(i + 8)), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 16)), _mm256_loadu_ps(wp.add(i + 16)), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 24)), _mm256_loadu_ps(wp.add(i + 24)), a3);
-            i += 32;
-        }
-        while i + 8 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(wp.add(i)), a0);
-            i += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        while i < n {
-            s += *xp.add(i) * *wp.add(i);
-            i += 1;
-        }
-        s
+        let wp = w.as_ptr();
+        dot_with(x, |i| _mm256_loadu_ps(wp.add(i)), |i| *wp.add(i))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -207,31 +210,8 @@ mod avx2 {
     /// Requires AVX2+FMA and `x.len() == w.len()`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
-        let n = x.len();
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let mut a0 = _mm256_setzero_ps();
-        let mut a1 = _mm256_setzero_ps();
-        let mut a2 = _mm256_setzero_ps();
-        let mut a3 = _mm256_setzero_ps();
-        let mut i = 0;
-        // SAFETY (whole loop): every load reads 8 values at offsets < n.
-        while i + 32 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), widen8(wp.add(i)), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), widen8(wp.add(i + 8)), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 16)), widen8(wp.add(i + 16)), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 24)), widen8(wp.add(i + 24)), a3);
-            i += 32;
-        }
-        while i + 8 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), widen8(wp.add(i)), a0);
-            i += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-        while i < n {
-            s += *xp.add(i) * f32::from_bits((*wp.add(i) as u32) << 16);
-            i += 1;
-        }
-        s
+        let wp = w.as_ptr();
+        dot_with(x, |i| widen8(wp.add(i)), |i| f32::from_bits((*wp.add(i) as u32) << 16))
     }
 }
 

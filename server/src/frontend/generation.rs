@@ -32,6 +32,23 @@ pub struct Job {
     pub ignore_eos: bool,
 }
 
+impl Job {
+    /// A job for `prompts` with validated parameters; `default_max_tokens`
+    /// applies when the request set no limit. Without a seed, one is drawn.
+    pub fn new(prompts: Vec<Vec<TokenId>>, p: &super::params::CommonParams, default_max_tokens: usize) -> Self {
+        Self {
+            prompts,
+            n: p.n,
+            max_tokens: p.max_tokens.unwrap_or(default_max_tokens),
+            sampling: p.sampling.clone(),
+            seed: p.seed.unwrap_or_else(rand::random),
+            stop: p.stop.clone(),
+            min_tokens: p.min_tokens,
+            ignore_eos: p.ignore_eos,
+        }
+    }
+}
+
 /// One generated token as the client sees it.
 #[derive(Debug, Clone)]
 pub struct Piece {

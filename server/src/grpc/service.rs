@@ -52,16 +52,7 @@ impl GenerationApi {
         };
         let prompt_tokens = prompt.len() * common.n;
         let logprobs = common.sampling.logprobs.is_some();
-        let job = Job {
-            prompts: vec![prompt],
-            n: common.n,
-            max_tokens: common.max_tokens.unwrap_or(16),
-            sampling: common.sampling,
-            seed: common.seed.unwrap_or_else(rand::random),
-            stop: common.stop,
-            min_tokens: common.min_tokens,
-            ignore_eos: common.ignore_eos,
-        };
+        let job = Job::new(vec![prompt], &common, 16);
         tracing::debug!(user = common.user.as_deref().unwrap_or(""), choices = common.n, "grpc generate");
         let choices = generation::submit(&r, job, started)?;
         Ok(Started { ready: r, choices, prompt_tokens, logprobs, id: crate::http::new_id("gen") })

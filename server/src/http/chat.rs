@@ -53,16 +53,7 @@ pub(super) async fn handle(
     }
     let prompt_tokens = prompt.len() * common.n;
     let room = r.engine.max_model_len().saturating_sub(prompt.len()).clamp(1, state.cfg.max_tokens_limit);
-    let job = Job {
-        prompts: vec![prompt],
-        n: common.n,
-        max_tokens: common.max_tokens.unwrap_or(room),
-        sampling: common.sampling.clone(),
-        seed: common.seed.unwrap_or_else(rand::random),
-        stop: common.stop.clone(),
-        min_tokens: common.min_tokens,
-        ignore_eos: common.ignore_eos,
-    };
+    let job = Job::new(vec![prompt], &common, room);
     tracing::debug!(user = common.user.as_deref().unwrap_or(""), choices = common.n, "chat completion");
     let choices = generation::submit(&r, job, started)?;
     let (id, created, model) = (new_id("chatcmpl"), unix_now(), r.model_name.clone());

@@ -38,16 +38,7 @@ pub(super) async fn handle(
     let echoes: Vec<String> =
         if echo { prompts.iter().map(|p| r.codec.decode(p, true).unwrap_or_default()).collect() } else { Vec::new() };
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum::<usize>() * common.n;
-    let job = Job {
-        prompts,
-        n: common.n,
-        max_tokens: common.max_tokens.unwrap_or(16),
-        sampling: common.sampling.clone(),
-        seed: common.seed.unwrap_or_else(rand::random),
-        stop: common.stop.clone(),
-        min_tokens: common.min_tokens,
-        ignore_eos: common.ignore_eos,
-    };
+    let job = Job::new(prompts, &common, 16);
     let n = common.n;
     tracing::debug!(user = common.user.as_deref().unwrap_or(""), choices = job.prompts.len() * n, "completion");
     let choices = generation::submit(&r, job, started)?;
