@@ -128,3 +128,55 @@ fn default_model_speaks_and_same_seed_repeats() {
     let words = a.split_whitespace().count();
     assert!(words >= 10, "too little text: {a:?}");
 }
+
+/// The real binary on SIGTERM: the in-flight request finishes and the
+/// process exits cleanly (refusing new work is tested in http_lifecycle.rs).
+#[test]
+fn sigterm_drains_then_exits() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = Command::new(BIN)
+        .args(["serve", "--port", "0", "--grpc-port", "0", "--shutdown-grace-secs", "20"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let (mut line, mut port) = (String::new(), None);
+    while port.is_none() {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited early");
+        if let Some(rest) = line.strip_prefix("listening on http://127.0.0.1:") {
+            port = rest.split_whitespace().next().and_then(|p| p.parse::<u16>().ok());
+        }
+    }
+    let port = port.unwrap();
+    let post = move |body: &str| -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    // wait for the model
+    for _ in 0..200 {
+        if post(r#"{"prompt": "x", "max_tokens": 1}"#).starts_with("HTTP/1.1 200") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let inflight = std::thread::spawn(move || post(r#"{"prompt": "ROMEO:", "max_tokens": 300, "ignore_eos": true}"#));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let resp = inflight.join().unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"completion_tokens\":300"), "{resp}");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    let mut rest = String::new();
+    let _ = err.read_to_string(&mut rest);
+    assert!(!rest.contains("panicked"), "{rest}");
+}
