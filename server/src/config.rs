@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 macro_rules! serve_config {
-    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr, env = $env:literal; )*) => {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr => $shown:literal, env = $env:literal; )*) => {
         /// Raw flags of `moe-serve serve` (each optional: unset flags fall back
         /// to the TOML file, then to the default).
         #[derive(Args, Debug, Default, Clone)]
@@ -34,7 +34,7 @@ macro_rules! serve_config {
             pub random_weights: bool,
             $(
                 $(#[doc = $doc])*
-                #[arg(long, env = $env)]
+                #[arg(long, env = $env, help = concat!($($doc,)* " [default: ", $shown, "]"))]
                 pub $name: Option<$ty>,
             )*
         }
@@ -84,35 +84,35 @@ macro_rules! serve_config {
 
 serve_config! {
     /// Address to bind.
-    host: IpAddr = IpAddr::from([127, 0, 0, 1]), env = "MOE_HOST";
+    host: IpAddr = IpAddr::from([127, 0, 0, 1]) => "127.0.0.1", env = "MOE_HOST";
     /// HTTP port (0 picks a free one, printed at start).
-    port: u16 = 8000, env = "MOE_PORT";
+    port: u16 = 8000 => "8000", env = "MOE_PORT";
     /// gRPC port on the same host (0 picks a free one, printed at start).
-    grpc_port: u16 = 50051, env = "MOE_GRPC_PORT";
+    grpc_port: u16 = 50051 => "50051", env = "MOE_GRPC_PORT";
     /// Most sequences computed together in one step.
-    max_num_seqs: usize = 64, env = "MOE_MAX_NUM_SEQS";
+    max_num_seqs: usize = 64 => "64", env = "MOE_MAX_NUM_SEQS";
     /// Token budget of one step (prefill chunks plus decodes).
-    max_batched_tokens: usize = 512, env = "MOE_MAX_BATCHED_TOKENS";
+    max_batched_tokens: usize = 512 => "512", env = "MOE_MAX_BATCHED_TOKENS";
     /// Requests queued beyond the running ones before 429.
-    max_waiting: usize = 256, env = "MOE_MAX_WAITING";
+    max_waiting: usize = 256 => "256", env = "MOE_MAX_WAITING";
     /// KV cache size in tokens (rounded up to whole blocks).
-    kv_cache_tokens: usize = 65536, env = "MOE_KV_CACHE_TOKENS";
+    kv_cache_tokens: usize = 65536 => "65536", env = "MOE_KV_CACHE_TOKENS";
     /// Token slots per KV block.
-    block_size: usize = 16, env = "MOE_BLOCK_SIZE";
+    block_size: usize = 16 => "16", env = "MOE_BLOCK_SIZE";
     /// Longest prompt accepted, in tokens (also bounded by the context).
-    max_prompt_tokens: usize = 32768, env = "MOE_MAX_PROMPT_TOKENS";
+    max_prompt_tokens: usize = 32768 => "32768", env = "MOE_MAX_PROMPT_TOKENS";
     /// Largest `max_tokens` accepted.
-    max_tokens_limit: usize = 4096, env = "MOE_MAX_TOKENS_LIMIT";
+    max_tokens_limit: usize = 4096 => "4096", env = "MOE_MAX_TOKENS_LIMIT";
     /// Largest `n`.
-    max_n: usize = 8, env = "MOE_MAX_N";
+    max_n: usize = 8 => "8", env = "MOE_MAX_N";
     /// Most stop strings per request.
-    max_stop: usize = 8, env = "MOE_MAX_STOP";
+    max_stop: usize = 8 => "8", env = "MOE_MAX_STOP";
     /// Most `logit_bias` entries per request.
-    max_logit_bias: usize = 300, env = "MOE_MAX_LOGIT_BIAS";
+    max_logit_bias: usize = 300 => "300", env = "MOE_MAX_LOGIT_BIAS";
     /// Largest request body in bytes.
-    max_body_bytes: usize = 2 << 20, env = "MOE_MAX_BODY_BYTES";
+    max_body_bytes: usize = 2 << 20 => "2097152", env = "MOE_MAX_BODY_BYTES";
     /// Seconds in-flight requests get to finish after SIGTERM.
-    shutdown_grace_secs: u64 = 30, env = "MOE_SHUTDOWN_GRACE_SECS";
+    shutdown_grace_secs: u64 = 30 => "30", env = "MOE_SHUTDOWN_GRACE_SECS";
 }
 
 fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
