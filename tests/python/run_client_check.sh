@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Starts moe-serve on a free loopback port, waits for GET /health to answer 200, runs
-# openai_client_check.py against it, stops the server and exits with the check's status.
+# Starts moe-serve with its REST and gRPC APIs on free loopback ports, waits for
+# GET /health to answer 200, runs one client check against it, stops the server and
+# exits with the check's status.
 #
-# Usage: tests/python/run_openai_check.sh PATH/TO/moe-serve [extra `serve` arguments...]
-#   e.g. tests/python/run_openai_check.sh target/release/moe-serve
-#        tests/python/run_openai_check.sh target/release/moe-serve --model /path/to/model
+# Usage: tests/python/run_client_check.sh openai|grpc PATH/TO/moe-serve [extra `serve` arguments...]
+#   openai: openai_client_check.py (the official openai package) against the REST API
+#   grpc:   grpc_client_check.py (grpcio stubs generated from proto/moe/v1/moe.proto at
+#           run time into a temporary directory) against the gRPC API
+#   e.g. tests/python/run_client_check.sh grpc target/debug/moe-serve
+#        MOE_MODEL_NAME=tsm-test tests/python/run_client_check.sh openai target/debug/moe-serve --model /tmp/tsm-test
 # Environment:
 #   PYTHON              interpreter to use (default python3)
 #   MOE_SERVE_API_KEY   if set, passed to the server as --api-key and to the check
 #   MOE_MODEL_NAME      model name to check (default tiny-shakespeare-moe)
 #   HEALTH_TIMEOUT      seconds to wait for /health (default 120)
-# The openai package is installed from requirements.txt (quietly) if it cannot be imported.
+# The client packages are installed from requirements.txt (quietly) if they cannot be imported.
 set -euo pipefail
 
-if [[ $# -lt 1 ]]; then
-    echo "usage: $0 PATH/TO/moe-serve [extra serve arguments...]" >&2
+if [[ $# -lt 2 ]]; then
+    echo "usage: $0 openai|grpc PATH/TO/moe-serve [extra serve arguments...]" >&2
     exit 2
 fi
-BIN=$1
-shift
+KIND=$1
+BIN=$2
+shift 2
+case "$KIND" in
+    openai) IMPORTS='import openai'; CHECK=openai_client_check.py ;;
+    grpc) IMPORTS='import grpc, grpc_tools, grpc_health.v1.health_pb2'; CHECK=grpc_client_check.py ;;
+    *) echo "error: unknown check $KIND (openai or grpc)" >&2; exit 2 ;;
+esac
 if [[ ! -x "$BIN" ]]; then
     echo "error: $BIN is not an executable file" >&2
     exit 2
@@ -29,23 +39,36 @@ PY=${PYTHON:-python3}
 MODEL=${MOE_MODEL_NAME:-tiny-shakespeare-moe}
 TIMEOUT=${HEALTH_TIMEOUT:-120}
 
-if ! "$PY" -c 'import openai' 2>/dev/null; then
-    echo "installing the openai client from $HERE/requirements.txt"
+if ! "$PY" -c "$IMPORTS" 2>/dev/null; then
+    echo "installing the $KIND client packages from $HERE/requirements.txt"
     "$PY" -m pip install --quiet --disable-pip-version-check -r "$HERE/requirements.txt"
 fi
 
-# A free port: bind port 0, read the number the kernel chose, release it for the server.
-PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
+# Two free ports: bind port 0 twice (both held at once, so they differ), read the numbers
+# the kernel chose, release them for the server.
+read -r PORT GRPC_PORT < <("$PY" -c '
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+for s in socks:
+    s.close()
+')
 BASE="http://127.0.0.1:$PORT"
+TARGET="127.0.0.1:$GRPC_PORT"
 
-SERVE_ARGS=(serve --port "$PORT" "$@")
-CHECK_ARGS=(--base-url "$BASE/v1" --model "$MODEL")
+SERVE_ARGS=(serve --port "$PORT" --grpc-port "$GRPC_PORT" "$@")
+case "$KIND" in
+    openai) CHECK_ARGS=(--base-url "$BASE/v1" --model "$MODEL") ;;
+    grpc) CHECK_ARGS=(--target "$TARGET" --model "$MODEL") ;;
+esac
 if [[ -n "${MOE_SERVE_API_KEY:-}" ]]; then
     SERVE_ARGS+=(--api-key "$MOE_SERVE_API_KEY")
     CHECK_ARGS+=(--api-key "$MOE_SERVE_API_KEY")
 fi
 
-LOG=$(mktemp "${TMPDIR:-/tmp}/moe-serve-check.XXXXXX")
+LOG=$(mktemp "${TMPDIR:-/tmp}/moe-serve-$KIND-check.XXXXXX")
 SERVER_PID=""
 
 cleanup() {
@@ -90,10 +113,10 @@ until "$PY" -c 'import sys, urllib.request; sys.exit(0 if urllib.request.urlopen
     fi
     sleep 0.5
 done
-echo "server ready on $BASE"
+echo "server ready on $BASE (REST) and $TARGET (gRPC)"
 
 set +e
-"$PY" "$HERE/openai_client_check.py" "${CHECK_ARGS[@]}"
+"$PY" "$HERE/$CHECK" "${CHECK_ARGS[@]}"
 rc=$?
 set -e
 exit "$rc"
