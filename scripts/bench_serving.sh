@@ -7,7 +7,7 @@
 # Usage: scripts/bench_serving.sh [serve args...]
 #   scripts/bench_serving.sh                                   # the built-in model
 #   scripts/bench_serving.sh --model /tmp/large --random-weights   # a random-weight shape
-# Environment: LOADGEN_ARGS (extra moe-loadgen flags, e.g. "--max-tokens 32
+# Environment: CONCURRENCY (default 1,8,32,64), LOADGEN_ARGS (extra moe-loadgen flags, e.g. "--max-tokens 32
 # --requests-per-client 2"), MODEL_NAME (served name, default: from /v1/models).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +26,4 @@ done
 NAME=${MODEL_NAME:-$(curl -s "http://127.0.0.1:$PORT/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')}
 echo "model: $NAME ($*)"
 # shellcheck disable=SC2086
-target/release/moe-loadgen --url "http://127.0.0.1:$PORT" --model "$NAME" --concurrency 1,8,32,64 ${LOADGEN_ARGS:-}
+target/release/moe-loadgen --url "http://127.0.0.1:$PORT" --model "$NAME" --concurrency "${CONCURRENCY:-1,8,32,64}" ${LOADGEN_ARGS:-}
