@@ -145,9 +145,13 @@ impl Sampler {
             self.cand.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             self.cand.truncate(p.top_k);
         }
-        self.cand.sort_unstable_by(by_logit_desc);
+        // only nucleus sampling needs the candidates in order; sorting the
+        // whole vocabulary per token is the costliest part of sampling
+        if p.top_p < 1.0 {
+            self.cand.sort_unstable_by(by_logit_desc);
+        }
         // softmax over the survivors
-        let max = self.cand[0].1;
+        let max = self.cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for c in self.cand.iter_mut() {
             c.1 = (c.1 - max).exp();
@@ -165,7 +169,7 @@ impl Sampler {
             self.cand.truncate(keep.map_or(self.cand.len(), |i| i + 1));
         }
         if p.min_p > 0.0 {
-            let floor = self.cand[0].1 * p.min_p;
+            let floor = self.cand.iter().map(|c| c.1).fold(0.0, f32::max) * p.min_p;
             self.cand.retain(|c| c.1 >= floor);
         }
         let total: f32 = self.cand.iter().map(|c| c.1).sum();

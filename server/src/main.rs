@@ -171,6 +171,7 @@ fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
     let sched = moe_scheduler::SchedulerConfig { max_num_seqs: 256, max_batched_tokens: 4096 };
     let mut core = moe_engine::EngineCore::new(m.model, m.experts, eos, sched, (2048, 16));
     let mut batch_rows = Vec::new();
+    let mut large_rows = Vec::new();
     for batch in [1, 8, 32, 64] {
         batch_rows.push((batch, bench::engine_throughput(&mut core, batch, args.decode_tokens)));
     }
@@ -181,6 +182,11 @@ fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
         let (model, experts) = moe_model::random::random_model(&cfg, 0)?;
         eprintln!("benchmarking random-large...");
         rows.push(bench::bench_model("random-large (bf16)", &model, &experts, bench::expert_bytes(&cfg, 2), args, bw)?);
+        let sched = moe_scheduler::SchedulerConfig { max_num_seqs: 256, max_batched_tokens: 4096 };
+        let mut core = moe_engine::EngineCore::new(model, experts, vec![], sched, (1024, 16));
+        for batch in [1, 8, 32] {
+            large_rows.push((batch, bench::engine_throughput(&mut core, batch, 16)));
+        }
     }
     print!("{}", bench::render(&rows, bw, args));
     println!(
@@ -190,6 +196,15 @@ fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
     println!("| concurrent sequences | tokens/s | vs 1 sequence |\n|---|---|---|");
     for (b, tps) in &batch_rows {
         println!("| {b} | {tps:.0} | {:.2}x |", tps / batch_rows[0].1);
+    }
+    if !large_rows.is_empty() {
+        println!(
+            "\nengine decode throughput on random-large (greedy, 16-token prompts, 16 new tokens each, no HTTP):\n"
+        );
+        println!("| concurrent sequences | tokens/s | vs 1 sequence |\n|---|---|---|");
+        for (b, tps) in &large_rows {
+            println!("| {b} | {tps:.1} | {:.2}x |", tps / large_rows[0].1);
+        }
     }
     Ok(())
 }
