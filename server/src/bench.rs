@@ -133,7 +133,7 @@ pub fn engine_throughput<E: ExpertProvider + Sync>(
     core: &mut moe_engine::EngineCore<E>,
     batch: usize,
     max_tokens: usize,
-) -> f64 {
+) -> Result<f64, moe_engine::EngineError> {
     let vocab = core.model().config().vocab_size;
     for i in 0..batch {
         let prompt = (0..16).map(|j| (3 + (i * 131 + j * 7) % (vocab - 3)) as u32).collect();
@@ -145,12 +145,12 @@ pub fn engine_throughput<E: ExpertProvider + Sync>(
             min_tokens: 0,
             ignore_eos: true,
         };
-        core.add(moe_types::SeqId(i as u64), req).expect("bench request fits");
+        core.add(moe_types::SeqId(i as u64), req)?;
     }
     let t = Instant::now();
     let mut tokens = 0;
     while !core.is_idle() {
         tokens += core.step().map(|o| o.len()).unwrap_or(0);
     }
-    tokens as f64 / t.elapsed().as_secs_f64()
+    Ok(tokens as f64 / t.elapsed().as_secs_f64())
 }

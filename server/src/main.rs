@@ -173,7 +173,7 @@ fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
     let mut batch_rows = Vec::new();
     let mut large_rows = Vec::new();
     for batch in [1, 8, 32, 64] {
-        batch_rows.push((batch, bench::engine_throughput(&mut core, batch, args.decode_tokens)));
+        batch_rows.push((batch, bench::engine_throughput(&mut core, batch, args.decode_tokens)?));
     }
     drop(core);
     if !b.no_large {
@@ -185,7 +185,7 @@ fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
         let sched = moe_scheduler::SchedulerConfig { max_num_seqs: 256, max_batched_tokens: 4096 };
         let mut core = moe_engine::EngineCore::new(model, experts, vec![], sched, (1024, 16));
         for batch in [1, 8, 32] {
-            large_rows.push((batch, bench::engine_throughput(&mut core, batch, 16)));
+            large_rows.push((batch, bench::engine_throughput(&mut core, batch, 16)?));
         }
     }
     print!("{}", bench::render(&rows, bw, args));
