@@ -239,3 +239,36 @@ async fn unloaded_model_is_unavailable() {
     let mut c = client(&s).await;
     assert_eq!(c.generate(text_request("x", 2)).await.unwrap_err().code(), Code::Unavailable);
 }
+
+#[tokio::test]
+async fn reflection_lists_services_and_metrics_are_labelled() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let s = TestServer::default().await;
+    let channel = Channel::from_shared(format!("http://{}", s.grpc_addr)).unwrap().connect().await.unwrap();
+    let mut r = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = r.server_reflection_info(futures_util::stream::iter(vec![req])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.next().await.unwrap().unwrap().message_response else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["moe.v1.Generation", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+    // gRPC calls share /metrics with REST, labelled by protocol
+    let mut c = client(&s).await;
+    c.generate(text_request("x", 2)).await.unwrap();
+    let m = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        m.lines().any(|l| l.starts_with("moe_requests_total")
+            && l.contains("protocol=\"grpc\"")
+            && l.contains("endpoint=\"Generate\"")),
+        "{m}"
+    );
+}
