@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the numerical-fidelity fixtures used by the Rust tests (tests/fixtures/).
 
-For each of five tiny random-weight MoE checkpoints this writes a directory with the
+For each of six tiny random-weight MoE checkpoints this writes a directory with the
 checkpoint exactly as transformers' `save_pretrained` produces it (config.json,
 model.safetensors or shards + model.safetensors.index.json, generation_config.json)
 plus `reference.safetensors`, holding outputs computed by transformers on CPU in
