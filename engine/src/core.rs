@@ -4,6 +4,7 @@
 use crate::{EngineError, FinishReason, GenerationRequest};
 use moe_model::{ExpertProvider, KvCache, LogitsRequest, Model, SampledToken, Sampler, SeqChunk, Workspace};
 use moe_scheduler::{BlockAllocator, Scheduler, SchedulerConfig, StepPlan};
+use moe_types::trace::{TraceHeader, TraceToken};
 use moe_types::{SeqId, TokenId};
 use std::collections::HashMap;
 
@@ -37,6 +38,9 @@ pub struct EngineCore<E> {
     eos: Vec<TokenId>,
     masked: Vec<f32>,
     last_plan: StepPlan,
+    steps: u64,
+    /// Routing records of computed tokens, when recording.
+    trace: Option<Vec<TraceToken>>,
 }
 
 impl<E: ExpertProvider + Sync> EngineCore<E> {
@@ -54,7 +58,31 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
             eos,
             masked: Vec::new(),
             last_plan: StepPlan::default(),
+            steps: 0,
+            trace: None,
         }
+    }
+
+    /// Starts or stops recording the routing of every computed token.
+    pub fn set_recording(&mut self, on: bool) {
+        self.trace = on.then(Vec::new);
+    }
+
+    /// Routing records gathered since the last call (empty when not recording).
+    pub fn take_trace(&mut self) -> Vec<TraceToken> {
+        self.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The trace header describing this engine's model.
+    pub fn trace_header(&self, model_name: &str) -> TraceHeader {
+        let c = self.model.config();
+        TraceHeader::new(
+            model_name,
+            c.num_layers(),
+            c.moe_layers().map(|l| l as u16).collect(),
+            c.moe.num_experts,
+            c.moe.top_k,
+        )
     }
 
     /// The model.
@@ -141,6 +169,29 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
             }
         };
         drop(chunks);
+        self.steps += 1;
+        if let Some(trace) = &mut self.trace {
+            let mut t = 0;
+            for c in &plan.chunks {
+                let tokens = self.sched.tokens(c.seq);
+                for (pos, &token) in tokens.iter().enumerate().skip(c.start).take(c.len) {
+                    trace.push(TraceToken {
+                        step: self.steps,
+                        seq: c.seq.0,
+                        pos: pos as u32,
+                        token,
+                        experts: out
+                            .routing
+                            .layers
+                            .iter()
+                            .map(|l| l.experts_of(t).iter().map(|e| e.0).collect())
+                            .collect(),
+                        weights: out.routing.layers.iter().map(|l| l.weights_of(t).to_vec()).collect(),
+                    });
+                    t += 1;
+                }
+            }
+        }
         self.sched.commit(&plan);
         let mut outputs = Vec::new();
         for (row, c) in plan.chunks.iter().filter(|c| c.sample).enumerate() {

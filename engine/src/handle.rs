@@ -4,6 +4,7 @@ use crate::core::{check_request, EngineCore};
 use crate::metric_names as m;
 use crate::{EngineError, EngineEvent, GenerationRequest};
 use moe_model::ExpertProvider;
+use moe_types::trace::TraceToken;
 use moe_types::SeqId;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
@@ -147,12 +148,19 @@ impl EngineHandle {
     }
 }
 
+/// Where recorded routing goes: batches of records, one per step. The
+/// engine never waits on it; a full channel drops the batch (counted).
+pub type TraceSink = SyncSender<Vec<TraceToken>>;
+
 /// Starts the engine thread. It runs until every handle is dropped and the
-/// work in hand is done.
+/// work in hand is done. With a `trace` sink it records every computed
+/// token's routing.
 pub fn spawn_engine<E: ExpertProvider + Send + Sync + 'static>(
-    core: EngineCore<E>,
+    mut core: EngineCore<E>,
     limits: EngineLimits,
+    trace: Option<TraceSink>,
 ) -> EngineHandle {
+    core.set_recording(trace.is_some());
     let (inbox, rx) = mpsc::sync_channel(limits.inbox.max(1));
     let (aborts, abort_rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::default());
@@ -168,7 +176,7 @@ pub fn spawn_engine<E: ExpertProvider + Send + Sync + 'static>(
     };
     std::thread::Builder::new()
         .name("moe-engine".into())
-        .spawn(move || run(core, rx, abort_rx, stats))
+        .spawn(move || run(core, rx, abort_rx, stats, trace))
         .expect("spawning the engine thread");
     handle
 }
@@ -178,6 +186,7 @@ fn run<E: ExpertProvider + Sync>(
     rx: Receiver<Command>,
     aborts: Receiver<SeqId>,
     stats: Arc<EngineStats>,
+    trace: Option<TraceSink>,
 ) {
     let mut streams: std::collections::HashMap<SeqId, tmpsc::Sender<EngineEvent>> = Default::default();
     let mut disconnected = false;
@@ -218,6 +227,15 @@ fn run<E: ExpertProvider + Sync>(
             metrics::counter!(m::PREEMPTIONS).increment(plan.preempted.len() as u64);
         }
         stats.steps.fetch_add(1, Ordering::Relaxed);
+        if let Some(sink) = &trace {
+            let records = core.take_trace();
+            if !records.is_empty() {
+                let n = records.len() as u64;
+                if sink.try_send(records).is_err() {
+                    metrics::counter!(m::TRACE_DROPPED).increment(n);
+                }
+            }
+        }
         match result {
             Ok(outputs) => {
                 for o in outputs {

@@ -16,7 +16,7 @@ mod handle;
 pub mod metric_names;
 
 pub use crate::core::{EngineCore, StepOutput};
-pub use handle::{spawn_engine, EngineHandle, EngineLimits, EngineStats, RequestStream};
+pub use handle::{spawn_engine, EngineHandle, EngineLimits, EngineStats, RequestStream, TraceSink};
 
 use moe_model::{SampledToken, SamplingParams};
 use moe_types::TokenId;

@@ -29,6 +29,9 @@ pub const BATCH_SEQS: &str = "moe_step_batch_sequences";
 /// Counter: sequences preempted for lack of KV blocks.
 pub const PREEMPTIONS: &str = "moe_preemptions_total";
 
+/// Counter: routing-trace records dropped because the writer fell behind.
+pub const TRACE_DROPPED: &str = "moe_trace_records_dropped_total";
+
 /// Histogram bucket boundaries for latencies in seconds.
 pub const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];

@@ -80,6 +80,7 @@ async fn thread_streams_tokens_and_frees_on_drop() {
     let handle = spawn_engine(
         core(SchedulerConfig { max_num_seqs: 8, max_batched_tokens: 64 }, (32, 4)),
         EngineLimits { max_in_flight: 8, inbox: 8 },
+        None,
     );
     let mut s = handle.submit(request(1, 5)).unwrap();
     let mut tokens = 0;
@@ -115,4 +116,27 @@ async fn thread_streams_tokens_and_frees_on_drop() {
     drop(streams);
     handle.close();
     assert!(matches!(handle.submit(request(0, 4)), Err(moe_engine::EngineError::ShuttingDown)));
+}
+
+#[test]
+fn recording_covers_every_computed_token() {
+    let mut c = core(SchedulerConfig { max_num_seqs: 4, max_batched_tokens: 7 }, (32, 4));
+    c.set_recording(true);
+    let reqs: Vec<(u64, GenerationRequest)> = (0..3).map(|i| (i as u64, request(i, 4))).collect();
+    let prompts: std::collections::HashMap<u64, Vec<u32>> =
+        reqs.iter().map(|(id, r)| (*id, r.prompt.clone())).collect();
+    let out = run_all(&mut c, &reqs);
+    let trace = c.take_trace();
+    let header = c.trace_header("fixture");
+    assert_eq!(header.moe_layers, vec![0, 1, 3], "qwen2_moe fixture: layer 2 is dense");
+    for (id, prompt) in &prompts {
+        let mut mine: Vec<_> = trace.iter().filter(|t| t.seq == *id).collect();
+        mine.sort_by_key(|t| t.pos);
+        // the prompt and every generated token but the last are computed once
+        let expect: Vec<u32> = prompt.iter().copied().chain(out[id][..out[id].len() - 1].iter().copied()).collect();
+        assert_eq!(mine.iter().map(|t| t.token).collect::<Vec<_>>(), expect, "sequence {id}");
+        assert!(mine.iter().enumerate().all(|(i, t)| t.pos as usize == i));
+        assert!(mine.iter().all(|t| t.experts.len() == 3 && t.experts.iter().all(|e| e.len() == 2)));
+    }
+    assert!(c.take_trace().is_empty(), "take_trace drains");
 }

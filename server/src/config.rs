@@ -28,6 +28,10 @@ macro_rules! serve_config {
             /// Model name clients use (default: the model directory's name).
             #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
             pub served_model_name: Option<String>,
+            /// Record every computed token's routing to this file (routing-trace
+            /// format v1, JSON Lines; see moe_types::trace).
+            #[arg(long, env = "MOE_RECORD_ROUTING")]
+            pub record_routing: Option<PathBuf>,
             /// Benchmarking aid: ignore the checkpoint's weights and use random
             /// bf16 weights of config.json's shape (tokenizer files still needed).
             #[arg(long)]
@@ -46,6 +50,7 @@ macro_rules! serve_config {
             model: Option<PathBuf>,
             api_key: Option<String>,
             served_model_name: Option<String>,
+            record_routing: Option<PathBuf>,
             $( $name: Option<$ty>, )*
         }
 
@@ -60,6 +65,8 @@ macro_rules! serve_config {
             pub served_model_name: Option<String>,
             /// Random weights instead of the checkpoint's.
             pub random_weights: bool,
+            /// Routing-trace output file, if recording.
+            pub record_routing: Option<PathBuf>,
             $( $(#[doc = $doc])* pub $name: $ty, )*
         }
 
@@ -75,6 +82,7 @@ macro_rules! serve_config {
                     api_key: self.api_key.clone().or(file.api_key).filter(|k| !k.is_empty()),
                     served_model_name: self.served_model_name.clone().or(file.served_model_name),
                     random_weights: self.random_weights,
+                    record_routing: self.record_routing.clone().or(file.record_routing),
                     $( $name: self.$name.clone().or(file.$name).unwrap_or_else(|| $default), )*
                 })
             }

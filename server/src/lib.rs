@@ -16,3 +16,4 @@ pub mod http;
 pub mod model_dir;
 pub mod serve;
 pub mod session;
+pub mod trace;

@@ -32,6 +32,8 @@ enum Command {
     Generate(GenerateCmd),
     /// Measure prefill and decode throughput against the memory-bandwidth bound.
     Bench(BenchCmd),
+    /// Record a routing trace (format v1, JSON Lines) of a text file, without a server.
+    Trace(TraceCmd),
 }
 
 #[derive(Args)]
@@ -57,6 +59,25 @@ struct GenerateCmd {
     /// RNG seed (default: from the clock); same seed, same text.
     #[arg(long)]
     seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct TraceCmd {
+    /// Text file to run through the model.
+    #[arg(long)]
+    input: PathBuf,
+    /// Trace file to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// Model directory; default: the built-in model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Tokens per sequence window.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Stop after this many windows (0: the whole file).
+    #[arg(long, default_value_t = 0)]
+    max_windows: usize,
 }
 
 #[derive(Args)]
@@ -103,6 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate(g) => run_generate(g),
         Command::Bench(b) => run_bench(b),
+        Command::Trace(t) => run_trace(t),
     }
 }
 
@@ -134,6 +156,23 @@ fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
         stats.generated as f64 / secs,
         seed
     );
+    Ok(())
+}
+
+fn run_trace(t: TraceCmd) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&t.input).with_context(|| format!("reading {}", t.input.display()))?;
+    let dir = t.model.unwrap_or_else(default_model_dir);
+    let m = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    let file = std::fs::File::create(&t.output).with_context(|| format!("creating {}", t.output.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let args = moe_server::trace::TraceArgs { window: t.window, max_windows: t.max_windows };
+    let n = moe_server::trace::record_text(m, &name, &text, &args, &mut out)?;
+    eprintln!("recorded the routing of {n} tokens to {}", t.output.display());
     Ok(())
 }
 

@@ -58,7 +58,12 @@ pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
     let sched = SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batched_tokens: cfg.max_batched_tokens };
     let eos = loaded.codec.eos_ids().to_vec();
     let core = EngineCore::new(loaded.model, loaded.experts, eos, sched, (blocks, cfg.block_size));
-    let engine = spawn_engine(core, EngineLimits { max_in_flight: cfg.max_num_seqs + cfg.max_waiting, inbox: 1024 });
+    let sink = match &cfg.record_routing {
+        Some(path) => Some(crate::trace::start_writer(path, &core.trace_header(&name))?),
+        None => None,
+    };
+    let engine =
+        spawn_engine(core, EngineLimits { max_in_flight: cfg.max_num_seqs + cfg.max_waiting, inbox: 1024 }, sink);
     tracing::info!(model = %name, arch = model_cfg.arch.name(), kv_blocks = blocks, "model ready");
     Ok(Ready {
         engine,

@@ -180,3 +180,37 @@ fn sigterm_drains_then_exits() {
     let _ = err.read_to_string(&mut rest);
     assert!(!rest.contains("panicked"), "{rest}");
 }
+
+/// `moe-serve trace` records a readable, versioned trace of a text file.
+#[test]
+fn trace_command_records_every_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(
+        &input,
+        "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+            .repeat(4),
+    )
+    .unwrap();
+    let output = dir.path().join("trace.jsonl");
+    let out = Command::new(BIN)
+        .args(["trace", "--window", "16", "--max-windows", "3", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (header, tokens) =
+        moe_types::trace::read_trace(std::io::BufReader::new(std::fs::File::open(&output).unwrap())).unwrap();
+    assert_eq!(header.model, "tiny-shakespeare-moe");
+    assert_eq!((header.moe_layers.len(), header.num_experts, header.top_k), (4, 8, 2));
+    assert_eq!(tokens.len(), 48, "3 windows of 16 tokens");
+    for seq in 0..3 {
+        let positions: Vec<u32> = tokens.iter().filter(|t| t.seq == seq).map(|t| t.pos).collect();
+        assert_eq!(positions, (0..16).collect::<Vec<_>>());
+    }
+    let err = Command::new(BIN).args(["trace", "--input", "/no/such/file", "--output"]).arg(&output).output().unwrap();
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("reading /no/such/file"));
+}

@@ -280,3 +280,26 @@ async fn full_queue_is_429() {
     assert_eq!(st, 429, "{v}");
     drop(long);
 }
+
+#[tokio::test]
+async fn record_routing_writes_a_trace_of_served_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routing.jsonl");
+    let p = path.clone();
+    let s = TestServer::start(config(move |a| a.record_routing = Some(p)), true).await;
+    let (_, v) = s
+        .post("/v1/completions", json!({"prompt": "ROMEO:", "max_tokens": 6, "temperature": 0, "ignore_eos": true}))
+        .await;
+    let computed = v["usage"]["prompt_tokens"].as_u64().unwrap() + 6 - 1; // the last token is never fed back
+    let mut n = 0;
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (_, tokens) = moe_types::trace::read_trace(text.as_bytes()).unwrap();
+        n = tokens.len() as u64;
+        if n >= computed {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(n, computed);
+}

@@ -1,12 +1,15 @@
 //! Small shared vocabulary of the project: identifier newtypes and the routing
 //! record produced by the forward pass.
 //!
-//! Owns: `LayerId`, `ExpertId`, `BlockId`, `SeqId`, `TokenId`, and
-//! [`StepRouting`]. Depends on nothing of ours; no IO, no clocks.
-//! Later work adds the versioned routing-trace and placement-plan file
-//! formats here, because both the engine and the offline planner read them.
+//! Owns: `LayerId`, `ExpertId`, `BlockId`, `SeqId`, `TokenId`,
+//! [`StepRouting`], and the versioned routing-trace file format ([`trace`]),
+//! shared by the engine that writes traces and the offline tools that read
+//! them. Depends on nothing of ours; no clocks. (The placement-plan format
+//! joins it with the planner.)
 
 use serde::{Deserialize, Serialize};
+
+pub mod trace;
 
 /// A vocabulary entry.
 pub type TokenId = u32;
