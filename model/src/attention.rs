@@ -14,7 +14,7 @@ thread_local! {
 }
 
 /// Below this many (token, key) pairs per step attention runs on one thread.
-const PARALLEL_PAIRS: usize = 4096;
+const PARALLEL_PAIRS: usize = 512;
 
 impl Model {
     /// Attention of layer `l`: reads `ws.xn`, writes `ws.out`; appends the
