@@ -176,7 +176,20 @@ pub fn spawn_engine<E: ExpertProvider + Send + Sync + 'static>(
     };
     std::thread::Builder::new()
         .name("moe-engine".into())
-        .spawn(move || run(core, rx, abort_rx, stats, trace))
+        .spawn(move || {
+            // The loop runs on a worker of its own compute pool, so parallel
+            // sections start on an awake thread instead of waking the whole
+            // pool from outside (one wake-up fewer per section, many per step).
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            match rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("moe-compute-{i}"))
+                .build()
+            {
+                Ok(pool) => pool.install(|| run(core, rx, abort_rx, stats, trace)),
+                Err(_) => run(core, rx, abort_rx, stats, trace),
+            }
+        })
         .expect("spawning the engine thread");
     handle
 }

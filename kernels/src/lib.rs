@@ -16,7 +16,7 @@ pub mod ops;
 mod simd;
 mod weight;
 
-pub use matmul::matmul_nt;
+pub use matmul::{matmul_nt, serial};
 pub use weight::{Weight, WeightData};
 
 /// Errors raised by kernel entry points on inconsistent shapes.

@@ -23,6 +23,17 @@ const BF16_BLOCK_ROWS: usize = 64;
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Set while this thread runs one task of an outer parallel loop.
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every product on this thread kept single-threaded (for
+/// tasks of an outer parallel loop, e.g. experts run side by side).
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let prev = SERIAL.with(|s| s.replace(true));
+    let r = f();
+    SERIAL.with(|s| s.set(prev));
+    r
 }
 
 /// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ`, overwriting `out`.
@@ -42,8 +53,7 @@ pub fn matmul_nt(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) -> Result<(),
         return Ok(());
     }
     // inside a pool task (e.g. experts run side by side) stay on this thread
-    let parallel =
-        m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none();
+    let parallel = m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get());
     if m <= SMALL_M {
         small_m(x, m, w, out, parallel);
     } else {

@@ -109,15 +109,17 @@ impl Model {
                 .used
                 .par_iter()
                 .map(|&e| {
-                    let group = &groups[e.index()];
-                    let mut gather = vec![0.0; group.len() * hsz];
-                    for (r, &(tok, _)) in group.iter().enumerate() {
-                        gather[r * hsz..(r + 1) * hsz].copy_from_slice(&xn[tok * hsz..(tok + 1) * hsz]);
-                    }
-                    let w = experts.get(layer, e)?;
-                    let mut y = vec![0.0; group.len() * hsz];
-                    FFN.with(|f| mlp(&w, &gather, group.len(), &mut f.borrow_mut(), &mut y))?;
-                    Ok(y)
+                    moe_kernels::serial(|| {
+                        let group = &groups[e.index()];
+                        let mut gather = vec![0.0; group.len() * hsz];
+                        for (r, &(tok, _)) in group.iter().enumerate() {
+                            gather[r * hsz..(r + 1) * hsz].copy_from_slice(&xn[tok * hsz..(tok + 1) * hsz]);
+                        }
+                        let w = experts.get(layer, e)?;
+                        let mut y = vec![0.0; group.len() * hsz];
+                        FFN.with(|f| mlp(&w, &gather, group.len(), &mut f.borrow_mut(), &mut y))?;
+                        Ok(y)
+                    })
                 })
                 .collect();
             for (&e, y) in s.used.iter().zip(outs) {
