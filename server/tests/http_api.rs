@@ -170,6 +170,13 @@ async fn tokenize_detokenize_models_health() {
     let tokens = v["tokens"].clone();
     assert_eq!(v["count"].as_u64().unwrap() as usize, tokens.as_array().unwrap().len());
     let (_, d) = s.post("/detokenize", json!({"tokens": tokens})).await;
+    // messages are tokenized as the chat endpoint does: the template's bos only
+    let msgs = json!([{"role": "user", "content": "Hi"}]);
+    let (_, t) = s.post("/tokenize", json!({"messages": msgs})).await;
+    let (_, chat) = s.post("/v1/chat/completions", json!({"messages": msgs, "max_tokens": 1})).await;
+    assert_eq!(t["count"], chat["usage"]["prompt_tokens"], "{t} vs {chat}");
+    assert_eq!(t["tokens"][0], 1);
+    assert_ne!(t["tokens"][1], 1, "bos added twice");
     assert!(d["prompt"].as_str().unwrap().contains("To be, or not to be"));
     let r = s.client.get(s.url("/v1/models")).send().await.unwrap();
     let m: serde_json::Value = r.json().await.unwrap();

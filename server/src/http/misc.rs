@@ -41,14 +41,15 @@ pub(super) async fn tokenize(
     let r = state.ready()?;
     let mut f = Fields::new(parse_body(body)?)?;
     state.check_model(&r, f.string("model")?.as_deref())?;
-    let add_special = f.bool("add_special_tokens")?.unwrap_or(true);
-    let text = match (f.string("prompt")?, f.take("messages")) {
-        (Some(p), None) => p,
+    let add_special = f.bool("add_special_tokens")?;
+    // a chat template writes its own special tokens, so messages default to none added
+    let (text, add_special) = match (f.string("prompt")?, f.take("messages")) {
+        (Some(p), None) => (p, add_special.unwrap_or(true)),
         (None, Some(m)) => {
             let msgs = super::chat::parse_messages(m)?;
             let t =
                 r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
-            t.render(&msgs)?
+            (t.render(&msgs)?, add_special.unwrap_or(false))
         }
         _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` or `messages`")),
     };
