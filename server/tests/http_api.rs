@@ -310,3 +310,62 @@ async fn record_routing_writes_a_trace_of_served_tokens() {
     }
     assert_eq!(n, computed);
 }
+
+/// Each sampling parameter reaches the sampler: its effect shows end to end.
+#[tokio::test]
+async fn sampling_parameters_take_effect() {
+    let s = TestServer::default().await;
+    let text = |v: &serde_json::Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    let base = json!({"prompt": "ROMEO:", "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+    let greedy = text(&s.post("/v1/completions", base.clone()).await.1);
+    let with = |k: &str, v: serde_json::Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    };
+    // top_k = 1 at temperature 1 is greedy; so is min_p = 1 and a tiny top_p
+    for (k, v) in [("top_k", json!(1)), ("min_p", json!(1.0)), ("top_p", json!(1e-6))] {
+        let mut b = with(k, v);
+        b["temperature"] = json!(1.0);
+        b["seed"] = json!(11);
+        assert_eq!(text(&s.post("/v1/completions", b).await.1), greedy, "{k}");
+    }
+    // penalties change greedy output
+    for (k, v) in
+        [("presence_penalty", json!(2.0)), ("frequency_penalty", json!(2.0)), ("repetition_penalty", json!(3.0))]
+    {
+        let (st, out) = s.post("/v1/completions", with(k, v)).await;
+        assert_eq!(st, 200, "{out}");
+        assert_ne!(text(&out), greedy, "{k} had no effect");
+    }
+    // logit_bias forces a token: every generated token is that one
+    let (_, tok) = s.post("/tokenize", json!({"prompt": " the", "add_special_tokens": false})).await;
+    let id = tok["tokens"][0].as_u64().unwrap();
+    let mut b = with("logit_bias", json!({ id.to_string(): 100 }));
+    b["logprobs"] = json!(0);
+    let (_, out) = s.post("/v1/completions", b).await;
+    let toks = out["choices"][0]["logprobs"]["tokens"].as_array().unwrap();
+    assert!(toks.iter().all(|t| t == " the"), "{out}");
+    // eos (id 2) forced by logit_bias ends a request at once; min_tokens holds it off,
+    // ignore_eos runs through it
+    let eos = json!({"prompt": "ROMEO:", "max_tokens": 30, "temperature": 0, "logit_bias": {"2": 100}, "user": "u1"});
+    let (_, out) = s.post("/v1/completions", eos.clone()).await;
+    assert_eq!(
+        (out["usage"]["completion_tokens"].as_u64(), out["choices"][0]["finish_reason"].as_str()),
+        (Some(1), Some("stop"))
+    );
+    let mut b = eos.clone();
+    b["min_tokens"] = json!(5);
+    let (_, out) = s.post("/v1/completions", b).await;
+    assert_eq!(
+        (out["usage"]["completion_tokens"].as_u64(), out["choices"][0]["finish_reason"].as_str()),
+        (Some(6), Some("stop"))
+    );
+    let mut b = eos;
+    b["ignore_eos"] = json!(true);
+    let (_, out) = s.post("/v1/completions", b).await;
+    assert_eq!(
+        (out["usage"]["completion_tokens"].as_u64(), out["choices"][0]["finish_reason"].as_str()),
+        (Some(30), Some("length"))
+    );
+}
