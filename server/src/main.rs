@@ -6,7 +6,7 @@ use moe_model::SamplingParams;
 use moe_server::bench::{self, BenchArgs};
 use moe_server::config::ServeArgs;
 use moe_server::generate::{generate, GenerateArgs};
-use moe_server::model_dir::{default_model_dir, load_with_progress};
+use moe_server::model_dir::{default_model_dir, load_with_progress, model_name};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -163,11 +163,7 @@ fn run_trace(t: TraceCmd) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&t.input).with_context(|| format!("reading {}", t.input.display()))?;
     let dir = t.model.unwrap_or_else(default_model_dir);
     let m = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
-    let name = dir
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "model".into());
+    let name = model_name(&dir);
     let file = std::fs::File::create(&t.output).with_context(|| format!("creating {}", t.output.display()))?;
     let mut out = std::io::BufWriter::new(file);
     let args = moe_server::trace::TraceArgs { window: t.window, max_windows: t.max_windows };
@@ -197,15 +193,10 @@ fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
     let dir = b.model.unwrap_or_else(default_model_dir);
     let m = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
     let cfg = m.model.config().clone();
-    let per_value = if m.experts.nbytes() == 0 {
-        4
-    } else {
-        m.experts.nbytes() / (cfg.moe_layers().count() * cfg.moe.num_experts * 3 * cfg.hidden_size * cfg.moe.expert_ffn)
-    };
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let expert_bytes = m.experts.nbytes() / (cfg.moe_layers().count() * cfg.moe.num_experts).max(1);
+    let name = model_name(&dir);
     eprintln!("benchmarking {name}...");
-    let mut rows =
-        vec![bench::bench_model(&name, &m.model, &m.experts, bench::expert_bytes(&cfg, per_value), args, bw)?];
+    let mut rows = vec![bench::bench_model(&name, &m.model, &m.experts, expert_bytes, args, bw)?];
     let eos = m.codec.eos_ids().to_vec();
     let sched = moe_scheduler::SchedulerConfig { max_num_seqs: 256, max_batched_tokens: 4096 };
     let mut core = moe_engine::EngineCore::new(m.model, m.experts, eos, sched, (2048, 16));

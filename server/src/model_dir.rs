@@ -13,6 +13,15 @@ pub fn default_model_dir() -> PathBuf {
     }
 }
 
+/// The name a model directory is served and recorded under: its final
+/// path component (after resolving `.` and links), or "model".
+pub fn model_name(dir: &std::path::Path) -> String {
+    dir.canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into())
+}
+
 /// Loads a model directory with a progress bar on stderr (hidden when stderr
 /// is not a terminal).
 pub fn load_with_progress(dir: &std::path::Path) -> Result<moe_model::LoadedModel, moe_model::ModelError> {

@@ -48,12 +48,7 @@ pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
         ),
         None => None,
     };
-    let name = cfg.served_model_name.clone().unwrap_or_else(|| {
-        dir.canonicalize()
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "model".into())
-    });
+    let name = cfg.served_model_name.clone().unwrap_or_else(|| crate::model_dir::model_name(&dir));
     let blocks = cfg.kv_cache_tokens.div_ceil(cfg.block_size);
     let sched = SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batched_tokens: cfg.max_batched_tokens };
     let eos = loaded.codec.eos_ids().to_vec();
