@@ -66,11 +66,6 @@ pub struct RequestStream {
 }
 
 impl RequestStream {
-    /// The engine's id for this request.
-    pub fn id(&self) -> SeqId {
-        self.id
-    }
-
     /// The next event; `None` after the last.
     pub async fn next(&mut self) -> Option<EngineEvent> {
         if self.done {
@@ -140,11 +135,6 @@ impl EngineHandle {
     /// Stops accepting requests (in-flight ones continue).
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-    }
-
-    /// Whether [`close`](Self::close) was called.
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
     }
 }
 

@@ -58,19 +58,9 @@ impl Checkpoint {
         self.index.contains_key(name)
     }
 
-    /// All tensor names (unordered).
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(String::as_str)
-    }
-
     /// Total bytes of tensor data.
     pub fn total_bytes(&self) -> usize {
         self.index.values().map(|e| e.end - e.start).sum()
-    }
-
-    /// The shape of tensor `name`, if present.
-    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
-        self.index.get(name).map(|e| e.shape.as_slice())
     }
 
     fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {

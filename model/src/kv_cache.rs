@@ -25,11 +25,6 @@ impl KvCache {
         Self { block_size, num_blocks, width, layers }
     }
 
-    /// Bytes one token occupies across all layers (keys and values).
-    pub fn bytes_per_token(cfg: &ModelConfig) -> usize {
-        cfg.num_layers() * 2 * cfg.kv_width() * 4
-    }
-
     /// Token slots per block.
     pub fn block_size(&self) -> usize {
         self.block_size

@@ -87,11 +87,6 @@ impl Sampler {
         }
     }
 
-    /// The parameters.
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
-    }
-
     /// Chooses the next token from `logits` and records it as generated.
     pub fn sample(&mut self, logits: &[f32]) -> SampledToken {
         let p = &self.params;
