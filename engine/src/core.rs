@@ -2,7 +2,7 @@
 //! one step at a time. No threads, channels or clocks.
 
 use crate::{EngineError, FinishReason, GenerationRequest};
-use moe_model::{ExpertProvider, KvCache, LogitsRequest, Model, SampledToken, Sampler, SeqChunk, Workspace};
+use moe_model::{ExpertProvider, KvCache, LogitsRequest, Model, SampledToken, Sampler, SeqChunk, StepToken, Workspace};
 use moe_scheduler::{BlockAllocator, Scheduler, SchedulerConfig, StepPlan};
 use moe_types::trace::{TraceHeader, TraceToken};
 use moe_types::{SeqId, TokenId};
@@ -38,6 +38,7 @@ pub struct EngineCore<E> {
     eos: Vec<TokenId>,
     masked: Vec<f32>,
     last_plan: StepPlan,
+    step_tokens: Vec<StepToken>,
     steps: u64,
     /// Routing records of computed tokens, when recording.
     trace: Option<Vec<TraceToken>>,
@@ -58,6 +59,7 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
             eos,
             masked: Vec::new(),
             last_plan: StepPlan::default(),
+            step_tokens: Vec::new(),
             steps: 0,
             trace: None,
         }
@@ -121,7 +123,13 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
     /// Aborts a sequence, freeing its blocks; false if unknown.
     pub fn abort(&mut self, id: SeqId) -> bool {
         self.reqs.remove(&id);
+        self.experts.end_sequence(id);
         self.sched.remove(id)
+    }
+
+    /// The expert provider (for its statistics).
+    pub fn experts(&self) -> &E {
+        &self.experts
     }
 
     /// Whether no sequence is waiting or running.
@@ -157,6 +165,11 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
                 logits: if c.sample { LogitsRequest::Last } else { LogitsRequest::None },
             })
             .collect();
+        self.step_tokens.clear();
+        for (c, ch) in plan.chunks.iter().zip(&chunks) {
+            self.step_tokens.extend(ch.tokens.iter().map(|&token| StepToken { seq: c.seq, token }));
+        }
+        self.experts.begin_step(&self.step_tokens);
         let out = match self.model.forward(&chunks, &mut self.kv, &self.experts, &mut self.ws) {
             Ok(o) => o,
             Err(e) => {

@@ -82,14 +82,26 @@ impl Checkpoint {
     /// A `[rows, cols]` matrix, keeping bf16 as bf16.
     pub fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
         let e = self.entry(name, &[rows, cols])?;
-        let b = self.bytes(e);
-        let w = match e.dtype {
-            Dtype::F32 => Weight::from_f32(rows, cols, f32s(b)),
-            Dtype::BF16 => Weight::from_bf16_bits(rows, cols, u16s(b)),
-            Dtype::F16 => Weight::from_f16_bits(rows, cols, &u16s(b)),
-            other => return Err(ModelError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
-        };
-        Ok(w?)
+        weight_from_bytes(name, e.dtype, rows, cols, self.bytes(e))
+    }
+
+    /// Where a `[rows, cols]` matrix lives on disk, so that it can be read
+    /// later without the mapping (the expert store's slow tier). The dtype is
+    /// checked now.
+    pub fn locate(&self, name: &str, rows: usize, cols: usize) -> Result<TensorLocation> {
+        let e = self.entry(name, &[rows, cols])?;
+        if !matches!(e.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            return Err(ModelError::Dtype { name: name.into(), dtype: format!("{:?}", e.dtype) });
+        }
+        Ok(TensorLocation {
+            name: name.into(),
+            path: self.files[e.file].0.clone(),
+            offset: e.start as u64,
+            len: e.end - e.start,
+            dtype: e.dtype,
+            rows,
+            cols,
+        })
     }
 
     /// A tensor of exactly `shape`, widened to f32 (norms, biases).
@@ -108,6 +120,49 @@ impl Checkpoint {
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         self.f32_tensor(name, &[len])
     }
+}
+
+/// A matrix's place in a safetensors file: byte range, dtype and shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorLocation {
+    /// Tensor name (for error messages).
+    pub name: String,
+    /// The safetensors file.
+    pub path: PathBuf,
+    /// Absolute byte offset of the data in the file.
+    pub offset: u64,
+    /// Bytes of data.
+    pub len: usize,
+    /// Element type (f32, bf16 or f16).
+    pub dtype: Dtype,
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+}
+
+impl TensorLocation {
+    /// Builds the matrix from bytes read at this location.
+    pub fn to_weight(&self, bytes: &[u8]) -> Result<Weight> {
+        if bytes.len() != self.len {
+            return Err(ModelError::Safetensors {
+                path: self.path.clone(),
+                message: format!("tensor {}: read {} bytes, expected {}", self.name, bytes.len(), self.len),
+            });
+        }
+        weight_from_bytes(&self.name, self.dtype, self.rows, self.cols, bytes)
+    }
+}
+
+/// A `[rows, cols]` matrix from little-endian tensor bytes (bf16 kept as bf16).
+fn weight_from_bytes(name: &str, dtype: Dtype, rows: usize, cols: usize, b: &[u8]) -> Result<Weight> {
+    let w = match dtype {
+        Dtype::F32 => Weight::from_f32(rows, cols, f32s(b)),
+        Dtype::BF16 => Weight::from_bf16_bits(rows, cols, u16s(b)),
+        Dtype::F16 => Weight::from_f16_bits(rows, cols, &u16s(b)),
+        other => return Err(ModelError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
+    };
+    Ok(w?)
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {

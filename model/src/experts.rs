@@ -1,10 +1,10 @@
 //! Expert weights and the view through which the forward pass reaches them.
 
 use crate::arch::LayerNames;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TensorLocation};
 use crate::{ModelConfig, ModelError, Result};
 use moe_kernels::Weight;
-use moe_types::{ExpertId, LayerId};
+use moe_types::{ExpertId, LayerId, LayerRouting, SeqId, TokenId};
 use std::ops::Deref;
 
 /// One SwiGLU FFN: `down(silu(gate(x)) * up(x))`, with gate and up stacked
@@ -23,6 +23,11 @@ impl ExpertWeights {
         let gate = ck.weight(&names[0], ffn, hidden)?;
         let up = ck.weight(&names[1], ffn, hidden)?;
         let down = ck.weight(&names[2], hidden, ffn)?;
+        Self::from_parts(gate, up, down)
+    }
+
+    /// Stacks `gate` (`[ffn, hidden]`) and `up` and keeps `down` (`[hidden, ffn]`).
+    pub fn from_parts(gate: Weight, up: Weight, down: Weight) -> Result<Self> {
         Ok(Self { gate_up: Weight::concat_rows(&[gate, up])?, down })
     }
 
@@ -37,21 +42,99 @@ impl ExpertWeights {
     }
 }
 
+/// Where one expert's three matrices live on disk.
+#[derive(Clone, Debug)]
+pub struct ExpertLocation {
+    /// `[ffn, hidden]`.
+    pub gate: TensorLocation,
+    /// `[ffn, hidden]`.
+    pub up: TensorLocation,
+    /// `[hidden, ffn]`.
+    pub down: TensorLocation,
+}
+
+impl ExpertLocation {
+    /// Bytes on disk of the three matrices.
+    pub fn nbytes(&self) -> usize {
+        self.gate.len + self.up.len + self.down.len
+    }
+}
+
+/// The disk locations of every expert, `[layer][expert]` (dense layers have
+/// no entries); shapes and dtypes are checked here, so that a later read can
+/// only fail on IO.
+pub fn locate_experts(ck: &Checkpoint, cfg: &ModelConfig) -> Result<Vec<Vec<ExpertLocation>>> {
+    let (h, f) = (cfg.hidden_size, cfg.moe.expert_ffn);
+    let mut out = Vec::with_capacity(cfg.num_layers());
+    for (l, kind) in cfg.layers.iter().enumerate() {
+        let mut layer = Vec::new();
+        if *kind == crate::FfnKind::Moe {
+            let names = LayerNames::new(cfg.arch, l);
+            for e in 0..cfg.moe.num_experts {
+                let n = names.expert(e);
+                layer.push(ExpertLocation {
+                    gate: ck.locate(&n[0], f, h)?,
+                    up: ck.locate(&n[1], f, h)?,
+                    down: ck.locate(&n[2], h, f)?,
+                });
+            }
+        }
+        out.push(layer);
+    }
+    Ok(out)
+}
+
+/// One token of a forward step, as the engine sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepToken {
+    /// Its sequence.
+    pub seq: SeqId,
+    /// The token id the model reads.
+    pub token: TokenId,
+}
+
 /// Maps a logical (layer, expert) to weights ready to compute with.
 ///
-/// The forward pass calls [`prepare`](Self::prepare) once per MoE layer with
-/// every expert the step's tokens chose there, then [`get`](Self::get) for
-/// each. An implementation that keeps only some experts resident loads the
-/// missing ones in `prepare` and keeps them alive while a guard is held.
+/// Per step: [`begin_step`](Self::begin_step) with the step's tokens; then,
+/// per MoE layer in order, [`prepare`](Self::prepare) with the layer's
+/// routing and distinct experts, [`forecast`](Self::forecast) for each later
+/// layer when [`lookahead`](Self::lookahead) asks for it, and
+/// [`get`](Self::get) for each expert used. An implementation that keeps
+/// only some experts resident starts loads in `prepare` (and earlier, from
+/// forecasts) and keeps an expert alive while its guard is held.
 pub trait ExpertProvider {
     /// Keeps an expert resident while alive.
     type Guard<'a>: Deref<Target = ExpertWeights>
     where
         Self: 'a;
 
-    /// Announces the experts a layer is about to use.
-    fn prepare(&self, layer: LayerId, experts: &[ExpertId]) -> Result<()> {
-        let _ = (layer, experts);
+    /// A forward step begins over `tokens` (batch order).
+    fn begin_step(&self, tokens: &[StepToken]) {
+        let _ = tokens;
+    }
+
+    /// A sequence ended: forget what was kept about it.
+    fn end_sequence(&self, seq: SeqId) {
+        let _ = seq;
+    }
+
+    /// How many MoE layers ahead the forward pass should apply later layers'
+    /// routers to the current hidden states (look-ahead gating); 0 for none.
+    fn lookahead(&self) -> usize {
+        0
+    }
+
+    /// Look-ahead gating: while MoE layer `from` runs, `layer`'s router
+    /// applied to the hidden states chose `ids` (`tokens * top_k`, strongest
+    /// first, batch order).
+    fn forecast(&self, from: LayerId, layer: LayerId, ids: &[ExpertId]) {
+        let _ = (from, layer, ids);
+    }
+
+    /// Announces a layer about to run: its routing (per token) and the
+    /// distinct experts it uses, ascending.
+    fn prepare(&self, routing: &LayerRouting, used: &[ExpertId]) -> Result<()> {
+        let _ = (routing, used);
         Ok(())
     }
 
@@ -92,6 +175,11 @@ impl ResidentExperts {
     /// Bytes held.
     pub fn nbytes(&self) -> usize {
         self.experts.iter().flatten().map(ExpertWeights::nbytes).sum()
+    }
+
+    /// The weights, `[layer][expert]`.
+    pub fn into_weights(self) -> Vec<Vec<ExpertWeights>> {
+        self.experts
     }
 }
 

@@ -32,13 +32,13 @@ pub mod sampling;
 mod tokenizer;
 mod weights;
 
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, TensorLocation};
 pub use config::{Arch, AttentionConfig, FfnKind, ModelConfig, MoeConfig, QkNorm, RopeScaling};
 pub use error::ModelError;
-pub use experts::{ExpertProvider, ExpertWeights, ResidentExperts};
+pub use experts::{locate_experts, ExpertLocation, ExpertProvider, ExpertWeights, ResidentExperts, StepToken};
 pub use forward::{ForwardOutput, LogitRow, LogitsRequest, SeqChunk, Workspace};
 pub use kv_cache::KvCache;
-pub use loader::{load_model, load_random, load_weights, LoadProgress, LoadedModel};
+pub use loader::{load_model, load_model_without_experts, load_random, load_weights, LoadProgress, LoadedModel};
 pub use sampling::{SampledToken, Sampler, SamplingParams};
 pub use tokenizer::{GenerationDefaults, IncrementalDecoder, TextCodec};
 pub use weights::Model;

@@ -35,6 +35,30 @@ pub struct LoadedModel {
 /// `tokenizer_config.json`, `generation_config.json`) and the safetensors
 /// weights, with every expert resident.
 pub fn load_model(dir: &Path, progress: &mut dyn LoadProgress) -> Result<LoadedModel> {
+    check_dir(dir)?;
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let codec = TextCodec::load(dir, &cfg)?;
+    let (model, experts) = load_weights(dir, &cfg, progress)?;
+    check_vocab(&codec, &cfg)?;
+    Ok(LoadedModel { model, experts, codec })
+}
+
+/// Loads `dir` like [`load_model`] but reads no expert: they stay on disk for
+/// an expert cache (see `moe_offload::DiskExperts`). Returns the non-expert
+/// weights, the tokenizer and the config.
+pub fn load_model_without_experts(dir: &Path, progress: &mut dyn LoadProgress) -> Result<(Model, TextCodec)> {
+    check_dir(dir)?;
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let codec = TextCodec::load(dir, &cfg)?;
+    check_vocab(&codec, &cfg)?;
+    let ck = Checkpoint::open(dir)?;
+    let expert_bytes: usize = crate::experts::locate_experts(&ck, &cfg)?.iter().flatten().map(|e| e.nbytes()).sum();
+    progress.start(ck.total_bytes().saturating_sub(expert_bytes) as u64);
+    let model = Model::load(&ck, &cfg, |b| progress.advance(b as u64))?;
+    Ok((model, codec))
+}
+
+fn check_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Err(ModelError::Io {
             path: dir.into(),
@@ -43,9 +67,10 @@ pub fn load_model(dir: &Path, progress: &mut dyn LoadProgress) -> Result<LoadedM
     }
     // fail on unreadable directories up front, with the directory named
     std::fs::read_dir(dir).map_err(|cause| ModelError::Io { path: dir.into(), cause })?;
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let codec = TextCodec::load(dir, &cfg)?;
-    let (model, experts) = load_weights(dir, &cfg, progress)?;
+    Ok(())
+}
+
+fn check_vocab(codec: &TextCodec, cfg: &ModelConfig) -> Result<()> {
     if codec.vocab_size() > cfg.vocab_size {
         return Err(ModelError::Tokenizer(format!(
             "tokenizer has {} tokens but the model's vocab_size is {}",
@@ -53,7 +78,7 @@ pub fn load_model(dir: &Path, progress: &mut dyn LoadProgress) -> Result<LoadedM
             cfg.vocab_size
         )));
     }
-    Ok(LoadedModel { model, experts, codec })
+    Ok(())
 }
 
 /// Loads `dir`'s config and tokenizer files but gives the model random bf16

@@ -32,6 +32,10 @@ pub(crate) struct MoeScratch {
     /// Per expert: (token, weight) pairs routed to it this layer.
     groups: Vec<Vec<(usize, f32)>>,
     used: Vec<ExpertId>,
+    /// Look-ahead gating: normalised hidden states, router probabilities, ids.
+    ahead_x: Vec<f32>,
+    ahead_probs: Vec<f32>,
+    ahead_ids: Vec<ExpertId>,
 }
 
 impl MoeScratch {
@@ -59,6 +63,38 @@ pub(crate) fn mlp(w: &ExpertWeights, x: &[f32], t: usize, s: &mut FfnScratch, ou
 }
 
 impl Model {
+    /// Look-ahead gating: applies the routers of the next
+    /// `experts.lookahead()` MoE layers to the residual stream entering layer
+    /// `l`'s FFN (`ws.h`), each with its own post-attention norm, and hands the
+    /// chosen experts to `experts.forecast`. Cheap: one `[tokens, experts]`
+    /// product per layer ahead.
+    fn look_ahead<E: ExpertProvider>(&self, l: usize, experts: &E, ws: &mut Workspace) -> Result<()> {
+        let depth = experts.lookahead();
+        if depth == 0 {
+            return Ok(());
+        }
+        let (ne, k) = (self.cfg.moe.num_experts, self.cfg.moe.top_k);
+        let t = ws.tok.len();
+        let s = &mut ws.moe;
+        let later = self.layers.iter().enumerate().skip(l + 1).filter_map(|(j, layer)| match &layer.ffn {
+            crate::weights::FfnWeights::Moe { router, .. } => Some((j, &layer.post_attn_norm, router)),
+            crate::weights::FfnWeights::Dense(_) => None,
+        });
+        for (j, norm, router) in later.take(depth) {
+            s.ahead_x.resize(ws.h.len(), 0.0);
+            ops::rms_norm(&ws.h, norm, self.cfg.rms_norm_eps, &mut s.ahead_x);
+            s.ahead_probs.resize(t * ne, 0.0);
+            matmul_nt(&s.ahead_x, t, router, &mut s.ahead_probs)?;
+            s.ahead_ids.clear();
+            for probs in s.ahead_probs.chunks_exact_mut(ne) {
+                ops::top_k(probs, k, &mut s.topk);
+                s.ahead_ids.extend(s.topk.iter().map(|&e| ExpertId(e as u16)));
+            }
+            experts.forecast(LayerId(l as u16), LayerId(j as u16), &s.ahead_ids);
+        }
+        Ok(())
+    }
+
     /// The MoE block of layer `l`: reads `ws.xn`, writes `ws.out`, returns the
     /// routing it applied.
     pub(crate) fn moe_block<E: ExpertProvider + Sync>(
@@ -95,7 +131,9 @@ impl Model {
         }
         s.used.clear();
         s.used.extend((0..ne).filter(|&e| !s.groups[e].is_empty()).map(|e| ExpertId(e as u16)));
-        experts.prepare(layer, &s.used)?;
+        experts.prepare(&routing, &s.used)?;
+        self.look_ahead(l, experts, ws)?;
+        let s = &mut ws.moe;
 
         // each chosen expert once over its token group, then scatter-add
         ws.out.fill(0.0);

@@ -36,6 +36,10 @@ macro_rules! serve_config {
             /// bf16 weights of config.json's shape (tokenizer files still needed).
             #[arg(long)]
             pub random_weights: bool,
+            /// Learned path-predictor file (default: path_predictor.safetensors
+            /// in the model directory).
+            #[arg(long, env = "MOE_PREDICTOR_FILE")]
+            pub predictor_file: Option<PathBuf>,
             $(
                 $(#[doc = $doc])*
                 #[arg(long, env = $env, help = concat!($($doc,)* " [default: ", $shown, "]"))]
@@ -51,6 +55,7 @@ macro_rules! serve_config {
             api_key: Option<String>,
             served_model_name: Option<String>,
             record_routing: Option<PathBuf>,
+            predictor_file: Option<PathBuf>,
             $( $name: Option<$ty>, )*
         }
 
@@ -67,6 +72,8 @@ macro_rules! serve_config {
             pub random_weights: bool,
             /// Routing-trace output file, if recording.
             pub record_routing: Option<PathBuf>,
+            /// Learned path-predictor file, if not the model directory's.
+            pub predictor_file: Option<PathBuf>,
             $( $(#[doc = $doc])* pub $name: $ty, )*
         }
 
@@ -83,6 +90,7 @@ macro_rules! serve_config {
                     served_model_name: self.served_model_name.clone().or(file.served_model_name),
                     random_weights: self.random_weights,
                     record_routing: self.record_routing.clone().or(file.record_routing),
+                    predictor_file: self.predictor_file.clone().or(file.predictor_file),
                     $( $name: self.$name.clone().or(file.$name).unwrap_or_else(|| $default), )*
                 })
             }
@@ -121,6 +129,14 @@ serve_config! {
     max_body_bytes: usize = 2 << 20 => "2097152", env = "MOE_MAX_BODY_BYTES";
     /// Seconds in-flight requests get to finish after SIGTERM.
     shutdown_grace_secs: u64 = 30 => "30", env = "MOE_SHUTDOWN_GRACE_SECS";
+    /// Fast-tier expert budget: all, a percentage (50%), a fraction (0.5), a count of experts (16) or bytes (64MiB); experts beyond it stay on disk and are loaded on demand or prefetched.
+    expert_cache: String = "all".into() => "all", env = "MOE_EXPERT_CACHE";
+    /// Expert cache policy: lru, lfu or predictive (ExpertFlow: evict by predicted demand).
+    expert_policy: String = "predictive".into() => "predictive", env = "MOE_EXPERT_POLICY";
+    /// Routing-path predictor: auto (learned if the model directory has a trained one, else lookahead), learned, lookahead, previous or none.
+    predictor: String = "auto".into() => "auto", env = "MOE_PREDICTOR";
+    /// MoE layers ahead to forecast and prefetch.
+    prefetch_depth: usize = 1 => "1", env = "MOE_PREFETCH_DEPTH";
 }
 
 fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
@@ -130,6 +146,17 @@ fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
 }
 
 impl ServeConfig {
+    /// The expert offloading settings.
+    pub fn offload(&self) -> anyhow::Result<crate::offload::OffloadSettings> {
+        crate::offload::OffloadSettings::parse(
+            &self.expert_cache,
+            &self.expert_policy,
+            &self.predictor,
+            self.predictor_file.clone(),
+            self.prefetch_depth,
+        )
+    }
+
     /// Checks values that must be positive.
     pub fn validate(&self) -> anyhow::Result<()> {
         for (name, v) in [

@@ -1,7 +1,8 @@
 //! `moe-serve generate`: stream one completion to stdout.
 
+use crate::offload::ServedModel;
 use crate::session::{Limits, Session};
-use moe_model::{IncrementalDecoder, LoadedModel, Sampler, SamplingParams};
+use moe_model::{IncrementalDecoder, Sampler, SamplingParams};
 use std::io::Write;
 
 /// What to generate.
@@ -27,7 +28,7 @@ pub struct GenerateStats {
 }
 
 /// Generates and writes the text, as produced, to `out`.
-pub fn generate(m: &LoadedModel, args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<GenerateStats> {
+pub fn generate(m: &ServedModel, args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<GenerateStats> {
     let prompt = m.codec.encode(&args.prompt, true)?;
     if prompt.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens");

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod grpc;
 pub mod http;
 pub mod model_dir;
+pub mod offload;
 pub mod serve;
 pub mod session;
 pub mod trace;

@@ -7,6 +7,7 @@ use moe_server::bench::{self, BenchArgs};
 use moe_server::config::ServeArgs;
 use moe_server::generate::{generate, GenerateArgs};
 use moe_server::model_dir::{default_model_dir, load_with_progress, model_name};
+use moe_server::offload::{load_served, OffloadArgs};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -59,6 +60,8 @@ struct GenerateCmd {
     /// RNG seed (default: from the clock); same seed, same text.
     #[arg(long)]
     seed: Option<u64>,
+    #[command(flatten)]
+    offload: OffloadArgs,
 }
 
 #[derive(Args)]
@@ -78,6 +81,8 @@ struct TraceCmd {
     /// Stop after this many windows (0: the whole file).
     #[arg(long, default_value_t = 0)]
     max_windows: usize,
+    #[command(flatten)]
+    offload: OffloadArgs,
 }
 
 #[derive(Args)]
@@ -131,7 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
     let dir = g.model.unwrap_or_else(default_model_dir);
     let t = Instant::now();
-    let m = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let m = load_served(&dir, false, &g.offload.settings()?)?;
     eprintln!("loaded {} ({}) in {:.2}s", dir.display(), m.model.config().arch.name(), t.elapsed().as_secs_f64());
     let d = m.codec.defaults();
     let sampling = SamplingParams {
@@ -162,7 +167,7 @@ fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
 fn run_trace(t: TraceCmd) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&t.input).with_context(|| format!("reading {}", t.input.display()))?;
     let dir = t.model.unwrap_or_else(default_model_dir);
-    let m = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let m = load_served(&dir, false, &t.offload.settings()?)?;
     let name = model_name(&dir);
     let file = std::fs::File::create(&t.output).with_context(|| format!("creating {}", t.output.display()))?;
     let mut out = std::io::BufWriter::new(file);

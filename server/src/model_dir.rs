@@ -27,13 +27,21 @@ pub fn model_name(dir: &std::path::Path) -> String {
 pub fn load_with_progress(dir: &std::path::Path) -> Result<moe_model::LoadedModel, moe_model::ModelError> {
     let mut bar = Bar(None);
     let loaded = moe_model::load_model(dir, &mut bar);
-    if let Some(b) = bar.0 {
-        b.finish_and_clear();
-    }
+    bar.finish();
     loaded
 }
 
-struct Bar(Option<indicatif::ProgressBar>);
+/// A loading progress bar on stderr.
+pub(crate) struct Bar(pub(crate) Option<indicatif::ProgressBar>);
+
+impl Bar {
+    /// Removes the bar.
+    pub(crate) fn finish(self) {
+        if let Some(b) = self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
 
 impl moe_model::LoadProgress for Bar {
     fn start(&mut self, total: u64) {

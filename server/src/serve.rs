@@ -4,7 +4,8 @@
 use crate::config::ServeConfig;
 use crate::grpc;
 use crate::http::{self, AppState, ChatTemplate, Ready};
-use crate::model_dir::{default_model_dir, load_with_progress};
+use crate::model_dir::default_model_dir;
+use crate::offload::load_served;
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use moe_engine::{metric_names as m, spawn_engine, EngineCore, EngineLimits};
@@ -33,13 +34,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 /// async runtime).
 pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
     let dir = cfg.model.clone().unwrap_or_else(default_model_dir);
-    let loaded = if cfg.random_weights {
-        tracing::warn!("serving RANDOM weights of {}'s shape (--random-weights)", dir.display());
-        moe_model::load_random(&dir, 0)
-    } else {
-        load_with_progress(&dir)
-    }
-    .with_context(|| format!("loading model from {}", dir.display()))?;
+    let loaded = load_served(&dir, cfg.random_weights, &cfg.offload()?)?;
     let model_cfg = loaded.model.config().clone();
     let template = match loaded.codec.chat_template() {
         Some(src) => Some(

@@ -3,9 +3,9 @@
 //! replaces this for serving; it remains the simplest correct driver for
 //! the CLI and benchmarks.
 
-use moe_model::{ExpertProvider, KvCache, LogitsRequest, Model, Sampler, SeqChunk, Workspace};
+use moe_model::{ExpertProvider, KvCache, LogitsRequest, Model, Sampler, SeqChunk, StepToken, Workspace};
 use moe_scheduler::{BlockAllocator, BlockTable};
-use moe_types::TokenId;
+use moe_types::{SeqId, TokenId};
 
 const BLOCK_SIZE: usize = 16;
 
@@ -49,6 +49,8 @@ impl<'m, E: ExpertProvider + Sync> Session<'m, E> {
         self.table
             .grow_to(&mut self.alloc, end)
             .map_err(|e| moe_model::ModelError::Input(format!("context full: {e}")))?;
+        let step: Vec<StepToken> = tokens.iter().map(|&token| StepToken { seq: SeqId(0), token }).collect();
+        self.experts.begin_step(&step);
         let out = self.model.forward(
             &[SeqChunk { tokens, start_pos: self.cached, blocks: self.table.blocks(), logits: LogitsRequest::Last }],
             &mut self.kv,

@@ -2,9 +2,10 @@
 //! and `moe-serve trace`, which records a trace from a text file without a
 //! server. The format is `moe_types::trace` (versioned JSON Lines).
 
+use crate::offload::ServedModel;
 use anyhow::Context;
 use moe_engine::{EngineCore, GenerationRequest, TraceSink};
-use moe_model::{LoadedModel, SamplingParams};
+use moe_model::SamplingParams;
 use moe_scheduler::SchedulerConfig;
 use moe_types::trace::{write_header, write_token, TraceHeader};
 use moe_types::SeqId;
@@ -44,7 +45,7 @@ pub struct TraceArgs {
 /// Runs `text` through the model in windows and writes every token's routing
 /// to `out`. Returns the number of tokens recorded.
 pub fn record_text(
-    m: LoadedModel,
+    m: ServedModel,
     name: &str,
     text: &str,
     args: &TraceArgs,

@@ -1,0 +1,95 @@
+//! One expert-provider type for the engine: every expert resident, or an
+//! expert cache.
+
+use crate::cache::{CacheGuard, ExpertCache};
+use crate::CacheStats;
+use moe_model::{ExpertProvider, ExpertWeights, ResidentExperts, StepToken};
+use moe_types::{ExpertId, LayerId, LayerRouting, SeqId};
+use std::ops::Deref;
+
+/// The experts an engine computes with.
+pub enum Experts {
+    /// All in memory (no budget given).
+    Resident(ResidentExperts),
+    /// A budgeted fast tier over a slow tier.
+    Cached(ExpertCache),
+}
+
+impl Experts {
+    /// The cache's counters, if there is a cache.
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        match self {
+            Self::Resident(_) => None,
+            Self::Cached(c) => Some(c.stats()),
+        }
+    }
+
+    /// The cache, if any.
+    pub fn cache(&self) -> Option<&ExpertCache> {
+        match self {
+            Self::Resident(_) => None,
+            Self::Cached(c) => Some(c),
+        }
+    }
+}
+
+/// The guard of either variant.
+pub enum ExpertsGuard<'a> {
+    /// A borrowed resident expert.
+    Resident(&'a ExpertWeights),
+    /// A pinned cached expert.
+    Cached(CacheGuard<'a>),
+}
+
+impl Deref for ExpertsGuard<'_> {
+    type Target = ExpertWeights;
+    fn deref(&self) -> &ExpertWeights {
+        match self {
+            Self::Resident(w) => w,
+            Self::Cached(g) => g,
+        }
+    }
+}
+
+impl ExpertProvider for Experts {
+    type Guard<'a> = ExpertsGuard<'a>;
+
+    fn begin_step(&self, tokens: &[StepToken]) {
+        if let Self::Cached(c) = self {
+            c.begin_step(tokens);
+        }
+    }
+
+    fn end_sequence(&self, seq: SeqId) {
+        if let Self::Cached(c) = self {
+            c.end_sequence(seq);
+        }
+    }
+
+    fn lookahead(&self) -> usize {
+        match self {
+            Self::Resident(_) => 0,
+            Self::Cached(c) => c.lookahead(),
+        }
+    }
+
+    fn forecast(&self, from: LayerId, layer: LayerId, ids: &[ExpertId]) {
+        if let Self::Cached(c) = self {
+            c.forecast(from, layer, ids);
+        }
+    }
+
+    fn prepare(&self, routing: &LayerRouting, used: &[ExpertId]) -> moe_model::Result<()> {
+        match self {
+            Self::Resident(r) => r.prepare(routing, used),
+            Self::Cached(c) => c.prepare(routing, used),
+        }
+    }
+
+    fn get(&self, layer: LayerId, expert: ExpertId) -> moe_model::Result<ExpertsGuard<'_>> {
+        Ok(match self {
+            Self::Resident(r) => ExpertsGuard::Resident(r.get(layer, expert)?),
+            Self::Cached(c) => ExpertsGuard::Cached(c.get(layer, expert)?),
+        })
+    }
+}

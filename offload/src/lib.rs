@@ -1,0 +1,44 @@
+//! Expert offloading in the spirit of ExpertFlow (arXiv 2410.17954): serve a
+//! model whose experts do not all fit in fast memory.
+//!
+//! Owns:
+//! - the two tiers: an [`ExpertSource`] (slow tier: the checkpoint files on
+//!   disk, read on demand, or host memory) and the [`ExpertCache`] (fast tier:
+//!   a fixed number of ready-to-compute expert slots, filled by a background
+//!   loader thread, with a per-expert residency state and pins);
+//! - [`ExpertBudget`]: `--expert-cache` as bytes, a fraction or a count;
+//! - routing-path predictors ([`predictor`]): look-ahead gating, a learned
+//!   count-based path predictor (trained offline from routing traces), and the
+//!   previous-token baseline;
+//! - cache policies ([`PolicyKind`]): LRU, LFU, and predictor-driven;
+//! - offline bounds over a recorded access sequence ([`bounds`]): Belady's
+//!   optimal replacement and an oracle prefetcher (benchmarks only);
+//! - [`Experts`]: fully resident or cached, one type for the engine.
+//!
+//! Invariants: an expert is computed only while pinned by a guard, and a
+//! pinned expert, or one in use by the running layer, is never evicted;
+//! resident plus loading experts never exceed the slot budget; the cache
+//! changes only *when* weights are read, never their values, so generated
+//! tokens are identical at every budget, policy and predictor. Policies and
+//! predictors are deterministic (no clocks); only the loader does IO and only
+//! stall accounting reads the clock.
+
+pub mod bounds;
+mod budget;
+mod cache;
+mod error;
+mod experts;
+pub mod metric_names;
+mod policy;
+pub mod predictor;
+mod source;
+mod stats;
+
+pub use budget::ExpertBudget;
+pub use cache::{CacheConfig, CacheGuard, ExpertCache};
+pub use error::OffloadError;
+pub use experts::{Experts, ExpertsGuard};
+pub use policy::PolicyKind;
+pub use predictor::PredictorKind;
+pub use source::{DiskExperts, ExpertSource, MemoryExperts};
+pub use stats::{CacheStats, LayerStats};

@@ -1,0 +1,27 @@
+//! Metric names of the expert cache (all under the `moe_expert_` prefix;
+//! per-layer series carry a `layer` label).
+
+/// Counter: experts resident when a layer needed them.
+pub const HITS: &str = "moe_expert_cache_hits_total";
+/// Counter: experts not resident when needed (loading or at home).
+pub const MISSES: &str = "moe_expert_cache_misses_total";
+/// Counter: prefetch loads started.
+pub const PREFETCH_ISSUED: &str = "moe_expert_prefetch_issued_total";
+/// Counter: prefetched experts later used.
+pub const PREFETCH_USED: &str = "moe_expert_prefetch_used_total";
+/// Counter: prefetched experts evicted without being used.
+pub const PREFETCH_WASTED: &str = "moe_expert_prefetch_wasted_total";
+/// Counter: bytes read from the slow tier.
+pub const BYTES_LOADED: &str = "moe_expert_bytes_loaded_total";
+/// Counter: microseconds the forward pass waited for experts.
+pub const STALL_MICROSECONDS: &str = "moe_expert_stall_microseconds_total";
+/// Counter: expert loads that failed.
+pub const LOAD_FAILURES: &str = "moe_expert_load_failures_total";
+/// Gauge: predictor precision (correct / predicted expert choices), per layer.
+pub const PREDICTOR_PRECISION: &str = "moe_expert_predictor_precision";
+/// Gauge: predictor recall (correct / actual expert choices), per layer.
+pub const PREDICTOR_RECALL: &str = "moe_expert_predictor_recall";
+/// Gauge: experts resident in the fast tier.
+pub const RESIDENT: &str = "moe_expert_cache_resident";
+/// Gauge: slots of the fast tier.
+pub const SLOTS: &str = "moe_expert_cache_slots";

@@ -1,0 +1,136 @@
+//! Routing-path predictors: forecast which experts each token of a step will
+//! use in the coming MoE layers, before those layers run, so that the cache
+//! can start loading them.
+//!
+//! Layers here are MoE-layer indices (0 = the first MoE layer). A forecast is
+//! per token: `top_k` expert ids per token in batch order, [`NO_EXPERT`] where
+//! the predictor has nothing to say about a token.
+
+mod learned;
+mod lookahead;
+mod previous;
+
+pub use learned::{train, LearnedPredictor, PathTables, TrainReport, PREDICTOR_FORMAT, PREDICTOR_VERSION};
+pub use lookahead::LookAhead;
+pub use previous::PreviousToken;
+
+use crate::OffloadError;
+use moe_model::StepToken;
+use moe_types::{ExpertId, SeqId};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Placeholder id for "no forecast for this token".
+pub const NO_EXPERT: ExpertId = ExpertId(u16::MAX);
+
+/// A forecast of one MoE layer for every token of the step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Forecast {
+    /// MoE layer index.
+    pub layer: usize,
+    /// `tokens * top_k` ids, strongest first; [`NO_EXPERT`] for unknown.
+    pub ids: Vec<ExpertId>,
+}
+
+/// The model facts a predictor needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// MoE layers.
+    pub layers: usize,
+    /// Experts per MoE layer.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// How many MoE layers ahead to forecast.
+    pub depth: usize,
+}
+
+/// A routing-path predictor. Calls arrive in step order: `begin_step`, then
+/// for each MoE layer `gating` (look-ahead forecasts from the model, if
+/// [`lookahead`](Self::lookahead) asked for them) and `observe` (the layer's
+/// actual routing). Deterministic: no clocks, no randomness.
+pub trait PathPredictor: Send {
+    /// MoE layers ahead for which the model should run look-ahead gating.
+    fn lookahead(&self) -> usize {
+        0
+    }
+    /// A step starts over `tokens`; forecasts for its first layers go to `out`.
+    fn begin_step(&mut self, tokens: &[StepToken], out: &mut Vec<Forecast>);
+    /// MoE layer `layer` routed the step's tokens to `ids` (`tokens * top_k`).
+    fn observe(&mut self, layer: usize, ids: &[ExpertId], out: &mut Vec<Forecast>);
+    /// Look-ahead gating: while layer `from` ran, layer `layer`'s router chose `ids`.
+    fn gating(&mut self, from: usize, layer: usize, ids: &[ExpertId], out: &mut Vec<Forecast>) {
+        let _ = (from, layer, ids, out);
+    }
+    /// A sequence ended.
+    fn end_sequence(&mut self, seq: SeqId) {
+        let _ = seq;
+    }
+}
+
+/// Which predictor `--predictor` selects.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PredictorKind {
+    /// No forecasts: loads happen on demand only.
+    None,
+    /// The same sequence's previous token's path.
+    PreviousToken,
+    /// Apply the next layers' routers to the current hidden state.
+    LookAhead,
+    /// The learned path predictor in this file.
+    Learned(PathBuf),
+}
+
+impl PredictorKind {
+    /// The flag value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::PreviousToken => "previous",
+            Self::LookAhead => "lookahead",
+            Self::Learned(_) => "learned",
+        }
+    }
+
+    /// Parses a flag value; `learned` reads `learned_file`.
+    pub fn parse(s: &str, learned_file: impl FnOnce() -> PathBuf) -> Result<Self, OffloadError> {
+        Ok(match s {
+            "none" => Self::None,
+            "previous" => Self::PreviousToken,
+            "lookahead" => Self::LookAhead,
+            "learned" => Self::Learned(learned_file()),
+            other => {
+                return Err(OffloadError::Config(format!(
+                    "unknown predictor {other:?} (expected none, previous, lookahead or learned)"
+                )))
+            }
+        })
+    }
+
+    /// Builds the predictor for `shape` (`None` for [`PredictorKind::None`]).
+    pub fn build(&self, shape: Shape) -> Result<Option<Box<dyn PathPredictor>>, OffloadError> {
+        Ok(match self {
+            Self::None => None,
+            Self::PreviousToken => Some(Box::new(PreviousToken::new(shape))),
+            Self::LookAhead => Some(Box::new(LookAhead::new(shape))),
+            Self::Learned(path) => {
+                let tables = PathTables::load(path)?;
+                tables.check_shape(shape).map_err(|m| OffloadError::Predictor { path: path.clone(), message: m })?;
+                Some(Box::new(LearnedPredictor::new(Arc::new(tables), shape)))
+            }
+        })
+    }
+}
+
+impl FromStr for PredictorKind {
+    type Err = OffloadError;
+    fn from_str(s: &str) -> Result<Self, OffloadError> {
+        Self::parse(s, || PathBuf::from("path_predictor.safetensors"))
+    }
+}
+
+/// Layers `from..from + depth` below `layers`.
+pub(crate) fn window(from: usize, depth: usize, layers: usize) -> std::ops::Range<usize> {
+    from.min(layers)..(from + depth).min(layers)
+}

@@ -1,0 +1,93 @@
+//! Counters of the expert cache, per MoE layer.
+
+/// What happened at one MoE layer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LayerStats {
+    /// Experts resident when the layer needed them.
+    pub hits: u64,
+    /// Experts not resident when needed.
+    pub misses: u64,
+    /// Of the misses, experts already being loaded by a prefetch (late).
+    pub late: u64,
+    /// Prefetch loads started.
+    pub prefetch_issued: u64,
+    /// Prefetched experts used before eviction.
+    pub prefetch_used: u64,
+    /// Prefetched experts evicted unused.
+    pub prefetch_wasted: u64,
+    /// Loads completed (demand and prefetch).
+    pub loads: u64,
+    /// Bytes read from the slow tier.
+    pub bytes_loaded: u64,
+    /// Nanoseconds spent waiting for this layer's experts.
+    pub stall_ns: u64,
+    /// Predicted (token, expert) choices that were right.
+    pub predicted_right: u64,
+    /// Predicted (token, expert) choices.
+    pub predicted: u64,
+    /// Actual (token, expert) choices.
+    pub actual: u64,
+}
+
+impl LayerStats {
+    /// Adds `o` into `self`.
+    pub fn add(&mut self, o: &LayerStats) {
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.late += o.late;
+        self.prefetch_issued += o.prefetch_issued;
+        self.prefetch_used += o.prefetch_used;
+        self.prefetch_wasted += o.prefetch_wasted;
+        self.loads += o.loads;
+        self.bytes_loaded += o.bytes_loaded;
+        self.stall_ns += o.stall_ns;
+        self.predicted_right += o.predicted_right;
+        self.predicted += o.predicted;
+        self.actual += o.actual;
+    }
+
+    /// Hits / (hits + misses), at the time of need.
+    pub fn hit_ratio(&self) -> f64 {
+        ratio(self.hits, self.hits + self.misses)
+    }
+
+    /// Correct / predicted choices.
+    pub fn precision(&self) -> f64 {
+        ratio(self.predicted_right, self.predicted)
+    }
+
+    /// Correct / actual choices.
+    pub fn recall(&self) -> f64 {
+        ratio(self.predicted_right, self.actual)
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// A snapshot of the cache's counters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CacheStats {
+    /// Per MoE layer, in layer order.
+    pub layers: Vec<LayerStats>,
+    /// Fast-tier slots.
+    pub slots: usize,
+    /// Experts resident now.
+    pub resident: usize,
+    /// Loads that failed.
+    pub load_failures: u64,
+}
+
+impl CacheStats {
+    /// All layers summed.
+    pub fn total(&self) -> LayerStats {
+        let mut t = LayerStats::default();
+        self.layers.iter().for_each(|l| t.add(l));
+        t
+    }
+}

@@ -1,0 +1,171 @@
+//! Expert offloading settings (`--expert-cache`, `--expert-policy`,
+//! `--predictor`, ...) and loading a model with its experts resident or
+//! behind an expert cache.
+
+use crate::model_dir::{load_with_progress, Bar};
+use anyhow::Context;
+use clap::Args;
+use moe_model::{Model, TextCodec};
+use moe_offload::{
+    CacheConfig, DiskExperts, ExpertBudget, ExpertCache, ExpertSource, Experts, MemoryExperts, PolicyKind,
+    PredictorKind,
+};
+use std::path::{Path, PathBuf};
+
+/// The learned predictor's file name inside a model directory.
+pub const PREDICTOR_FILE: &str = "path_predictor.safetensors";
+
+/// Resolved offloading settings.
+#[derive(Clone, Debug)]
+pub struct OffloadSettings {
+    /// Fast-tier budget.
+    pub budget: ExpertBudget,
+    /// Cache policy.
+    pub policy: PolicyKind,
+    /// Predictor name (`auto`, `learned`, `lookahead`, `previous`, `none`).
+    pub predictor: String,
+    /// Learned predictor file (default: the model directory's).
+    pub predictor_file: Option<PathBuf>,
+    /// MoE layers ahead to forecast.
+    pub depth: usize,
+}
+
+impl OffloadSettings {
+    /// Parses the flag values.
+    pub fn parse(
+        budget: &str,
+        policy: &str,
+        predictor: &str,
+        predictor_file: Option<PathBuf>,
+        depth: usize,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(depth >= 1, "--prefetch-depth must be at least 1");
+        Ok(Self {
+            budget: budget.parse()?,
+            policy: policy.parse()?,
+            predictor: predictor.to_string(),
+            predictor_file,
+            depth,
+        })
+    }
+
+    /// Every expert resident.
+    pub fn resident() -> Self {
+        Self {
+            budget: ExpertBudget::All,
+            policy: PolicyKind::Lru,
+            predictor: "none".into(),
+            predictor_file: None,
+            depth: 1,
+        }
+    }
+
+    /// The predictor for a model in `dir`: `auto` is the learned one when the
+    /// directory has a trained predictor file, else look-ahead gating.
+    pub fn predictor_kind(&self, dir: &Path) -> anyhow::Result<PredictorKind> {
+        let file = self.predictor_file.clone().unwrap_or_else(|| dir.join(PREDICTOR_FILE));
+        if self.predictor == "auto" {
+            return Ok(if file.is_file() { PredictorKind::Learned(file) } else { PredictorKind::LookAhead });
+        }
+        Ok(PredictorKind::parse(&self.predictor, || file)?)
+    }
+}
+
+/// The offloading flags of `generate`, `trace` and `bench-offload` (`serve`
+/// has the same settings with environment and TOML forms).
+#[derive(Args, Debug, Clone)]
+pub struct OffloadArgs {
+    /// Fast-tier expert budget: all, a percentage (50%), a fraction (0.5), a
+    /// count of experts (16) or bytes (64MiB).
+    #[arg(long, default_value = "all")]
+    pub expert_cache: String,
+    /// Expert cache policy: lru, lfu or predictive.
+    #[arg(long, default_value = "predictive")]
+    pub expert_policy: String,
+    /// Routing-path predictor: auto, learned, lookahead, previous or none.
+    #[arg(long, default_value = "auto")]
+    pub predictor: String,
+    /// Learned predictor file (default: path_predictor.safetensors in the model directory).
+    #[arg(long)]
+    pub predictor_file: Option<PathBuf>,
+    /// MoE layers ahead to forecast and prefetch.
+    #[arg(long, default_value_t = 1)]
+    pub prefetch_depth: usize,
+}
+
+impl OffloadArgs {
+    /// The resolved settings.
+    pub fn settings(&self) -> anyhow::Result<OffloadSettings> {
+        OffloadSettings::parse(
+            &self.expert_cache,
+            &self.expert_policy,
+            &self.predictor,
+            self.predictor_file.clone(),
+            self.prefetch_depth,
+        )
+    }
+}
+
+/// A model ready to serve: non-expert weights, experts (resident or cached)
+/// and tokenizer.
+pub struct ServedModel {
+    /// Non-expert weights.
+    pub model: Model,
+    /// The experts.
+    pub experts: Experts,
+    /// Tokenizer and generation facts.
+    pub codec: TextCodec,
+}
+
+/// Loads `dir` (random weights of its shape when `random_weights`) with the
+/// experts `settings` ask for. With a budget below the total, real weights
+/// are read from the checkpoint on demand; random weights are copied from
+/// host memory (to measure the cache's own overhead).
+pub fn load_served(dir: &Path, random_weights: bool, settings: &OffloadSettings) -> anyhow::Result<ServedModel> {
+    let ctx = || format!("loading model from {}", dir.display());
+    let (model, resident, codec) = if random_weights {
+        tracing::warn!("serving RANDOM weights of {}'s shape (--random-weights)", dir.display());
+        let m = moe_model::load_random(dir, 0).with_context(ctx)?;
+        (m.model, Some(m.experts), m.codec)
+    } else if settings.budget == ExpertBudget::All {
+        let m = load_with_progress(dir).with_context(ctx)?;
+        (m.model, Some(m.experts), m.codec)
+    } else {
+        let mut bar = Bar(None);
+        let (model, codec) = moe_model::load_model_without_experts(dir, &mut bar).with_context(ctx)?;
+        bar.finish();
+        (model, None, codec)
+    };
+    let cfg = model.config().clone();
+    let total = cfg.moe_layers().count() * cfg.moe.num_experts;
+    let source: Box<dyn ExpertSource> = match resident {
+        Some(r) => {
+            let bytes = r.nbytes() / total.max(1);
+            match settings.budget.slots(total, bytes) {
+                None => return Ok(ServedModel { model, experts: Experts::Resident(r), codec }),
+                Some(_) => Box::new(MemoryExperts::new(r.into_weights())),
+            }
+        }
+        None => Box::new(DiskExperts::open(dir, &cfg).with_context(ctx)?),
+    };
+    let slots = settings.budget.slots(total, source.expert_bytes());
+    let Some(slots) = slots else {
+        // a budget above the total with lazily indexed experts: load them all
+        let m = load_with_progress(dir).with_context(ctx)?;
+        return Ok(ServedModel { model: m.model, experts: Experts::Resident(m.experts), codec: m.codec });
+    };
+    let predictor = settings.predictor_kind(dir)?;
+    let describe = source.describe();
+    let cache_cfg = CacheConfig { slots, policy: settings.policy, predictor: predictor.clone(), depth: settings.depth };
+    let cache = ExpertCache::new(&cfg, source, cache_cfg).context("starting the expert cache")?;
+    tracing::info!(
+        slots,
+        of = total,
+        policy = settings.policy.name(),
+        predictor = predictor.name(),
+        depth = settings.depth,
+        slow_tier = %describe,
+        "expert cache"
+    );
+    Ok(ServedModel { model, experts: Experts::Cached(cache), codec })
+}
