@@ -126,7 +126,7 @@ fn chat_logprobs(codec: &TextCodec, tokens: &[SampledToken]) -> Value {
 
 /// Validates `messages`: a non-empty list of `{role, content}` with roles
 /// system, developer, user or assistant; content a string or text parts.
-pub(super) fn parse_messages(v: Value) -> Result<Vec<Message>, ApiError> {
+pub fn parse_messages(v: Value) -> Result<Vec<Message>, ApiError> {
     let bad = |m: String| ApiError::invalid("messages", m);
     let Value::Array(items) = v else { return Err(bad("`messages` must be a list".into())) };
     if items.is_empty() {

@@ -5,10 +5,11 @@
 mod chat;
 mod chat_template;
 mod completions;
-mod fields;
+pub mod fields;
 mod misc;
 mod sse;
 
+pub use chat::parse_messages;
 pub use chat_template::{ChatTemplate, Message};
 
 use crate::frontend::error::ApiError;
@@ -81,7 +82,7 @@ async fn count_requests(req: Request, next: Next) -> Response {
 }
 
 /// Reads a JSON body within the size limit: 413 above it, 400 if malformed.
-pub(crate) fn parse_body(
+pub fn parse_body(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<serde_json::Value, ApiError> {
     let bytes = body.map_err(|r| {
