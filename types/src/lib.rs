@@ -4,12 +4,15 @@
 //! Owns: `LayerId`, `ExpertId`, `BlockId`, `SeqId`, `TokenId`,
 //! [`StepRouting`], and the versioned routing-trace file format ([`trace`]),
 //! shared by the engine that writes traces and the offline tools that read
-//! them. Depends on nothing of ours; no clocks. (The placement-plan format
-//! joins it with the planner.)
+//! them, and the versioned placement-plan format ([`placement`]) written by
+//! `moe-place` and read by the server. Depends on nothing of ours; no clocks.
 
 use serde::{Deserialize, Serialize};
 
+pub mod placement;
 pub mod trace;
+
+pub use placement::{PlacementPlan, PlanError, PLAN_FORMAT, PLAN_VERSION};
 
 /// A vocabulary entry.
 pub type TokenId = u32;
