@@ -9,6 +9,7 @@ use crate::Result;
 use moe_kernels::Weight;
 
 /// Attention projections of one layer.
+#[derive(Clone)]
 pub(crate) struct AttentionWeights {
     /// `[q; k; v]` stacked, `[(heads + 2 * kv_heads) * head_dim, hidden]`.
     pub(crate) qkv: Weight,
@@ -21,6 +22,7 @@ pub(crate) struct AttentionWeights {
 }
 
 /// The always-on shared expert of Qwen2-MoE and its sigmoid gate.
+#[derive(Clone)]
 pub(crate) struct SharedExpert {
     pub(crate) mlp: ExpertWeights,
     /// `[1, hidden]`.
@@ -28,6 +30,7 @@ pub(crate) struct SharedExpert {
 }
 
 /// What follows attention.
+#[derive(Clone)]
 pub(crate) enum FfnWeights {
     Dense(ExpertWeights),
     Moe {
@@ -38,6 +41,7 @@ pub(crate) enum FfnWeights {
 }
 
 /// One decoder layer (experts live behind an `ExpertProvider`).
+#[derive(Clone)]
 pub(crate) struct LayerWeights {
     pub(crate) input_norm: Vec<f32>,
     pub(crate) post_attn_norm: Vec<f32>,
@@ -46,6 +50,7 @@ pub(crate) struct LayerWeights {
 }
 
 /// A model's configuration and non-expert weights; runs the forward pass.
+#[derive(Clone)]
 pub struct Model {
     pub(crate) cfg: ModelConfig,
     /// `[vocab, hidden]`.

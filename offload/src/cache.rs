@@ -54,6 +54,8 @@ struct Entry {
     active: bool,
     last_use: u64,
     uses: u64,
+    /// Steps in which its layer used it.
+    steps_used: u64,
     demand: f32,
     unused_prefetch: bool,
     queued: Queued,
@@ -80,6 +82,8 @@ struct State {
     forecasts: Vec<Option<Vec<ExpertId>>>,
     scratch: Vec<Forecast>,
     stats: Vec<LayerStats>,
+    /// Steps that ran each layer.
+    layer_steps: Vec<u64>,
     load_failures: u64,
     shutdown: bool,
     top_k: usize,
@@ -168,6 +172,7 @@ impl ExpertCache {
                 active: false,
                 last_use: 0,
                 uses: 0,
+                steps_used: 0,
                 demand: 0.0,
                 unused_prefetch: false,
                 queued: Queued::No,
@@ -191,6 +196,7 @@ impl ExpertCache {
             forecasts: vec![None; n],
             scratch: Vec::new(),
             stats: vec![LayerStats::default(); n],
+            layer_steps: vec![0; n],
             load_failures: 0,
             shutdown: false,
             top_k: k,
@@ -237,6 +243,18 @@ impl ExpertCache {
         {
             st = self.shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// The residency state of one expert: `home`, `loading` or `resident`
+    /// (tests and debugging).
+    pub fn residency(&self, layer: LayerId, expert: ExpertId) -> Option<&'static str> {
+        let moe = self.moe(layer).ok()?;
+        let st = self.shared.lock();
+        st.entries.get(moe * st.experts + expert.index()).map(|e| match e.res {
+            Residency::Home => "home",
+            Residency::Loading => "loading",
+            Residency::Resident(_) => "resident",
+        })
     }
 
     /// Where experts come from.
@@ -324,7 +342,7 @@ impl State {
             if !matches!(self.entries[idx].res, Residency::Home) || demand <= 0.0 {
                 continue;
             }
-            if self.reserve(Some(demand)) {
+            if self.reserve(Some(self.value(idx))) {
                 self.entries[idx].res = Residency::Loading;
                 let layer = idx / self.experts;
                 self.stats[layer].prefetch_issued += 1;
@@ -343,24 +361,52 @@ impl State {
         }
     }
 
-    /// Frees or finds a slot; a prefetch (with its predicted demand) only
+    /// The predictive policy's value of expert `idx`: the chance it is used
+    /// at its layer's next run over the distance to that run, in layers.
+    fn value(&self, idx: usize) -> f64 {
+        let layer = idx / self.experts;
+        let e = &self.entries[idx];
+        let base = (e.steps_used as f64 + 1.0) / (self.layer_steps[layer] as f64 + 2.0);
+        let chance = if self.forecasts[layer].is_some() {
+            if e.demand > 0.0 {
+                1.0
+            } else {
+                0.25 * base // forecast, not predicted
+            }
+        } else if e.unused_prefetch {
+            0.5 * base // predicted last time, not used: error correction
+        } else {
+            base
+        };
+        let d = match self.distance(layer) {
+            0 => self.layers,
+            d => d,
+        };
+        chance / d as f64
+    }
+
+    /// Frees or finds a slot; a prefetch (with its predicted value) only
     /// evicts what the policy admits.
-    fn reserve(&mut self, prefetch_demand: Option<f32>) -> bool {
+    fn reserve(&mut self, prefetch_value: Option<f64>) -> bool {
         if self.occupied < self.capacity {
             self.occupied += 1;
             return true;
         }
-        let candidates = self.entries.iter().enumerate().filter_map(|(slot, e)| {
-            (matches!(e.res, Residency::Resident(_)) && e.pins == 0 && !e.active).then_some(Candidate {
+        let predictive = self.policy == PolicyKind::Predictive;
+        let candidates = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e.res, Residency::Resident(_)) && e.pins == 0 && !e.active)
+            .map(|(slot, e)| Candidate {
                 slot,
                 last_use: e.last_use,
                 uses: e.uses,
-                demand: e.demand,
+                value: if predictive { self.value(slot) } else { 0.0 },
                 unused_prefetch: e.unused_prefetch,
-            })
-        });
+            });
         let Some(victim) = self.policy.victim(candidates) else { return false };
-        if let Some(d) = prefetch_demand {
+        if let Some(d) = prefetch_value {
             if !self.policy.admits_prefetch(d, &victim) {
                 return false;
             }
@@ -440,8 +486,8 @@ impl State {
             stale.into_iter().for_each(|i| self.entries[i].queued = Queued::No);
             let mut order: Vec<usize> = (0..ne).filter(|&e| counts[e] > 0).collect();
             order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
-            for e in 0..ne {
-                self.entries[j * ne + e].demand = counts[e] as f32;
+            for (e, &c) in counts.iter().enumerate() {
+                self.entries[j * ne + e].demand = c as f32;
             }
             for e in order {
                 let idx = j * ne + e;
@@ -526,6 +572,7 @@ impl ExpertProvider for ExpertCache {
         st.cur_layer = moe;
         st.between_steps = false;
         st.clock += 1;
+        st.layer_steps[moe] += 1;
         st.score_forecast(moe, routing);
         // this layer's forecasts are consumed: experts predicted but not used
         // keep no demand (and go first under the predictive policy)
@@ -556,6 +603,7 @@ impl ExpertProvider for ExpertCache {
             let clock = st.clock;
             let e = &mut st.entries[idx];
             e.active = true;
+            e.steps_used += 1;
             e.last_use = clock;
             match e.res {
                 Residency::Resident(_) => {

@@ -12,10 +12,13 @@ pub enum PolicyKind {
     Lru,
     /// Least frequently used (tokens routed), ties by recency.
     Lfu,
-    /// ExpertFlow: evict the expert with the least predicted demand in the
-    /// look-ahead window; experts predicted but then not used go first.
-    /// Slots follow predicted demand across layers (no fixed per-layer share),
-    /// and a prefetch only evicts an expert with less predicted demand.
+    /// ExpertFlow: evict the expert with the least predicted value, the
+    /// chance it is used at its layer's next run divided by how many layers
+    /// away that run is. The chance comes from the predictor where it has
+    /// forecast the layer (predicted: likely; not predicted: unlikely), else
+    /// from how often the expert was used; experts predicted but then not
+    /// used go first. Slots follow predicted demand across layers (no fixed
+    /// per-layer share), and a prefetch only evicts an expert of less value.
     Predictive,
 }
 
@@ -52,8 +55,9 @@ pub(crate) struct Candidate {
     pub last_use: u64,
     /// Tokens routed to it so far.
     pub uses: u64,
-    /// Tokens predicted to use it in the look-ahead window.
-    pub demand: f32,
+    /// Predicted value: chance of use at its layer's next run over the
+    /// distance to that run in layers.
+    pub value: f64,
     /// Loaded by a prefetch and not used since.
     pub unused_prefetch: bool,
 }
@@ -66,7 +70,7 @@ impl PolicyKind {
             Self::Lru => ties(),
             Self::Lfu => a.uses.cmp(&b.uses).then_with(ties),
             Self::Predictive => {
-                a.demand.total_cmp(&b.demand).then(b.unused_prefetch.cmp(&a.unused_prefetch)).then_with(ties)
+                a.value.total_cmp(&b.value).then(b.unused_prefetch.cmp(&a.unused_prefetch)).then_with(ties)
             }
         }
     }
@@ -76,11 +80,11 @@ impl PolicyKind {
         candidates.min_by(|a, b| self.order(a, b))
     }
 
-    /// Whether a prefetch with `demand` predicted tokens may evict `victim`.
-    pub(crate) fn admits_prefetch(self, demand: f32, victim: &Candidate) -> bool {
+    /// Whether a prefetch of predicted `value` may evict `victim`.
+    pub(crate) fn admits_prefetch(self, value: f64, victim: &Candidate) -> bool {
         match self {
             Self::Lru | Self::Lfu => true,
-            Self::Predictive => victim.demand < demand,
+            Self::Predictive => victim.value < value,
         }
     }
 }
@@ -89,8 +93,8 @@ impl PolicyKind {
 mod tests {
     use super::*;
 
-    fn c(slot: usize, last_use: u64, uses: u64, demand: f32, unused_prefetch: bool) -> Candidate {
-        Candidate { slot, last_use, uses, demand, unused_prefetch }
+    fn c(slot: usize, last_use: u64, uses: u64, value: f64, unused_prefetch: bool) -> Candidate {
+        Candidate { slot, last_use, uses, value, unused_prefetch }
     }
 
     #[test]
@@ -100,12 +104,12 @@ mod tests {
         let v = |p: PolicyKind| p.victim(cands.iter().copied()).unwrap().slot;
         assert_eq!(v(PolicyKind::Lru), 1);
         assert_eq!(v(PolicyKind::Lfu), 3, "fewest uses, ties by recency");
-        assert_eq!(v(PolicyKind::Predictive), 2, "no demand, and a prefetch that was not used");
+        assert_eq!(v(PolicyKind::Predictive), 2, "no value, and a prefetch that was not used");
         assert!(PolicyKind::Lru.victim(std::iter::empty()).is_none());
     }
 
     #[test]
-    fn predictive_prefetch_never_evicts_more_demanded_experts() {
+    fn predictive_prefetch_never_evicts_more_valuable_experts() {
         let v = c(0, 1, 1, 2.0, false);
         assert!(!PolicyKind::Predictive.admits_prefetch(2.0, &v));
         assert!(PolicyKind::Predictive.admits_prefetch(3.0, &v));

@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod http;
 pub mod model_dir;
 pub mod offload;
+pub mod offload_bench;
 pub mod serve;
 pub mod session;
 pub mod trace;

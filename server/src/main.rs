@@ -35,6 +35,57 @@ enum Command {
     Bench(BenchCmd),
     /// Record a routing trace (format v1, JSON Lines) of a text file, without a server.
     Trace(TraceCmd),
+    /// Train the learned routing-path predictor from a routing trace.
+    TrainPredictor(TrainPredictorCmd),
+    /// Benchmark the expert cache: budgets x policies x predictors, with offline bounds.
+    BenchOffload(BenchOffloadCmd),
+}
+
+#[derive(Args)]
+struct TrainPredictorCmd {
+    /// Routing trace (format v1) recorded on training text.
+    #[arg(long)]
+    trace: PathBuf,
+    /// Predictor file to write (safetensors, format moe-path-predictor v1).
+    #[arg(long)]
+    output: PathBuf,
+    /// Model directory the trace was recorded with; default: the built-in model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchOffloadCmd {
+    /// Held-out text to draw prompts from (not the predictor's training text).
+    #[arg(long)]
+    text: PathBuf,
+    /// Model directory; default: the built-in model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Budgets as fractions of all experts, comma-separated.
+    #[arg(long, default_value = "0.25,0.5,0.75", value_delimiter = ',')]
+    budgets: Vec<f64>,
+    /// Concurrent sequences.
+    #[arg(long, default_value_t = 4)]
+    sequences: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    prompt_tokens: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// MoE layers ahead to forecast.
+    #[arg(long, default_value_t = 1)]
+    prefetch_depth: usize,
+    /// Learned predictor file (default: the model directory's).
+    #[arg(long)]
+    predictor_file: Option<PathBuf>,
+    /// Write the hit-ratio plot (SVG) here.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// Also run the larger random-weight config (experts copied from host memory).
+    #[arg(long)]
+    large: bool,
 }
 
 #[derive(Args)]
@@ -130,7 +181,104 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(g) => run_generate(g),
         Command::Bench(b) => run_bench(b),
         Command::Trace(t) => run_trace(t),
+        Command::TrainPredictor(t) => run_train_predictor(t),
+        Command::BenchOffload(b) => run_bench_offload(b),
     }
+}
+
+fn run_train_predictor(t: TrainPredictorCmd) -> anyhow::Result<()> {
+    let dir = t.model.unwrap_or_else(default_model_dir);
+    let cfg = moe_model::ModelConfig::from_file(&dir.join("config.json"))?;
+    let file = std::fs::File::open(&t.trace).with_context(|| format!("opening {}", t.trace.display()))?;
+    let (header, records) = moe_types::trace::read_trace(std::io::BufReader::new(file))
+        .with_context(|| format!("reading {}", t.trace.display()))?;
+    let (tables, report) = moe_offload::predictor::train(&header, &records, cfg.vocab_size)?;
+    tables.save(&t.output)?;
+    let pct = |v: &[f64]| v.iter().map(|a| format!("{:.1}%", a * 100.0)).collect::<Vec<_>>().join(" ");
+    eprintln!(
+        "trained on {} tokens, validated on {} (token weight {}, path weight {})",
+        report.train_tokens, report.valid_tokens, report.token_weight, report.path_weight
+    );
+    eprintln!("held-out accuracy per MoE layer, from the token alone:          {}", pct(&report.token_only));
+    eprintln!("held-out accuracy per MoE layer, token + earlier layers' path: {}", pct(&report.one_ahead));
+    eprintln!("wrote {}", t.output.display());
+    Ok(())
+}
+
+fn run_bench_offload(b: BenchOffloadCmd) -> anyhow::Result<()> {
+    use moe_offload::{PolicyKind, PredictorKind};
+    use moe_server::offload_bench::{OffloadBench, Tier};
+    anyhow::ensure!(b.sequences > 0 && b.prompt_tokens > 0 && b.decode_tokens > 0, "sizes must be positive");
+    anyhow::ensure!(b.budgets.iter().all(|&f| f > 0.0 && f < 1.0), "--budgets must be fractions in (0, 1)");
+    let dir = b.model.unwrap_or_else(default_model_dir);
+    let text = std::fs::read_to_string(&b.text).with_context(|| format!("reading {}", b.text.display()))?;
+    let (model, codec) = moe_model::load_model_without_experts(&dir, &mut ())?;
+    let ids = codec.encode(&text, false)?;
+    let need = b.sequences * b.prompt_tokens;
+    anyhow::ensure!(ids.len() >= need, "the text has {} tokens; {need} are needed", ids.len());
+    let stride = ids.len() / b.sequences;
+    let prompts: Vec<Vec<u32>> =
+        (0..b.sequences).map(|i| ids[i * stride..i * stride + b.prompt_tokens].to_vec()).collect();
+    let learned = b.predictor_file.unwrap_or_else(|| dir.join(moe_server::offload::PREDICTOR_FILE));
+    let mut predictors = vec![PredictorKind::None, PredictorKind::PreviousToken, PredictorKind::LookAhead];
+    if learned.is_file() {
+        predictors.push(PredictorKind::Learned(learned));
+    } else {
+        eprintln!("no learned predictor at {}: skipping it", learned.display());
+    }
+    let mut configs = Vec::new();
+    for p in [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::Predictive] {
+        for pred in &predictors {
+            if p == PolicyKind::Predictive && *pred == PredictorKind::None {
+                continue;
+            }
+            configs.push((p, pred.clone()));
+        }
+    }
+    let name = model_name(&dir);
+    eprintln!("benchmarking the expert cache on {name} ({} runs)...", configs.len() * b.budgets.len());
+    let bench = OffloadBench {
+        name: name.clone(),
+        model,
+        tier: Tier::Disk(dir.clone()),
+        prompts,
+        decode_tokens: b.decode_tokens,
+        budgets: b.budgets.clone(),
+        configs,
+        depth: b.prefetch_depth,
+        resident_repeats: 3,
+    };
+    let report = bench.run()?;
+    print!("{}", report.render());
+    if let Some(svg) = &b.svg {
+        std::fs::write(svg, report.svg()).with_context(|| format!("writing {}", svg.display()))?;
+        eprintln!("wrote {}", svg.display());
+    }
+    if b.large {
+        eprintln!("building the random-weight large model (1.19B parameters, bf16)...");
+        let cfg = moe_model::ModelConfig::from_json(bench::LARGE_CONFIG)?;
+        let (model, experts) = moe_model::random::random_model(&cfg, 0)?;
+        let vocab = cfg.vocab_size as u32;
+        let prompts = (0..2u32).map(|i| (0..16u32).map(|j| 3 + (i * 131 + j * 7) % (vocab - 3)).collect()).collect();
+        let large = OffloadBench {
+            name: "random-large (experts in host memory)".into(),
+            model,
+            tier: Tier::Memory(experts.into_weights()),
+            prompts,
+            decode_tokens: 16,
+            budgets: vec![0.5],
+            configs: vec![
+                (PolicyKind::Lru, PredictorKind::None),
+                (PolicyKind::Lru, PredictorKind::LookAhead),
+                (PolicyKind::Predictive, PredictorKind::LookAhead),
+                (PolicyKind::Predictive, PredictorKind::PreviousToken),
+            ],
+            depth: b.prefetch_depth,
+            resident_repeats: 2,
+        };
+        print!("{}", large.run()?.render());
+    }
+    Ok(())
 }
 
 fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {

@@ -1,0 +1,122 @@
+//! Expert offloading changes when experts are read, never what is computed:
+//! greedy tokens of concurrent sequences on the built-in model are identical
+//! to the fully resident run at several budgets, for every policy and
+//! predictor; and a slow tier that stops being readable fails the affected
+//! requests with a clear error while the engine keeps serving.
+
+use moe_engine::{EngineCore, GenerationRequest};
+use moe_model::{load_model, load_model_without_experts, ModelConfig, SamplingParams};
+use moe_offload::{CacheConfig, DiskExperts, ExpertCache, Experts, PolicyKind, PredictorKind};
+use moe_scheduler::SchedulerConfig;
+use moe_types::SeqId;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-shakespeare-moe")
+}
+
+const PROMPTS: [&str; 4] = ["ROMEO:\nWhat light", "KING HENRY:\nOnce more", "First Citizen:\nWe are", "JULIET:\nO"];
+
+fn engine(dir: &Path, experts: Experts) -> EngineCore<Experts> {
+    let (model, _) = load_model_without_experts(dir, &mut ()).unwrap();
+    let sched = SchedulerConfig { max_num_seqs: 8, max_batched_tokens: 64 };
+    EngineCore::new(model, experts, vec![], sched, (64, 16))
+}
+
+fn requests(dir: &Path) -> Vec<GenerationRequest> {
+    let codec = load_model(dir, &mut ()).unwrap().codec;
+    PROMPTS
+        .iter()
+        .map(|p| GenerationRequest {
+            prompt: codec.encode(p, true).unwrap(),
+            sampling: SamplingParams::default(),
+            seed: 0,
+            max_tokens: 24,
+            min_tokens: 0,
+            ignore_eos: true,
+        })
+        .collect()
+}
+
+fn run(core: &mut EngineCore<Experts>, reqs: &[GenerationRequest]) -> BTreeMap<u64, Vec<u32>> {
+    for (i, r) in reqs.iter().enumerate() {
+        core.add(SeqId(i as u64), r.clone()).unwrap();
+    }
+    let mut out: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    while !core.is_idle() {
+        for o in core.step().unwrap() {
+            out.entry(o.seq.0).or_default().push(o.token.id);
+        }
+    }
+    out
+}
+
+fn cached(dir: &Path, slots: usize, policy: PolicyKind, predictor: PredictorKind, depth: usize) -> Experts {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let src = DiskExperts::open(dir, &cfg).unwrap();
+    Experts::Cached(ExpertCache::new(&cfg, Box::new(src), CacheConfig { slots, policy, predictor, depth }).unwrap())
+}
+
+#[test]
+fn greedy_tokens_are_identical_at_every_budget_policy_and_predictor() {
+    let dir = model_dir();
+    let reqs = requests(&dir);
+    let resident = Experts::Resident(load_model(&dir, &mut ()).unwrap().experts);
+    let reference = run(&mut engine(&dir, resident), &reqs);
+    assert_eq!(reference.len(), 4);
+    let learned = PredictorKind::Learned(dir.join("path_predictor.safetensors"));
+    let predictors = [PredictorKind::None, PredictorKind::PreviousToken, PredictorKind::LookAhead, learned];
+    // 8, 16 and 24 of the 32 experts: 25%, 50%, 75%
+    for slots in [8, 16, 24] {
+        for policy in PolicyKind::ALL {
+            for predictor in &predictors {
+                if policy == PolicyKind::Predictive && *predictor == PredictorKind::None {
+                    continue;
+                }
+                let depth = if slots == 16 { 2 } else { 1 };
+                let mut core = engine(&dir, cached(&dir, slots, policy, predictor.clone(), depth));
+                let got = run(&mut core, &reqs);
+                let what = format!("{slots} slots, {} + {}", policy.name(), predictor.name());
+                assert_eq!(got, reference, "{what}");
+                let s = core.experts().cache_stats().unwrap();
+                let t = s.total();
+                assert!(t.loads >= 8 && t.misses > 0, "{what}: {t:?}");
+                assert!(s.resident <= slots, "{what}: over budget");
+                if *predictor != PredictorKind::None {
+                    assert!(t.predicted > 0 && t.predicted_right > 0, "{what}: the predictor never forecast");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn an_unreadable_checkpoint_fails_the_step_not_the_engine() {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(model_dir()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let dir = tmp.path();
+    let reqs = requests(dir);
+    let mut core = engine(dir, cached(dir, 8, PolicyKind::Lru, PredictorKind::None, 1));
+    core.add(SeqId(0), reqs[0].clone()).unwrap();
+    core.step().unwrap();
+    let weights = dir.join("model.safetensors");
+    std::fs::rename(&weights, dir.join("elsewhere")).unwrap();
+    let (failed, err) = loop {
+        match core.step() {
+            Ok(_) => assert!(!core.is_idle(), "the sequence finished without needing a load"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(failed, vec![SeqId(0)]);
+    let msg = err.to_string();
+    assert!(msg.contains("unavailable") && msg.contains("model.safetensors"), "{msg}");
+    assert!(core.is_idle(), "the failed sequence was removed");
+    assert_eq!(core.scheduler().num_running(), 0);
+    std::fs::rename(dir.join("elsewhere"), &weights).unwrap();
+    let again = run(&mut core, &reqs[1..2]);
+    assert_eq!(again[&0].len(), 24, "the engine serves again once the file is back");
+}
