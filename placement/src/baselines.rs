@@ -3,6 +3,7 @@
 //! redundant replicas of the hottest experts, tokens split evenly across replicas).
 
 use crate::cost::{Layers, Single};
+use crate::error::{PlaceError, Result};
 use crate::stats::Stats;
 
 /// Expert `e` of `E` on GPU `e * G / E`, every layer.
@@ -31,32 +32,65 @@ pub fn replica_counts(load: &[f64], extra: usize) -> Vec<usize> {
     count
 }
 
-/// Greedy balanced packing of one layer: items (expert, share of its load) in
-/// decreasing load order, each to the least-loaded GPU that still has a free slot
-/// (`slots[g]` on GPU `g`) and holds no copy of that expert yet.
-pub fn pack_layer(load: &[f64], counts: &[usize], slots: &[usize]) -> Vec<Vec<u16>> {
+/// Greedy balanced packing of one layer: experts in decreasing order of load per
+/// copy, the copies of each on the least-loaded distinct GPUs that still have a free
+/// slot (`slots[g]` on GPU `g`); then swaps of two copies between the busiest GPU and
+/// another while that lowers the busier of the two. `None` when the copies of an
+/// expert find too few GPUs with room.
+pub fn pack_layer(load: &[f64], counts: &[usize], slots: &[usize]) -> Option<Vec<Vec<u16>>> {
     let gpus = slots.len();
-    let mut items: Vec<(usize, f64)> = Vec::new();
-    for (e, &c) in counts.iter().enumerate() {
-        items.extend(std::iter::repeat_n((e, load[e] / c as f64), c));
-    }
-    items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let share: Vec<f64> = load.iter().zip(counts).map(|(t, &c)| t / c as f64).collect();
+    let mut order: Vec<usize> = (0..load.len()).collect();
+    order.sort_by(|&a, &b| (counts[b] > 1).cmp(&(counts[a] > 1)).then(share[b].total_cmp(&share[a])).then(a.cmp(&b)));
     let mut gpu_load = vec![0.0f64; gpus];
-    let mut used = vec![0usize; gpus];
+    let mut held: Vec<Vec<usize>> = vec![Vec::new(); gpus];
+    for e in order {
+        let mut free: Vec<usize> = (0..gpus).filter(|&g| held[g].len() < slots[g]).collect();
+        free.sort_by(|&a, &b| gpu_load[a].total_cmp(&gpu_load[b]).then(a.cmp(&b)));
+        if free.len() < counts[e] {
+            return None;
+        }
+        for &g in &free[..counts[e]] {
+            gpu_load[g] += share[e];
+            held[g].push(e);
+        }
+    }
+    rebalance(&share, &mut held, &mut gpu_load);
     let mut placed: Vec<Vec<u16>> = vec![Vec::new(); load.len()];
-    for (e, share) in items {
-        let g = (0..gpus)
-            .filter(|&g| used[g] < slots[g] && !placed[e].contains(&(g as u16)))
-            .min_by(|&a, &b| gpu_load[a].total_cmp(&gpu_load[b]).then(a.cmp(&b)))
-            .expect("a GPU with a free slot exists: replicas never exceed the GPU count");
-        gpu_load[g] += share;
-        used[g] += 1;
-        placed[e].push(g as u16);
+    for (g, experts) in held.iter().enumerate() {
+        for &e in experts {
+            placed[e].push(g as u16);
+        }
     }
-    for p in &mut placed {
-        p.sort_unstable();
+    Some(placed)
+}
+
+fn rebalance(share: &[f64], held: &mut [Vec<usize>], gpu_load: &mut [f64]) {
+    for _ in 0..10_000 {
+        let a = (0..held.len()).max_by(|&x, &y| gpu_load[x].total_cmp(&gpu_load[y]).then(y.cmp(&x))).unwrap_or(0);
+        let mut best: Option<(f64, usize, usize, usize)> = None;
+        for b in (0..held.len()).filter(|&b| b != a) {
+            for (i, &ea) in held[a].iter().enumerate() {
+                for (j, &eb) in held[b].iter().enumerate() {
+                    let d = share[ea] - share[eb];
+                    if d <= 1e-12 || held[a].contains(&eb) || held[b].contains(&ea) {
+                        continue;
+                    }
+                    let worst = (gpu_load[a] - d).max(gpu_load[b] + d);
+                    if worst < gpu_load[a] - 1e-9 && best.is_none_or(|x| worst < x.0) {
+                        best = Some((worst, b, i, j));
+                    }
+                }
+            }
+        }
+        let Some((_, b, i, j)) = best else { return };
+        let d = share[held[a][i]] - share[held[b][j]];
+        let tmp = held[a][i];
+        held[a][i] = held[b][j];
+        held[b][j] = tmp;
+        gpu_load[a] -= d;
+        gpu_load[b] += d;
     }
-    placed
 }
 
 /// Slots per GPU for one layer of `items` copies: `floor(items / G)` each, and the
@@ -74,18 +108,25 @@ pub fn layer_slots(items: usize, held: &[usize]) -> Vec<usize> {
 }
 
 /// EPLB-style greedy packing of every layer with `extra` replicas per layer.
-pub fn greedy(stats: &Stats, gpus: usize, extra: usize) -> Layers {
-    let extra = extra.min(stats.experts * (gpus - 1));
+pub fn greedy(stats: &Stats, gpus: usize, extra: usize) -> Result<Layers> {
     let mut held = vec![0; gpus];
     let mut out = Vec::with_capacity(stats.layers);
-    for load in &stats.load {
+    for (l, load) in stats.load.iter().enumerate() {
         let slots = layer_slots(stats.experts + extra, &held);
         for (h, s) in held.iter_mut().zip(&slots) {
             *h += s;
         }
-        out.push(pack_layer(load, &replica_counts(load, extra), &slots));
+        let counts = replica_counts(load, extra);
+        if counts.iter().any(|&c| c > gpus) {
+            return Err(PlaceError::Input(format!(
+                "{extra} replicas would put copies of one expert on every GPU twice"
+            )));
+        }
+        let placed = pack_layer(load, &counts, &slots)
+            .ok_or_else(|| PlaceError::Input(format!("layer {l}: the replicas do not fit distinct GPUs")))?;
+        out.push(placed);
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -102,7 +143,7 @@ mod tests {
     fn greedy_replicates_the_hottest_and_balances() {
         let load = [10.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
         assert_eq!(replica_counts(&load, 2), vec![3, 1, 1, 1, 1, 1, 1, 1]);
-        let p = pack_layer(&load, &[2, 1, 1, 1, 1, 1, 1, 1], &[3, 3, 3]);
+        let p = pack_layer(&load, &[2, 1, 1, 1, 1, 1, 1, 1], &[3, 3, 3]).unwrap();
         assert_eq!(layer_slots(10, &[5, 4, 4]), vec![3, 4, 3]);
         assert_eq!(p[0], vec![0, 1]);
         let slots: Vec<usize> = (0..3).map(|g| p.iter().filter(|r| r.contains(&g)).count()).collect();

@@ -204,14 +204,18 @@ fn solve(a: SolveArgs) -> anyhow::Result<()> {
     let score = eval::score(&stats, &cluster, &plan.layers);
     let s = &solved.summary;
     println!("# moe-place report: {} ({})", plan.method, a.out.display());
-    println!(
-        "solve: {:.2} s, status {}, objective {:.4}, bound {:.4}, gap {:.2}%",
-        s.seconds,
-        s.status,
-        s.objective,
-        s.bound,
-        100.0 * s.gap
-    );
+    if s.status.starts_with("heuristic") {
+        println!("solve: {:.2} s, {}", s.seconds, s.status);
+    } else {
+        println!(
+            "solve: {:.2} s, status {}, objective {:.4}, bound {:.4}, gap {:.2}%",
+            s.seconds,
+            s.status,
+            s.objective,
+            s.bound,
+            100.0 * s.gap
+        );
+    }
     for line in &solved.report {
         println!("{line}");
     }

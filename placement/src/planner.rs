@@ -96,11 +96,11 @@ pub fn solve(stats: &Stats, cluster: &Cluster, opts: &SolveOptions) -> Result<So
         Method::Contiguous => (Some(baselines::contiguous(layers, experts, g)), heuristic(0.0)),
         Method::RoundRobin => (Some(baselines::round_robin(layers, experts, g)), heuristic(0.0)),
         Method::Greedy if opts.replicas > 0 => {
-            let layers = baselines::greedy(stats, g, opts.replicas);
+            let layers = baselines::greedy(stats, g, opts.replicas)?;
             return finish(layers, heuristic(0.0), report, t0);
         }
         Method::Greedy => {
-            let l = baselines::greedy(stats, g, 0);
+            let l = baselines::greedy(stats, g, 0)?;
             (Some(l.iter().map(|r| r.iter().map(|x| x[0] as usize).collect()).collect()), heuristic(0.0))
         }
         Method::Moetuner => {

@@ -42,7 +42,7 @@ pub struct Stage2Output {
     pub objective: f64,
     /// Proven lower bound of that sum.
     pub bound: f64,
-    /// Whether every sub-MILP proved optimality.
+    /// Whether every sub-MILP (forward and bound) proved optimality.
     pub all_optimal: bool,
 }
 
@@ -404,14 +404,14 @@ pub fn solve(inp: &Stage2Input, budget: &Budget, passes: usize) -> Result<Stage2
                 let mut p = problem(inp, &fixed, l, relaxed, l + 1);
                 p.room = None;
                 let left = (layers - l) * spreads.len() - k;
-                let (_, _, b, _) = p.solve(&p.greedy(), &budget.next(left, 1.0 / (phases - 1.0)))?;
+                let (_, _, b, opt) = p.solve(&p.greedy(), &budget.next(left, 1.0 / (phases - 1.0)))?;
                 best = best.min(b);
+                all_optimal &= opt;
             }
             let how = if relaxed.uniform { "all links at the fastest bandwidth" } else { "over all node spreads" };
             eprintln!("  stage 2 bound: transition {}->{l}: {best:.4} ({how})", l - 1);
             bound += best;
         }
-        all_optimal = false;
         for pass in 0..passes {
             let before = total_cost(inp, &gpu);
             for l in 0..layers {
