@@ -183,15 +183,19 @@ def main():
 
     expect_render_error("api key without a value", {"apiKey": {"enabled": True}}, "apiKey.value")
     expect_render_error("model volume without a path", {"model": {"volume": {"emptyDir": {}}}}, "model.path")
-    expect_render_error("placement without traces", {"placement": {"enabled": True}}, "placement.traces.volume")
+    cluster = "nodes = 1\ngpus_per_node = 2\n"
+    expect_render_error("placement without a cluster", {"placement": {"enabled": True}}, "placement.cluster")
+    expect_render_error(
+        "placement without traces", {"placement": {"enabled": True, "cluster": cluster}}, "placement.traces.volume"
+    )
     expect_render_error(
         "placement job without a plan volume",
-        {"placement": {"enabled": True, "mode": "job", "traces": {"volume": {"emptyDir": {}}}}},
+        {"placement": {"enabled": True, "mode": "job", "cluster": cluster, "traces": {"volume": {"emptyDir": {}}}}},
         "placement.planVolume",
     )
     expect_render_error(
         "unknown placement mode",
-        {"placement": {"enabled": True, "mode": "sidecar", "traces": {"volume": {"emptyDir": {}}}}},
+        {"placement": {"enabled": True, "mode": "sidecar", "cluster": cluster, "traces": {"volume": {"emptyDir": {}}}}},
         "placement.mode",
     )
     expect_render_error("chart-owned setting in config", {"config": {"MOE_PORT": "9000"}}, "config.MOE_PORT")

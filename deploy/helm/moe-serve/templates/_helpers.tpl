@@ -60,7 +60,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{- define "moe-serve.clusterPath" -}}
-/etc/moe/placement/cluster.json
+/etc/moe/placement/cluster.toml
 {{- end -}}
 
 {{/* Job mode writes one plan per Helm revision, so pods of a revision never read an older plan. */}}
@@ -88,6 +88,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.placement.enabled -}}
 {{- if not (has .Values.placement.mode (list "initContainer" "job")) -}}
 {{- fail (printf "placement.mode must be initContainer or job, not %q" .Values.placement.mode) -}}
+{{- end -}}
+{{- if not .Values.placement.cluster -}}
+{{- fail "placement.enabled needs placement.cluster (the text of moe-place's cluster TOML file)" -}}
 {{- end -}}
 {{- if not .Values.placement.traces.volume -}}
 {{- fail "placement.enabled needs placement.traces.volume (where the recorded routing traces are)" -}}
