@@ -29,8 +29,8 @@ if [[ $which == all || $which == mixtral ]]; then
   "$P" synth --shape mixtral --tokens 16384 --seed 1 --sample-seed 2 --out "$heldout"
   for g in 4 8; do
     solve "mixtral-$g-greedy" "mixtral-${g}gpu" --method greedy
-    solve "mixtral-$g-moetuner" "mixtral-${g}gpu" --method moetuner --time-limit 60 --gap 0.025
-    solve "mixtral-$g-moetuner+ls" "mixtral-${g}gpu" --method moetuner --time-limit 60 --gap 0.025 --local-search
+    solve "mixtral-$g-moetuner" "mixtral-${g}gpu" --method moetuner --time-limit 60
+    solve "mixtral-$g-moetuner+ls" "mixtral-${g}gpu" --method moetuner --time-limit 60 --local-search
     solve "mixtral-$g-joint" "mixtral-${g}gpu" --method joint --time-limit 60 --gap 0.025
     "$P" eval --trace "$heldout" --cluster "$C/mixtral-${g}gpu.toml" --heatmap "$OUT/mixtral-$g.svg" \
       "$OUT"/mixtral-$g-{greedy,moetuner,moetuner+ls,joint}.json | tee "$OUT/mixtral-$g-eval.md"

@@ -21,6 +21,7 @@ pub mod error;
 pub mod eval;
 pub mod heatmap;
 pub mod joint;
+pub mod layer_milp;
 pub mod local_search;
 pub mod milp;
 pub mod planner;

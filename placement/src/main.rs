@@ -71,6 +71,10 @@ struct SolveArgs {
     /// Run the affinity local search on the result (keeps each layer's max load).
     #[arg(long)]
     local_search: bool,
+    /// With --local-search: how far above its starting value (fraction of the layer
+    /// mean) a layer's largest GPU load may rise.
+    #[arg(long, default_value_t = 0.0)]
+    load_slack: f64,
     /// Print HiGHS's own log (branch and bound progress) to stdout.
     #[arg(long)]
     solver_log: bool,
@@ -186,6 +190,7 @@ fn solve(a: SolveArgs) -> anyhow::Result<()> {
         load_weight: a.load_weight,
         passes: a.passes,
         local_search: a.local_search,
+        load_slack: a.load_slack,
         solver_log: a.solver_log,
     };
     let solved = planner::solve(&stats, &cluster, &opts)?;

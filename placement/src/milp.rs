@@ -129,6 +129,7 @@ impl Milp {
         model.set_option("time_limit", limits.time_limit.max(0.01));
         model.set_option("mip_rel_gap", limits.rel_gap.max(0.0));
         model.set_option("output_flag", limits.solver_log);
+        model.set_option("log_to_console", limits.solver_log);
         model.set_option("random_seed", 0);
         model.set_option("mip_abs_gap", 1e-9);
         if !self.start.is_empty() {

@@ -5,6 +5,7 @@ use crate::cluster::Cluster;
 use crate::cost::{self, Layers, Single};
 use crate::error::{PlaceError, Result};
 use crate::joint::{self, JointWeights};
+use crate::layer_milp;
 use crate::local_search;
 use crate::milp::rel_gap;
 use crate::stage1::{self, SizeRange};
@@ -62,6 +63,9 @@ pub struct SolveOptions {
     pub passes: usize,
     /// Run the affinity local search on the result.
     pub local_search: bool,
+    /// The local search may raise a layer's largest GPU load by this fraction of the
+    /// layer mean above where it started (0: never raise it).
+    pub load_slack: f64,
     /// Print HiGHS's log.
     pub solver_log: bool,
 }
@@ -140,12 +144,19 @@ pub fn solve(stats: &Stats, cluster: &Cluster, opts: &SolveOptions) -> Result<So
     if opts.local_search {
         let gpu = single.as_mut().expect("one GPU per expert");
         let lay = cost::to_layers(gpu);
-        let cap: Vec<f64> =
-            (0..layers).map(|l| cost::gpu_load(stats, &lay, l, g).into_iter().fold(0.0, f64::max)).collect();
+        let cap: Vec<f64> = (0..layers)
+            .map(|l| {
+                let max = cost::gpu_load(stats, &lay, l, g).into_iter().fold(0.0, f64::max);
+                max + opts.load_slack * stats.layer_total(l) / g as f64
+            })
+            .collect();
+        let left = (opts.time_limit - t0.elapsed().as_secs_f64()).max(1.0);
+        let (b, a) = layer_milp::sweep(stats, cluster, gpu, &cap, (left, opts.solver_log))?;
+        report.push(format!("layer MILP sweeps: weighted crossing transitions {b:.0} -> {a:.0}"));
         let out = local_search::improve(stats, cluster, gpu, &cap, 100);
         report.push(format!(
-            "local search: weighted crossing transitions {:.0} -> {:.0} ({} swaps, max load per layer kept)",
-            out.before, out.after, out.swaps
+            "local search: weighted crossing transitions {:.0} -> {:.0} ({} swaps, layer max load + {} x mean allowed)",
+            out.before, out.after, out.swaps, opts.load_slack
         ));
         eprintln!("  {}", report.last().expect("just pushed"));
         summary.status = format!("{}+local-search", summary.status);

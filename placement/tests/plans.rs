@@ -53,6 +53,7 @@ fn options(method: Method) -> SolveOptions {
         load_weight: 1.0,
         passes: 2,
         local_search: false,
+        load_slack: 0.0,
         solver_log: false,
     }
 }
