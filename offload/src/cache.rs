@@ -369,7 +369,9 @@ impl State {
         let base = (e.steps_used as f64 + 1.0) / (self.layer_steps[layer] as f64 + 2.0);
         let chance = if self.forecasts[layer].is_some() {
             if e.demand > 0.0 {
-                1.0
+                // the predictor's precision at this layer so far (prior 3/4)
+                let s = &self.stats[layer];
+                (s.predicted_right as f64 + 3.0) / (s.predicted as f64 + 4.0)
             } else {
                 0.25 * base // forecast, not predicted
             }

@@ -50,6 +50,34 @@ fn resident_bytes(loc: &ExpertLocation) -> usize {
     one(&loc.gate) + one(&loc.up) + one(&loc.down)
 }
 
+/// The common case, bf16 matrices in one file on a little-endian host: read
+/// each matrix straight into the buffer it is computed from (gate and up into
+/// one stacked buffer), one copy per byte. `None` when the case does not apply.
+fn read_bf16_direct(loc: &ExpertLocation) -> Result<Option<ExpertWeights>, (&Path, String)> {
+    let parts = [&loc.gate, &loc.up, &loc.down];
+    let same_file = parts.iter().all(|t| t.path == loc.gate.path);
+    if cfg!(target_endian = "big") || !same_file || parts.iter().any(|t| t.dtype != safetensors::Dtype::BF16) {
+        return Ok(None);
+    }
+    let path = loc.gate.path.as_path();
+    let file = File::open(path).map_err(|e| (path, e.to_string()))?;
+    let read = |t: &TensorLocation, dst: &mut [u16]| {
+        file.read_exact_at(bytemuck::cast_slice_mut(dst), t.offset)
+            .map_err(|e| (path, format!("reading tensor {}: {e}", t.name)))
+    };
+    let (g, u, d) = (loc.gate.len / 2, loc.up.len / 2, loc.down.len / 2);
+    let mut gate_up = vec![0u16; g + u];
+    read(&loc.gate, &mut gate_up[..g])?;
+    read(&loc.up, &mut gate_up[g..])?;
+    let mut down = vec![0u16; d];
+    read(&loc.down, &mut down)?;
+    let w = |rows, cols, bits| Weight::from_bf16_bits(rows, cols, bits).map_err(|e| (path, e.to_string()));
+    Ok(Some(ExpertWeights {
+        gate_up: w(loc.gate.rows + loc.up.rows, loc.gate.cols, gate_up)?,
+        down: w(loc.down.rows, loc.down.cols, down)?,
+    }))
+}
+
 fn read_tensor(file: &File, t: &TensorLocation) -> Result<Weight, String> {
     let mut buf = vec![0u8; t.len];
     file.read_exact_at(&mut buf, t.offset).map_err(|e| format!("reading tensor {}: {e}", t.name))?;
@@ -72,6 +100,9 @@ impl ExpertSource for DiskExperts {
             path: path.to_path_buf(),
             message,
         };
+        if let Some(w) = read_bf16_direct(loc).map_err(|(path, m)| fail(path, m))? {
+            return Ok(w);
+        }
         let mut parts = Vec::with_capacity(3);
         let mut open: Option<(&Path, File)> = None;
         for t in [&loc.gate, &loc.up, &loc.down] {

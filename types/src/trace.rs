@@ -114,6 +114,21 @@ pub fn write_token(w: &mut (impl Write + ?Sized), t: &TraceToken) -> std::io::Re
     w.write_all(b"\n")
 }
 
+/// The header's own consistency: MoE layers inside the model, ascending and
+/// distinct; `top_k` between 1 and `num_experts`.
+fn check_header(h: &TraceHeader) -> Result<(), String> {
+    if let Some(l) = h.moe_layers.iter().find(|&&l| l as usize >= h.num_layers) {
+        return Err(format!("MoE layer {l} is outside the model's {} layers", h.num_layers));
+    }
+    if h.moe_layers.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("moe_layers must be ascending and distinct".into());
+    }
+    if h.top_k == 0 || h.top_k > h.num_experts {
+        return Err(format!("top_k {} must be between 1 and num_experts {}", h.top_k, h.num_experts));
+    }
+    Ok(())
+}
+
 /// Reads and checks a whole trace.
 pub fn read_trace(r: impl BufRead) -> Result<(TraceHeader, Vec<TraceToken>), TraceError> {
     let mut lines = r.lines().enumerate();
@@ -127,6 +142,7 @@ pub fn read_trace(r: impl BufRead) -> Result<(TraceHeader, Vec<TraceToken>), Tra
     if header.version != TRACE_VERSION {
         return Err(bad(0, format!("version {} is not supported (this reader knows {TRACE_VERSION})", header.version)));
     }
+    check_header(&header).map_err(|m| bad(0, m))?;
     let mut tokens = Vec::new();
     for (i, line) in lines {
         let line = line.map_err(TraceError::Io)?;
@@ -144,6 +160,12 @@ pub fn read_trace(r: impl BufRead) -> Result<(TraceHeader, Vec<TraceToken>), Tra
             }
             if let Some(x) = e.iter().find(|&&x| x as usize >= header.num_experts) {
                 return Err(bad(i, format!("expert {x} out of range (num_experts {})", header.num_experts)));
+            }
+            if e.iter().enumerate().any(|(j, x)| e[..j].contains(x)) {
+                return Err(bad(i, format!("expert listed twice in {e:?}")));
+            }
+            if let Some(x) = w.iter().find(|x| !x.is_finite() || **x < 0.0) {
+                return Err(bad(i, format!("weight {x} is not a finite non-negative number")));
             }
         }
         tokens.push(t);
@@ -178,5 +200,25 @@ mod tests {
         let e = read_trace(text.replace("[3,2]", "[3,7]").as_bytes()).unwrap_err();
         assert_eq!(e.to_string(), "trace line 2: expert 7 out of range (num_experts 4)");
         assert!(read_trace(&b""[..]).is_err());
+        let e = read_trace(text.replace("[3,2]", "[3,3]").as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("expert listed twice"), "{e}");
+        let e = read_trace(text.replace("\"top_k\":2", "\"top_k\":0").as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("top_k 0 must be between 1"), "{e}");
+        let e = read_trace(text.replace("[0,1]", "[0,5]").as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("MoE layer 5 is outside"), "{e}");
+    }
+
+    /// Found by the `routing_trace` fuzz target: a weight beyond f32's range
+    /// read as infinity, which the writer cannot write back.
+    #[test]
+    fn nonfinite_weight_round_trip() {
+        let text = concat!(
+            r#"{"format":"moe-routing-trace","version":1,"model":"m","num_layers":1,"moe_layers":[0],"num_experts":2,"top_k":1}"#,
+            "\n",
+            r#"{"step":0,"seq":0,"pos":0,"token":0,"experts":[[1]],"weights":[[1e39]]}"#,
+            "\n"
+        );
+        let e = read_trace(text.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("not a finite non-negative number"), "{e}");
     }
 }

@@ -1,0 +1,54 @@
+//! The server with an expert budget: same greedy text as fully resident,
+//! expert-cache metrics on /metrics, and a bad budget refused at start.
+//! (Its own test binary: metrics are process-wide.)
+
+mod common;
+use common::{config, TestServer};
+use serde_json::json;
+
+async fn complete(s: &TestServer) -> String {
+    let body = json!({"model": "tiny-shakespeare-moe", "prompt": "KING RICHARD:\n", "max_tokens": 40,
+        "temperature": 0, "ignore_eos": true});
+    let (status, v) = s.post("/v1/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarter_budget_serves_the_same_text_and_exports_cache_metrics() {
+    let resident = TestServer::default().await;
+    let want = complete(&resident).await;
+    let mut cached = TestServer::start(
+        config(|a| {
+            a.expert_cache = Some("25%".into());
+            a.expert_policy = Some("predictive".into());
+            a.predictor = Some("learned".into());
+        }),
+        true,
+    )
+    .await;
+    assert_eq!(complete(&cached).await, want);
+    let m = cached.client.get(cached.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in [
+        "moe_expert_cache_hits_total",
+        "moe_expert_cache_misses_total",
+        "moe_expert_bytes_loaded_total",
+        "moe_expert_prefetch_issued_total",
+        "moe_expert_predictor_precision",
+        "moe_expert_predictor_recall",
+        "moe_expert_cache_slots 8",
+    ] {
+        assert!(m.contains(name), "{name} missing from /metrics");
+    }
+    cached.shutdown();
+}
+
+#[test]
+fn a_bad_budget_is_a_clear_start_up_error() {
+    let cfg = config(|a| a.expert_cache = Some("150%".into()));
+    let err = moe_server::serve::load_ready(&cfg).err().unwrap().to_string();
+    assert!(err.contains("invalid expert cache budget \"150%\""), "{err}");
+    let cfg = config(|a| a.expert_policy = Some("mru".into()));
+    let err = moe_server::serve::load_ready(&cfg).err().unwrap().to_string();
+    assert!(err.contains("unknown cache policy \"mru\""), "{err}");
+}
