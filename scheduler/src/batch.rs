@@ -12,6 +12,7 @@
 //! output so far), so no request fails for lack of memory.
 
 use crate::blocks::{BlockAllocator, BlockTable};
+use crate::grouping::{choose, Candidate, GroupingConfig, PathHints};
 use moe_types::{BlockId, SeqId, TokenId};
 use std::collections::{HashMap, VecDeque};
 
@@ -59,6 +60,8 @@ struct Seq {
     /// Tokens whose keys and values are in the cache.
     computed: usize,
     table: BlockTable,
+    /// Consecutive steps this running sequence was left out of the micro-batch.
+    deferred: u32,
 }
 
 /// The continuous-batching state: waiting and running sequences and the KV
@@ -72,13 +75,66 @@ pub struct Scheduler {
     /// Oldest first.
     running: Vec<SeqId>,
     preemptions: u64,
+    grouping: GroupingConfig,
+    rng: u64,
+    deferrals: u64,
 }
 
 impl Scheduler {
     /// An empty scheduler over `alloc`'s blocks.
     pub fn new(cfg: SchedulerConfig, alloc: BlockAllocator) -> Self {
         assert!(cfg.max_num_seqs > 0 && cfg.max_batched_tokens > 0, "limits must be positive");
-        Self { cfg, alloc, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new(), preemptions: 0 }
+        Self {
+            cfg,
+            alloc,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+            grouping: GroupingConfig::default(),
+            rng: 0,
+            deferrals: 0,
+        }
+    }
+
+    /// Sets micro-batching and regrouping. Errors when the deferral bound
+    /// cannot be kept: with `m` sequences per step (one slot kept for
+    /// admissions when `m` > 1) and up to `max_num_seqs` running, round robin
+    /// alone needs `ceil(max_num_seqs / (m - 1)) - 1` steps of deferral.
+    pub fn with_grouping(mut self, g: GroupingConfig) -> Result<Self, String> {
+        if g.micro_batch > 0 {
+            let slots = g.micro_batch - usize::from(g.micro_batch > 1);
+            let need = self.cfg.max_num_seqs.div_ceil(slots).saturating_sub(1);
+            if (g.max_deferral as usize) < need {
+                return Err(format!(
+                    "a micro-batch of {} with up to {} running sequences needs a deferral bound of at least {need} steps (got {})",
+                    g.micro_batch, self.cfg.max_num_seqs, g.max_deferral
+                ));
+            }
+        }
+        self.rng = g.seed;
+        self.grouping = g;
+        Ok(self)
+    }
+
+    /// The micro-batching settings.
+    pub fn grouping(&self) -> &GroupingConfig {
+        &self.grouping
+    }
+
+    /// Running sequences, oldest first.
+    pub fn running(&self) -> &[SeqId] {
+        &self.running
+    }
+
+    /// Steps sequences were left out of a micro-batch, in total.
+    pub fn deferrals(&self) -> u64 {
+        self.deferrals
+    }
+
+    /// Consecutive steps `id` has been left out (0 if it ran last step).
+    pub fn deferred(&self, id: SeqId) -> u32 {
+        self.seqs.get(&id).map_or(0, |s| s.deferred)
     }
 
     /// Queues a sequence whose known tokens are `prompt`.
@@ -87,7 +143,7 @@ impl Scheduler {
     /// If `id` is already present or the prompt is empty (caller bugs).
     pub fn add(&mut self, id: SeqId, prompt: Vec<TokenId>) {
         assert!(!prompt.is_empty(), "empty prompt");
-        let prev = self.seqs.insert(id, Seq { tokens: prompt, computed: 0, table: BlockTable::new() });
+        let prev = self.seqs.insert(id, Seq { tokens: prompt, computed: 0, table: BlockTable::new(), deferred: 0 });
         assert!(prev.is_none(), "sequence {id} added twice");
         self.waiting.push_back(id);
     }
@@ -158,13 +214,61 @@ impl Scheduler {
         self.alloc.blocks_for(total_tokens) <= self.alloc.num_blocks()
     }
 
-    /// Plans the next step.
+    /// Plans the next step (no path hints: regrouping falls back to round robin).
     pub fn schedule(&mut self) -> StepPlan {
+        self.schedule_with(&PathHints::default())
+    }
+
+    /// Which running sequences may run this step: all of them, or a
+    /// micro-batch chosen by the grouping mode when there are more.
+    fn micro_batch(&mut self, hints: &PathHints) -> Option<Vec<SeqId>> {
+        let m = self.grouping.micro_batch;
+        if m == 0 {
+            return None;
+        }
+        let admissible = self.waiting.len().min(self.cfg.max_num_seqs.saturating_sub(self.running.len()));
+        let slots = if admissible > 0 && m > 1 { m - 1 } else { m };
+        if self.running.len() <= slots {
+            return None;
+        }
+        let cands: Vec<Candidate<'_>> = self
+            .running
+            .iter()
+            .map(|&seq| Candidate {
+                seq,
+                deferred: self.seqs[&seq].deferred,
+                path: hints.paths.get(&seq).map(Vec::as_slice),
+            })
+            .collect();
+        let picked = choose(&self.grouping, &cands, slots, &hints.resident, &mut self.rng);
+        let group: Vec<SeqId> = picked.into_iter().map(|i| cands[i].seq).collect();
+        Some(group)
+    }
+
+    /// Plans the next step, regrouping with `hints` when a micro-batch is set.
+    pub fn schedule_with(&mut self, hints: &PathHints) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.cfg.max_batched_tokens;
+        let group = self.micro_batch(hints);
+        {
+            for &id in &self.running {
+                let s = self.seqs.get_mut(&id).expect("running sequence exists");
+                if group.as_ref().is_none_or(|g| g.contains(&id)) {
+                    s.deferred = 0;
+                } else {
+                    s.deferred += 1;
+                    self.deferrals += 1;
+                }
+            }
+        }
+        let limit = if self.grouping.micro_batch > 0 { self.grouping.micro_batch } else { usize::MAX };
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
+            if group.as_ref().is_some_and(|g| !g.contains(&id)) {
+                i += 1;
+                continue;
+            }
             let (start, need) = {
                 let s = &self.seqs[&id];
                 (s.computed, s.tokens.len() - s.computed)
@@ -196,7 +300,11 @@ impl Scheduler {
         }
         // admit waiting sequences while budget, sequence slots and blocks allow;
         // nothing is admitted in a step that had to preempt
-        while plan.preempted.is_empty() && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+        while plan.preempted.is_empty()
+            && budget > 0
+            && self.running.len() < self.cfg.max_num_seqs
+            && plan.chunks.len() < limit
+        {
             let Some(&id) = self.waiting.front() else { break };
             let s = self.seqs.get_mut(&id).expect("waiting sequence exists");
             let n = (s.tokens.len() - s.computed).min(budget);

@@ -10,14 +10,17 @@
 //!
 //! Invariants: a block id is held by at most one table at a time; a step
 //! never exceeds its token budget or sequence limit; running sequences are
-//! served oldest first. No IO, no clocks, no async. ExpertFlow's token
-//! regrouping lands here in later work.
+//! served oldest first (unless a micro-batch is set: then [`GroupingMode`]
+//! chooses which run, and no running sequence is left out more than
+//! `max_deferral` steps in a row). No IO, no clocks, no async.
 
 mod batch;
 mod blocks;
+mod grouping;
 
 pub use batch::{ScheduledChunk, Scheduler, SchedulerConfig, StepPlan};
 pub use blocks::{BlockAllocator, BlockTable};
+pub use grouping::{GroupingConfig, GroupingMode, PathHints};
 
 /// Errors of the scheduling state.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

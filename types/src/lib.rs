@@ -9,8 +9,11 @@
 
 use serde::{Deserialize, Serialize};
 
+mod expert_set;
 pub mod placement;
 pub mod trace;
+
+pub use expert_set::ExpertSet;
 
 pub use placement::{PlacementPlan, PlanError, PLAN_FORMAT, PLAN_VERSION};
 
