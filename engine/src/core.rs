@@ -3,7 +3,7 @@
 
 use crate::{EngineError, FinishReason, GenerationRequest};
 use moe_model::{ExpertProvider, KvCache, LogitsRequest, Model, SampledToken, Sampler, SeqChunk, StepToken, Workspace};
-use moe_scheduler::{BlockAllocator, Scheduler, SchedulerConfig, StepPlan};
+use moe_scheduler::{BlockAllocator, GroupingConfig, GroupingMode, PathHints, Scheduler, SchedulerConfig, StepPlan};
 use moe_types::trace::{TraceHeader, TraceToken};
 use moe_types::{SeqId, TokenId};
 use std::collections::HashMap;
@@ -38,6 +38,8 @@ pub struct EngineCore<E> {
     eos: Vec<TokenId>,
     masked: Vec<f32>,
     last_plan: StepPlan,
+    /// Distinct experts per MoE layer in the last step.
+    last_distinct: Vec<usize>,
     step_tokens: Vec<StepToken>,
     steps: u64,
     /// Routing records of computed tokens, when recording.
@@ -59,10 +61,22 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
             eos,
             masked: Vec::new(),
             last_plan: StepPlan::default(),
+            last_distinct: Vec::new(),
             step_tokens: Vec::new(),
             steps: 0,
             trace: None,
         }
+    }
+
+    /// Sets micro-batching and regrouping (see `moe_scheduler::GroupingConfig`).
+    pub fn with_grouping(mut self, g: GroupingConfig) -> Result<Self, EngineError> {
+        self.sched.set_grouping(g).map_err(EngineError::Invalid)?;
+        Ok(self)
+    }
+
+    /// Distinct experts each MoE layer used in the last step.
+    pub fn last_distinct_experts(&self) -> &[usize] {
+        &self.last_distinct
     }
 
     /// Starts or stops recording the routing of every computed token.
@@ -150,7 +164,37 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
     /// Runs one step. On a model error every sequence of the step is
     /// removed and returned with the error.
     pub fn step(&mut self) -> Result<Vec<StepOutput>, (Vec<SeqId>, moe_model::ModelError)> {
-        let plan = self.sched.schedule();
+        let plan = self.plan();
+        self.execute(plan)
+    }
+
+    /// Plans the next step: with regrouping, the expert provider forecasts
+    /// the path of each decoding sequence's next token first.
+    pub fn plan(&mut self) -> StepPlan {
+        let g = self.sched.grouping();
+        if g.micro_batch == 0 || g.mode != GroupingMode::Regroup || self.sched.num_running() <= g.micro_batch {
+            return self.sched.schedule();
+        }
+        let decoding: Vec<StepToken> = self
+            .sched
+            .running()
+            .iter()
+            .filter_map(|&seq| {
+                let toks = self.sched.tokens(seq);
+                (self.sched.computed(seq) + 1 == toks.len()).then(|| StepToken { seq, token: toks[toks.len() - 1] })
+            })
+            .collect();
+        let mut hints = PathHints { resident: self.experts.resident_sets(), ..Default::default() };
+        for (t, path) in decoding.iter().zip(self.experts.predict_paths(&decoding)) {
+            if let Some(p) = path {
+                hints.paths.insert(t.seq, p);
+            }
+        }
+        self.sched.schedule_with(&hints)
+    }
+
+    /// Runs a planned step.
+    pub fn execute(&mut self, plan: StepPlan) -> Result<Vec<StepOutput>, (Vec<SeqId>, moe_model::ModelError)> {
         if plan.chunks.is_empty() {
             self.last_plan = plan;
             return Ok(Vec::new());
@@ -183,6 +227,13 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
         };
         drop(chunks);
         self.steps += 1;
+        self.last_distinct.clear();
+        self.last_distinct.extend(out.routing.layers.iter().map(|l| {
+            let mut ids: Vec<_> = l.ids.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.len()
+        }));
         if let Some(trace) = &mut self.trace {
             let mut t = 0;
             for c in &plan.chunks {

@@ -221,9 +221,18 @@ fn run<E: ExpertProvider + Sync>(
             continue;
         }
         let t = Instant::now();
-        let result = core.step();
+        let deferrals = core.scheduler().deferrals();
+        let plan = core.plan();
+        let planned = t.elapsed().as_secs_f64();
+        let result = core.execute(plan);
         let plan = core.last_plan();
-        metrics::histogram!(m::STEP_TIME).record(t.elapsed().as_secs_f64());
+        let step_secs = t.elapsed().as_secs_f64();
+        metrics::histogram!(m::STEP_TIME).record(step_secs);
+        metrics::histogram!(m::SCHEDULER_TIME).record(planned);
+        metrics::counter!(m::DEFERRALS).increment(core.scheduler().deferrals() - deferrals);
+        for (layer, &n) in core.last_distinct_experts().iter().enumerate() {
+            metrics::histogram!(m::DISTINCT_EXPERTS, "layer" => layer.to_string()).record(n as f64);
+        }
         metrics::histogram!(m::BATCH_TOKENS).record(plan.num_tokens() as f64);
         metrics::histogram!(m::BATCH_SEQS).record(plan.chunks.len() as f64);
         if !plan.preempted.is_empty() {

@@ -26,6 +26,12 @@ pub const STEP_TIME: &str = "moe_step_seconds";
 pub const BATCH_TOKENS: &str = "moe_step_batch_tokens";
 /// Histogram: sequences per step.
 pub const BATCH_SEQS: &str = "moe_step_batch_sequences";
+/// Histogram (seconds): time spent planning a step (scheduling and regrouping).
+pub const SCHEDULER_TIME: &str = "moe_scheduler_seconds";
+/// Counter: steps running sequences were left out of a micro-batch.
+pub const DEFERRALS: &str = "moe_scheduler_deferrals_total";
+/// Histogram: distinct experts one step (micro-batch) used, label `layer` (MoE layer index).
+pub const DISTINCT_EXPERTS: &str = "moe_step_distinct_experts";
 /// Counter: sequences preempted for lack of KV blocks.
 pub const PREEMPTIONS: &str = "moe_preemptions_total";
 

@@ -4,7 +4,7 @@ use crate::arch::LayerNames;
 use crate::checkpoint::{Checkpoint, TensorLocation};
 use crate::{ModelConfig, ModelError, Result};
 use moe_kernels::Weight;
-use moe_types::{ExpertId, LayerId, LayerRouting, SeqId, TokenId};
+use moe_types::{ExpertId, ExpertSet, LayerId, LayerRouting, SeqId, TokenId};
 use std::ops::Deref;
 
 /// One SwiGLU FFN: `down(silu(gate(x)) * up(x))`, with gate and up stacked
@@ -140,6 +140,19 @@ pub trait ExpertProvider {
 
     /// The weights of one expert.
     fn get(&self, layer: LayerId, expert: ExpertId) -> Result<Self::Guard<'_>>;
+
+    /// Before a step is planned: for each token that may run next, the
+    /// experts it is forecast to use at each MoE layer (`None`: no forecast).
+    /// Used to regroup sequences into micro-batches.
+    fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
+        vec![None; tokens.len()]
+    }
+
+    /// The experts resident in the fast tier, per MoE layer (empty when
+    /// every expert is resident).
+    fn resident_sets(&self) -> Vec<ExpertSet> {
+        Vec::new()
+    }
 }
 
 /// Every expert of every MoE layer held in memory.

@@ -14,7 +14,7 @@ use crate::predictor::{Forecast, PathPredictor, PredictorKind, Shape, NO_EXPERT}
 use crate::stats::{CacheStats, LayerStats};
 use crate::{metric_names as m, ExpertSource, OffloadError};
 use moe_model::{ExpertProvider, ExpertWeights, ModelConfig, ModelError, StepToken};
-use moe_types::{ExpertId, LayerId, LayerRouting, SeqId};
+use moe_types::{ExpertId, ExpertSet, LayerId, LayerRouting, SeqId};
 use std::collections::VecDeque;
 use std::ops::Deref;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -527,6 +527,34 @@ impl State {
 
 impl ExpertProvider for ExpertCache {
     type Guard<'a> = CacheGuard<'a>;
+
+    fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
+        let st = self.shared.lock();
+        let (k, n) = (st.top_k, st.layers);
+        tokens
+            .iter()
+            .map(|&t| {
+                let ids = st.predictor.as_ref()?.path(t)?;
+                let sets = (0..n)
+                    .map(|j| {
+                        ids.get(j * k..(j + 1) * k).unwrap_or(&[]).iter().copied().filter(|&e| e != NO_EXPERT).collect()
+                    })
+                    .collect();
+                Some(sets)
+            })
+            .collect()
+    }
+
+    fn resident_sets(&self) -> Vec<ExpertSet> {
+        let st = self.shared.lock();
+        let mut sets = vec![ExpertSet::new(); st.layers];
+        for (i, e) in st.entries.iter().enumerate() {
+            if matches!(e.res, Residency::Resident(_) | Residency::Loading) {
+                sets[i / st.experts].insert(ExpertId((i % st.experts) as u16));
+            }
+        }
+        sets
+    }
 
     fn begin_step(&self, tokens: &[StepToken]) {
         let mut st = self.shared.lock();

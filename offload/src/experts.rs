@@ -4,7 +4,7 @@
 use crate::cache::{CacheGuard, ExpertCache};
 use crate::CacheStats;
 use moe_model::{ExpertProvider, ExpertWeights, ResidentExperts, StepToken};
-use moe_types::{ExpertId, LayerId, LayerRouting, SeqId};
+use moe_types::{ExpertId, ExpertSet, LayerId, LayerRouting, SeqId};
 use std::ops::Deref;
 
 /// The experts an engine computes with.
@@ -83,6 +83,20 @@ impl ExpertProvider for Experts {
         match self {
             Self::Resident(r) => r.prepare(routing, used),
             Self::Cached(c) => c.prepare(routing, used),
+        }
+    }
+
+    fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
+        match self {
+            Self::Resident(_) => vec![None; tokens.len()],
+            Self::Cached(c) => c.predict_paths(tokens),
+        }
+    }
+
+    fn resident_sets(&self) -> Vec<ExpertSet> {
+        match self {
+            Self::Resident(_) => Vec::new(),
+            Self::Cached(c) => c.resident_sets(),
         }
     }
 

@@ -102,6 +102,12 @@ impl Scheduler {
     /// admissions when `m` > 1) and up to `max_num_seqs` running, round robin
     /// alone needs `ceil(max_num_seqs / (m - 1)) - 1` steps of deferral.
     pub fn with_grouping(mut self, g: GroupingConfig) -> Result<Self, String> {
+        self.set_grouping(g)?;
+        Ok(self)
+    }
+
+    /// [`with_grouping`](Self::with_grouping) in place.
+    pub fn set_grouping(&mut self, g: GroupingConfig) -> Result<(), String> {
         if g.micro_batch > 0 {
             let slots = g.micro_batch - usize::from(g.micro_batch > 1);
             let need = self.cfg.max_num_seqs.div_ceil(slots).saturating_sub(1);
@@ -114,7 +120,7 @@ impl Scheduler {
         }
         self.rng = g.seed;
         self.grouping = g;
-        Ok(self)
+        Ok(())
     }
 
     /// The micro-batching settings.
@@ -177,6 +183,11 @@ impl Scheduler {
     /// Known tokens of a sequence (prompt then output).
     pub fn tokens(&self, id: SeqId) -> &[TokenId] {
         self.seqs.get(&id).map_or(&[], |s| &s.tokens)
+    }
+
+    /// Tokens of a sequence whose keys and values are cached.
+    pub fn computed(&self, id: SeqId) -> usize {
+        self.seqs.get(&id).map_or(0, |s| s.computed)
     }
 
     /// KV blocks of a sequence.

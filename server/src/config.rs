@@ -137,6 +137,12 @@ serve_config! {
     predictor: String = "auto".into() => "auto", env = "MOE_PREDICTOR";
     /// MoE layers ahead to forecast and prefetch.
     prefetch_depth: usize = 1 => "1", env = "MOE_PREFETCH_DEPTH";
+    /// Most sequences computed per step (a micro-batch); 0 computes every runnable sequence each step.
+    micro_batch: usize = 0 => "0", env = "MOE_MICRO_BATCH";
+    /// How a micro-batch is chosen when more sequences are runnable: fcfs (round robin), random, or regroup (ExpertFlow: sequences whose forecast experts overlap run together).
+    grouping: String = "fcfs".into() => "fcfs", env = "MOE_GROUPING";
+    /// Most consecutive steps a running sequence may be left out of the micro-batch.
+    max_deferral: u32 = 16 => "16", env = "MOE_MAX_DEFERRAL";
 }
 
 fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
@@ -155,6 +161,19 @@ impl ServeConfig {
             self.predictor_file.clone(),
             self.prefetch_depth,
         )
+    }
+
+    /// The micro-batching settings.
+    pub fn grouping(&self) -> anyhow::Result<moe_scheduler::GroupingConfig> {
+        let mode = moe_scheduler::GroupingMode::parse(&self.grouping).ok_or_else(|| {
+            anyhow::anyhow!("unknown --grouping {:?} (expected fcfs, random or regroup)", self.grouping)
+        })?;
+        Ok(moe_scheduler::GroupingConfig {
+            mode,
+            micro_batch: self.micro_batch,
+            max_deferral: self.max_deferral,
+            seed: 0,
+        })
     }
 
     /// Checks values that must be positive.

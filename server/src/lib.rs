@@ -16,6 +16,7 @@ pub mod http;
 pub mod model_dir;
 pub mod offload;
 pub mod offload_bench;
+pub mod regroup_bench;
 pub mod serve;
 pub mod session;
 pub mod trace;

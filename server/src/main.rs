@@ -39,6 +39,36 @@ enum Command {
     TrainPredictor(TrainPredictorCmd),
     /// Benchmark the expert cache: budgets x policies x predictors, with offline bounds.
     BenchOffload(BenchOffloadCmd),
+    /// Benchmark token regrouping: fcfs, random and regroup micro-batches at a fixed expert budget.
+    BenchRegroup(BenchRegroupCmd),
+}
+
+#[derive(Args)]
+struct BenchRegroupCmd {
+    /// Text files to draw prompts from (one kind of text each), round robin.
+    #[arg(long, required = true, num_args = 1..)]
+    text: Vec<PathBuf>,
+    /// Model directory; default: the built-in model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Concurrent sequences.
+    #[arg(long, default_value_t = 32)]
+    sequences: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    prompt_tokens: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    micro_batch: usize,
+    /// Expert budget as a fraction of all experts.
+    #[arg(long, default_value_t = 0.5)]
+    budget: f64,
+    /// Deferral bound.
+    #[arg(long, default_value_t = 8)]
+    max_deferral: u32,
 }
 
 #[derive(Args)]
@@ -183,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trace(t) => run_trace(t),
         Command::TrainPredictor(t) => run_train_predictor(t),
         Command::BenchOffload(b) => run_bench_offload(b),
+        Command::BenchRegroup(b) => run_bench_regroup(b),
     }
 }
 
@@ -202,6 +233,45 @@ fn run_train_predictor(t: TrainPredictorCmd) -> anyhow::Result<()> {
     eprintln!("held-out accuracy per MoE layer, from the token alone:          {}", pct(&report.token_only));
     eprintln!("held-out accuracy per MoE layer, token + earlier layers' path: {}", pct(&report.one_ahead));
     eprintln!("wrote {}", t.output.display());
+    Ok(())
+}
+
+fn run_bench_regroup(b: BenchRegroupCmd) -> anyhow::Result<()> {
+    anyhow::ensure!(b.sequences > 0 && b.prompt_tokens > 0 && b.decode_tokens > 0, "sizes must be positive");
+    anyhow::ensure!(b.budget > 0.0 && b.budget <= 1.0, "--budget must be a fraction in (0, 1]");
+    let dir = b.model.unwrap_or_else(default_model_dir);
+    let (model, codec) = moe_model::load_model_without_experts(&dir, &mut ())?;
+    let mut sources = Vec::new();
+    for p in &b.text {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        let ids = codec.encode(&text, false)?;
+        let per = b.sequences.div_ceil(b.text.len());
+        anyhow::ensure!(ids.len() >= per * b.prompt_tokens, "{} is too short for {per} prompts", p.display());
+        let name = p.file_name().map_or("text".into(), |n| n.to_string_lossy().into_owned());
+        sources.push((name, ids, per));
+    }
+    let mut prompts = Vec::new();
+    for i in 0..b.sequences {
+        let (name, ids, per) = &sources[i % sources.len()];
+        let j = i / sources.len();
+        let stride = ids.len() / per;
+        prompts.push((name.clone(), ids[j * stride..j * stride + b.prompt_tokens].to_vec()));
+    }
+    let learned = dir.join(moe_server::offload::PREDICTOR_FILE);
+    anyhow::ensure!(learned.is_file(), "regrouping needs the learned predictor at {}", learned.display());
+    let bench = moe_server::regroup_bench::RegroupBench {
+        model,
+        dir: dir.clone(),
+        prompts,
+        decode_tokens: b.decode_tokens,
+        micro_batch: b.micro_batch,
+        budget: b.budget,
+        policy: moe_offload::PolicyKind::Predictive,
+        predictor: moe_offload::PredictorKind::Learned(learned),
+        max_deferral: b.max_deferral,
+    };
+    eprintln!("benchmarking token regrouping on {}...", model_name(&dir));
+    print!("{}", bench.run()?);
     Ok(())
 }
 

@@ -24,6 +24,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), m::LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Prefix("moe_step_batch".into()), m::BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(m::DISTINCT_EXPERTS.into()), m::BATCH_BUCKETS)?
         .install_recorder()
         .context("installing the metrics recorder")?;
     *h = Some(handle.clone());
@@ -47,7 +48,9 @@ pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
     let blocks = cfg.kv_cache_tokens.div_ceil(cfg.block_size);
     let sched = SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batched_tokens: cfg.max_batched_tokens };
     let eos = loaded.codec.eos_ids().to_vec();
-    let core = EngineCore::new(loaded.model, loaded.experts, eos, sched, (blocks, cfg.block_size));
+    let core = EngineCore::new(loaded.model, loaded.experts, eos, sched, (blocks, cfg.block_size))
+        .with_grouping(cfg.grouping()?)
+        .map_err(|e| anyhow::anyhow!("--micro-batch / --max-deferral: {e}"))?;
     let sink = match &cfg.record_routing {
         Some(path) => Some(crate::trace::start_writer(path, &core.trace_header(&name))?),
         None => None,

@@ -23,6 +23,9 @@ async fn a_quarter_budget_serves_the_same_text_and_exports_cache_metrics() {
             a.expert_cache = Some("25%".into());
             a.expert_policy = Some("predictive".into());
             a.predictor = Some("learned".into());
+            a.micro_batch = Some(4);
+            a.grouping = Some("regroup".into());
+            a.max_deferral = Some(32);
         }),
         true,
     )
@@ -37,6 +40,8 @@ async fn a_quarter_budget_serves_the_same_text_and_exports_cache_metrics() {
         "moe_expert_predictor_precision",
         "moe_expert_predictor_recall",
         "moe_expert_cache_slots 8",
+        "moe_scheduler_seconds",
+        "moe_step_distinct_experts",
     ] {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
@@ -51,4 +56,13 @@ fn a_bad_budget_is_a_clear_start_up_error() {
     let cfg = config(|a| a.expert_policy = Some("mru".into()));
     let err = moe_server::serve::load_ready(&cfg).err().unwrap().to_string();
     assert!(err.contains("unknown cache policy \"mru\""), "{err}");
+    let cfg = config(|a| a.grouping = Some("zigzag".into()));
+    let err = moe_server::serve::load_ready(&cfg).err().unwrap().to_string();
+    assert!(err.contains("unknown --grouping \"zigzag\""), "{err}");
+    let cfg = config(|a| {
+        a.micro_batch = Some(2);
+        a.max_deferral = Some(3);
+    });
+    let err = moe_server::serve::load_ready(&cfg).err().unwrap().to_string();
+    assert!(err.contains("needs a deferral bound of at least 63"), "{err}");
 }

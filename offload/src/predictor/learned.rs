@@ -391,6 +391,14 @@ impl PathPredictor for LearnedPredictor {
         self.known_layers = layer + 1;
         out.extend(window(layer + 1, self.shape.depth, self.shape.layers).map(|j| self.forecast(j)));
     }
+
+    fn path(&self, token: StepToken) -> Option<Vec<ExpertId>> {
+        let mut ids = Vec::with_capacity(self.shape.layers * self.shape.top_k);
+        for j in 0..self.shape.layers {
+            self.tables.predict(j, token.token as usize, &[], &mut ids);
+        }
+        Some(ids)
+    }
 }
 
 #[cfg(test)]

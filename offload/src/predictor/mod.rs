@@ -67,6 +67,12 @@ pub trait PathPredictor: Send {
     fn end_sequence(&mut self, seq: SeqId) {
         let _ = seq;
     }
+    /// The whole path (`layers * top_k` ids) of a token about to run, as far
+    /// as it can be told before the step (for regrouping); `None` if not.
+    fn path(&self, token: StepToken) -> Option<Vec<ExpertId>> {
+        let _ = token;
+        None
+    }
 }
 
 /// Which predictor `--predictor` selects.

@@ -64,6 +64,10 @@ impl PathPredictor for PreviousToken {
     fn end_sequence(&mut self, seq: SeqId) {
         self.last.remove(&seq);
     }
+
+    fn path(&self, token: StepToken) -> Option<Vec<ExpertId>> {
+        self.last.get(&token.seq).cloned()
+    }
 }
 
 #[cfg(test)]
