@@ -2,7 +2,7 @@
 //! expert cache.
 
 use crate::cache::{CacheGuard, ExpertCache};
-use crate::CacheStats;
+use crate::{CacheStats, ShardedExperts};
 use moe_model::{ExpertProvider, ExpertWeights, ResidentExperts, StepToken};
 use moe_types::{ExpertId, ExpertSet, LayerId, LayerRouting, SeqId};
 use std::ops::Deref;
@@ -13,13 +13,15 @@ pub enum Experts {
     Resident(ResidentExperts),
     /// A budgeted fast tier over a slow tier.
     Cached(ExpertCache),
+    /// Spread over shards by a placement plan.
+    Sharded(ShardedExperts),
 }
 
 impl Experts {
     /// The cache's counters, if there is a cache.
     pub fn cache_stats(&self) -> Option<CacheStats> {
         match self {
-            Self::Resident(_) => None,
+            Self::Resident(_) | Self::Sharded(_) => None,
             Self::Cached(c) => Some(c.stats()),
         }
     }
@@ -27,7 +29,7 @@ impl Experts {
     /// The cache, if any.
     pub fn cache(&self) -> Option<&ExpertCache> {
         match self {
-            Self::Resident(_) => None,
+            Self::Resident(_) | Self::Sharded(_) => None,
             Self::Cached(c) => Some(c),
         }
     }
@@ -35,7 +37,7 @@ impl Experts {
 
 /// The guard of either variant.
 pub enum ExpertsGuard<'a> {
-    /// A borrowed resident expert.
+    /// A borrowed resident (or sharded) expert.
     Resident(&'a ExpertWeights),
     /// A pinned cached expert.
     Cached(CacheGuard<'a>),
@@ -55,8 +57,10 @@ impl ExpertProvider for Experts {
     type Guard<'a> = ExpertsGuard<'a>;
 
     fn begin_step(&self, tokens: &[StepToken]) {
-        if let Self::Cached(c) = self {
-            c.begin_step(tokens);
+        match self {
+            Self::Resident(_) => {}
+            Self::Cached(c) => c.begin_step(tokens),
+            Self::Sharded(s) => s.begin_step(tokens),
         }
     }
 
@@ -68,7 +72,7 @@ impl ExpertProvider for Experts {
 
     fn lookahead(&self) -> usize {
         match self {
-            Self::Resident(_) => 0,
+            Self::Resident(_) | Self::Sharded(_) => 0,
             Self::Cached(c) => c.lookahead(),
         }
     }
@@ -83,19 +87,20 @@ impl ExpertProvider for Experts {
         match self {
             Self::Resident(r) => r.prepare(routing, used),
             Self::Cached(c) => c.prepare(routing, used),
+            Self::Sharded(s) => s.prepare(routing, used),
         }
     }
 
     fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
         match self {
-            Self::Resident(_) => vec![None; tokens.len()],
+            Self::Resident(_) | Self::Sharded(_) => vec![None; tokens.len()],
             Self::Cached(c) => c.predict_paths(tokens),
         }
     }
 
     fn resident_sets(&self) -> Vec<ExpertSet> {
         match self {
-            Self::Resident(_) => Vec::new(),
+            Self::Resident(_) | Self::Sharded(_) => Vec::new(),
             Self::Cached(c) => c.resident_sets(),
         }
     }
@@ -104,6 +109,7 @@ impl ExpertProvider for Experts {
         Ok(match self {
             Self::Resident(r) => ExpertsGuard::Resident(r.get(layer, expert)?),
             Self::Cached(c) => ExpertsGuard::Cached(c.get(layer, expert)?),
+            Self::Sharded(s) => ExpertsGuard::Resident(s.get(layer, expert)?),
         })
     }
 }

@@ -13,7 +13,9 @@
 //! - cache policies ([`PolicyKind`]): LRU, LFU, and predictor-driven;
 //! - offline bounds over a recorded access sequence ([`bounds`]): Belady's
 //!   optimal replacement and an oracle prefetcher (benchmarks only);
-//! - [`Experts`]: fully resident or cached, one type for the engine.
+//! - [`ShardedExperts`]: experts spread over in-process shards by a
+//!   placement plan, with cross-shard traffic measured;
+//! - [`Experts`]: fully resident, cached or sharded, one type for the engine.
 //!
 //! Invariants: an expert is computed only while pinned by a guard, and a
 //! pinned expert, or one in use by the running layer, is never evicted;
@@ -31,6 +33,7 @@ mod experts;
 pub mod metric_names;
 mod policy;
 pub mod predictor;
+mod sharded;
 mod source;
 mod stats;
 
@@ -40,5 +43,6 @@ pub use error::OffloadError;
 pub use experts::{Experts, ExpertsGuard};
 pub use policy::PolicyKind;
 pub use predictor::PredictorKind;
+pub use sharded::{ShardStats, ShardedExperts};
 pub use source::{DiskExperts, ExpertSource, MemoryExperts};
 pub use stats::{CacheStats, LayerStats};

@@ -23,5 +23,10 @@ pub const PREDICTOR_PRECISION: &str = "moe_expert_predictor_precision";
 pub const PREDICTOR_RECALL: &str = "moe_expert_predictor_recall";
 /// Gauge: experts resident in the fast tier.
 pub const RESIDENT: &str = "moe_expert_cache_resident";
+/// Gauge: token transitions between experts on different shards, from MoE
+/// layer `from_layer` to the next, since start (placement plans).
+pub const SHARD_CROSS_TOKENS: &str = "moe_shard_cross_tokens";
+/// Gauge: tokens routed to each shard's experts, labels `layer` and `shard`, since start.
+pub const SHARD_TOKENS: &str = "moe_shard_tokens";
 /// Gauge: slots of the fast tier.
 pub const SLOTS: &str = "moe_expert_cache_slots";

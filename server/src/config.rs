@@ -40,6 +40,11 @@ macro_rules! serve_config {
             /// in the model directory).
             #[arg(long, env = "MOE_PREDICTOR_FILE")]
             pub predictor_file: Option<PathBuf>,
+            /// Placement plan (moe-place's JSON, format v1): which shard holds
+            /// each expert. On CPU the experts are split over that many
+            /// in-process shards and cross-shard token traffic is measured.
+            #[arg(long, env = "MOE_PLACEMENT")]
+            pub placement: Option<PathBuf>,
             $(
                 $(#[doc = $doc])*
                 #[arg(long, env = $env, help = concat!($($doc,)* " [default: ", $shown, "]"))]
@@ -56,6 +61,7 @@ macro_rules! serve_config {
             served_model_name: Option<String>,
             record_routing: Option<PathBuf>,
             predictor_file: Option<PathBuf>,
+            placement: Option<PathBuf>,
             $( $name: Option<$ty>, )*
         }
 
@@ -74,6 +80,8 @@ macro_rules! serve_config {
             pub record_routing: Option<PathBuf>,
             /// Learned path-predictor file, if not the model directory's.
             pub predictor_file: Option<PathBuf>,
+            /// Placement plan file, if any.
+            pub placement: Option<PathBuf>,
             $( $(#[doc = $doc])* pub $name: $ty, )*
         }
 
@@ -91,6 +99,7 @@ macro_rules! serve_config {
                     random_weights: self.random_weights,
                     record_routing: self.record_routing.clone().or(file.record_routing),
                     predictor_file: self.predictor_file.clone().or(file.predictor_file),
+                    placement: self.placement.clone().or(file.placement),
                     $( $name: self.$name.clone().or(file.$name).unwrap_or_else(|| $default), )*
                 })
             }

@@ -117,6 +117,21 @@ pub struct ServedModel {
     pub codec: TextCodec,
 }
 
+/// Splits a model's experts over the shards of the placement plan in `path`
+/// (checked against the model; experts must be fully resident).
+pub fn apply_placement(served: ServedModel, path: &Path) -> anyhow::Result<ServedModel> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read placement plan {}", path.display()))?;
+    let plan = moe_types::placement::PlacementPlan::read(std::io::BufReader::new(file))
+        .map_err(|e| anyhow::anyhow!("placement plan {}: {e}", path.display()))?;
+    let Experts::Resident(resident) = served.experts else {
+        anyhow::bail!("--placement needs every expert resident: it cannot be combined with --expert-cache yet");
+    };
+    let sharded = moe_offload::ShardedExperts::new(served.model.config(), resident, &plan)
+        .map_err(|e| anyhow::anyhow!("placement plan {} does not fit the model: {e}", path.display()))?;
+    tracing::info!(shards = sharded.num_shards(), method = %plan.method, "experts placed");
+    Ok(ServedModel { model: served.model, experts: Experts::Sharded(sharded), codec: served.codec })
+}
+
 /// Loads `dir` (random weights of its shape when `random_weights`) with the
 /// experts `settings` ask for. With a budget below the total, real weights
 /// are read from the checkpoint on demand; random weights are copied from

@@ -35,7 +35,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 /// async runtime).
 pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
     let dir = cfg.model.clone().unwrap_or_else(default_model_dir);
-    let loaded = load_served(&dir, cfg.random_weights, &cfg.offload()?)?;
+    let mut loaded = load_served(&dir, cfg.random_weights, &cfg.offload()?)?;
+    if let Some(plan) = &cfg.placement {
+        loaded = crate::offload::apply_placement(loaded, plan)?;
+    }
     let model_cfg = loaded.model.config().clone();
     let template = match loaded.codec.chat_template() {
         Some(src) => Some(

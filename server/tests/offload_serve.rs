@@ -1,5 +1,6 @@
 //! The server with an expert budget: same greedy text as fully resident,
-//! expert-cache metrics on /metrics, and a bad budget refused at start.
+//! expert-cache metrics on /metrics; bad budgets, grouping settings and
+//! placement plans refused at start with a clear message.
 //! (Its own test binary: metrics are process-wide.)
 
 mod common;
@@ -65,4 +66,25 @@ fn a_bad_budget_is_a_clear_start_up_error() {
     });
     let err = moe_server::serve::load_ready(&cfg).err().unwrap().to_string();
     assert!(err.contains("needs a deferral bound of at least 63"), "{err}");
+}
+
+#[test]
+fn a_malformed_or_mismatched_placement_plan_is_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("plan.json");
+    std::fs::write(&bad, "{\"format\":\"moe-placement-plan\",\"version\":1").unwrap();
+    let cfg = config(|a| a.placement = Some(bad.clone()));
+    let err = format!("{:#}", moe_server::serve::load_ready(&cfg).err().unwrap());
+    assert!(err.contains("placement plan") && err.contains("plan.json"), "{err}");
+    let mut plan = moe_types::placement::PlacementPlan::new(vec![0, 1, 2, 3], 16, 2, 2);
+    plan.layers.iter_mut().flatten().for_each(|g| *g = vec![0]);
+    plan.write(&mut std::fs::File::create(&bad).unwrap()).unwrap();
+    let err = format!("{:#}", moe_server::serve::load_ready(&cfg).err().unwrap());
+    assert!(
+        err.contains("does not fit the model") && err.contains("16 experts per layer but the model has 8"),
+        "{err}"
+    );
+    let missing = config(|a| a.placement = Some(dir.path().join("nope.json")));
+    let err = format!("{:#}", moe_server::serve::load_ready(&missing).err().unwrap());
+    assert!(err.contains("cannot read placement plan") && err.contains("nope.json"), "{err}");
 }

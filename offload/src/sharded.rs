@@ -1,0 +1,158 @@
+//! Experts spread over N in-process shards by a placement plan (the CPU form
+//! of multi-GPU expert placement): each expert lives in the store of the
+//! shard(s) the plan names, the forward pass reaches it through that shard,
+//! and the tokens that cross between shards from one MoE layer to the next
+//! are counted the way `moe-place eval` counts them on a trace.
+//!
+//! Outputs are identical to a single store by construction: the forward pass
+//! combines expert outputs in expert order whichever shard computed them. A
+//! replicated expert is computed by its first replica; its tokens are
+//! accounted evenly across the replicas, as the planner's cost model assumes.
+
+use crate::metric_names as m;
+use moe_model::{ExpertProvider, ExpertWeights, ModelConfig, ModelError, ResidentExperts, StepToken};
+use moe_types::placement::PlacementPlan;
+use moe_types::{ExpertId, LayerId, LayerRouting};
+use std::sync::Mutex;
+
+/// Cross-shard traffic and per-shard load measured so far.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ShardStats {
+    /// Per transition (MoE layer `l` to `l + 1`): token transitions between
+    /// experts on different shards (fractional with replicas).
+    pub cross: Vec<f64>,
+    /// Per transition: all token transitions.
+    pub transitions: Vec<f64>,
+    /// Per MoE layer, per shard: tokens routed to its experts.
+    pub load: Vec<Vec<f64>>,
+}
+
+struct Traffic {
+    /// The previous MoE layer's routing in this step: (MoE index, ids).
+    prev: Option<(usize, Vec<ExpertId>)>,
+    stats: ShardStats,
+}
+
+/// Experts split over shards as a plan says.
+pub struct ShardedExperts {
+    /// `[shard][decoder layer][expert]`: the weights a shard holds.
+    shards: Vec<Vec<Vec<Option<ExpertWeights>>>>,
+    /// `[MoE index][expert]`: shards holding it (first computes).
+    owners: Vec<Vec<Vec<u16>>>,
+    moe_of: Vec<Option<usize>>,
+    top_k: usize,
+    traffic: Mutex<Traffic>,
+}
+
+impl ShardedExperts {
+    /// Distributes `experts` over the plan's shards; the plan must fit the
+    /// model (`PlacementPlan::validate`) and name the model's MoE layers.
+    pub fn new(cfg: &ModelConfig, experts: ResidentExperts, plan: &PlacementPlan) -> Result<Self, String> {
+        let moe_layers: Vec<usize> = cfg.moe_layers().collect();
+        plan.validate(moe_layers.len(), cfg.moe.num_experts).map_err(|e| e.to_string())?;
+        if plan.moe_layers.iter().map(|&l| l as usize).ne(moe_layers.iter().copied()) {
+            return Err(format!("the plan is for MoE layers {:?}, the model's are {moe_layers:?}", plan.moe_layers));
+        }
+        let n = plan.num_gpus;
+        let weights = experts.into_weights();
+        let mut shards: Vec<Vec<Vec<Option<ExpertWeights>>>> =
+            (0..n).map(|_| weights.iter().map(|l| vec![None; l.len()]).collect()).collect();
+        let mut moe_of = vec![None; cfg.num_layers()];
+        for (i, &l) in moe_layers.iter().enumerate() {
+            moe_of[l] = Some(i);
+            for (e, w) in weights[l].iter().enumerate() {
+                for &g in &plan.layers[i][e] {
+                    shards[g as usize][l][e] = Some(w.clone());
+                }
+            }
+        }
+        let stats = ShardStats {
+            cross: vec![0.0; moe_layers.len().saturating_sub(1)],
+            transitions: vec![0.0; moe_layers.len().saturating_sub(1)],
+            load: vec![vec![0.0; n]; moe_layers.len()],
+        };
+        Ok(Self {
+            shards,
+            owners: plan.layers.clone(),
+            moe_of,
+            top_k: cfg.moe.top_k,
+            traffic: Mutex::new(Traffic { prev: None, stats }),
+        })
+    }
+
+    /// Shards.
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// What was measured so far.
+    pub fn stats(&self) -> ShardStats {
+        self.traffic.lock().unwrap_or_else(|p| p.into_inner()).stats.clone()
+    }
+
+    fn record(&self, moe: usize, ids: &[ExpertId]) {
+        let k = self.top_k;
+        let mut t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        let owners = &self.owners;
+        for f in ids {
+            let reps = &owners[moe][f.index()];
+            for &g in reps {
+                t.stats.load[moe][g as usize] += 1.0 / reps.len() as f64;
+            }
+        }
+        if let Some((p, prev)) = t.prev.take().filter(|(p, prev)| *p + 1 == moe && prev.len() == ids.len()) {
+            let (mut cross, mut all) = (0.0, 0.0);
+            for (a, b) in prev.chunks_exact(k).zip(ids.chunks_exact(k)) {
+                for e in a {
+                    let from = &owners[p][e.index()];
+                    for f in b {
+                        let to = &owners[moe][f.index()];
+                        let share = 1.0 / (from.len() * to.len()) as f64;
+                        all += 1.0;
+                        for i in from {
+                            cross += to.iter().filter(|j| *j != i).count() as f64 * share;
+                        }
+                    }
+                }
+            }
+            t.stats.cross[p] += cross;
+            t.stats.transitions[p] += all;
+            metrics::gauge!(m::SHARD_CROSS_TOKENS, "from_layer" => p.to_string()).set(t.stats.cross[p]);
+        }
+        for (g, v) in t.stats.load[moe].iter().enumerate() {
+            metrics::gauge!(m::SHARD_TOKENS, "layer" => moe.to_string(), "shard" => g.to_string()).set(*v);
+        }
+        t.prev = Some((moe, ids.to_vec()));
+    }
+}
+
+impl ExpertProvider for ShardedExperts {
+    type Guard<'a> = &'a ExpertWeights;
+
+    fn begin_step(&self, _tokens: &[StepToken]) {
+        self.traffic.lock().unwrap_or_else(|p| p.into_inner()).prev = None;
+    }
+
+    fn prepare(&self, routing: &LayerRouting, _used: &[ExpertId]) -> moe_model::Result<()> {
+        if let Some(moe) = self.moe_of.get(routing.layer.index()).copied().flatten() {
+            self.record(moe, &routing.ids);
+        }
+        Ok(())
+    }
+
+    fn get(&self, layer: LayerId, expert: ExpertId) -> moe_model::Result<&ExpertWeights> {
+        let unavailable = |message: &str| ModelError::ExpertUnavailable {
+            layer: layer.index(),
+            expert: expert.index(),
+            message: message.into(),
+        };
+        let moe = self.moe_of.get(layer.index()).copied().flatten().ok_or_else(|| unavailable("not an MoE layer"))?;
+        let shard = *self.owners[moe]
+            .get(expert.index())
+            .and_then(|r| r.first())
+            .ok_or_else(|| unavailable("no such expert"))?;
+        self.shards[shard as usize][layer.index()][expert.index()]
+            .as_ref()
+            .ok_or_else(|| unavailable("not on its shard"))
+    }
+}
