@@ -1,6 +1,6 @@
 //! A hand-written SVG heatmap of per-GPU token load per layer, one panel per plan:
-//! rows are MoE layers, columns GPUs, colour is load / layer mean (white at 0,
-//! pale at 1, dark red at 2 or more).
+//! rows are MoE layers, columns GPUs, colour is load / layer mean (white at 1,
+//! red at 1.5 or more, blue at 0.5 or less).
 
 use crate::eval::PlanScore;
 use std::fmt::Write;
@@ -52,7 +52,7 @@ pub fn svg(rows: &[(String, PlanScore)]) -> String {
     }
     let _ = writeln!(
         s,
-        r#"<text x="{margin}" y="{:.1}" fill="grey">colour: load / layer mean, white 0, pale 1, dark red &gt;= 2</text>"#,
+        r#"<text x="{margin}" y="{:.1}" fill="grey">colour: load / layer mean: white 1.0, red 1.5 or more, blue 0.5 or less</text>"#,
         top + ph + 34.0
     );
     s.push_str("</svg>\n");
@@ -60,13 +60,13 @@ pub fn svg(rows: &[(String, PlanScore)]) -> String {
 }
 
 fn colour(ratio: f64) -> String {
-    let t = (ratio / 2.0).clamp(0.0, 1.0);
-    let (r, gb) = if t < 0.5 {
-        (255.0, 255.0 - 2.0 * t * 90.0)
+    let d = ((ratio - 1.0) / 0.5).clamp(-1.0, 1.0);
+    let (r, g, b) = if d >= 0.0 {
+        (255.0, 255.0 * (1.0 - d), 255.0 * (1.0 - d))
     } else {
-        (255.0 - (t - 0.5) * 2.0 * 115.0, 165.0 - (t - 0.5) * 2.0 * 165.0)
+        (255.0 * (1.0 + d), 255.0 * (1.0 + d), 255.0)
     };
-    format!("rgb({:.0},{:.0},{:.0})", r, gb, gb)
+    format!("rgb({r:.0},{g:.0},{b:.0})")
 }
 
 fn xml(s: &str) -> String {

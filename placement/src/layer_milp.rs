@@ -5,7 +5,7 @@
 //! `min sum_{e,g} C[e][g] y[e][g]`, `C[e][g] = sum_i N[e][i] w(i, g)`, where `N[e][i]` counts
 //! transitions between `e` and the neighbours' experts on GPU `i` and `w` is the link
 //! weight of [`crate::local_search`]; each expert on one GPU, each GPU keeps its
-//! expert count (memory unchanged) and its load under the layer's cap. Sweeping the
+//! expert count (memory unchanged) and its load under its cap. Sweeping the
 //! layers repeatedly is a large-neighbourhood search warm-started from the current
 //! plan; every accepted step is no worse, so the plan only improves.
 
@@ -51,7 +51,7 @@ fn replace_layer(
     stats: &Stats,
     cluster: &Cluster,
     gpu: &mut Single,
-    (l, cap): (usize, f64),
+    (l, cap): (usize, &[f64]),
     limits: &MilpLimits,
 ) -> Result<bool> {
     let g = cluster.num_gpus();
@@ -76,13 +76,14 @@ fn replace_layer(
         let n: Expression = y.iter().map(|row| row[q].v).sum();
         m.constrain(constraint!(n == count[q] as f64));
         let load: Expression = y.iter().zip(&stats.load[l]).map(|(row, &t)| t * row[q].v).sum();
-        m.constrain(constraint!(load <= cap));
+        m.constrain(constraint!(load <= cap[q]));
     }
     let sol = m.minimise(objective, limits)?;
     let next: Vec<usize> = y.iter().map(|row| row.iter().position(|v| sol.is_set(*v)).unwrap_or(0)).collect();
     let cost: f64 = next.iter().enumerate().map(|(e, &q)| c[e][q]).sum();
-    let load_ok = (0..g)
-        .all(|q| next.iter().zip(&stats.load[l]).filter(|(&p, _)| p == q).map(|(_, t)| t).sum::<f64>() <= cap + 1e-6);
+    let load_ok = (0..g).all(|q| {
+        next.iter().zip(&stats.load[l]).filter(|(&p, _)| p == q).map(|(_, t)| t).sum::<f64>() <= cap[q] + 1e-6
+    });
     if cost < current - 1e-9 && load_ok {
         gpu[l] = next;
         return Ok(true);
@@ -90,20 +91,20 @@ fn replace_layer(
     Ok(false)
 }
 
-/// Sweeps the layers until a pass gains under 0.1% or `seconds` run out; `cap[l]`
+/// Sweeps the layers until a pass gains under 0.1% or `seconds` run out; `cap[l][g]`
 /// bounds each GPU's load at layer `l`. Returns (before, after) weighted crossings.
 pub fn sweep(
     stats: &Stats,
     cluster: &Cluster,
     gpu: &mut Single,
-    cap: &[f64],
+    cap: &[Vec<f64>],
     (seconds, log): (f64, bool),
 ) -> Result<(f64, f64)> {
     let t0 = Instant::now();
     let before = weighted_crossings(stats, cluster, gpu);
     let mut last = before;
     for pass in 1.. {
-        for (l, &layer_cap) in cap.iter().enumerate() {
+        for (l, layer_cap) in cap.iter().enumerate() {
             let left = seconds - t0.elapsed().as_secs_f64();
             if left <= 0.05 {
                 break;

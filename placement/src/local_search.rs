@@ -1,7 +1,7 @@
 //! Affinity local search for instances too large for the ILPs: swap two experts of
 //! one layer between GPUs when that lowers the bandwidth-weighted number of
 //! transitions crossing GPUs, never raising any layer's maximum GPU load above a
-//! cap and never changing how many experts a GPU holds (so memory stays as it was).
+//! per-GPU cap and never changing how many experts a GPU holds (so memory stays as it was).
 //!
 //! Cost of a transition between GPUs `i != j`: `fastest_bw / bw(i, j)` per token
 //! (1 inside a node, more across nodes). Deterministic: experts and layers are
@@ -57,9 +57,15 @@ fn weights(cluster: &Cluster) -> Weights {
     }
 }
 
-/// Improves `gpu` in place. `cap[l]`: the largest GPU load allowed at layer `l`;
+/// Improves `gpu` in place. `cap[l][g]`: the largest load allowed on GPU `g` at layer `l`;
 /// `max_rounds` bounds the passes over all layers.
-pub fn improve(stats: &Stats, cluster: &Cluster, gpu: &mut Single, cap: &[f64], max_rounds: usize) -> SearchOutcome {
+pub fn improve(
+    stats: &Stats,
+    cluster: &Cluster,
+    gpu: &mut Single,
+    cap: &[Vec<f64>],
+    max_rounds: usize,
+) -> SearchOutcome {
     let (layers, experts, g) = (stats.layers, stats.experts, cluster.num_gpus());
     let w = weights(cluster);
     // n[l][e * g + i]: transitions between expert e at layer l and experts on GPU i at l +- 1
@@ -102,7 +108,7 @@ pub fn improve(stats: &Stats, cluster: &Cluster, gpu: &mut Single, cap: &[f64], 
                         continue;
                     }
                     let d = stats.load[l][e2] - stats.load[l][e1];
-                    if load[g1] + d > cap[l] + 1e-9 || load[g2] - d > cap[l] + 1e-9 {
+                    if (d > 0.0 && load[g1] + d > cap[l][g1] + 1e-9) || (d < 0.0 && load[g2] - d > cap[l][g2] + 1e-9) {
                         continue;
                     }
                     let delta = cost(&n, &node_n, l, e1, g2) - cost(&n, &node_n, l, e1, g1)

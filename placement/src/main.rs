@@ -71,8 +71,8 @@ struct SolveArgs {
     /// Run the affinity local search on the result (keeps each layer's max load).
     #[arg(long)]
     local_search: bool,
-    /// With --local-search: how far above its starting value (fraction of the layer
-    /// mean) a layer's largest GPU load may rise.
+    /// With --local-search: each GPU's load may rise to max(its starting load,
+    /// layer mean x (1 + this)).
     #[arg(long, default_value_t = 0.0)]
     load_slack: f64,
     /// Print HiGHS's own log (branch and bound progress) to stdout.

@@ -109,3 +109,28 @@ fn same_input_same_plan() {
     let ls = SolveOptions { local_search: true, ..options(Method::Greedy) };
     assert_eq!(plan_for(&s, &c, &ls).layers, plan_for(&s, &c, &ls).layers);
 }
+
+#[test]
+fn local_search_keeps_memory_and_load_caps_and_never_adds_crossings() {
+    let (s, c) = (stats(), cluster());
+    let before = planner::solve(&s, &c, &options(Method::Greedy)).unwrap().layers;
+    let after = planner::solve(&s, &c, &SolveOptions { local_search: true, ..options(Method::Greedy) }).unwrap().layers;
+    let g = c.num_gpus();
+    let single = |layers: &moe_place::cost::Layers| -> Vec<Vec<usize>> {
+        layers.iter().map(|l| l.iter().map(|r| r[0] as usize).collect()).collect()
+    };
+    let (b, a) = (single(&before), single(&after));
+    assert!(
+        moe_place::local_search::weighted_crossings(&s, &c, &a)
+            <= moe_place::local_search::weighted_crossings(&s, &c, &b)
+    );
+    for l in 0..s.layers {
+        let mean = s.layer_total(l) / g as f64;
+        let (lb, la) = (moe_place::cost::gpu_load(&s, &before, l, g), moe_place::cost::gpu_load(&s, &after, l, g));
+        for q in 0..g {
+            assert!(la[q] <= lb[q].max(mean) + 1e-9, "layer {l} GPU {q}: {} > max({}, {mean})", la[q], lb[q]);
+            let count = |p: &Vec<Vec<usize>>| p[l].iter().filter(|&&x| x == q).count();
+            assert_eq!(count(&a), count(&b));
+        }
+    }
+}
