@@ -20,7 +20,7 @@ solve() { # name cluster method-args...
   echo "== $name"
   "$P" solve --trace "$train" --cluster "$C/$cluster.toml" "$@" --out "$OUT/$name.json" \
     > "$OUT/$name.report" 2> "$OUT/$name.log"
-  grep -E '^(solve|stage|joint|local)' "$OUT/$name.report"
+  grep -E '^(solve|stage|joint|swap|layer)' "$OUT/$name.report"
 }
 
 if [[ $which == all || $which == mixtral ]]; then

@@ -153,18 +153,23 @@ pub fn solve(stats: &Stats, cluster: &Cluster, opts: &SolveOptions) -> Result<So
                 cost::gpu_load(stats, &lay, l, g).into_iter().map(|x| x.max(mean * (1.0 + opts.load_slack))).collect()
             })
             .collect();
-        let left = (opts.time_limit - t0.elapsed().as_secs_f64()).max(1.0);
-        let (b, a) = layer_milp::sweep(stats, cluster, gpu, &cap, (left, opts.solver_log))?;
-        report.push(format!("layer MILP sweeps: weighted crossing transitions {b:.0} -> {a:.0}"));
-        let out = local_search::improve(stats, cluster, gpu, &cap, 100);
-        report.push(format!(
-            "local search: weighted crossing transitions {:.0} -> {:.0} ({} swaps; GPU load cap max(start, mean x {}))",
-            out.before,
-            out.after,
-            out.swaps,
-            1.0 + opts.load_slack
-        ));
-        eprintln!("  {}", report.last().expect("just pushed"));
+        // swaps first (fast), then per-layer MILPs on the time left, then swaps again
+        for round in 0..2 {
+            let out = local_search::improve(stats, cluster, gpu, &cap, 100);
+            report.push(format!(
+                "swap search: weighted crossing transitions {:.0} -> {:.0} ({} swaps; GPU load cap max(start, mean x {}))",
+                out.before,
+                out.after,
+                out.swaps,
+                1.0 + opts.load_slack
+            ));
+            eprintln!("  {}", report.last().expect("just pushed"));
+            if round == 0 {
+                let left = (opts.time_limit - t0.elapsed().as_secs_f64()).max(1.0);
+                let (b, a) = layer_milp::sweep(stats, cluster, gpu, &cap, (left, opts.solver_log))?;
+                report.push(format!("layer MILP sweeps: weighted crossing transitions {b:.0} -> {a:.0}"));
+            }
+        }
         summary.status = format!("{}+local-search", summary.status);
     }
     finish(cost::to_layers(&single.expect("set above")), summary, report, t0)
