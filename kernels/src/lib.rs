@@ -9,11 +9,19 @@
 //! checkpoint's precision (bf16 stays 2 bytes per value, converted inside the
 //! kernel), so decoding reads as few bytes as the checkpoint holds. No kernel
 //! allocates on the decode hot path except thread-local scratch reused across
-//! calls. A CUDA backend (cudarc, behind a `cuda` feature) comes later.
+//! calls.
+//!
+//! With the `cuda` feature, [`cuda`] adds the GPU backend (cudarc, libraries
+//! loaded at run time): NVRTC-compiled kernels mirroring these, cuBLAS
+//! products and the expert-slot pool; [`slot_table`] is its bookkeeping,
+//! compiled and tested everywhere.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod matmul;
 pub mod ops;
 mod simd;
+pub mod slot_table;
 mod weight;
 
 pub use matmul::{matmul_nt, serial};

@@ -1,0 +1,192 @@
+//! The device context: one CUDA context, a compute stream, a cuBLAS handle
+//! and the NVRTC-compiled kernels.
+
+use super::error::{CudaError, CudaLibrary};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// What [`GpuContext::probe`] found about a device.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Marketing name, e.g. "NVIDIA H200".
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Device memory in bytes.
+    pub total_mem: usize,
+    /// Devices visible to the driver.
+    pub device_count: usize,
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (ma, mi) = self.compute_capability;
+        write!(
+            f,
+            "device {} of {}: {} (sm_{ma}{mi}, {:.1} GiB)",
+            self.ordinal,
+            self.device_count,
+            self.name,
+            self.total_mem as f64 / (1u64 << 30) as f64
+        )
+    }
+}
+
+/// Checks that `lib` can be loaded, before cudarc's lazy loader (which
+/// panics on a missing library) is touched.
+pub(crate) fn require(lib: CudaLibrary) -> Result<(), CudaError> {
+    // SAFETY: each function only tries to dlopen the library's candidate
+    // names and drops the handle; it runs no code of the library beyond its
+    // initialisers, which is what any later use would run as well.
+    let present = unsafe {
+        match lib {
+            CudaLibrary::Driver => cudarc::driver::sys::is_culib_present(),
+            CudaLibrary::Nvrtc => cudarc::nvrtc::sys::is_culib_present(),
+            CudaLibrary::Cublas => cudarc::cublas::sys::is_culib_present(),
+        }
+    };
+    if present {
+        Ok(())
+    } else {
+        Err(CudaError::MissingLibrary(lib))
+    }
+}
+
+/// Opens the driver's context on device `ordinal` (the driver must be present).
+fn open_context(ordinal: usize) -> Result<Arc<CudaContext>, CudaError> {
+    require(CudaLibrary::Driver)?;
+    // with the library present, a machine without a device gets Err(CUDA_ERROR_NO_DEVICE)
+    let count = CudaContext::device_count()?;
+    if count <= 0 {
+        return Err(CudaError::Driver(cudarc::driver::DriverError(
+            cudarc::driver::sys::cudaError_enum::CUDA_ERROR_NO_DEVICE,
+        )));
+    }
+    Ok(CudaContext::new(ordinal)?)
+}
+
+/// One GPU, ready to run the kernels: context, compute stream, cuBLAS
+/// handle bound to that stream, and the compiled kernel functions.
+///
+/// Everything launched through one `GpuContext` goes to its compute stream
+/// in order; the expert pool adds a copy stream of its own.
+pub struct GpuContext {
+    info: DeviceInfo,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _module: Arc<CudaModule>,
+    funcs: HashMap<&'static str, CudaFunction>,
+}
+
+impl GpuContext {
+    /// Reports on device `ordinal` without compiling anything: the clear
+    /// error when there is no driver or no device, otherwise its name and size.
+    pub fn probe(ordinal: usize) -> Result<DeviceInfo, CudaError> {
+        let ctx = open_context(ordinal)?;
+        info(&ctx)
+    }
+
+    /// Opens device `ordinal`, compiles the kernels with NVRTC and creates
+    /// the cuBLAS handle. Fails with a clear error (never a panic) when the
+    /// driver, a device, NVRTC or cuBLAS is missing.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        let ctx = open_context(ordinal)?;
+        let info = info(&ctx)?;
+        require(CudaLibrary::Nvrtc)?;
+        require(CudaLibrary::Cublas)?;
+        let stream = ctx.new_stream()?;
+        let (module, funcs) = compile(&ctx, info.compute_capability)?;
+        let blas = CudaBlas::new(stream.clone())?;
+        Ok(Self { info, ctx, stream, blas, _module: module, funcs })
+    }
+
+    /// The device this context runs on.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The driver context.
+    pub fn cuda(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The compute stream every kernel and product is launched on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The cuBLAS handle (bound to [`Self::stream`]).
+    pub(crate) fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// A compiled kernel by name (one of `KERNEL_NAMES`).
+    pub(crate) fn func(&self, name: &'static str) -> &CudaFunction {
+        // every name in KERNEL_NAMES was loaded in `new`, and only those are asked for
+        &self.funcs[name]
+    }
+
+    /// Waits for everything queued on the compute stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        Ok(self.stream.synchronize()?)
+    }
+}
+
+fn info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo, CudaError> {
+    Ok(DeviceInfo {
+        ordinal: ctx.ordinal(),
+        name: ctx.name()?,
+        compute_capability: ctx.compute_capability()?,
+        total_mem: ctx.total_mem()?,
+        device_count: CudaContext::device_count()?.max(0) as usize,
+    })
+}
+
+/// Compiles `KERNELS_SRC` for the device's architecture and loads every kernel.
+#[allow(clippy::type_complexity)]
+fn compile(
+    ctx: &Arc<CudaContext>,
+    (major, minor): (i32, i32),
+) -> Result<(Arc<CudaModule>, HashMap<&'static str, CudaFunction>), CudaError> {
+    let opts = cudarc::nvrtc::CompileOptions {
+        // PTX for this device's virtual architecture; the driver JIT-compiles it
+        options: vec![format!("--gpu-architecture=compute_{major}{minor}"), "--std=c++14".into()],
+        name: Some("moe_kernels.cu".into()),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(super::KERNELS_SRC, opts)
+        .map_err(|e| CudaError::Compile(e.to_string()))?;
+    let module = ctx.load_module(ptx)?;
+    let mut funcs = HashMap::new();
+    for &name in super::KERNEL_NAMES {
+        funcs.insert(name, module.load_function(name)?);
+    }
+    Ok((module, funcs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine without a driver the error says so (and nothing panics);
+    /// with a driver and a device, probing succeeds.
+    #[test]
+    fn missing_driver_is_an_error_not_a_panic() {
+        match GpuContext::probe(0) {
+            Ok(info) => eprintln!("GPU present: {info}"),
+            Err(e) => {
+                let msg = e.to_string();
+                eprintln!("no GPU here: {msg}");
+                // SAFETY: only probes whether libcuda can be loaded.
+                if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                    assert!(msg.contains("no CUDA driver"), "{msg}");
+                }
+            }
+        }
+    }
+}
