@@ -23,8 +23,9 @@
 //! later versions may add fields (readers ignore unknown fields) but never change
 //! the meaning of these. [`PlacementPlan::validate`] checks a plan against the
 //! model it is meant for: every expert of every layer placed, GPU ids in range,
-//! no GPU listed twice for one expert; [`PlacementPlan::check_memory`] checks a
-//! per-GPU expert budget.
+//! no GPU listed twice for one expert ([`PlacementPlan::validate_for_model`] also
+//! matches the MoE layer ids); [`PlacementPlan::check_memory`] checks a per-GPU
+//! expert budget.
 
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -176,6 +177,19 @@ impl PlacementPlan {
         Ok(())
     }
 
+    /// [`Self::validate`], and also that the plan's MoE layer ids are exactly
+    /// `moe_layers` (the model's, in order).
+    pub fn validate_for_model(&self, moe_layers: &[u16], num_experts: usize) -> Result<(), PlanError> {
+        self.validate(moe_layers.len(), num_experts)?;
+        if self.moe_layers != moe_layers {
+            return Err(PlanError::Invalid(format!(
+                "plan is for MoE layers {:?}, the model's are {moe_layers:?}",
+                self.moe_layers
+            )));
+        }
+        Ok(())
+    }
+
     /// Expert copies (replicas included, all layers) held by each GPU.
     pub fn experts_per_gpu(&self) -> Vec<usize> {
         let mut n = vec![0; self.num_gpus];
@@ -232,6 +246,8 @@ mod tests {
         let p = plan();
         assert!(p.validate(3, 2).unwrap_err().to_string().contains("model has 3 MoE layers"));
         assert!(p.validate(2, 4).unwrap_err().to_string().contains("model has 4"));
+        p.validate_for_model(&[1, 3], 2).unwrap();
+        assert!(p.validate_for_model(&[0, 1], 2).unwrap_err().to_string().contains("the model's are [0, 1]"));
         let mut q = p.clone();
         q.layers[0][1].clear();
         assert!(q.validate(2, 2).unwrap_err().to_string().contains("expert 1 of MoE layer 0 is on no GPU"));
