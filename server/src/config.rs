@@ -152,6 +152,8 @@ serve_config! {
     grouping: String = "fcfs".into() => "fcfs", env = "MOE_GROUPING";
     /// Most consecutive steps a running sequence may be left out of the micro-batch.
     max_deferral: u32 = 16 => "16", env = "MOE_MAX_DEFERRAL";
+    /// Device the model runs on: cpu, or cuda (needs a build with --features cuda and an NVIDIA GPU).
+    device: crate::device::Device = crate::device::Device::Cpu => "cpu", env = "MOE_DEVICE";
 }
 
 fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
@@ -185,8 +187,9 @@ impl ServeConfig {
         })
     }
 
-    /// Checks values that must be positive.
+    /// Checks values that must be positive, and that the device is usable.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.device.check()?;
         for (name, v) in [
             ("max_num_seqs", self.max_num_seqs),
             ("max_batched_tokens", self.max_batched_tokens),

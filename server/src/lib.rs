@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod device;
 pub mod frontend;
 pub mod generate;
 pub mod grpc;

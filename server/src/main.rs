@@ -141,6 +141,9 @@ struct GenerateCmd {
     /// RNG seed (default: from the clock); same seed, same text.
     #[arg(long)]
     seed: Option<u64>,
+    /// Device the model runs on: cpu, or cuda (needs a build with --features cuda and an NVIDIA GPU).
+    #[arg(long, default_value_t = moe_server::device::Device::Cpu)]
+    device: moe_server::device::Device,
     #[command(flatten)]
     offload: OffloadArgs,
 }
@@ -352,6 +355,7 @@ fn run_bench_offload(b: BenchOffloadCmd) -> anyhow::Result<()> {
 }
 
 fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
+    g.device.check()?;
     let dir = g.model.unwrap_or_else(default_model_dir);
     let t = Instant::now();
     let m = load_served(&dir, false, &g.offload.settings()?)?;
