@@ -147,21 +147,26 @@ fn info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo, CudaError> {
     })
 }
 
-/// Compiles `KERNELS_SRC` for the device's architecture and loads every kernel.
-#[allow(clippy::type_complexity)]
-fn compile(
-    ctx: &Arc<CudaContext>,
-    (major, minor): (i32, i32),
-) -> Result<(Arc<CudaModule>, HashMap<&'static str, CudaFunction>), CudaError> {
+/// Compiles `KERNELS_SRC` to PTX for compute capability `major.minor` with
+/// NVRTC (needs only `libnvrtc`, no GPU and no driver).
+pub fn compile_ptx((major, minor): (i32, i32)) -> Result<cudarc::nvrtc::Ptx, CudaError> {
+    require(CudaLibrary::Nvrtc)?;
     let opts = cudarc::nvrtc::CompileOptions {
         // PTX for this device's virtual architecture; the driver JIT-compiles it
         options: vec![format!("--gpu-architecture=compute_{major}{minor}"), "--std=c++14".into()],
         name: Some("moe_kernels.cu".into()),
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(super::KERNELS_SRC, opts)
-        .map_err(|e| CudaError::Compile(e.to_string()))?;
-    let module = ctx.load_module(ptx)?;
+    cudarc::nvrtc::compile_ptx_with_opts(super::KERNELS_SRC, opts).map_err(|e| CudaError::Compile(e.to_string()))
+}
+
+/// Compiles `KERNELS_SRC` for the device's architecture and loads every kernel.
+#[allow(clippy::type_complexity)]
+fn compile(
+    ctx: &Arc<CudaContext>,
+    cc: (i32, i32),
+) -> Result<(Arc<CudaModule>, HashMap<&'static str, CudaFunction>), CudaError> {
+    let module = ctx.load_module(compile_ptx(cc)?)?;
     let mut funcs = HashMap::new();
     for &name in super::KERNEL_NAMES {
         funcs.insert(name, module.load_function(name)?);
@@ -172,6 +177,34 @@ fn compile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NVRTC needs no GPU: wherever libnvrtc loads, the kernel source must
+    /// compile and define every kernel the context loads. (On a machine with
+    /// only a CUDA 13 NVRTC, `libnvrtc.so.13`, a `libnvrtc.so` symlink to it on
+    /// LD_LIBRARY_PATH lets cudarc find it; `scripts/gpu-check.sh` does that.)
+    #[test]
+    fn nvrtc_compiles_every_kernel() {
+        for cc in [(8, 0), (9, 0)] {
+            let ptx = match compile_ptx(cc) {
+                Ok(p) => p.to_src(),
+                Err(CudaError::MissingLibrary(lib)) => {
+                    eprintln!("SKIPPED: {lib}");
+                    return;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            for name in super::super::KERNEL_NAMES {
+                assert!(ptx.contains(&format!(".entry {name}(")), "sm_{}{}: no kernel {name} in the PTX", cc.0, cc.1);
+            }
+            eprintln!(
+                "compute_{}{}: {} kernels, {} bytes of PTX",
+                cc.0,
+                cc.1,
+                super::super::KERNEL_NAMES.len(),
+                ptx.len()
+            );
+        }
+    }
 
     /// On a machine without a driver the error says so (and nothing panics);
     /// with a driver and a device, probing succeeds.

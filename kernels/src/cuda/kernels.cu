@@ -5,6 +5,9 @@
 // are row-major. Block sizes: reductions assume blockDim.x is a power of two
 // no larger than 1024 (the Rust wrappers launch 256 or 128).
 
+// No headers under NVRTC: math.h's INFINITY is not defined.
+#define NEG_INF (-__int_as_float(0x7f800000))
+
 __device__ __forceinline__ float bf16_to_f32(unsigned short b) {
     return __uint_as_float(((unsigned int)b) << 16);
 }
@@ -116,7 +119,7 @@ extern "C" __global__ void route_topk(const float* logits, int n_tok, int n_exp,
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n_tok) return;
     const float* l = logits + (size_t)t * n_exp;
-    float mx = -INFINITY, sum = 0.0f;
+    float mx = NEG_INF, sum = 0.0f;
     if (scoring == 0) {
         for (int e = 0; e < n_exp; e++) mx = fmaxf(mx, l[e]);
         for (int e = 0; e < n_exp; e++) sum += expf(l[e] - mx);
@@ -126,7 +129,7 @@ extern "C" __global__ void route_topk(const float* logits, int n_tok, int n_exp,
     float picked = 0.0f;
     for (int s = 0; s < k; s++) {
         int best = -1;
-        float bv = -INFINITY;
+        float bv = NEG_INF;
         for (int e = 0; e < n_exp; e++) {
             bool taken = false;
             for (int q = 0; q < s; q++) taken |= (out_ids[q] == e);
@@ -154,7 +157,7 @@ extern "C" __global__ void argmax_rows(const float* x, int rows, int n, unsigned
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* xr = x + (size_t)r * n;
-    float bv = -INFINITY;
+    float bv = NEG_INF;
     int bi = 0x7fffffff;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
         float v = xr[j];
@@ -246,11 +249,11 @@ extern "C" __global__ void paged_attention(const float* q, int q_stride, const f
     int last = pos[t];
     int lo = (window > 0 && last + 1 > window) ? last + 1 - window : 0;
     const int* bt = blocks + block_off[t];
-    float m = -INFINITY, l = 0.0f;
+    float m = NEG_INF, l = 0.0f;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int start = lo; start <= last; start += blockDim.x) {
         int j = start + threadIdx.x;
-        float s = -INFINITY;
+        float s = NEG_INF;
         int row = 0;
         if (j <= last) {
             row = bt[j / block_size] * block_size + j % block_size;

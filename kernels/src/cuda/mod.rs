@@ -21,7 +21,7 @@ pub mod expert_pool;
 pub mod gemm;
 pub mod ops;
 
-pub use context::{DeviceInfo, GpuContext};
+pub use context::{compile_ptx, DeviceInfo, GpuContext};
 pub use error::{CudaError, CudaLibrary};
 
 /// CUDA C source of every custom kernel, compiled by NVRTC when a
