@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// Installs the global Prometheus recorder (once per process).
+/// How often histogram samples are folded into the metrics (bounds their memory).
+const METRICS_UPKEEP: Duration = Duration::from_secs(1);
+
+/// Installs the global Prometheus recorder (once per process), with its upkeep thread.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     static HANDLE: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
     let mut h = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
@@ -27,6 +30,16 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Full(m::DISTINCT_EXPERTS.into()), m::BATCH_BUCKETS)?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    // `install_recorder` spawns no upkeep task: without one, histogram samples pile up until
+    // the next scrape of /metrics, so memory grows without bound when nobody scrapes.
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(METRICS_UPKEEP);
+            upkeep.run_upkeep();
+        })
+        .context("starting the metrics upkeep thread")?;
     *h = Some(handle.clone());
     Ok(handle)
 }
