@@ -136,6 +136,12 @@ serve_config! {
     max_logit_bias: usize = 300 => "300", env = "MOE_MAX_LOGIT_BIAS";
     /// Largest request body in bytes.
     max_body_bytes: usize = 2 << 20 => "2097152", env = "MOE_MAX_BODY_BYTES";
+    /// Most concurrent gRPC calls (HTTP/2 streams) per connection; REST is HTTP/1.1, one request at a time per connection.
+    grpc_max_concurrent_streams: u32 = 128 => "128", env = "MOE_GRPC_MAX_CONCURRENT_STREAMS";
+    /// Answer /health and grpc.health.v1 without the API key (probes send none); false puts them behind it.
+    public_health: bool = true => "true", env = "MOE_PUBLIC_HEALTH";
+    /// Answer /metrics without the API key (as vLLM does; annotation-based Prometheus scrapes send none); false puts it behind it.
+    public_metrics: bool = true => "true", env = "MOE_PUBLIC_METRICS";
     /// Seconds in-flight requests get to finish after SIGTERM.
     shutdown_grace_secs: u64 = 30 => "30", env = "MOE_SHUTDOWN_GRACE_SECS";
     /// Fast-tier expert budget: all, a percentage (50%), a fraction (0.5), a count of experts (16) or bytes (64MiB); experts beyond it stay on disk and are loaded on demand or prefetched.
@@ -199,6 +205,7 @@ impl ServeConfig {
             ("max_tokens_limit", self.max_tokens_limit),
             ("max_n", self.max_n),
             ("max_body_bytes", self.max_body_bytes),
+            ("grpc_max_concurrent_streams", self.grpc_max_concurrent_streams as usize),
         ] {
             anyhow::ensure!(v > 0, "{name} must be positive");
         }

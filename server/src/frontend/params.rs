@@ -10,6 +10,10 @@ use moe_model::SamplingParams;
 /// Largest `logprobs` / `top_logprobs`.
 pub const MAX_LOGPROBS: i64 = 20;
 
+/// Longest stop string, in bytes. Text that could still become a stop string is held back and
+/// re-checked at every token, so the cost per token grows with the longest stop string.
+pub const MAX_STOP_BYTES: usize = 1024;
+
 /// Generation parameters as received: types checked, values not yet.
 #[derive(Debug, Default, Clone)]
 pub struct RawParams {
@@ -110,6 +114,12 @@ impl RawParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return Err(ApiError::invalid("stop", "stop strings must not be empty"));
+        }
+        if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid(
+                "stop",
+                format!("stop strings must be at most {MAX_STOP_BYTES} bytes, got one of {}", long.len()),
+            ));
         }
         if self.logit_bias.len() > cfg.max_logit_bias {
             return Err(ApiError::invalid(

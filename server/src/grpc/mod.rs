@@ -10,6 +10,7 @@ use moe_proto::v1::generation_server::GenerationServer;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -58,11 +59,23 @@ pub async fn run_grpc(
         }
         Ok(req)
     };
-    let svc = GenerationServer::with_interceptor(service::GenerationApi::new(state), auth);
+    // requests are as large as REST bodies may be (tonic's default would be 4 MiB)
+    let svc = GenerationServer::new(service::GenerationApi::new(state.clone()))
+        .max_decoding_message_size(state.cfg.max_body_bytes);
+    let svc = InterceptedService::new(svc, auth.clone());
+    // health is open unless `--public-health false`; reflection is API surface: key-guarded
+    let (open_health, guarded_health) = if state.cfg.public_health {
+        (Some(health), None)
+    } else {
+        (None, Some(InterceptedService::new(health, auth.clone())))
+    };
+    let reflection = InterceptedService::new(reflection, auth);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(health)
+        .max_concurrent_streams(state.cfg.grpc_max_concurrent_streams)
+        .add_optional_service(open_health)
+        .add_optional_service(guarded_health)
         .add_service(reflection)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, shutdown)

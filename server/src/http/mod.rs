@@ -32,10 +32,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    // /health and /metrics are open unless configured otherwise (`--public-health false`,
+    // `--public-metrics false`); then the API key guards them like the API
+    let guard = |r: Router<Arc<AppState>>, public: bool| {
+        if public {
+            r
+        } else {
+            r.route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        }
+    };
+    let health = guard(Router::new().route("/health", get(misc::health)), state.cfg.public_health);
+    let metrics = guard(Router::new().route("/metrics", get(misc::metrics)), state.cfg.public_metrics);
     Router::new()
         .merge(api)
-        .route("/health", get(misc::health))
-        .route("/metrics", get(misc::metrics))
+        .merge(health)
+        .merge(metrics)
         .fallback(|| async {
             ApiError {
                 status: axum::http::StatusCode::NOT_FOUND,

@@ -112,12 +112,10 @@ struct Args {
     /// ... plus this many MiB.
     #[arg(long, default_value_t = 16)]
     rss_slack_mib: u64,
-    /// Start the server with glibc's default malloc arenas (8 per core) instead of
-    /// `MALLOC_ARENA_MAX=2`. Each arena keeps its own peak, so with hostile multi-hundred-KiB
-    /// bodies on many threads RSS creeps up for tens of thousands of requests before it
-    /// plateaus; that retention is not a leak and would hide one, so the check caps arenas.
+    /// Start the server with `MALLOC_ARENA_MAX=2`. glibc keeps up to 8 malloc arenas per core,
+    /// each holding on to its own peak; capping them tells a leak from that retention.
     #[arg(long)]
-    default_arenas: bool,
+    cap_arenas: bool,
     /// Fail if the whole run takes longer than this.
     #[arg(long, default_value_t = 240)]
     time_limit_secs: u64,
@@ -185,7 +183,7 @@ impl Server {
             .args(["--kv-cache-tokens", "32768"])
             .env_remove("MOE_CONFIG")
             .env("RUST_BACKTRACE", "1")
-            .envs((!args.default_arenas).then_some(("MALLOC_ARENA_MAX", "2")))
+            .envs(args.cap_arenas.then_some(("MALLOC_ARENA_MAX", "2")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -1530,8 +1528,8 @@ async fn run(args: Args) -> Result<bool> {
     let deciles: Vec<String> = (1..=10)
         .filter_map(|q| lr.rss.iter().find(|(d, _)| *d >= q * args.requests / 10).map(|(_, k)| format!("{}", k / 1024)))
         .collect();
-    if !args.default_arenas {
-        println!("(server started with MALLOC_ARENA_MAX=2; --default-arenas for glibc's default)");
+    if args.cap_arenas {
+        println!("(server started with MALLOC_ARENA_MAX=2)");
     }
     println!("VmRSS MiB at each tenth of the requests: {}", deciles.join(" "));
     let g: Vec<String> = gauges.iter().map(|(n, v)| format!("{n}={v}")).collect();
