@@ -115,6 +115,12 @@ pub async fn run_server(
         tracing::info!("shutting down: refusing new requests, draining in-flight ones");
         st.begin_shutdown();
         grpc::set_health(&rep, false).await;
+        // keep listening while requests drain, so new ones get 503 / UNAVAILABLE
+        // (what load balancers and clients expect) rather than a refused connection
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline && st.in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -142,8 +148,10 @@ pub async fn run_server(
     tokio::select! {
         r = servers => r?,
         _ = async {
+            // the drain above already waited (up to the grace period) for the
+            // engine's requests; connections get a moment to flush their last bytes
             stopped(rx).await;
-            tokio::time::sleep(grace).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         } => tracing::warn!("grace period over; exiting with requests in flight"),
     }
     Ok(())

@@ -78,4 +78,9 @@ impl AppState {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
+
+    /// Requests the engine has not finished (0 before the model is loaded).
+    pub fn in_flight(&self) -> usize {
+        self.ready.get().map_or(0, |r| r.engine.stats().in_flight.load(Ordering::Acquire))
+    }
 }
