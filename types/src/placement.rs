@@ -216,6 +216,29 @@ impl PlacementPlan {
 
 #[cfg(test)]
 mod tests {
+
+    /// Found by the `placement_plan` fuzz target: a solver figure written
+    /// with many digits (`"bound": 999...9.0`) was parsed to a neighbouring
+    /// f64, so the plan read back from what was written differed. JSON is now
+    /// parsed with correctly rounded floats (serde_json `float_roundtrip`).
+    #[test]
+    fn long_decimal_solver_figures_round_trip() {
+        let mut p = PlacementPlan::new(vec![0], 2, 1, 1);
+        p.layers[0] = vec![vec![0], vec![0]];
+        let mut text = Vec::new();
+        p.write(&mut text).unwrap();
+        let nines = "9".repeat(64);
+        let text = String::from_utf8(text).unwrap().replacen(
+            "\"layers\"",
+            &format!("\"solve\": {{\"objective\": 1.5, \"bound\": {nines}.0, \"gap\": 0.3, \"seconds\": 0.1, \"status\": \"time_limit\"}}, \"layers\""),
+            1,
+        );
+        let plan = PlacementPlan::read(text.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        plan.write(&mut out).unwrap();
+        assert_eq!(PlacementPlan::read(&out[..]).unwrap(), plan);
+    }
+
     use super::*;
 
     fn plan() -> PlacementPlan {

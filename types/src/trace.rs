@@ -218,7 +218,11 @@ mod tests {
             r#"{"step":0,"seq":0,"pos":0,"token":0,"experts":[[1]],"weights":[[1e39]]}"#,
             "\n"
         );
-        let e = read_trace(text.as_bytes()).unwrap_err();
-        assert!(e.to_string().contains("not a finite non-negative number"), "{e}");
+        // (the JSON parser itself now refuses it as out of f32's range)
+        let e = read_trace(text.as_bytes()).unwrap_err().to_string();
+        assert!(e.starts_with("trace line 2:") && e.contains("out of range"), "{e}");
+        let negative = text.replace("1e39", "-0.5");
+        let e = read_trace(negative.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("weight -0.5 is not a finite non-negative number"), "{e}");
     }
 }
