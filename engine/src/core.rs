@@ -228,12 +228,8 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
         drop(chunks);
         self.steps += 1;
         self.last_distinct.clear();
-        self.last_distinct.extend(out.routing.layers.iter().map(|l| {
-            let mut ids: Vec<_> = l.ids.clone();
-            ids.sort_unstable();
-            ids.dedup();
-            ids.len()
-        }));
+        self.last_distinct
+            .extend(out.routing.layers.iter().map(|l| l.ids.iter().copied().collect::<moe_types::ExpertSet>().len()));
         if let Some(trace) = &mut self.trace {
             let mut t = 0;
             for c in &plan.chunks {

@@ -227,24 +227,6 @@ impl ExpertCache {
         }
     }
 
-    /// Zeroes the counters (e.g. after a warm-up).
-    pub fn reset_stats(&self) {
-        let mut st = self.shared.lock();
-        st.stats.iter_mut().for_each(|s| *s = LayerStats::default());
-        st.load_failures = 0;
-    }
-
-    /// Blocks until no load is queued or running (tests, benchmarks).
-    pub fn wait_idle(&self) {
-        let mut st = self.shared.lock();
-        while !st.demand_q.is_empty()
-            || !st.prefetch_q.is_empty()
-            || st.entries.iter().any(|e| matches!(e.res, Residency::Loading))
-        {
-            st = self.shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
     /// The residency state of one expert: `home`, `loading` or `resident`
     /// (tests and debugging).
     pub fn residency(&self, layer: LayerId, expert: ExpertId) -> Option<&'static str> {
@@ -255,11 +237,6 @@ impl ExpertCache {
             Residency::Loading => "loading",
             Residency::Resident(_) => "resident",
         })
-    }
-
-    /// Where experts come from.
-    pub fn source(&self) -> &dyn ExpertSource {
-        self.shared.source.as_ref()
     }
 
     fn moe(&self, layer: LayerId) -> Result<usize, ModelError> {

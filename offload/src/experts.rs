@@ -25,14 +25,6 @@ impl Experts {
             Self::Cached(c) => Some(c.stats()),
         }
     }
-
-    /// The cache, if any.
-    pub fn cache(&self) -> Option<&ExpertCache> {
-        match self {
-            Self::Resident(_) | Self::Sharded(_) => None,
-            Self::Cached(c) => Some(c),
-        }
-    }
 }
 
 /// The guard of either variant.

@@ -21,7 +21,7 @@ pub const LOAD_FAILURES: &str = "moe_expert_load_failures_total";
 pub const PREDICTOR_PRECISION: &str = "moe_expert_predictor_precision";
 /// Gauge: predictor recall (correct / actual expert choices), per layer.
 pub const PREDICTOR_RECALL: &str = "moe_expert_predictor_recall";
-/// Gauge: experts resident in the fast tier.
+/// Gauge: slots in use in the fast tier (resident experts plus loads in progress).
 pub const RESIDENT: &str = "moe_expert_cache_resident";
 /// Gauge: token transitions between experts on different shards, from MoE
 /// layer `from_layer` to the next, since start (placement plans).

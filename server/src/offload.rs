@@ -154,20 +154,22 @@ pub fn load_served(dir: &Path, random_weights: bool, settings: &OffloadSettings)
     let cfg = model.config().clone();
     let total = cfg.moe_layers().count() * cfg.moe.num_experts;
     let source: Box<dyn ExpertSource> = match resident {
-        Some(r) => {
-            let bytes = r.nbytes() / total.max(1);
-            match settings.budget.slots(total, bytes) {
-                None => return Ok(ServedModel { model, experts: Experts::Resident(r), codec }),
-                Some(_) => Box::new(MemoryExperts::new(r.into_weights())),
-            }
+        Some(r) if settings.budget.slots(total, r.nbytes() / total.max(1)).is_none() => {
+            return Ok(ServedModel { model, experts: Experts::Resident(r), codec });
         }
+        Some(r) => Box::new(MemoryExperts::new(r.into_weights())),
         None => Box::new(DiskExperts::open(dir, &cfg).with_context(ctx)?),
     };
-    let slots = settings.budget.slots(total, source.expert_bytes());
-    let Some(slots) = slots else {
-        // a budget above the total with lazily indexed experts: load them all
-        let m = load_with_progress(dir).with_context(ctx)?;
-        return Ok(ServedModel { model: m.model, experts: Experts::Resident(m.experts), codec: m.codec });
+    let Some(slots) = settings.budget.slots(total, source.expert_bytes()) else {
+        // the budget holds every expert: read each once from the slow tier
+        let mut weights = Vec::with_capacity(cfg.num_layers());
+        for (l, kind) in cfg.layers.iter().enumerate() {
+            let n = if *kind == moe_model::FfnKind::Moe { cfg.moe.num_experts } else { 0 };
+            let layer = (0..n).map(|e| source.load(moe_types::LayerId(l as u16), moe_types::ExpertId(e as u16)));
+            weights.push(layer.collect::<Result<Vec<_>, _>>().with_context(ctx)?);
+        }
+        let experts = Experts::Resident(moe_model::ResidentExperts::from_weights(weights));
+        return Ok(ServedModel { model, experts, codec });
     };
     let predictor = settings.predictor_kind(dir)?;
     let describe = source.describe();

@@ -18,7 +18,6 @@ use crate::OffloadError;
 use moe_model::StepToken;
 use moe_types::{ExpertId, SeqId};
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 
 /// Placeholder id for "no forecast for this token".
@@ -126,13 +125,6 @@ impl PredictorKind {
                 Some(Box::new(LearnedPredictor::new(Arc::new(tables), shape)))
             }
         })
-    }
-}
-
-impl FromStr for PredictorKind {
-    type Err = OffloadError;
-    fn from_str(s: &str) -> Result<Self, OffloadError> {
-        Self::parse(s, || PathBuf::from("path_predictor.safetensors"))
     }
 }
 
