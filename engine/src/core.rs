@@ -6,6 +6,7 @@ use moe_model::{ExpertProvider, KvCache, LogitsRequest, Model, SampledToken, Sam
 use moe_scheduler::{BlockAllocator, GroupingConfig, GroupingMode, PathHints, Scheduler, SchedulerConfig, StepPlan};
 use moe_types::trace::{TraceHeader, TraceToken};
 use moe_types::{SeqId, TokenId};
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 struct Request {
@@ -36,7 +37,6 @@ pub struct EngineCore<E> {
     ws: Workspace,
     reqs: HashMap<SeqId, Request>,
     eos: Vec<TokenId>,
-    masked: Vec<f32>,
     last_plan: StepPlan,
     /// Distinct experts per MoE layer in the last step.
     last_distinct: Vec<usize>,
@@ -59,7 +59,6 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
             ws: Workspace::new(),
             reqs: HashMap::new(),
             eos,
-            masked: Vec::new(),
             last_plan: StepPlan::default(),
             last_distinct: Vec::new(),
             step_tokens: Vec::new(),
@@ -253,24 +252,25 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
             }
         }
         self.sched.commit(&plan);
-        let mut outputs = Vec::new();
-        for (row, c) in plan.chunks.iter().filter(|c| c.sample).enumerate() {
-            let r = self.reqs.get_mut(&c.seq).expect("scheduled sequence has a request");
-            let logits = out.row(row);
-            let token = if r.generated < r.min_tokens && !self.eos.is_empty() {
-                self.masked.clear();
-                self.masked.extend_from_slice(logits);
-                for &e in &self.eos {
-                    if let Some(x) = self.masked.get_mut(e as usize) {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
-                r.sampler.sample(&self.masked)
-            } else {
-                r.sampler.sample(logits)
-            };
+        // sample every sequence's next token; samplers are independent (own
+        // RNG, own counts), so running them side by side changes nothing
+        let mut picked: Vec<(SeqId, Request)> = plan
+            .chunks
+            .iter()
+            .filter(|c| c.sample)
+            .map(|c| (c.seq, self.reqs.remove(&c.seq).expect("scheduled sequence has a request")))
+            .collect();
+        let eos = &self.eos;
+        let sample = |(row, (_, r)): (usize, &mut (SeqId, Request))| sample_next(r, out.row(row), eos);
+        let tokens: Vec<SampledToken> = if picked.len() >= PARALLEL_SAMPLING && rayon::current_num_threads() > 1 {
+            picked.par_iter_mut().enumerate().map(sample).collect()
+        } else {
+            picked.iter_mut().enumerate().map(sample).collect()
+        };
+        let mut outputs = Vec::with_capacity(tokens.len());
+        for ((seq, mut r), token) in picked.into_iter().zip(tokens) {
             r.generated += 1;
-            let total = self.sched.tokens(c.seq).len() + 1;
+            let total = self.sched.tokens(seq).len() + 1;
             let finish = if !r.ignore_eos && self.eos.contains(&token.id) {
                 Some(FinishReason::Eos)
             } else if r.generated >= r.max_tokens || total >= self.max_model_len() {
@@ -279,14 +279,34 @@ impl<E: ExpertProvider + Sync> EngineCore<E> {
                 None
             };
             if finish.is_some() {
-                self.abort(c.seq);
+                self.abort(seq);
             } else {
-                self.sched.append_token(c.seq, token.id);
+                self.reqs.insert(seq, r);
+                self.sched.append_token(seq, token.id);
             }
-            outputs.push(StepOutput { seq: c.seq, token, finish });
+            outputs.push(StepOutput { seq, token, finish });
         }
         self.last_plan = plan;
         Ok(outputs)
+    }
+}
+
+/// From this many sequences sampled in one step, they are sampled in parallel.
+const PARALLEL_SAMPLING: usize = 4;
+
+/// Samples a request's next token, masking end-of-sequence tokens while the
+/// request is still short of its `min_tokens`.
+fn sample_next(r: &mut Request, logits: &[f32], eos: &[TokenId]) -> SampledToken {
+    if r.generated < r.min_tokens && !eos.is_empty() {
+        let mut masked = logits.to_vec();
+        for &e in eos {
+            if let Some(x) = masked.get_mut(e as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        r.sampler.sample(&masked)
+    } else {
+        r.sampler.sample(logits)
     }
 }
 

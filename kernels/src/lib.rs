@@ -18,6 +18,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod exp;
 pub mod matmul;
 pub mod ops;
 mod simd;

@@ -61,22 +61,13 @@ pub fn sigmoid(x: f32) -> f32 {
 /// For rows of `gate_up` laid out `[gate (i) | up (i)]`, writes
 /// `silu(gate) * up` into the matching `i`-wide row of `out`.
 pub fn silu_mul(gate_up: &[f32], i: usize, out: &mut [f32]) {
-    for (gu, o) in gate_up.chunks_exact(2 * i).zip(out.chunks_exact_mut(i)) {
-        let (g, u) = gu.split_at(i);
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = silu(g) * u;
-        }
-    }
+    crate::exp::silu_mul(gate_up, i, out)
 }
 
 /// Numerically stable in-place softmax of one row.
 pub fn softmax_inplace(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
+    let sum = crate::exp::exp_shifted_inplace(x, max);
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;

@@ -125,43 +125,53 @@ impl Sampler {
         SampledToken { id, logprob, top }
     }
 
+    /// Temperature sampling with the top-k, top-p and min-p filters.
+    ///
+    /// Probabilities come from one vectorised pass over the vocabulary;
+    /// nucleus sampling then sorts only as long a prefix of the most likely
+    /// tokens as it needs (64, then 4x longer until the prefix reaches
+    /// `top_p`) instead of the whole vocabulary: the kept set and its order
+    /// are those of a full sort.
     fn sample_filtered(&mut self) -> TokenId {
-        let p = &self.params;
-        let inv_t = 1.0 / p.temperature;
-        self.cand.clear();
-        self.cand.extend(
-            self.work.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as TokenId, x * inv_t)),
-        );
-        if self.cand.is_empty() {
+        let Some(total) = self.exp_scaled() else {
             return argmax(&self.work);
+        };
+        let p = &self.params;
+        let n = self.work.len();
+        if (p.top_k == 0 || p.top_k >= n) && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            return self.draw_scan(total);
         }
-        let by_logit_desc = |a: &(TokenId, f32), b: &(TokenId, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // candidates: (id, unnormalised probability), most likely first on sorting
+        self.cand.clear();
+        self.cand.extend(self.work.iter().enumerate().filter(|(_, &e)| e > 0.0).map(|(i, &e)| (i as TokenId, e)));
+        let by_prob_desc = |a: &(TokenId, f32), b: &(TokenId, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < self.cand.len() {
-            self.cand.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            self.cand.select_nth_unstable_by(p.top_k - 1, by_prob_desc);
             self.cand.truncate(p.top_k);
         }
-        // only nucleus sampling needs the candidates in order; sorting the
-        // whole vocabulary per token is the costliest part of sampling
         if p.top_p < 1.0 {
-            self.cand.sort_unstable_by(by_logit_desc);
-        }
-        // softmax over the survivors
-        let max = self.cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for c in self.cand.iter_mut() {
-            c.1 = (c.1 - max).exp();
-            sum += c.1;
-        }
-        for c in self.cand.iter_mut() {
-            c.1 /= sum;
-        }
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let keep = self.cand.iter().position(|c| {
-                acc += c.1;
-                acc >= p.top_p
-            });
-            self.cand.truncate(keep.map_or(self.cand.len(), |i| i + 1));
+            let target = p.top_p * self.cand.iter().map(|c| c.1).sum::<f32>();
+            let len = self.cand.len();
+            let mut m = 64.min(len);
+            loop {
+                if m < len {
+                    self.cand.select_nth_unstable_by(m - 1, by_prob_desc);
+                }
+                self.cand[..m].sort_unstable_by(by_prob_desc);
+                let mut acc = 0.0;
+                let keep = self.cand[..m].iter().position(|c| {
+                    acc += c.1;
+                    acc >= target
+                });
+                if let Some(i) = keep {
+                    self.cand.truncate(i + 1);
+                    break;
+                }
+                if m == len {
+                    break;
+                }
+                m = (m * 4).min(len);
+            }
         }
         if p.min_p > 0.0 {
             let floor = self.cand.iter().map(|c| c.1).fold(0.0, f32::max) * p.min_p;
@@ -176,6 +186,36 @@ impl Sampler {
             }
         }
         self.cand.last().map_or(0, |c| c.0)
+    }
+
+    /// Replaces `work` (processed logits) with unnormalised probabilities at
+    /// the sampler's temperature, `exp(x / t - max)`, non-finite logits at 0;
+    /// returns their sum. `None` (with `work` scaled but not exponentiated)
+    /// when no logit is finite or a scaled one overflowed: the greedy limit.
+    fn exp_scaled(&mut self) -> Option<f32> {
+        let inv_t = 1.0 / self.params.temperature;
+        let mut max = f32::NEG_INFINITY;
+        for x in self.work.iter_mut() {
+            *x = if x.is_finite() { *x * inv_t } else { f32::NEG_INFINITY };
+            max = max.max(*x);
+        }
+        max.is_finite().then(|| moe_kernels::exp::exp_shifted_inplace(&mut self.work, max))
+    }
+
+    /// Draws a token with probability `work[i] / total`, scanning in id order.
+    fn draw_scan(&mut self, total: f32) -> TokenId {
+        let mut r = self.rng.random::<f32>() * total;
+        let mut last = 0;
+        for (i, &e) in self.work.iter().enumerate() {
+            if e > 0.0 {
+                last = i;
+                r -= e;
+                if r <= 0.0 {
+                    break;
+                }
+            }
+        }
+        last as TokenId
     }
 }
 
@@ -235,6 +275,54 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn full_vocabulary_sampling_follows_softmax() {
+        // temperature 0.5 doubles the logits; compare frequencies with the
+        // softmax probabilities (the vectorised path) and with the filtered
+        // path (top_p just under 1 keeps every token here)
+        let probs: Vec<f64> = {
+            let e: Vec<f64> = logits().iter().map(|&x| (2.0 * x as f64).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        };
+        for top_p in [1.0, 0.999_999] {
+            let p = SamplingParams { temperature: 0.5, top_p, ..Default::default() };
+            let mut s = Sampler::new(p, 11, &[]);
+            let n = 40_000;
+            let mut counts = [0usize; 8];
+            for _ in 0..n {
+                counts[s.sample(&logits()).id as usize] += 1;
+            }
+            for (c, p) in counts.iter().zip(&probs) {
+                let f = *c as f64 / n as f64;
+                assert!((f - p).abs() < 4.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-3, "top_p {top_p}: {f} vs {p}");
+            }
+        }
+        // non-finite logits are never drawn
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, ..Default::default() }, 5, &[]);
+        let l = [f32::NEG_INFINITY, 0.0, f32::NAN, 0.0];
+        assert!((0..200).all(|_| matches!(s.sample(&l).id, 1 | 3)));
+    }
+
+    #[test]
+    fn nucleus_longer_than_the_first_sorted_prefix() {
+        // 3000 nearly equal logits: the top-p 0.5 nucleus holds about 1400
+        // tokens, so the prefix sort grows several times
+        let l: Vec<f32> = (0..3000).map(|i| -(i as f32) * 0.001).collect();
+        let e: Vec<f64> = l.iter().map(|&x| (x as f64).exp()).collect();
+        let total: f64 = e.iter().sum();
+        let mut acc = 0.0;
+        let cut = e.iter().position(|v| {
+            acc += v / total;
+            acc >= 0.5
+        });
+        let cut = cut.unwrap() + 1;
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() }, 9, &[]);
+        let ids: Vec<usize> = (0..4000).map(|_| s.sample(&l).id as usize).collect();
+        let top = *ids.iter().max().unwrap();
+        assert!(top < cut + 2 && top + 20 > cut, "largest id drawn {top}, nucleus ends at {cut}");
     }
 
     #[test]
