@@ -16,6 +16,7 @@
 //! products and the expert-slot pool; [`slot_table`] is its bookkeeping,
 //! compiled and tested everywhere.
 
+mod attend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod exp;
@@ -23,9 +24,10 @@ pub mod matmul;
 pub mod ops;
 mod simd;
 pub mod slot_table;
+mod tile;
 mod weight;
 
-pub use matmul::{matmul_nt, serial};
+pub use matmul::{matmul_nt, matmul_nt_with, serial, Kernel};
 pub use weight::{Weight, WeightData};
 
 /// Errors raised by kernel entry points on inconsistent shapes.

@@ -1,21 +1,20 @@
 //! `out = x · Wᵀ`: activations `[m, k]` times a `[n, k]` weight.
 //!
 //! Two regimes:
-//! - few rows (decode, `m <= SMALL_M`): the product is memory-bound, so each
-//!   weight row is streamed once through SIMD dot products (bf16 widened in
-//!   registers), with output features split across threads;
-//! - many rows (prefill, big expert groups): compute-bound, handed to the
-//!   `gemm` crate; bf16 weights are widened block by block into thread-local
-//!   scratch first, amortised over the `m` rows.
+//! - few rows (decode batches, expert groups, `m <= TILE_M`): register-tiled
+//!   AVX2 kernels ([`crate::tile`]) read each weight row in place (bf16
+//!   widened in registers), with output features split across threads;
+//! - many rows (prefill, big expert groups): handed to the `gemm` crate; bf16
+//!   weights are widened block by block into thread-local scratch first,
+//!   amortised over the `m` rows.
 
-use crate::simd::{dot4, WeightRow};
+use crate::simd::WeightRow;
+use crate::tile::TileLanes;
 use crate::weight::{bf16_to_f32, Weight, WeightData};
 use crate::KernelError;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Up to this many activation rows use the streaming dot-product path.
-const SMALL_M: usize = 16;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MACS: usize = 1 << 20;
 /// Weight rows widened per block on the bf16 gemm path.
@@ -36,8 +35,24 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Which kernel computes a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// By the row count: tiled up to `TILE_M` rows, `gemm` above.
+    Auto,
+    /// The register-tiled kernel, whatever the row count.
+    Tiled,
+    /// The `gemm` crate (bf16 widened block by block), whatever the row count.
+    Gemm,
+}
+
 /// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ`, overwriting `out`.
 pub fn matmul_nt(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) -> Result<(), KernelError> {
+    matmul_nt_with(x, m, w, out, Kernel::Auto)
+}
+
+/// [`matmul_nt`] with the kernel chosen by the caller (benchmarks, tests).
+pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: Kernel) -> Result<(), KernelError> {
     let (n, k) = (w.rows(), w.cols());
     if x.len() != m * k {
         return Err(KernelError::Shape { what: "matmul input", expected: m * k, got: x.len() });
@@ -54,8 +69,11 @@ pub fn matmul_nt(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) -> Result<(),
     }
     // inside a pool task (e.g. experts run side by side) stay on this thread
     let parallel = m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get());
-    if m <= SMALL_M {
-        small_m(x, m, w, out, parallel);
+    if kernel == Kernel::Tiled || (kernel == Kernel::Auto && m <= TILE_M) {
+        match w.data() {
+            WeightData::F32(v) => tiled(x, m, v, k, out, parallel),
+            WeightData::Bf16(v) => tiled(x, m, v, k, out, parallel),
+        }
     } else {
         match w.data() {
             WeightData::F32(v) => {
@@ -70,40 +88,25 @@ pub fn matmul_nt(x: &[f32], m: usize, w: &Weight, out: &mut [f32]) -> Result<(),
     Ok(())
 }
 
-/// The streaming path: one pass over each weight row per call, shared by up
-/// to four activation rows at a time.
-fn small_m(x: &[f32], m: usize, w: &Weight, out: &mut [f32], parallel: bool) {
-    match w.data() {
-        WeightData::F32(v) => small_m_rows(x, m, v, w.cols(), out, parallel),
-        WeightData::Bf16(v) => small_m_rows(x, m, v, w.cols(), out, parallel),
-    }
-}
+/// Up to this many activation rows use the register-tiled kernel (measured
+/// with `cargo run --release -p moe-kernels --example matmul_bench`: faster
+/// than widening plus `gemm` up to 32 rows, slower at 64).
+const TILE_M: usize = 32;
 
-fn small_m_rows<W: WeightRow + Sync>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32], parallel: bool) {
+/// The register-tiled path: output features (weight rows) split across
+/// threads, each range computed by [`crate::tile::tiled_cols`].
+fn tiled<W: WeightRow + TileLanes + Sync>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32], parallel: bool) {
     let n = w.len() / k;
-    let mut rows: [&[f32]; SMALL_M] = [&[]; SMALL_M];
-    for (i, r) in rows.iter_mut().enumerate().take(m) {
-        *r = &x[i * k..(i + 1) * k];
-    }
-    let rows = &rows[..m];
     let out_ptr = SendPtr(out.as_mut_ptr());
+    let chunk = chunk_len(n).next_multiple_of(8);
     let run = |c: usize| {
         let ptr = out_ptr;
-        let mut tmp = [0f32; 4];
-        for j in c * chunk_len(n)..((c + 1) * chunk_len(n)).min(n) {
-            let wr = &w[j * k..(j + 1) * k];
-            for (g, group) in rows.chunks(4).enumerate() {
-                dot4(group, wr, &mut tmp);
-                for (r, &v) in tmp[..group.len()].iter().enumerate() {
-                    // SAFETY: task c writes only columns of its own row range
-                    // [c * chunk, (c + 1) * chunk) of `out` ([m, n]); ranges are
-                    // disjoint and `out` outlives the loop.
-                    unsafe { *ptr.0.add((g * 4 + r) * n + j) = v };
-                }
-            }
-        }
+        // SAFETY: task c writes only columns c * chunk..(c + 1) * chunk of
+        // `out` ([m, n], checked by the caller); ranges are disjoint and `out`
+        // outlives the loop.
+        unsafe { crate::tile::tiled_cols(x, m, k, w, n, c * chunk..((c + 1) * chunk).min(n), ptr.0) };
     };
-    let chunks = n.div_ceil(chunk_len(n));
+    let chunks = n.div_ceil(chunk);
     if parallel {
         (0..chunks).into_par_iter().for_each(run);
     } else {
@@ -111,7 +114,7 @@ fn small_m_rows<W: WeightRow + Sync>(x: &[f32], m: usize, w: &[W], k: usize, out
     }
 }
 
-/// Output features per parallel task on the streaming path.
+/// Output features per parallel task on the tiled path.
 fn chunk_len(n: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     // a few tasks per thread for balance, at least 16 rows each
@@ -217,10 +220,12 @@ mod tests {
         let wf = Weight::from_f32(n, k, wv.clone()).unwrap();
         let wb = Weight::from_bf16_bits(n, k, wv.iter().map(|&v| bf16::from_f32(v).to_bits()).collect()).unwrap();
         for w in [&wf, &wb] {
-            let mut out = vec![f32::NAN; m * n];
-            matmul_nt(&x, m, w, &mut out).unwrap();
-            for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "m={m} n={n} k={k}: {a} vs {b}");
+            for kernel in [Kernel::Auto, Kernel::Tiled, Kernel::Gemm] {
+                let mut out = vec![f32::NAN; m * n];
+                matmul_nt_with(&x, m, w, &mut out, kernel).unwrap();
+                for (a, b) in out.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{kernel:?} m={m} n={n} k={k}: {a} vs {b}");
+                }
             }
         }
     }
@@ -237,8 +242,35 @@ mod tests {
             (16, 33, 128),
             (37, 200, 300),
             (64, 1, 8),
+            (32, 77, 64),
+            (33, 64, 24),
+            (3, 9, 16),
+            (7, 11, 17),
         ] {
             check(m, n, k);
+        }
+    }
+
+    #[test]
+    fn tiled_rows_do_not_depend_on_the_batch() {
+        // every tile shape (4x2, 3x3, 2x4, 1x8 and the 1-wide column tails)
+        // computes a row exactly as the row alone would
+        let (n, k) = (37, 200);
+        let w = Weight::from_bf16_bits(
+            n,
+            k,
+            (0..n * k).map(|i| bf16::from_f32((i % 13) as f32 * 0.1 - 0.6).to_bits()).collect(),
+        )
+        .unwrap();
+        let x: Vec<f32> = (0..32 * k).map(|i| ((i * 7919 % 101) as f32 / 101.0) - 0.5).collect();
+        let mut alone = vec![0.0; n];
+        for m in [1, 2, 3, 5, 6, 7, 32] {
+            let mut out = vec![0.0; m * n];
+            matmul_nt_with(&x[..m * k], m, &w, &mut out, Kernel::Tiled).unwrap();
+            for i in 0..m {
+                matmul_nt_with(&x[i * k..(i + 1) * k], 1, &w, &mut alone, Kernel::Tiled).unwrap();
+                assert_eq!(&out[i * n..(i + 1) * n], &alone[..], "row {i} of {m}");
+            }
         }
     }
 

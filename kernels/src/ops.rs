@@ -1,9 +1,12 @@
 //! Element-wise and row-wise kernels. Rows are contiguous slices of length
 //! `d`; a buffer holding several rows is processed row by row.
 
+pub use crate::attend::{attend, KvRows};
+
 /// RMSNorm of each `d`-wide row of `x`, scaled by `weight`, written to `out`:
 /// `out = x / sqrt(mean(x²) + eps) * weight` (statistics in f32, as
 /// HuggingFace computes them).
+#[inline]
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
@@ -16,6 +19,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// In-place RMSNorm of each `weight.len()`-wide row of `x`.
+#[inline]
 pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
     let d = weight.len();
     for xr in x.chunks_exact_mut(d) {
@@ -28,11 +32,13 @@ pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
 }
 
 /// Dot product of two equally long slices (SIMD when available).
+#[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     crate::simd::dot_f32(a, b)
 }
 
 /// `a += b`, element-wise.
+#[inline]
 pub fn add_inplace(a: &mut [f32], b: &[f32]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x += y;
@@ -40,6 +46,7 @@ pub fn add_inplace(a: &mut [f32], b: &[f32]) {
 }
 
 /// `a += s * b`, element-wise.
+#[inline]
 pub fn axpy(a: &mut [f32], s: f32, b: &[f32]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x += s * y;
@@ -60,11 +67,13 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// For rows of `gate_up` laid out `[gate (i) | up (i)]`, writes
 /// `silu(gate) * up` into the matching `i`-wide row of `out`.
+#[inline]
 pub fn silu_mul(gate_up: &[f32], i: usize, out: &mut [f32]) {
     crate::exp::silu_mul(gate_up, i, out)
 }
 
 /// Numerically stable in-place softmax of one row.
+#[inline]
 pub fn softmax_inplace(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum = crate::exp::exp_shifted_inplace(x, max);
@@ -77,6 +86,7 @@ pub fn softmax_inplace(x: &mut [f32]) {
 /// Indices of the `k` largest values of `x`, largest first; ties go to the
 /// lower index (as `torch.topk` does on CPU for distinct values).
 /// `out` is cleared and filled.
+#[inline]
 pub fn top_k(x: &[f32], k: usize, out: &mut Vec<usize>) {
     out.clear();
     for (i, &v) in x.iter().enumerate() {
@@ -92,6 +102,7 @@ pub fn top_k(x: &[f32], k: usize, out: &mut Vec<usize>) {
 /// Mixtral, Qwen and OLMoE: within each head of width `2h`, element `j`
 /// pairs with element `j + h`. `cos`/`sin` hold the `h` angles' cosines and
 /// sines for this token's position. `x` holds whole heads.
+#[inline]
 pub fn rope_rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     let h = cos.len();
     for head in x.chunks_exact_mut(2 * h) {

@@ -31,54 +31,21 @@ pub(crate) fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
     portable_dot(x, w, bf16_to_f32)
 }
 
-/// Dot products of up to four activation rows with one weight row, reading
-/// (and widening) the weight row once: `out[i] = x[i] · w` for `i < xs.len()`.
-pub(crate) fn dot4<W: WeightRow>(xs: &[&[f32]], w: &[W], out: &mut [f32]) {
-    debug_assert!(xs.len() <= 4 && xs.iter().all(|x| x.len() == w.len()));
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx2_fma() && xs.len() == 4 {
-            // SAFETY: the CPU supports AVX2 and FMA (checked at run time) and
-            // every row has the weight row's length.
-            let r = unsafe { W::avx2_dot4([xs[0], xs[1], xs[2], xs[3]], w) };
-            out[..4].copy_from_slice(&r);
-            return;
-        }
-    }
-    for (o, x) in out.iter_mut().zip(xs) {
-        *o = W::dot(x, w);
-    }
-}
-
 /// Element types a weight row can hold.
 pub(crate) trait WeightRow: Copy {
     /// One dot product.
     fn dot(x: &[f32], w: &[Self]) -> f32;
-    /// Four dot products sharing one pass over `w`.
-    ///
-    /// # Safety
-    /// Requires AVX2+FMA and every `x` as long as `w`.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2_dot4(xs: [&[f32]; 4], w: &[Self]) -> [f32; 4];
 }
 
 impl WeightRow for f32 {
     fn dot(x: &[f32], w: &[f32]) -> f32 {
         dot_f32(x, w)
     }
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2_dot4(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
-        avx2::dot4_f32(xs, w)
-    }
 }
 
 impl WeightRow for u16 {
     fn dot(x: &[f32], w: &[u16]) -> f32 {
         dot_bf16(x, w)
-    }
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn avx2_dot4(xs: [&[f32]; 4], w: &[u16]) -> [f32; 4] {
-        avx2::dot4_bf16(xs, w)
     }
 }
 
@@ -159,53 +126,6 @@ mod avx2 {
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }
 
-    /// Four rows against one weight row; `load` reads 8 widened weights.
-    #[inline(always)]
-    unsafe fn dot4_with(
-        xs: [&[f32]; 4],
-        n: usize,
-        load: impl Fn(usize) -> __m256,
-        tail: impl Fn(usize) -> f32,
-    ) -> [f32; 4] {
-        let p = [xs[0].as_ptr(), xs[1].as_ptr(), xs[2].as_ptr(), xs[3].as_ptr()];
-        let mut a = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        // SAFETY (whole loop): loads read 8 values at offsets < n of each row.
-        while i + 8 <= n {
-            let w = load(i);
-            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p[0].add(i)), w, a[0]);
-            a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p[1].add(i)), w, a[1]);
-            a[2] = _mm256_fmadd_ps(_mm256_loadu_ps(p[2].add(i)), w, a[2]);
-            a[3] = _mm256_fmadd_ps(_mm256_loadu_ps(p[3].add(i)), w, a[3]);
-            i += 8;
-        }
-        let mut out = [hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3])];
-        while i < n {
-            let w = tail(i);
-            for r in 0..4 {
-                out[r] += *p[r].add(i) * w;
-            }
-            i += 1;
-        }
-        out
-    }
-
-    /// # Safety
-    /// Requires AVX2+FMA and every row as long as `w`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot4_f32(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
-        let wp = w.as_ptr();
-        dot4_with(xs, w.len(), |i| _mm256_loadu_ps(wp.add(i)), |i| *wp.add(i))
-    }
-
-    /// # Safety
-    /// Requires AVX2+FMA and every row as long as `w`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot4_bf16(xs: [&[f32]; 4], w: &[u16]) -> [f32; 4] {
-        let wp = w.as_ptr();
-        dot4_with(xs, w.len(), |i| widen8(wp.add(i)), |i| f32::from_bits((*wp.add(i) as u32) << 16))
-    }
-
     /// # Safety
     /// Requires AVX2+FMA and `x.len() == w.len()`.
     #[target_feature(enable = "avx2,fma")]
@@ -229,13 +149,6 @@ mod tests {
             assert!((dot_f32(&x, &w) as f64 - want).abs() < 1e-4, "f32 n={n}");
             // these w values are exact in bf16
             assert!((dot_bf16(&x, &wb) as f64 - want).abs() < 1e-4, "bf16 n={n}");
-            let xs: Vec<Vec<f32>> = (0..4).map(|r| x.iter().map(|v| v * (r as f32 + 1.0)).collect()).collect();
-            let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
-            let mut out = [0f32; 4];
-            dot4(&refs, &wb, &mut out);
-            for (r, o) in out.iter().enumerate() {
-                assert!((*o as f64 - want * (r as f64 + 1.0)).abs() < 1e-3, "dot4 n={n} r={r}");
-            }
         }
     }
 }

@@ -78,19 +78,11 @@ impl Model {
                 // key/value row offsets of the visible positions, computed once per token
                 rows.clear();
                 rows.extend((lo..=pos).map(|j| kv_ref.row(blocks, j) * kvw));
-                scores.resize(rows.len(), 0.0);
-                for h in 0..nh {
-                    let off = (h / group) * d;
-                    let q = &q_all[h * d..(h + 1) * d];
-                    for (sc, &r) in scores.iter_mut().zip(rows.iter()) {
-                        *sc = dot_lanes(q, &kc[r + off..r + off + d]) * scale;
-                    }
-                    ops::softmax_inplace(scores);
-                    let o = &mut out[h * d..(h + 1) * d];
-                    o.fill(0.0);
-                    for (&p, &r) in scores.iter().zip(rows.iter()) {
-                        ops::axpy(o, p, &vc[r + off..r + off + d]);
-                    }
+                // the query heads sharing each KV head, over its keys and values
+                for g in 0..nkv {
+                    let hs = g * group * d..(g + 1) * group * d;
+                    let kv = ops::KvRows { keys: &kc[g * d..], values: &vc[g * d..], rows, head_dim: d };
+                    ops::attend(&q_all[hs.clone()], kv, scale, scores, &mut out[hs]);
                 }
             });
         };
@@ -108,23 +100,4 @@ impl Model {
         }
         Ok(())
     }
-}
-
-/// A dot product over short rows (head_dim), written lane-wise so the
-/// compiler vectorises it inline (no call per key).
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, at) = a.split_at(a.len() / 8 * 8);
-    let (bc, bt) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = acc.iter().sum::<f32>();
-    for (x, y) in at.iter().zip(bt) {
-        s += x * y;
-    }
-    s
 }

@@ -299,7 +299,27 @@ struct Ctx {
     client: reqwest::Client,
     endpoint: String,
     args: Args,
-    corpus: String,
+    corpus: Corpus,
+}
+
+/// Prompt text with its character boundaries indexed once, so choosing a
+/// prompt costs nothing next to the request (the load generator shares the
+/// machine with the server it measures).
+struct Corpus {
+    text: String,
+    /// Byte offset of every character, then the text's length.
+    starts: Vec<usize>,
+}
+
+impl Corpus {
+    fn new(text: String) -> Self {
+        let starts = text.char_indices().map(|(i, _)| i).chain(std::iter::once(text.len())).collect();
+        Self { text, starts }
+    }
+
+    fn chars(&self) -> usize {
+        self.starts.len() - 1
+    }
 }
 
 /// Sends request number `index` (global over the run) and measures it.
@@ -390,20 +410,17 @@ fn splitmix64(x: u64) -> u64 {
 
 /// A deterministic slice of 20-200 characters (fewer only if the corpus is shorter) chosen by
 /// `key`; different keys give different slices with overwhelming probability.
-fn prompt_for(corpus: &str, key: u64) -> &str {
+fn prompt_for(corpus: &Corpus, key: u64) -> &str {
     let h1 = splitmix64(key);
     let h2 = splitmix64(h1 ^ 0x5DEE_CE66_D1CE_4E5B);
     let want = PROMPT_MIN_CHARS + (h2 % (PROMPT_MAX_CHARS - PROMPT_MIN_CHARS + 1) as u64) as usize;
-    let chars = corpus.chars().count();
+    let chars = corpus.chars();
     let len = want.min(chars);
     let first = (h1 % (chars - len + 1) as u64) as usize;
-    let mut idx = corpus.char_indices().map(|(i, _)| i).chain(std::iter::once(corpus.len())).skip(first);
-    let begin = idx.next().unwrap_or(corpus.len());
-    let end = idx.nth(len.saturating_sub(1)).unwrap_or(corpus.len());
-    &corpus[begin..end]
+    &corpus.text[corpus.starts[first]..corpus.starts[first + len]]
 }
 
-fn load_corpus(path: Option<&Path>) -> Result<String> {
+fn load_corpus(path: Option<&Path>) -> Result<Corpus> {
     let candidates: Vec<PathBuf> = match path {
         Some(p) => vec![p.to_path_buf()],
         // The default is relative to the repository root: try the current directory (the usual
@@ -417,10 +434,11 @@ fn load_corpus(path: Option<&Path>) -> Result<String> {
         format!("corpus not found (tried {}); pass --corpus PATH", tried.join(", "))
     })?;
     let text = std::fs::read_to_string(found).with_context(|| format!("reading corpus {}", found.display()))?;
-    if text.chars().count() < PROMPT_MIN_CHARS {
+    let corpus = Corpus::new(text);
+    if corpus.chars() < PROMPT_MIN_CHARS {
         bail!("corpus {} has fewer than {PROMPT_MIN_CHARS} characters", found.display());
     }
-    Ok(text)
+    Ok(corpus)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -784,7 +802,7 @@ mod tests {
 
     #[test]
     fn prompts_are_deterministic_and_bounded() {
-        let corpus = "First Citizen:\nBefore we proceed any further, hear me speak.\n".repeat(200);
+        let corpus = Corpus::new("First Citizen:\nBefore we proceed any further, hear me speak.\n".repeat(200));
         let mut seen = std::collections::HashSet::new();
         for k in 0..500 {
             let p = prompt_for(&corpus, k);
@@ -794,9 +812,9 @@ mod tests {
             seen.insert((p.as_ptr() as usize, n));
         }
         assert!(seen.len() > 490);
-        let short = "ééééééééééééééééééééééé"; // 23 two-byte chars
+        let short = Corpus::new("ééééééééééééééééééééééé".into()); // 23 two-byte chars
         for k in 0..50 {
-            let p = prompt_for(short, k);
+            let p = prompt_for(&short, k);
             assert!(p.chars().count() >= PROMPT_MIN_CHARS);
         }
     }

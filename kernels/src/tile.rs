@@ -1,0 +1,193 @@
+//! Register-tiled `out = x · Wᵀ` for a few activation rows (decode batches,
+//! expert groups), reading bf16 or f32 weight rows in place: no widened
+//! copy of the weight, no packing.
+//!
+//! Each tile keeps `MR` activation rows by `NR` weight rows of 8-lane
+//! accumulators in registers and walks `k` once, so every weight vector
+//! loaded (and widened) feeds `MR` multiply-adds and every activation vector
+//! `NR`. Tiles are shaped so about eight accumulator chains hide the FMA
+//! latency: 4x2, 3x3, 2x4 and 1x8 (rows x weight rows).
+//!
+//! An output element is the same sum, in the same order, whatever tile
+//! computed it: a row's results do not depend on which other rows share the
+//! call (batch-invariant).
+
+use crate::simd::WeightRow;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::Lanes as TileLanes;
+/// Weight element types the tiles read (no SIMD requirement off x86-64).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait TileLanes {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> TileLanes for T {}
+
+/// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ` for output columns (weight rows)
+/// `cols`, writing only those columns of `out` (row stride `n`).
+///
+/// # Safety
+/// `out` must be valid for writes of every `[i, j]` element, `i < m`,
+/// `j` in `cols`, with row stride `n`; `x` holds `m * k` values and `w` at
+/// least `cols.end * k`. No other thread may write those elements meanwhile.
+pub(crate) unsafe fn tiled_cols<W: WeightRow + TileLanes>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    cols: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::simd::has_avx2_fma() {
+            // SAFETY: AVX2+FMA checked at run time; bounds as the caller promised.
+            unsafe { avx2::tiled_cols(x, m, k, w, n, cols, out) };
+            return;
+        }
+    }
+    for j in cols {
+        let wr = &w[j * k..(j + 1) * k];
+        for i in 0..m {
+            // SAFETY: the caller guarantees `[i, j]` is writable and ours.
+            unsafe { *out.add(i * n + j) = W::dot(&x[i * k..(i + 1) * k], wr) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Weight element types, read 8 lanes at a time as f32.
+    pub(crate) trait Lanes: Copy {
+        /// 8 values from `p`, widened.
+        unsafe fn load8(p: *const Self) -> __m256;
+        /// One value, widened.
+        fn widen(self) -> f32;
+    }
+
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            self
+        }
+    }
+
+    impl Lanes for u16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            f32::from_bits((self as u32) << 16)
+        }
+    }
+
+    /// # Safety
+    /// Requires AVX2+FMA, and the contract of [`super::tiled_cols`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tiled_cols<W: Lanes>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[W],
+        n: usize,
+        cols: std::ops::Range<usize>,
+        out: *mut f32,
+    ) {
+        let a = Args { x: x.as_ptr(), k, w: w.as_ptr(), n, out };
+        let full = m / 4 * 4;
+        sweep::<W, 4, 2>(&a, 0..full, cols.clone());
+        match m - full {
+            3 => sweep::<W, 3, 3>(&a, full..m, cols),
+            2 => sweep::<W, 2, 4>(&a, full..m, cols),
+            1 => sweep::<W, 1, 8>(&a, full..m, cols),
+            _ => {}
+        }
+    }
+
+    /// Rows `rows` (a multiple of `MR` long) against weight rows `cols`, `NR`
+    /// weight rows at a time; weight rows are the outer loop, so a few stay
+    /// in L1 while every activation row passes over them.
+    #[inline(always)]
+    unsafe fn sweep<W: Lanes, const MR: usize, const NR: usize>(
+        a: &Args<W>,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) {
+        let mut j = cols.start;
+        while j + NR <= cols.end {
+            let mut i = rows.start;
+            while i < rows.end {
+                tile::<W, MR, NR>(a, i, j);
+                i += MR;
+            }
+            j += NR;
+        }
+        while j < cols.end {
+            let mut i = rows.start;
+            while i < rows.end {
+                tile::<W, MR, 1>(a, i, j);
+                i += MR;
+            }
+            j += 1;
+        }
+    }
+
+    struct Args<W> {
+        x: *const f32,
+        k: usize,
+        w: *const W,
+        n: usize,
+        out: *mut f32,
+    }
+
+    /// Rows `i..i + MR` of x against weight rows `j..j + NR`.
+    // accumulators are indexed [row][weight row] in lockstep with two operands
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn tile<W: Lanes, const MR: usize, const NR: usize>(a: &Args<W>, i: usize, j: usize) {
+        let k = a.k;
+        let k8 = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let x = a.x.add(i * k);
+        let w = a.w.add(j * k);
+        let mut p = 0;
+        while p < k8 {
+            let mut xv = [_mm256_setzero_ps(); MR];
+            for (r, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(x.add(r * k + p));
+            }
+            for c in 0..NR {
+                let wv = W::load8(w.add(c * k + p));
+                for r in 0..MR {
+                    acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+                }
+            }
+            p += 8;
+        }
+        for r in 0..MR {
+            for c in 0..NR {
+                let mut s = hsum(acc[r][c]);
+                for q in k8..k {
+                    s += *x.add(r * k + q) * (*w.add(c * k + q)).widen();
+                }
+                *a.out.add((i + r) * a.n + j + c) = s;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+}
