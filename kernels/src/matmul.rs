@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Below this many multiply-adds a product runs on the calling thread.
-const PARALLEL_MACS: usize = 1 << 20;
+const PARALLEL_MACS: usize = 1 << 19;
 /// Weight rows widened per block on the bf16 gemm path.
 const BF16_BLOCK_ROWS: usize = 64;
 

@@ -410,6 +410,17 @@ fn validate_sampling(p: &SamplingParams) -> anyhow::Result<()> {
 }
 
 fn run_bench(b: BenchCmd) -> anyhow::Result<()> {
+    // run on a worker of a compute pool, as the served engine loop does, so
+    // parallel sections start from a pool thread (`--threads` sizes it)
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .thread_name(|i| format!("moe-compute-{i}"))
+        .build()
+        .context("starting the compute pool")?;
+    pool.install(|| run_bench_in_pool(b))
+}
+
+fn run_bench_in_pool(b: BenchCmd) -> anyhow::Result<()> {
     let args = BenchArgs { prompt_tokens: b.prompt_tokens, decode_tokens: b.decode_tokens, repeats: b.repeats };
     anyhow::ensure!(
         args.prompt_tokens > 0 && args.decode_tokens > 0,
