@@ -190,6 +190,11 @@ mod tests {
 
     #[test]
     fn matches_naive_attention() {
+        check_against_naive();
+        crate::simd::portable(check_against_naive);
+    }
+
+    fn check_against_naive() {
         for d in [8usize, 32, 40, 64, 7] {
             let group = 2;
             let rows_n = 13;

@@ -163,6 +163,25 @@ mod tests {
     }
 
     #[test]
+    fn portable_paths_match_vectorised() {
+        let xs: Vec<f32> = (0..100).map(|i| i as f32 * -0.3).collect();
+        let (mut a, mut b) = (xs.clone(), xs.clone());
+        let sa = exp_shifted_inplace(&mut a, 1.0);
+        let sb = crate::simd::portable(|| exp_shifted_inplace(&mut b, 1.0));
+        assert!((sa - sb).abs() < 1e-5 * sb);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 3e-7 * y + 1e-38, "{x} vs {y}");
+        }
+        let gu: Vec<f32> = (0..40).map(|k| (k as f32 - 20.0) * 0.4).collect();
+        let (mut o1, mut o2) = (vec![0.0; 20], vec![0.0; 20]);
+        silu_mul(&gu, 10, &mut o1);
+        crate::simd::portable(|| silu_mul(&gu, 10, &mut o2));
+        for (x, y) in o1.iter().zip(&o2) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
     fn silu_mul_matches_scalar() {
         let i = 21;
         let gu: Vec<f32> = (0..4 * i).map(|k| (k as f32 - 40.0) * 0.37).collect();

@@ -213,6 +213,10 @@ mod tests {
     }
 
     fn check(m: usize, n: usize, k: usize) {
+        check_kernels(m, n, k, &[Kernel::Auto, Kernel::Tiled, Kernel::Gemm]);
+    }
+
+    fn check_kernels(m: usize, n: usize, k: usize, kernels: &[Kernel]) {
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 97) as f32 / 97.0) - 0.5).collect();
         let wv: Vec<f32> =
             (0..n * k).map(|i| bf16::from_f32(((i * 104729 % 89) as f32 / 89.0) - 0.5).to_f32()).collect();
@@ -220,7 +224,7 @@ mod tests {
         let wf = Weight::from_f32(n, k, wv.clone()).unwrap();
         let wb = Weight::from_bf16_bits(n, k, wv.iter().map(|&v| bf16::from_f32(v).to_bits()).collect()).unwrap();
         for w in [&wf, &wb] {
-            for kernel in [Kernel::Auto, Kernel::Tiled, Kernel::Gemm] {
+            for &kernel in kernels {
                 let mut out = vec![f32::NAN; m * n];
                 matmul_nt_with(&x, m, w, &mut out, kernel).unwrap();
                 for (a, b) in out.iter().zip(&want) {
@@ -249,6 +253,17 @@ mod tests {
         ] {
             check(m, n, k);
         }
+    }
+
+    #[test]
+    fn portable_tiled_path_matches_reference() {
+        serial(|| {
+            crate::simd::portable(|| {
+                for &(m, n, k) in &[(1, 9, 17), (5, 33, 64), (32, 20, 40)] {
+                    check_kernels(m, n, k, &[Kernel::Tiled]);
+                }
+            })
+        });
     }
 
     #[test]

@@ -69,7 +69,28 @@ fn portable_dot<T: Copy>(x: &[f32], w: &[T], widen: impl Fn(T) -> f32) -> f32 {
 pub(crate) fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
+    #[cfg(test)]
+    if PORTABLE_ONLY.with(|p| p.get()) {
+        return false;
+    }
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+#[cfg(test)]
+thread_local! {
+    static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's kernels on their portable paths, as on a CPU
+/// without AVX2+FMA (tests of those paths on machines that have them).
+#[cfg(test)]
+pub(crate) fn portable<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    PORTABLE_ONLY.with(|p| p.set(true));
+    let r = f();
+    #[cfg(target_arch = "x86_64")]
+    PORTABLE_ONLY.with(|p| p.set(false));
+    r
 }
 
 #[cfg(target_arch = "x86_64")]
