@@ -31,7 +31,34 @@ pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, scores: &mut Vec<f32>, out:
     if let Some(&r) = rows.iter().max() {
         assert!(r + d <= k.len() && r + d <= v.len(), "attention row offset {r} out of range");
     }
-    scores.resize(rows.len(), 0.0);
+    let n = rows.len();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let group = q.len() / d;
+        if d.is_multiple_of(8) && matches!(group, 2 | 4 | 8) && crate::simd::has_avx2_fma() {
+            scores.resize(group * n, 0.0);
+            // SAFETY: AVX2+FMA checked at run time; every row offset plus d is
+            // within k and v (asserted above), d is a multiple of 8, `q` holds
+            // `group` heads, `scores` `group * n` values, `out` at least `q.len()`.
+            unsafe {
+                match group {
+                    2 => avx2::scores_group::<2>(q, k, rows, scale, scores),
+                    4 => avx2::scores_group::<4>(q, k, rows, scale, scores),
+                    _ => avx2::scores_group::<8>(q, k, rows, scale, scores),
+                }
+                for h in scores.chunks_exact_mut(n.max(1)).take(group) {
+                    crate::ops::softmax_inplace(h);
+                }
+                match group {
+                    2 => avx2::weighted_group::<2>(scores, v, rows, &mut out[..q.len()]),
+                    4 => avx2::weighted_group::<4>(scores, v, rows, &mut out[..q.len()]),
+                    _ => avx2::weighted_group::<8>(scores, v, rows, &mut out[..q.len()]),
+                }
+            }
+            return;
+        }
+    }
+    scores.resize(n, 0.0);
     for (qh, o) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         #[cfg(target_arch = "x86_64")]
         {
@@ -89,6 +116,93 @@ mod avx2 {
                 i += 8;
             }
             *s = _mm256_cvtss_f32(reduce8([a; 8])) * scale;
+        }
+    }
+
+    /// Scores of the `G` query heads in `q` (`G * d` values) sharing one KV
+    /// head, reading each key once for all of them: `8 / G` keys at a time,
+    /// one accumulator per (head, key). `scores` is head-major, `G * n`.
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA, `d = q.len() / G` a multiple of 8, every
+    /// `rows[j] + d <= k.len()` and `scores.len() == G * rows.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores_group<const G: usize>(
+        q: &[f32],
+        k: &[f32],
+        rows: &[usize],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let kb = 8 / G;
+        let (d, n) = (q.len() / G, rows.len());
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let sc = _mm256_set1_ps(scale);
+        let mut j = 0;
+        while j + kb <= n {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut i = 0;
+            while i < d {
+                for jj in 0..kb {
+                    let kv = _mm256_loadu_ps(kp.add(rows[j + jj] + i));
+                    for h in 0..G {
+                        let a = &mut acc[h * kb + jj];
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * d + i)), kv, *a);
+                    }
+                }
+                i += 8;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_mul_ps(reduce8(acc), sc));
+            for h in 0..G {
+                scores[h * n + j..h * n + j + kb].copy_from_slice(&lanes[h * kb..(h + 1) * kb]);
+            }
+            j += kb;
+        }
+        for jj in j..n {
+            for h in 0..G {
+                let mut a = _mm256_setzero_ps();
+                let mut i = 0;
+                while i < d {
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * d + i)), _mm256_loadu_ps(kp.add(rows[jj] + i)), a);
+                    i += 8;
+                }
+                scores[h * n + jj] = _mm256_cvtss_f32(reduce8([a; 8])) * scale;
+            }
+        }
+    }
+
+    /// `o_h = sum_j p_h[j] * v[rows[j]..][..d]` for the `G` heads of a group,
+    /// reading each value row once for all of them; `p` is head-major
+    /// (`G * n`), `o` holds `G` heads of `d`.
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA, `d = o.len() / G` a multiple of 8, every
+    /// `rows[j] + d <= v.len()` and `p.len() == G * rows.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_group<const G: usize>(p: &[f32], v: &[f32], rows: &[usize], o: &mut [f32]) {
+        // 8 accumulators: `nv` vectors of lanes for each of the G heads
+        let (d, n) = (o.len() / G, rows.len());
+        let vp = v.as_ptr();
+        let mut c = 0;
+        while c < d {
+            let nv = if c + 8 * (8 / G).min(4) <= d { (8 / G).min(4) } else { 1 };
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, &r) in rows.iter().enumerate() {
+                for l in 0..nv {
+                    let vv = _mm256_loadu_ps(vp.add(r + c + 8 * l));
+                    for h in 0..G {
+                        let a = &mut acc[h * nv + l];
+                        *a = _mm256_fmadd_ps(_mm256_set1_ps(p[h * n + j]), vv, *a);
+                    }
+                }
+            }
+            for h in 0..G {
+                for l in 0..nv {
+                    _mm256_storeu_ps(o.as_mut_ptr().add(h * d + c + 8 * l), acc[h * nv + l]);
+                }
+            }
+            c += 8 * nv;
         }
     }
 
@@ -189,14 +303,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn grouped_heads_match_naive_attention() {
+        for group in [2usize, 4, 8, 3] {
+            check_group(group, &[8, 32, 40, 64, 7]);
+        }
+    }
+
+    #[test]
     fn matches_naive_attention() {
         check_against_naive();
         crate::simd::portable(check_against_naive);
     }
 
     fn check_against_naive() {
-        for d in [8usize, 32, 40, 64, 7] {
-            let group = 2;
+        check_group(2, &[8, 32, 40, 64, 7]);
+        check_group(1, &[8, 32, 40, 64, 7]);
+    }
+
+    fn check_group(group: usize, dims: &[usize]) {
+        for &d in dims {
             let rows_n = 13;
             let k: Vec<f32> = (0..rows_n * d * 2).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.05).collect();
             let v: Vec<f32> = (0..rows_n * d * 2).map(|i| ((i * 53 % 29) as f32 - 14.0) * 0.07).collect();
