@@ -1,11 +1,13 @@
-//! Side-by-side timing of the two CPU product kernels on bf16 weights, at
-//! the shapes of the default model and decode-sized row counts, run inside a
-//! rayon pool as the engine runs them. Prints each kernel's best time of 5
+//! Side-by-side timing of the three CPU product kernels (gemm, tiled,
+//! stream) on bf16 weights, at the shapes of the default model (or, with
+//! `LARGE=1`, of the random-large model, whose 65 MB output head comes from
+//! DRAM) and decode-sized row counts, run inside a rayon pool as the engine
+//! runs them. Prints each kernel's best time of 5
 //! and the ratio, measured in the same run; then the single-core FMA peak
 //! (a register-only loop of independent multiply-adds), against which the
 //! kernels' GFLOP/s can be read as a fraction of what the core can do.
 //!
-//! `cargo run --release -p moe-kernels --example matmul_bench [-- THREADS]`
+//! `[LARGE=1] cargo run --release -p moe-kernels --example matmul_bench [-- THREADS]`
 
 use moe_kernels::{matmul_nt_with, Kernel, Weight};
 use std::time::Instant;
@@ -19,18 +21,18 @@ fn main() {
 fn run() {
     let peak = fma_peak_gflops();
     println!("single-core FMA peak: {peak:.1} GFLOP/s (x86-64 AVX2+FMA register loop; 0 if unavailable)\n");
-    println!("| n x k | rows | gemm us | tiled us | tiled GFLOP/s | gemm / tiled |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (n, k) in [(512usize, 128usize), (128, 256), (256, 128), (2048, 128)] {
+    println!("| n x k | rows | gemm us | tiled us | tiled GFLOP/s | gemm / tiled | stream us | stream / tiled |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (n, k) in shapes() {
         let bits = (0..n * k).map(|i| half::bf16::from_f32((i * 7919 % 97) as f32 / 97.0 - 0.5).to_bits()).collect();
         let w = Weight::from_bf16_bits(n, k, bits).expect("weight");
         for m in [1usize, 4, 8, 16, 32, 64] {
             let x: Vec<f32> = (0..m * k).map(|i| (i * 31 % 17) as f32 / 17.0 - 0.5).collect();
             let mut out = vec![0f32; m * n];
             let iters = (8_000_000 / (m * n * k)).max(3);
-            let mut best = [f64::MAX; 2];
+            let mut best = [f64::MAX; 3];
             for rep in 0..6 {
-                for (b, kernel) in best.iter_mut().zip([Kernel::Gemm, Kernel::Tiled]) {
+                for (b, kernel) in best.iter_mut().zip([Kernel::Gemm, Kernel::Tiled, Kernel::Stream]) {
                     let t = Instant::now();
                     for _ in 0..iters {
                         matmul_nt_with(&x, m, &w, &mut out, kernel).expect("shapes");
@@ -43,10 +45,12 @@ fn run() {
             }
             let gflops = 2.0 * (m * n * k) as f64 / best[1] / 1e9;
             println!(
-                "| {n} x {k} | {m} | {:.2} | {:.2} | {gflops:.1} | {:.2}x |",
+                "| {n} x {k} | {m} | {:.2} | {:.2} | {gflops:.1} | {:.2}x | {:.2} | {:.2}x |",
                 best[0] * 1e6,
                 best[1] * 1e6,
-                best[0] / best[1]
+                best[0] / best[1],
+                best[2] * 1e6,
+                best[2] / best[1]
             );
         }
     }
@@ -87,4 +91,14 @@ unsafe fn fma_loop(iters: u64) -> f32 {
         s = _mm256_add_ps(s, v);
     }
     _mm256_cvtss_f32(s)
+}
+
+/// The default model's products, or with `LARGE=1` the random-large shape's
+/// (gate+up, down and the output head).
+fn shapes() -> Vec<(usize, usize)> {
+    if std::env::var_os("LARGE").is_some() {
+        vec![(5632, 1024), (1024, 2816), (32000, 1024)]
+    } else {
+        vec![(512, 128), (128, 256), (256, 128), (2048, 128)]
+    }
 }

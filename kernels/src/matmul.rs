@@ -38,12 +38,18 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
 /// Which kernel computes a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// By the row count: tiled up to `TILE_M` rows, `gemm` above.
+    /// By the shape: a single row against long weight rows streams, up to
+    /// `TILE_M` rows are tiled, more go to `gemm`.
     Auto,
     /// The register-tiled kernel, whatever the row count.
     Tiled,
     /// The `gemm` crate (bf16 widened block by block), whatever the row count.
     Gemm,
+    /// One dot product per (row, weight row), each weight row read start to
+    /// end: the fastest way to stream a large weight from DRAM for a single
+    /// row, where tiles (several weight rows side by side) read DRAM pages
+    /// out of order.
+    Stream,
 }
 
 /// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ`, overwriting `out`.
@@ -69,7 +75,18 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: 
     }
     // inside a pool task (e.g. experts run side by side) stay on this thread
     let parallel = m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get());
-    if kernel == Kernel::Tiled || (kernel == Kernel::Auto && m <= TILE_M) {
+    let kernel = match kernel {
+        Kernel::Auto if m == 1 && k >= STREAM_MIN_K => Kernel::Stream,
+        Kernel::Auto if m <= TILE_M => Kernel::Tiled,
+        Kernel::Auto => Kernel::Gemm,
+        chosen => chosen,
+    };
+    if kernel == Kernel::Stream {
+        match w.data() {
+            WeightData::F32(v) => stream(x, m, v, k, out, parallel),
+            WeightData::Bf16(v) => stream(x, m, v, k, out, parallel),
+        }
+    } else if kernel == Kernel::Tiled {
         match w.data() {
             WeightData::F32(v) => tiled(x, m, v, k, out, parallel),
             WeightData::Bf16(v) => tiled(x, m, v, k, out, parallel),
@@ -105,6 +122,39 @@ fn tiled<W: WeightRow + TileLanes + Sync>(x: &[f32], m: usize, w: &[W], k: usize
         // `out` ([m, n], checked by the caller); ranges are disjoint and `out`
         // outlives the loop.
         unsafe { crate::tile::tiled_cols(x, m, k, w, n, c * chunk..((c + 1) * chunk).min(n), ptr.0) };
+    };
+    let chunks = n.div_ceil(chunk);
+    if parallel {
+        (0..chunks).into_par_iter().for_each(run);
+    } else {
+        (0..chunks).for_each(run);
+    }
+}
+
+/// A single activation row (decode of one sequence) against weight rows of
+/// at least this many values streams them ([`Kernel::Stream`]): measured
+/// with `LARGE=1 cargo run --release -p moe-kernels --example matmul_bench`,
+/// 1.5-2x the tiled kernel on a 65 MB output head read from DRAM, equal on
+/// warm 1024-wide weights; shorter rows stay tiled (2x faster at 128-256).
+const STREAM_MIN_K: usize = 512;
+
+/// The streaming path: one dot product per output, weight rows read in
+/// order, output features split across threads.
+fn stream<W: WeightRow + Sync>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32], parallel: bool) {
+    let n = w.len() / k;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let chunk = chunk_len(n);
+    let run = |c: usize| {
+        let ptr = out_ptr;
+        for j in c * chunk..((c + 1) * chunk).min(n) {
+            let wr = &w[j * k..(j + 1) * k];
+            for i in 0..m {
+                // SAFETY: task c writes only columns of its own range
+                // [c * chunk, (c + 1) * chunk) of `out` ([m, n], checked by the
+                // caller); ranges are disjoint and `out` outlives the loop.
+                unsafe { *ptr.0.add(i * n + j) = W::dot(&x[i * k..(i + 1) * k], wr) };
+            }
+        }
     };
     let chunks = n.div_ceil(chunk);
     if parallel {
@@ -213,7 +263,7 @@ mod tests {
     }
 
     fn check(m: usize, n: usize, k: usize) {
-        check_kernels(m, n, k, &[Kernel::Auto, Kernel::Tiled, Kernel::Gemm]);
+        check_kernels(m, n, k, &[Kernel::Auto, Kernel::Tiled, Kernel::Gemm, Kernel::Stream]);
     }
 
     fn check_kernels(m: usize, n: usize, k: usize, kernels: &[Kernel]) {
@@ -250,6 +300,8 @@ mod tests {
             (33, 64, 24),
             (3, 9, 16),
             (7, 11, 17),
+            (1, 40, 600),
+            (2, 17, 520),
         ] {
             check(m, n, k);
         }

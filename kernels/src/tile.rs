@@ -10,7 +10,8 @@
 //!
 //! An output element is the same sum, in the same order, whatever tile
 //! computed it: a row's results do not depend on which other rows share the
-//! call (batch-invariant).
+//! call (batch-invariant). (`matmul` sends a single row against long weight
+//! rows to the streaming path instead, whose order differs.)
 
 use crate::simd::WeightRow;
 
@@ -124,9 +125,19 @@ mod avx2 {
     ) {
         let mut j = cols.start;
         while j + NR <= cols.end {
-            let mut i = rows.start;
+            // the first row group prefetches the next weight rows (single rows
+            // come here only for short weight rows, see `matmul`); the other
+            // groups find the current ones in cache
+            if rows.start < rows.end {
+                if MR > 1 {
+                    tile::<W, MR, NR, true>(a, rows.start, j);
+                } else {
+                    tile::<W, MR, NR, false>(a, rows.start, j);
+                }
+            }
+            let mut i = rows.start + MR;
             while i < rows.end {
-                tile::<W, MR, NR>(a, i, j);
+                tile::<W, MR, NR, false>(a, i, j);
                 i += MR;
             }
             j += NR;
@@ -134,7 +145,7 @@ mod avx2 {
         while j < cols.end {
             let mut i = rows.start;
             while i < rows.end {
-                tile::<W, MR, 1>(a, i, j);
+                tile::<W, MR, 1, false>(a, i, j);
                 i += MR;
             }
             j += 1;
@@ -153,14 +164,25 @@ mod avx2 {
     // accumulators are indexed [row][weight row] in lockstep with two operands
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    unsafe fn tile<W: Lanes, const MR: usize, const NR: usize>(a: &Args<W>, i: usize, j: usize) {
+    unsafe fn tile<W: Lanes, const MR: usize, const NR: usize, const PREFETCH: bool>(a: &Args<W>, i: usize, j: usize) {
         let k = a.k;
         let k8 = k / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         let x = a.x.add(i * k);
         let w = a.w.add(j * k);
+        // software prefetch of the next tile's weight rows (the same columns,
+        // NR rows further on): several rows read side by side defeat the
+        // hardware prefetcher on weights that come from DRAM (measured: a
+        // 65 MB output head at 4-8 rows, 1.4-1.5x faster)
+        let line = 64 / std::mem::size_of::<W>();
+        let ahead = NR * k;
         let mut p = 0;
         while p < k8 {
+            if PREFETCH && p % line == 0 {
+                for c in 0..NR {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c * k + p + ahead) as *const i8);
+                }
+            }
             let mut xv = [_mm256_setzero_ps(); MR];
             for (r, v) in xv.iter_mut().enumerate() {
                 *v = _mm256_loadu_ps(x.add(r * k + p));
