@@ -46,6 +46,7 @@ pub(crate) fn silu_mul(gate_up: &[f32], i: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use crate::simd::avx2::hsum;
     use std::arch::x86_64::*;
 
     const LO: f32 = -87.3;
@@ -74,14 +75,6 @@ mod avx2 {
         let pow2 =
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
         _mm256_andnot_ps(under, _mm256_mul_ps(y, pow2))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
     /// # Safety

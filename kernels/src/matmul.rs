@@ -118,10 +118,11 @@ fn tiled<W: WeightRow + TileLanes + Sync>(x: &[f32], m: usize, w: &[W], k: usize
     let chunk = chunk_len(n).next_multiple_of(8);
     let run = |c: usize| {
         let ptr = out_ptr;
+        let p = crate::tile::Product { x, m, k, w, n, out: ptr.0 };
         // SAFETY: task c writes only columns c * chunk..(c + 1) * chunk of
         // `out` ([m, n], checked by the caller); ranges are disjoint and `out`
         // outlives the loop.
-        unsafe { crate::tile::tiled_cols(x, m, k, w, n, c * chunk..((c + 1) * chunk).min(n), ptr.0) };
+        unsafe { crate::tile::tiled_cols(&p, c * chunk..((c + 1) * chunk).min(n)) };
     };
     let chunks = n.div_ceil(chunk);
     if parallel {

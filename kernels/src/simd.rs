@@ -94,11 +94,13 @@ pub(crate) fn portable<R>(f: impl FnOnce() -> R) -> R {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
+    /// The sum of the 8 lanes.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
         let s = _mm_add_ps(lo, hi);
@@ -141,8 +143,13 @@ mod avx2 {
         dot_with(x, |i| _mm256_loadu_ps(wp.add(i)), |i| *wp.add(i))
     }
 
+    /// 8 bf16 values from `p`, widened to f32.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading 8 `u16`.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn widen8(p: *const u16) -> __m256 {
+    pub(crate) unsafe fn widen8(p: *const u16) -> __m256 {
         let h = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }

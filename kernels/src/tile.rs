@@ -23,30 +23,36 @@ pub(crate) trait TileLanes {}
 #[cfg(not(target_arch = "x86_64"))]
 impl<T> TileLanes for T {}
 
-/// Computes `out[m, n] = x[m, k] · w[n, k]ᵀ` for output columns (weight rows)
-/// `cols`, writing only those columns of `out` (row stride `n`).
+/// The operands of `out[m, n] = x[m, k] · w[n, k]ᵀ`.
+pub(crate) struct Product<'a, W> {
+    /// `[m, k]` activations.
+    pub x: &'a [f32],
+    pub m: usize,
+    pub k: usize,
+    /// `[n, k]` weight rows.
+    pub w: &'a [W],
+    pub n: usize,
+    /// `[m, n]` output, row stride `n`.
+    pub out: *mut f32,
+}
+
+/// Computes the product's output columns (weight rows) `cols`, writing only
+/// those columns of `out`.
 ///
 /// # Safety
 /// `out` must be valid for writes of every `[i, j]` element, `i < m`,
 /// `j` in `cols`, with row stride `n`; `x` holds `m * k` values and `w` at
 /// least `cols.end * k`. No other thread may write those elements meanwhile.
-pub(crate) unsafe fn tiled_cols<W: WeightRow + TileLanes>(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[W],
-    n: usize,
-    cols: std::ops::Range<usize>,
-    out: *mut f32,
-) {
+pub(crate) unsafe fn tiled_cols<W: WeightRow + TileLanes>(p: &Product<'_, W>, cols: std::ops::Range<usize>) {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::simd::has_avx2_fma() {
             // SAFETY: AVX2+FMA checked at run time; bounds as the caller promised.
-            unsafe { avx2::tiled_cols(x, m, k, w, n, cols, out) };
+            unsafe { avx2::tiled_cols(p, cols) };
             return;
         }
     }
+    let &Product { x, m, k, w, n, out } = p;
     for j in cols {
         let wr = &w[j * k..(j + 1) * k];
         for i in 0..m {
@@ -58,6 +64,7 @@ pub(crate) unsafe fn tiled_cols<W: WeightRow + TileLanes>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use crate::simd::avx2::hsum;
     use std::arch::x86_64::*;
 
     /// Weight element types, read 8 lanes at a time as f32.
@@ -82,8 +89,7 @@ mod avx2 {
     impl Lanes for u16 {
         #[inline(always)]
         unsafe fn load8(p: *const u16) -> __m256 {
-            let h = _mm_loadu_si128(p as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            crate::simd::avx2::widen8(p)
         }
         #[inline(always)]
         fn widen(self) -> f32 {
@@ -94,16 +100,9 @@ mod avx2 {
     /// # Safety
     /// Requires AVX2+FMA, and the contract of [`super::tiled_cols`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tiled_cols<W: Lanes>(
-        x: &[f32],
-        m: usize,
-        k: usize,
-        w: &[W],
-        n: usize,
-        cols: std::ops::Range<usize>,
-        out: *mut f32,
-    ) {
-        let a = Args { x: x.as_ptr(), k, w: w.as_ptr(), n, out };
+    pub(super) unsafe fn tiled_cols<W: Lanes>(p: &super::Product<'_, W>, cols: std::ops::Range<usize>) {
+        let m = p.m;
+        let a = Args { x: p.x.as_ptr(), k: p.k, w: p.w.as_ptr(), n: p.n, out: p.out };
         let full = m / 4 * 4;
         sweep::<W, 4, 2>(&a, 0..full, cols.clone());
         match m - full {
@@ -204,12 +203,5 @@ mod avx2 {
                 *a.out.add((i + r) * a.n + j + c) = s;
             }
         }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 }
