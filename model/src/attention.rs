@@ -9,8 +9,8 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 thread_local! {
-    /// Per thread: attention scores and key/value row offsets.
-    static SCORES: RefCell<(Vec<f32>, Vec<usize>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Per thread: attention scores.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Below this many (token, key) pairs per step attention runs on one thread.
@@ -66,18 +66,16 @@ impl Model {
         let window = a.sliding_window;
         let qkv = &ws.qkv;
         let tok = &ws.tok;
-        let kv_ref = &*kv;
+        let (kv_rows, kv_rows_at) = (&ws.kv_rows, &ws.kv_rows_at);
         ws.attn.resize(t * qw, 0.0);
         let run = |(i, out): (usize, &mut [f32])| {
             let (c, pos) = tok[i];
-            let blocks = chunks[c].blocks;
             let lo = window.map_or(0, |wn| (pos + 1).saturating_sub(wn));
             let q_all = &qkv[i * row..i * row + qw];
+            // key/value row offsets of the visible positions
+            let rows = &kv_rows[kv_rows_at[c] + lo..=kv_rows_at[c] + pos];
             SCORES.with(|s| {
-                let (scores, rows) = &mut *s.borrow_mut();
-                // key/value row offsets of the visible positions, computed once per token
-                rows.clear();
-                rows.extend((lo..=pos).map(|j| kv_ref.row(blocks, j) * kvw));
+                let scores = &mut *s.borrow_mut();
                 // the query heads sharing each KV head, over its keys and values
                 for g in 0..nkv {
                     let hs = g * group * d..(g + 1) * group * d;

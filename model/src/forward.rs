@@ -73,6 +73,11 @@ pub struct Workspace {
     pub(crate) sin: Vec<f32>,
     /// Per token: (chunk index, position).
     pub(crate) tok: Vec<(usize, usize)>,
+    /// Per chunk, from `kv_rows_at[c]`: the KV-cache offset (row times row
+    /// width) of each of its sequence's positions `0..start + len`; the same
+    /// for every layer, so computed once per step.
+    pub(crate) kv_rows: Vec<usize>,
+    pub(crate) kv_rows_at: Vec<usize>,
     pub(crate) moe: crate::moe::MoeScratch,
 }
 
@@ -102,6 +107,15 @@ impl Model {
             ws.tok.extend((0..ch.tokens.len()).map(|i| (c, ch.start_pos + i)));
         }
         let t = ws.tok.len();
+        let (bs, kvw) = (kv.block_size(), cfg.kv_width());
+        ws.kv_rows.clear();
+        ws.kv_rows_at.clear();
+        for ch in chunks {
+            ws.kv_rows_at.push(ws.kv_rows.len());
+            let end = ch.start_pos + ch.tokens.len();
+            let slots = ch.blocks.iter().flat_map(|b| (0..bs).map(move |s| (b.index() * bs + s) * kvw));
+            ws.kv_rows.extend(slots.take(end));
+        }
         let half = self.rope.half();
         ws.cos.resize(t * half, 0.0);
         ws.sin.resize(t * half, 0.0);
