@@ -23,10 +23,11 @@ pub struct KvRows<'a> {
 /// `out[h * d..(h + 1) * d]`. `scores` is scratch.
 ///
 /// # Panics
-/// If an offset in `kv.rows` leaves fewer than `d` values in the keys or
-/// values, or `out` is shorter than `q`.
+/// If `q` is not whole heads of `d`, an offset in `kv.rows` leaves fewer
+/// than `d` values in the keys or values, or `out` is shorter than `q`.
 pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     let KvRows { keys: k, values: v, rows, head_dim: d } = kv;
+    assert!(d > 0 && q.len().is_multiple_of(d), "attention query of {} values is not whole heads of {d}", q.len());
     assert!(out.len() >= q.len(), "attention output holds {} values, needs {}", out.len(), q.len());
     if let Some(&r) = rows.iter().max() {
         assert!(r + d <= k.len() && r + d <= v.len(), "attention row offset {r} out of range");

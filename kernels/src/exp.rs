@@ -4,7 +4,8 @@
 //! elsewhere.
 //!
 //! Inputs below -87.3 give 0 (as `f32::exp` underflows there too, up to
-//! denormals); inputs above 88 are clamped there (about 1.65e38).
+//! denormals); inputs above 88 are clamped there (about 1.65e38); NaN gives
+//! NaN.
 
 /// `x[i] = exp(x[i] - shift)` for every element; returns the sum.
 pub fn exp_shifted_inplace(x: &mut [f32], shift: f32) -> f32 {
@@ -52,10 +53,11 @@ mod avx2 {
     const LO: f32 = -87.3;
     const HI: f32 = 88.0;
 
-    /// exp of 8 lanes; lanes below `LO` (and -inf) give 0.
+    /// exp of 8 lanes; lanes below `LO` (and -inf) give 0, NaN stays NaN.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn exp8(x: __m256) -> __m256 {
+        let nan = _mm256_and_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q), x);
         let under = _mm256_cmp_ps(x, _mm256_set1_ps(LO), _CMP_LT_OQ);
         let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(LO)), _mm256_set1_ps(HI));
         // x = n ln2 + r, |r| <= ln2 / 2
@@ -74,7 +76,7 @@ mod avx2 {
         // 2^n through the exponent bits (n is within [-126, 127])
         let pow2 =
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-        _mm256_andnot_ps(under, _mm256_mul_ps(y, pow2))
+        _mm256_or_ps(_mm256_andnot_ps(under, _mm256_mul_ps(y, pow2)), nan)
     }
 
     /// # Safety
@@ -149,6 +151,9 @@ mod tests {
         let want: f64 = v.iter().map(|&x| (x as f64).exp()).sum();
         let sum = exp_shifted_inplace(&mut v, 0.0);
         assert!((sum as f64 - want).abs() <= 1e-5 * want, "{sum} vs {want}");
+        let mut v = [f32::NEG_INFINITY, 1.0, 2.0, f32::NAN];
+        exp_shifted_inplace(&mut v, 2.0);
+        assert!(v[3].is_nan());
         let mut v = [f32::NEG_INFINITY, 1.0, 2.0];
         let s = exp_shifted_inplace(&mut v, 2.0);
         assert_eq!(v[0], 0.0);

@@ -72,6 +72,8 @@ pub struct Sampler {
     counts: HashMap<TokenId, u32>,
     work: Vec<f32>,
     cand: Vec<(TokenId, f32)>,
+    /// Index of the largest processed logit of the current draw.
+    top: usize,
 }
 
 impl Sampler {
@@ -84,6 +86,7 @@ impl Sampler {
             counts: HashMap::new(),
             work: Vec::new(),
             cand: Vec::new(),
+            top: 0,
         }
     }
 
@@ -133,8 +136,9 @@ impl Sampler {
     /// `top_p`) instead of the whole vocabulary: the kept set and its order
     /// are those of a full sort.
     fn sample_filtered(&mut self) -> TokenId {
-        let Some(total) = self.exp_scaled() else {
-            return argmax(&self.work);
+        let total = match self.exp_scaled() {
+            Ok(total) => total,
+            Err(greedy) => return greedy,
         };
         let p = &self.params;
         let n = self.work.len();
@@ -185,37 +189,52 @@ impl Sampler {
                 return c.0;
             }
         }
-        self.cand.last().map_or(0, |c| c.0)
+        // rounding left the draw unspent: the most likely candidate
+        self.cand.iter().max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0))).map_or(self.top as TokenId, |c| c.0)
     }
 
     /// Replaces `work` (processed logits) with unnormalised probabilities at
     /// the sampler's temperature, `exp(x / t - max)`, non-finite logits at 0;
-    /// returns their sum. `None` (with `work` scaled but not exponentiated)
-    /// when no logit is finite or a scaled one overflowed: the greedy limit.
-    fn exp_scaled(&mut self) -> Option<f32> {
+    /// returns their sum. `Err(token)` when the temperature is so small that
+    /// scaling overflows (the greedy limit: the largest finite logit, first
+    /// on ties) or no logit is finite (the plain argmax, as greedy decoding
+    /// would choose).
+    fn exp_scaled(&mut self) -> Result<f32, TokenId> {
         let inv_t = 1.0 / self.params.temperature;
-        let mut max = f32::NEG_INFINITY;
+        let mut best: Option<usize> = None;
+        for (i, &x) in self.work.iter().enumerate() {
+            if x.is_finite() && best.is_none_or(|b| x > self.work[b]) {
+                best = Some(i);
+            }
+        }
+        let Some(best) = best else {
+            return Err(argmax(&self.work));
+        };
+        let max = self.work[best] * inv_t;
+        if !max.is_finite() || inv_t.is_infinite() {
+            return Err(best as TokenId);
+        }
         for x in self.work.iter_mut() {
             *x = if x.is_finite() { *x * inv_t } else { f32::NEG_INFINITY };
-            max = max.max(*x);
         }
-        max.is_finite().then(|| moe_kernels::exp::exp_shifted_inplace(&mut self.work, max))
+        self.top = best;
+        Ok(moe_kernels::exp::exp_shifted_inplace(&mut self.work, max))
     }
 
-    /// Draws a token with probability `work[i] / total`, scanning in id order.
+    /// Draws a token with probability `work[i] / total`, scanning in id
+    /// order; when rounding leaves the draw unspent after the last token, the
+    /// most likely token.
     fn draw_scan(&mut self, total: f32) -> TokenId {
         let mut r = self.rng.random::<f32>() * total;
-        let mut last = 0;
         for (i, &e) in self.work.iter().enumerate() {
             if e > 0.0 {
-                last = i;
                 r -= e;
                 if r <= 0.0 {
-                    break;
+                    return i as TokenId;
                 }
             }
         }
-        last as TokenId
+        self.top as TokenId
     }
 }
 
@@ -304,6 +323,15 @@ mod tests {
         let mut s = Sampler::new(SamplingParams { temperature: 1.0, ..Default::default() }, 5, &[]);
         let l = [f32::NEG_INFINITY, 0.0, f32::NAN, 0.0];
         assert!((0..200).all(|_| matches!(s.sample(&l).id, 1 | 3)));
+    }
+
+    #[test]
+    fn vanishing_temperature_is_greedy() {
+        // 1 / 1e-39 overflows f32: the scaled logits would be inf or NaN
+        for t in [1e-39f32, 1e-45, 1e-30] {
+            let mut s = Sampler::new(SamplingParams { temperature: t, ..Default::default() }, 1, &[]);
+            assert_eq!(s.sample(&[0.0, 0.5, 2.0, 1.9, f32::NAN]).id, 2, "t = {t}");
+        }
     }
 
     #[test]
