@@ -297,17 +297,8 @@ const PARALLEL_SAMPLING: usize = 4;
 /// Samples a request's next token, masking end-of-sequence tokens while the
 /// request is still short of its `min_tokens`.
 fn sample_next(r: &mut Request, logits: &[f32], eos: &[TokenId]) -> SampledToken {
-    if r.generated < r.min_tokens && !eos.is_empty() {
-        let mut masked = logits.to_vec();
-        for &e in eos {
-            if let Some(x) = masked.get_mut(e as usize) {
-                *x = f32::NEG_INFINITY;
-            }
-        }
-        r.sampler.sample(&masked)
-    } else {
-        r.sampler.sample(logits)
-    }
+    let banned = if r.generated < r.min_tokens { eos } else { &[] };
+    r.sampler.sample_excluding(logits, banned)
 }
 
 /// Shape checks shared by the handle (at submission) and the core.

@@ -1,8 +1,9 @@
 //! Scaled dot-product attention of one token's query heads over cached key
 //! and value rows. With AVX2+FMA and a head width that is a multiple of 8,
-//! scores are computed 8 keys at a time (8 independent accumulators, one
-//! transposing reduction) and the value sum keeps two accumulator sets in
-//! registers; otherwise a portable loop.
+//! the query heads sharing a KV head (groups of 1, 2, 4 or 8) are served
+//! from one read of each key and value row: scores 8 (head, key) pairs at a
+//! time with one transposing reduction, the value sum with eight
+//! accumulators in registers. Otherwise a portable loop.
 
 /// The cached keys and values one KV head attends over.
 #[derive(Clone, Copy, Debug)]
@@ -32,28 +33,25 @@ pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, scores: &mut Vec<f32>, out:
     if let Some(&r) = rows.iter().max() {
         assert!(r + d <= k.len() && r + d <= v.len(), "attention row offset {r} out of range");
     }
-    let n = rows.len();
+    let (n, group) = (rows.len(), q.len() / d);
+    let out = &mut out[..q.len()];
     #[cfg(target_arch = "x86_64")]
     {
-        let group = q.len() / d;
-        if d.is_multiple_of(8) && matches!(group, 2 | 4 | 8) && crate::simd::has_avx2_fma() {
-            scores.resize(group * n, 0.0);
+        if d.is_multiple_of(8) && crate::simd::has_avx2_fma() {
             // SAFETY: AVX2+FMA checked at run time; every row offset plus d is
-            // within k and v (asserted above), d is a multiple of 8, `q` holds
-            // `group` heads, `scores` `group * n` values, `out` at least `q.len()`.
+            // within k and v (asserted above), d is a multiple of 8, and each
+            // call gets whole heads of q and out with scores sized to match.
             unsafe {
                 match group {
-                    2 => avx2::scores_group::<2>(q, k, rows, scale, scores),
-                    4 => avx2::scores_group::<4>(q, k, rows, scale, scores),
-                    _ => avx2::scores_group::<8>(q, k, rows, scale, scores),
-                }
-                for h in scores.chunks_exact_mut(n.max(1)).take(group) {
-                    crate::ops::softmax_inplace(h);
-                }
-                match group {
-                    2 => avx2::weighted_group::<2>(scores, v, rows, &mut out[..q.len()]),
-                    4 => avx2::weighted_group::<4>(scores, v, rows, &mut out[..q.len()]),
-                    _ => avx2::weighted_group::<8>(scores, v, rows, &mut out[..q.len()]),
+                    2 => avx2::attend_group::<2>(q, k, v, rows, scale, scores, out),
+                    4 => avx2::attend_group::<4>(q, k, v, rows, scale, scores, out),
+                    8 => avx2::attend_group::<8>(q, k, v, rows, scale, scores, out),
+                    // one head at a time (no group sharing for other sizes)
+                    _ => {
+                        for (qh, oh) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                            avx2::attend_group::<1>(qh, k, v, rows, scale, scores, oh);
+                        }
+                    }
                 }
             }
             return;
@@ -61,24 +59,14 @@ pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, scores: &mut Vec<f32>, out:
     }
     scores.resize(n, 0.0);
     for (qh, o) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if d.is_multiple_of(8) && crate::simd::has_avx2_fma() {
-                // SAFETY: AVX2+FMA checked at run time; every row offset plus d
-                // is within k and v (asserted above), and d is a multiple of 8.
-                unsafe {
-                    avx2::scores(qh, k, rows, scale, scores);
-                    crate::ops::softmax_inplace(scores);
-                    avx2::weighted_sum(scores, v, rows, o);
-                }
-                continue;
-            }
-        }
         for (s, &r) in scores.iter_mut().zip(rows) {
-            *s = dot(qh, &k[r..r + d]) * scale;
+            *s = crate::simd::dot_f32(qh, &k[r..r + d]) * scale;
         }
         crate::ops::softmax_inplace(scores);
-        weighted_sum(scores, v, rows, o);
+        o.fill(0.0);
+        for (&p, &r) in scores.iter().zip(rows) {
+            crate::ops::axpy(o, p, &v[r..r + d]);
+        }
     }
 }
 
@@ -86,55 +74,42 @@ pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, scores: &mut Vec<f32>, out:
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// `scores[j] = q · k[rows[j]..][..d] * scale`, 8 keys at a time.
+    /// Attention of the `G` query heads in `q` sharing one KV head: scores,
+    /// softmax per head, weighted values.
     ///
     /// # Safety
-    /// Requires AVX2+FMA, `q.len() % 8 == 0` and every `rows[j] + q.len() <= k.len()`.
+    /// Requires AVX2+FMA, `d = q.len() / G` a multiple of 8, `o.len() ==
+    /// q.len()`, and every `rows[j] + d` within `k` and `v`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scores(q: &[f32], k: &[f32], rows: &[usize], scale: f32, scores: &mut [f32]) {
-        let d = q.len();
-        let (qp, kp) = (q.as_ptr(), k.as_ptr());
-        let sc = _mm256_set1_ps(scale);
-        let mut j = 0;
-        while j + 8 <= rows.len() {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            let mut i = 0;
-            while i < d {
-                let qv = _mm256_loadu_ps(qp.add(i));
-                for (a, &r) in acc.iter_mut().zip(&rows[j..j + 8]) {
-                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add(r + i)), *a);
-                }
-                i += 8;
-            }
-            _mm256_storeu_ps(scores.as_mut_ptr().add(j), _mm256_mul_ps(reduce8(acc), sc));
-            j += 8;
+    pub(super) unsafe fn attend_group<const G: usize>(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        rows: &[usize],
+        scale: f32,
+        scores: &mut Vec<f32>,
+        o: &mut [f32],
+    ) {
+        let n = rows.len();
+        scores.resize(G * n, 0.0);
+        scores_group::<G>(q, k, rows, scale, scores);
+        for h in scores.chunks_exact_mut(n.max(1)).take(G) {
+            crate::ops::softmax_inplace(h);
         }
-        for (s, &r) in scores[j..].iter_mut().zip(&rows[j..]) {
-            let mut a = _mm256_setzero_ps();
-            let mut i = 0;
-            while i < d {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kp.add(r + i)), a);
-                i += 8;
-            }
-            *s = _mm256_cvtss_f32(reduce8([a; 8])) * scale;
-        }
+        weighted_group::<G>(scores, v, rows, o);
     }
 
     /// Scores of the `G` query heads in `q` (`G * d` values) sharing one KV
     /// head, reading each key once for all of them: `8 / G` keys at a time,
-    /// one accumulator per (head, key). `scores` is head-major, `G * n`.
+    /// one accumulator per (head, key), one transposing reduction. `scores`
+    /// is head-major, `G * n`.
     ///
     /// # Safety
     /// Requires AVX2+FMA, `d = q.len() / G` a multiple of 8, every
     /// `rows[j] + d <= k.len()` and `scores.len() == G * rows.len()`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scores_group<const G: usize>(
-        q: &[f32],
-        k: &[f32],
-        rows: &[usize],
-        scale: f32,
-        scores: &mut [f32],
-    ) {
+    unsafe fn scores_group<const G: usize>(q: &[f32], k: &[f32], rows: &[usize], scale: f32, scores: &mut [f32]) {
         let kb = 8 / G;
         let (d, n) = (q.len() / G, rows.len());
         let (qp, kp) = (q.as_ptr(), k.as_ptr());
@@ -168,39 +143,47 @@ mod avx2 {
                     a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * d + i)), _mm256_loadu_ps(kp.add(rows[jj] + i)), a);
                     i += 8;
                 }
-                scores[h * n + jj] = _mm256_cvtss_f32(reduce8([a; 8])) * scale;
+                scores[h * n + jj] = crate::simd::avx2::hsum(a) * scale;
             }
         }
     }
 
     /// `o_h = sum_j p_h[j] * v[rows[j]..][..d]` for the `G` heads of a group,
     /// reading each value row once for all of them; `p` is head-major
-    /// (`G * n`), `o` holds `G` heads of `d`.
+    /// (`G * n`), `o` holds `G` heads of `d`. Eight accumulators: `nv`
+    /// vectors of lanes per head, in `sets` sets that alternate over keys
+    /// (two for a lone head, so eight FMA chains stay in flight).
     ///
     /// # Safety
     /// Requires AVX2+FMA, `d = o.len() / G` a multiple of 8, every
     /// `rows[j] + d <= v.len()` and `p.len() == G * rows.len()`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weighted_group<const G: usize>(p: &[f32], v: &[f32], rows: &[usize], o: &mut [f32]) {
-        // 8 accumulators: `nv` vectors of lanes for each of the G heads
+    unsafe fn weighted_group<const G: usize>(p: &[f32], v: &[f32], rows: &[usize], o: &mut [f32]) {
         let (d, n) = (o.len() / G, rows.len());
         let vp = v.as_ptr();
+        let wide = (8 / G).min(4);
         let mut c = 0;
         while c < d {
-            let nv = if c + 8 * (8 / G).min(4) <= d { (8 / G).min(4) } else { 1 };
+            let nv = if c + 8 * wide <= d { wide } else { 1 };
+            let sets = (8 / (G * nv)).min(2);
             let mut acc = [_mm256_setzero_ps(); 8];
             for (j, &r) in rows.iter().enumerate() {
+                let base = (j % sets) * G * nv;
                 for l in 0..nv {
                     let vv = _mm256_loadu_ps(vp.add(r + c + 8 * l));
                     for h in 0..G {
-                        let a = &mut acc[h * nv + l];
+                        let a = &mut acc[base + h * nv + l];
                         *a = _mm256_fmadd_ps(_mm256_set1_ps(p[h * n + j]), vv, *a);
                     }
                 }
             }
             for h in 0..G {
                 for l in 0..nv {
-                    _mm256_storeu_ps(o.as_mut_ptr().add(h * d + c + 8 * l), acc[h * nv + l]);
+                    let mut sum = acc[h * nv + l];
+                    if sets == 2 {
+                        sum = _mm256_add_ps(sum, acc[G * nv + h * nv + l]);
+                    }
+                    _mm256_storeu_ps(o.as_mut_ptr().add(h * d + c + 8 * l), sum);
                 }
             }
             c += 8 * nv;
@@ -221,81 +204,6 @@ mod avx2 {
         let lo = _mm256_permute2f128_ps(ab, ce, 0x20);
         let hi = _mm256_permute2f128_ps(ab, ce, 0x31);
         _mm256_add_ps(lo, hi)
-    }
-
-    /// `o = sum_j p[j] * v[rows[j]..][..d]`, 32 lanes at a time with two
-    /// accumulator sets (even and odd keys), then 8 at a time.
-    ///
-    /// # Safety
-    /// Requires AVX2+FMA, `o.len() % 8 == 0` and every `rows[j] + o.len() <= v.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weighted_sum(p: &[f32], v: &[f32], rows: &[usize], o: &mut [f32]) {
-        let d = o.len();
-        let vp = v.as_ptr();
-        let mut c = 0;
-        while c < d {
-            let lanes = if c + 32 <= d { 4 } else { 1 };
-            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-            for (j, (&pj, &r)) in p.iter().zip(rows).enumerate() {
-                let pv = _mm256_set1_ps(pj);
-                let set = &mut acc[j & 1];
-                for (l, a) in set.iter_mut().enumerate().take(lanes) {
-                    *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vp.add(r + c + 8 * l)), *a);
-                }
-            }
-            for (l, (a, b)) in acc[0].iter().zip(&acc[1]).enumerate().take(lanes) {
-                _mm256_storeu_ps(o.as_mut_ptr().add(c + 8 * l), _mm256_add_ps(*a, *b));
-            }
-            c += 8 * lanes;
-        }
-    }
-}
-
-/// A dot product with 8 lane accumulators and a tree reduction (the same
-/// order whatever the caller, so results are reproducible).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, at) = a.split_at(a.len() / 8 * 8);
-    let (bc, bt) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let h = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
-    let mut s = (h[0] + h[2]) + (h[1] + h[3]);
-    for (x, y) in at.iter().zip(bt) {
-        s += x * y;
-    }
-    s
-}
-
-/// `o = sum_j p[j] * v[rows[j]..][..d]`, 32 output lanes at a time kept in
-/// registers across all rows.
-#[inline(always)]
-fn weighted_sum(p: &[f32], v: &[f32], rows: &[usize], o: &mut [f32]) {
-    let d = o.len();
-    let mut c = 0;
-    while c + 32 <= d {
-        let mut acc = [0f32; 32];
-        for (&pj, &r) in p.iter().zip(rows) {
-            let vr = &v[r + c..r + c + 32];
-            for l in 0..32 {
-                acc[l] += pj * vr[l];
-            }
-        }
-        o[c..c + 32].copy_from_slice(&acc);
-        c += 32;
-    }
-    if c < d {
-        let tail = &mut o[c..];
-        tail.fill(0.0);
-        for (&pj, &r) in p.iter().zip(rows) {
-            for (x, &y) in tail.iter_mut().zip(&v[r + c..r + d]) {
-                *x += pj * y;
-            }
-        }
     }
 }
 

@@ -1,15 +1,17 @@
 //! `out = x · Wᵀ`: activations `[m, k]` times a `[n, k]` weight.
 //!
-//! Two regimes:
-//! - few rows (decode batches, expert groups, `m <= TILE_M`): register-tiled
+//! Three regimes ([`Kernel`]), output features split across threads in each:
+//! - one row against weight rows of `STREAM_MIN_K`+ values (decode of a
+//!   single sequence on a large model): each weight row streamed once, in
+//!   order, through a SIMD dot product;
+//! - up to `TILE_M` rows (decode batches, expert groups): register-tiled
 //!   AVX2 kernels ([`crate::tile`]) read each weight row in place (bf16
-//!   widened in registers), with output features split across threads;
-//! - many rows (prefill, big expert groups): handed to the `gemm` crate; bf16
-//!   weights are widened block by block into thread-local scratch first,
-//!   amortised over the `m` rows.
+//!   widened in registers);
+//! - more rows (prefill, big expert groups): the `gemm` crate; bf16 weights
+//!   are widened block by block into thread-local scratch first, amortised
+//!   over the `m` rows.
 
 use crate::simd::WeightRow;
-use crate::tile::TileLanes;
 use crate::weight::{bf16_to_f32, Weight, WeightData};
 use crate::KernelError;
 use rayon::prelude::*;
@@ -112,13 +114,13 @@ const TILE_M: usize = 32;
 
 /// The register-tiled path: output features (weight rows) split across
 /// threads, each range computed by [`crate::tile::tiled_cols`].
-fn tiled<W: WeightRow + TileLanes + Sync>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32], parallel: bool) {
+fn tiled<W: WeightRow + Sync>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32], parallel: bool) {
     let n = w.len() / k;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let chunk = chunk_len(n).next_multiple_of(8);
     let run = |c: usize| {
         let ptr = out_ptr;
-        let p = crate::tile::Product { x, m, k, w, n, out: ptr.0 };
+        let p = Product { x, m, k, w, n, out: ptr.0 };
         // SAFETY: task c writes only columns c * chunk..(c + 1) * chunk of
         // `out` ([m, n], checked by the caller); ranges are disjoint and `out`
         // outlives the loop.
@@ -147,15 +149,11 @@ fn stream<W: WeightRow + Sync>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut
     let chunk = chunk_len(n);
     let run = |c: usize| {
         let ptr = out_ptr;
-        for j in c * chunk..((c + 1) * chunk).min(n) {
-            let wr = &w[j * k..(j + 1) * k];
-            for i in 0..m {
-                // SAFETY: task c writes only columns of its own range
-                // [c * chunk, (c + 1) * chunk) of `out` ([m, n], checked by the
-                // caller); ranges are disjoint and `out` outlives the loop.
-                unsafe { *ptr.0.add(i * n + j) = W::dot(&x[i * k..(i + 1) * k], wr) };
-            }
-        }
+        let p = Product { x, m, k, w, n, out: ptr.0 };
+        // SAFETY: task c writes only columns c * chunk..(c + 1) * chunk of
+        // `out` ([m, n], checked by the caller); ranges are disjoint and `out`
+        // outlives the loop.
+        unsafe { dot_cols(&p, c * chunk..((c + 1) * chunk).min(n)) };
     };
     let chunks = n.div_ceil(chunk);
     if parallel {
@@ -165,7 +163,39 @@ fn stream<W: WeightRow + Sync>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut
     }
 }
 
-/// Output features per parallel task on the tiled path.
+/// The operands of `out[m, n] = x[m, k] · w[n, k]ᵀ`, as one parallel task
+/// of a product sees them.
+pub(crate) struct Product<'a, W> {
+    /// `[m, k]` activations.
+    pub x: &'a [f32],
+    pub m: usize,
+    pub k: usize,
+    /// `[n, k]` weight rows.
+    pub w: &'a [W],
+    pub n: usize,
+    /// `[m, n]` output, row stride `n`.
+    pub out: *mut f32,
+}
+
+/// Output columns `cols` of the product, one dot product per element, each
+/// weight row read once from start to end.
+///
+/// # Safety
+/// `out` must be valid for writes of every `[i, j]` element, `i < m`,
+/// `j` in `cols`, with row stride `n`, and no other thread may write those
+/// elements meanwhile.
+pub(crate) unsafe fn dot_cols<W: WeightRow>(p: &Product<'_, W>, cols: std::ops::Range<usize>) {
+    let &Product { x, m, k, w, n, out } = p;
+    for j in cols {
+        let wr = &w[j * k..(j + 1) * k];
+        for i in 0..m {
+            // SAFETY: the caller guarantees `[i, j]` is writable and ours.
+            unsafe { *out.add(i * n + j) = W::dot(&x[i * k..(i + 1) * k], wr) };
+        }
+    }
+}
+
+/// Output features per parallel task (tiled and streaming paths).
 fn chunk_len(n: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     // a few tasks per thread for balance, at least 16 rows each

@@ -35,17 +35,43 @@ pub(crate) fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
 pub(crate) trait WeightRow: Copy {
     /// One dot product.
     fn dot(x: &[f32], w: &[Self]) -> f32;
+    /// One value, widened to f32.
+    fn widen(self) -> f32;
+    /// 8 values from `p`, widened to f32.
+    ///
+    /// # Safety
+    /// Requires AVX2; `p` must be valid for reading 8 values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl WeightRow for f32 {
     fn dot(x: &[f32], w: &[f32]) -> f32 {
         dot_f32(x, w)
     }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
 }
 
 impl WeightRow for u16 {
     fn dot(x: &[f32], w: &[u16]) -> f32 {
         dot_bf16(x, w)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        bf16_to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> std::arch::x86_64::__m256 {
+        avx2::widen8(p)
     }
 }
 

@@ -13,28 +13,8 @@
 //! call (batch-invariant). (`matmul` sends a single row against long weight
 //! rows to the streaming path instead, whose order differs.)
 
+use crate::matmul::Product;
 use crate::simd::WeightRow;
-
-#[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::Lanes as TileLanes;
-/// Weight element types the tiles read (no SIMD requirement off x86-64).
-#[cfg(not(target_arch = "x86_64"))]
-pub(crate) trait TileLanes {}
-#[cfg(not(target_arch = "x86_64"))]
-impl<T> TileLanes for T {}
-
-/// The operands of `out[m, n] = x[m, k] · w[n, k]ᵀ`.
-pub(crate) struct Product<'a, W> {
-    /// `[m, k]` activations.
-    pub x: &'a [f32],
-    pub m: usize,
-    pub k: usize,
-    /// `[n, k]` weight rows.
-    pub w: &'a [W],
-    pub n: usize,
-    /// `[m, n]` output, row stride `n`.
-    pub out: *mut f32,
-}
 
 /// Computes the product's output columns (weight rows) `cols`, writing only
 /// those columns of `out`.
@@ -43,7 +23,7 @@ pub(crate) struct Product<'a, W> {
 /// `out` must be valid for writes of every `[i, j]` element, `i < m`,
 /// `j` in `cols`, with row stride `n`; `x` holds `m * k` values and `w` at
 /// least `cols.end * k`. No other thread may write those elements meanwhile.
-pub(crate) unsafe fn tiled_cols<W: WeightRow + TileLanes>(p: &Product<'_, W>, cols: std::ops::Range<usize>) {
+pub(crate) unsafe fn tiled_cols<W: WeightRow>(p: &Product<'_, W>, cols: std::ops::Range<usize>) {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::simd::has_avx2_fma() {
@@ -52,63 +32,28 @@ pub(crate) unsafe fn tiled_cols<W: WeightRow + TileLanes>(p: &Product<'_, W>, co
             return;
         }
     }
-    let &Product { x, m, k, w, n, out } = p;
-    for j in cols {
-        let wr = &w[j * k..(j + 1) * k];
-        for i in 0..m {
-            // SAFETY: the caller guarantees `[i, j]` is writable and ours.
-            unsafe { *out.add(i * n + j) = W::dot(&x[i * k..(i + 1) * k], wr) };
-        }
-    }
+    // SAFETY: the same contract.
+    unsafe { crate::matmul::dot_cols(p, cols) }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use crate::matmul::Product;
     use crate::simd::avx2::hsum;
+    use crate::simd::WeightRow;
     use std::arch::x86_64::*;
-
-    /// Weight element types, read 8 lanes at a time as f32.
-    pub(crate) trait Lanes: Copy {
-        /// 8 values from `p`, widened.
-        unsafe fn load8(p: *const Self) -> __m256;
-        /// One value, widened.
-        fn widen(self) -> f32;
-    }
-
-    impl Lanes for f32 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
-        #[inline(always)]
-        fn widen(self) -> f32 {
-            self
-        }
-    }
-
-    impl Lanes for u16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const u16) -> __m256 {
-            crate::simd::avx2::widen8(p)
-        }
-        #[inline(always)]
-        fn widen(self) -> f32 {
-            f32::from_bits((self as u32) << 16)
-        }
-    }
 
     /// # Safety
     /// Requires AVX2+FMA, and the contract of [`super::tiled_cols`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tiled_cols<W: Lanes>(p: &super::Product<'_, W>, cols: std::ops::Range<usize>) {
-        let m = p.m;
-        let a = Args { x: p.x.as_ptr(), k: p.k, w: p.w.as_ptr(), n: p.n, out: p.out };
+    pub(super) unsafe fn tiled_cols<W: WeightRow>(a: &Product<'_, W>, cols: std::ops::Range<usize>) {
+        let m = a.m;
         let full = m / 4 * 4;
-        sweep::<W, 4, 2>(&a, 0..full, cols.clone());
+        sweep::<W, 4, 2>(a, 0..full, cols.clone());
         match m - full {
-            3 => sweep::<W, 3, 3>(&a, full..m, cols),
-            2 => sweep::<W, 2, 4>(&a, full..m, cols),
-            1 => sweep::<W, 1, 8>(&a, full..m, cols),
+            3 => sweep::<W, 3, 3>(a, full..m, cols),
+            2 => sweep::<W, 2, 4>(a, full..m, cols),
+            1 => sweep::<W, 1, 8>(a, full..m, cols),
             _ => {}
         }
     }
@@ -117,8 +62,8 @@ mod avx2 {
     /// weight rows at a time; weight rows are the outer loop, so a few stay
     /// in L1 while every activation row passes over them.
     #[inline(always)]
-    unsafe fn sweep<W: Lanes, const MR: usize, const NR: usize>(
-        a: &Args<W>,
+    unsafe fn sweep<W: WeightRow, const MR: usize, const NR: usize>(
+        a: &Product<'_, W>,
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
     ) {
@@ -151,24 +96,20 @@ mod avx2 {
         }
     }
 
-    struct Args<W> {
-        x: *const f32,
-        k: usize,
-        w: *const W,
-        n: usize,
-        out: *mut f32,
-    }
-
     /// Rows `i..i + MR` of x against weight rows `j..j + NR`.
     // accumulators are indexed [row][weight row] in lockstep with two operands
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    unsafe fn tile<W: Lanes, const MR: usize, const NR: usize, const PREFETCH: bool>(a: &Args<W>, i: usize, j: usize) {
+    unsafe fn tile<W: WeightRow, const MR: usize, const NR: usize, const PREFETCH: bool>(
+        a: &Product<'_, W>,
+        i: usize,
+        j: usize,
+    ) {
         let k = a.k;
         let k8 = k / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-        let x = a.x.add(i * k);
-        let w = a.w.add(j * k);
+        let x = a.x.as_ptr().add(i * k);
+        let w = a.w.as_ptr().add(j * k);
         // software prefetch of the next tile's weight rows (the same columns,
         // NR rows further on): several rows read side by side defeat the
         // hardware prefetcher on weights that come from DRAM (measured: a

@@ -92,10 +92,22 @@ impl Sampler {
 
     /// Chooses the next token from `logits` and records it as generated.
     pub fn sample(&mut self, logits: &[f32]) -> SampledToken {
+        self.sample_excluding(logits, &[])
+    }
+
+    /// [`sample`](Self::sample), never choosing a token of `banned` (e.g.
+    /// end-of-sequence tokens before `min_tokens`); logprobs still describe
+    /// the raw distribution.
+    pub fn sample_excluding(&mut self, logits: &[f32], banned: &[TokenId]) -> SampledToken {
         let p = &self.params;
         self.work.clear();
         self.work.extend_from_slice(logits);
         let w = &mut self.work;
+        for &id in banned {
+            if let Some(x) = w.get_mut(id as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
         for &(id, b) in &p.logit_bias {
             if let Some(x) = w.get_mut(id as usize) {
                 *x += b;
@@ -323,6 +335,14 @@ mod tests {
         let mut s = Sampler::new(SamplingParams { temperature: 1.0, ..Default::default() }, 5, &[]);
         let l = [f32::NEG_INFINITY, 0.0, f32::NAN, 0.0];
         assert!((0..200).all(|_| matches!(s.sample(&l).id, 1 | 3)));
+    }
+
+    #[test]
+    fn banned_tokens_are_never_chosen() {
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, ..Default::default() }, 2, &[]);
+        assert!((0..200).all(|_| !matches!(s.sample_excluding(&logits(), &[1, 3]).id, 1 | 3)));
+        let mut g = Sampler::new(SamplingParams::default(), 0, &[]);
+        assert_eq!(g.sample_excluding(&logits(), &[1]).id, 3);
     }
 
     #[test]
