@@ -239,6 +239,18 @@ impl ExpertCache {
         })
     }
 
+    /// Blocks until the loader has nothing queued or in flight (replay tests).
+    #[doc(hidden)]
+    pub fn wait_idle(&self) {
+        let mut st = self.shared.lock();
+        while !st.demand_q.is_empty()
+            || !st.prefetch_q.is_empty()
+            || st.entries.iter().any(|e| matches!(e.res, Residency::Loading))
+        {
+            st = self.shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     fn moe(&self, layer: LayerId) -> Result<usize, ModelError> {
         self.moe_of.get(layer.index()).copied().flatten().ok_or_else(|| ModelError::ExpertUnavailable {
             layer: layer.index(),
@@ -280,6 +292,11 @@ fn loader_loop(shared: &Shared) {
                 st.finish(idx, prefetch, loaded, bytes);
                 shared.changed.notify_all();
             }
+            Job::Wait => {
+                shared.changed.notify_all();
+                st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            #[allow(unreachable_patterns)]
             Job::Wait => st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner()),
         }
     }
