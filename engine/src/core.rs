@@ -2,7 +2,9 @@
 //! one step at a time. No threads, channels or clocks.
 
 use crate::{EngineError, FinishReason, GenerationRequest};
-use moe_model::{ExpertProvider, KvCache, LogitsRequest, Model, SampledToken, Sampler, SeqChunk, StepToken, Workspace};
+use moe_model::{
+    ExpertPlanner, ExpertProvider, KvCache, LogitsRequest, Model, SampledToken, Sampler, SeqChunk, StepToken, Workspace,
+};
 use moe_scheduler::{BlockAllocator, GroupingConfig, GroupingMode, PathHints, Scheduler, SchedulerConfig, StepPlan};
 use moe_types::trace::{TraceHeader, TraceToken};
 use moe_types::{SeqId, TokenId};
@@ -46,7 +48,7 @@ pub struct EngineCore<E> {
     trace: Option<Vec<TraceToken>>,
 }
 
-impl<E: ExpertProvider + Sync> EngineCore<E> {
+impl<E: ExpertProvider + ExpertPlanner + Sync> EngineCore<E> {
     /// An engine with `num_blocks` KV blocks of `block_size` slots.
     pub fn new(model: Model, experts: E, eos: Vec<TokenId>, sched: SchedulerConfig, kv_blocks: (usize, usize)) -> Self {
         let (num_blocks, block_size) = kv_blocks;

@@ -7,8 +7,8 @@ use moe_kernels::cuda::expert_pool::{pinned_h2d_bandwidth, ExpertSlotPool, PoolS
 use moe_kernels::cuda::gemm::{self, FfnScratch, GpuWeight, TokenGroup};
 use moe_kernels::cuda::ops::{self, AttnMeta, AttnShape, QkvRows};
 use moe_kernels::cuda::GpuContext;
-use moe_kernels::slot_table::ExpertKey;
 use moe_kernels::Weight;
+use moe_types::ExpertKey;
 use std::time::Instant;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -93,7 +93,7 @@ fn run() -> Res<()> {
     let n_load = 8usize;
     let shape = PoolShape { hidden: h, ffn: f, layers: 1, experts: n_load + 1, slots: n_load + 1 };
     let mut pool = ExpertSlotPool::new(&g, shape)?;
-    let resident = ExpertKey { layer: 0, expert: n_load };
+    let resident = ExpertKey::new(0, n_load);
     pool.load(resident)?;
     pool.synchronize_copies()?;
     let t = 256usize;
@@ -112,7 +112,7 @@ fn run() -> Res<()> {
         Ok(())
     };
     let t_compute = time_ms(&g, 1, || compute(&g))?;
-    let keys: Vec<ExpertKey> = (0..n_load).map(|e| ExpertKey { layer: 0, expert: e }).collect();
+    let keys: Vec<ExpertKey> = (0..n_load).map(|e| ExpertKey::new(0, e)).collect();
     let copy_all = |pool: &mut ExpertSlotPool| -> Res<()> {
         for &k in &keys {
             if pool.table().slot_of(k).is_some() {

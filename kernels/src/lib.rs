@@ -23,7 +23,6 @@ pub mod exp;
 pub mod matmul;
 pub mod ops;
 mod simd;
-pub mod slot_table;
 mod tile;
 mod weight;
 

@@ -10,8 +10,8 @@ use moe_kernels::cuda::expert_pool::{ExpertSlotPool, PoolShape};
 use moe_kernels::cuda::gemm::{self, Bf16Matrix, ExpertMatrices, FfnScratch, GpuWeight, TokenGroup};
 use moe_kernels::cuda::ops::{self, AttnMeta, AttnShape, QkvRows, RopeShape, Route, Scoring};
 use moe_kernels::cuda::GpuContext;
-use moe_kernels::slot_table::ExpertKey;
 use moe_kernels::{matmul_nt, ops as cpu, Weight};
+use moe_types::ExpertKey;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 /// One context for the whole test binary (NVRTC compiles once); `None`
@@ -273,7 +273,7 @@ fn expert_ffn_through_the_slot_pool_matches_cpu() {
     let (t, h, f) = (12, 256, 384);
     let shape = PoolShape { hidden: h, ffn: f, layers: 2, experts: 4, slots: 1 };
     let mut pool = ExpertSlotPool::new(&g, shape).unwrap();
-    let (ka, kb) = (ExpertKey { layer: 0, expert: 3 }, ExpertKey { layer: 1, expert: 0 });
+    let (ka, kb) = (ExpertKey::new(0, 3), ExpertKey::new(1, 0));
     let (ea, eb) = (expert(h, f, 20), expert(h, f, 30));
     pool.stage(ka, &ea.0, &ea.1).unwrap();
     pool.stage(kb, &eb.0, &eb.1).unwrap();

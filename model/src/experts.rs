@@ -93,10 +93,10 @@ pub struct StepToken {
     pub token: TokenId,
 }
 
-/// Maps a logical (layer, expert) to weights ready to compute with.
+/// What the forward pass needs of the experts: maps a logical (layer,
+/// expert) to weights ready to compute with.
 ///
-/// Per step: [`begin_step`](Self::begin_step) with the step's tokens; then,
-/// per MoE layer in order, [`prepare`](Self::prepare) with the layer's
+/// Per MoE layer, in order: [`prepare`](Self::prepare) with the layer's
 /// routing and distinct experts, [`forecast`](Self::forecast) for each later
 /// layer when [`lookahead`](Self::lookahead) asks for it, and
 /// [`get`](Self::get) for each expert used. An implementation that keeps
@@ -107,16 +107,6 @@ pub trait ExpertProvider {
     type Guard<'a>: Deref<Target = ExpertWeights>
     where
         Self: 'a;
-
-    /// A forward step begins over `tokens` (batch order).
-    fn begin_step(&self, tokens: &[StepToken]) {
-        let _ = tokens;
-    }
-
-    /// A sequence ended: forget what was kept about it.
-    fn end_sequence(&self, seq: SeqId) {
-        let _ = seq;
-    }
 
     /// How many MoE layers ahead the forward pass should apply later layers'
     /// routers to the current hidden states (look-ahead gating); 0 for none.
@@ -140,6 +130,21 @@ pub trait ExpertProvider {
 
     /// The weights of one expert.
     fn get(&self, layer: LayerId, expert: ExpertId) -> Result<Self::Guard<'_>>;
+}
+
+/// What the engine's step planner needs of the experts: step and sequence
+/// boundaries, and the forecasts and residency that regrouping reads. The
+/// defaults suit experts that are all resident.
+pub trait ExpertPlanner {
+    /// A forward step begins over `tokens` (batch order).
+    fn begin_step(&self, tokens: &[StepToken]) {
+        let _ = tokens;
+    }
+
+    /// A sequence ended: forget what was kept about it.
+    fn end_sequence(&self, seq: SeqId) {
+        let _ = seq;
+    }
 
     /// Before a step is planned: for each token that may run next, the
     /// experts it is forecast to use at each MoE layer (`None`: no forecast).
@@ -195,6 +200,8 @@ impl ResidentExperts {
         self.experts
     }
 }
+
+impl ExpertPlanner for ResidentExperts {}
 
 impl ExpertProvider for ResidentExperts {
     type Guard<'a> = &'a ExpertWeights;

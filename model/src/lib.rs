@@ -35,7 +35,9 @@ mod weights;
 pub use checkpoint::{Checkpoint, TensorLocation};
 pub use config::{Arch, AttentionConfig, FfnKind, ModelConfig, MoeConfig, QkNorm, RopeScaling};
 pub use error::ModelError;
-pub use experts::{locate_experts, ExpertLocation, ExpertProvider, ExpertWeights, ResidentExperts, StepToken};
+pub use experts::{
+    locate_experts, ExpertLocation, ExpertPlanner, ExpertProvider, ExpertWeights, ResidentExperts, StepToken,
+};
 pub use forward::{ForwardOutput, LogitRow, LogitsRequest, SeqChunk, Workspace};
 pub use kv_cache::KvCache;
 pub use loader::{load_model, load_model_without_experts, load_random, load_weights, LoadProgress, LoadedModel};

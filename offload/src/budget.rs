@@ -3,8 +3,10 @@
 use crate::OffloadError;
 use std::str::FromStr;
 
-/// The fast tier's size, as given by the user.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// The fast tier's size, as given by the user (parsed once at the edge, from
+/// a flag, an environment variable or a TOML string).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum ExpertBudget {
     /// Every expert resident (no cache).
     All,
@@ -69,6 +71,24 @@ impl FromStr for ExpertBudget {
     }
 }
 
+impl TryFrom<String> for ExpertBudget {
+    type Error = OffloadError;
+    fn try_from(s: String) -> Result<Self, OffloadError> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for ExpertBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::All => f.write_str("all"),
+            Self::Fraction(x) => write!(f, "{}%", x * 100.0),
+            Self::Count(n) => write!(f, "{n}"),
+            Self::Bytes(b) => write!(f, "{b}B"),
+        }
+    }
+}
+
 impl ExpertBudget {
     /// Expert slots for a model with `total` routed experts of
     /// `expert_bytes` each; `None` means every expert resident. A budget at or
@@ -101,6 +121,13 @@ mod tests {
         for bad in ["", "0", "150%", "1.5", "-3", "x", "12 parsecs", "0MB"] {
             let e = bad.parse::<ExpertBudget>().unwrap_err().to_string();
             assert!(e.contains("invalid expert cache budget"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn display_parses_back() {
+        for b in [ExpertBudget::All, ExpertBudget::Fraction(0.5), ExpertBudget::Count(7), ExpertBudget::Bytes(4096)] {
+            assert_eq!(b.to_string().parse::<ExpertBudget>().unwrap(), b);
         }
     }
 

@@ -3,7 +3,7 @@
 
 use crate::cache::{CacheGuard, ExpertCache};
 use crate::{CacheStats, ShardedExperts};
-use moe_model::{ExpertProvider, ExpertWeights, ResidentExperts, StepToken};
+use moe_model::{ExpertPlanner, ExpertProvider, ExpertWeights, ResidentExperts, StepToken};
 use moe_types::{ExpertId, ExpertSet, LayerId, LayerRouting, SeqId};
 use std::ops::Deref;
 
@@ -45,9 +45,7 @@ impl Deref for ExpertsGuard<'_> {
     }
 }
 
-impl ExpertProvider for Experts {
-    type Guard<'a> = ExpertsGuard<'a>;
-
+impl ExpertPlanner for Experts {
     fn begin_step(&self, tokens: &[StepToken]) {
         match self {
             Self::Resident(_) => {}
@@ -61,6 +59,24 @@ impl ExpertProvider for Experts {
             c.end_sequence(seq);
         }
     }
+
+    fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
+        match self {
+            Self::Resident(_) | Self::Sharded(_) => vec![None; tokens.len()],
+            Self::Cached(c) => c.predict_paths(tokens),
+        }
+    }
+
+    fn resident_sets(&self) -> Vec<ExpertSet> {
+        match self {
+            Self::Resident(_) | Self::Sharded(_) => Vec::new(),
+            Self::Cached(c) => c.resident_sets(),
+        }
+    }
+}
+
+impl ExpertProvider for Experts {
+    type Guard<'a> = ExpertsGuard<'a>;
 
     fn lookahead(&self) -> usize {
         match self {
@@ -80,20 +96,6 @@ impl ExpertProvider for Experts {
             Self::Resident(r) => r.prepare(routing, used),
             Self::Cached(c) => c.prepare(routing, used),
             Self::Sharded(s) => s.prepare(routing, used),
-        }
-    }
-
-    fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
-        match self {
-            Self::Resident(_) | Self::Sharded(_) => vec![None; tokens.len()],
-            Self::Cached(c) => c.predict_paths(tokens),
-        }
-    }
-
-    fn resident_sets(&self) -> Vec<ExpertSet> {
-        match self {
-            Self::Resident(_) | Self::Sharded(_) => Vec::new(),
-            Self::Cached(c) => c.resident_sets(),
         }
     }
 

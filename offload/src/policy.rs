@@ -6,7 +6,8 @@ use std::cmp::Ordering;
 use std::str::FromStr;
 
 /// How the fast tier chooses victims.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum PolicyKind {
     /// Least recently used (the baseline of most offloading systems).
     Lru,
@@ -42,6 +43,19 @@ impl FromStr for PolicyKind {
         Self::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
             OffloadError::Config(format!("unknown cache policy {s:?} (expected lru, lfu or predictive)"))
         })
+    }
+}
+
+impl TryFrom<String> for PolicyKind {
+    type Error = OffloadError;
+    fn try_from(s: String) -> Result<Self, OffloadError> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -2,7 +2,9 @@
 //! of multi-GPU expert placement): each expert lives in the store of the
 //! shard(s) the plan names, the forward pass reaches it through that shard,
 //! and the tokens that cross between shards from one MoE layer to the next
-//! are counted the way `moe-place eval` counts them on a trace.
+//! are counted with the cost model `moe-place eval` uses on a trace
+//! (`moe_types::placement::{spread_load, spread_transition}`, one
+//! definition for both).
 //!
 //! Outputs are identical to a single store by construction: the forward pass
 //! combines expert outputs in expert order whichever shard computed them. A
@@ -10,8 +12,8 @@
 //! accounted evenly across the replicas, as the planner's cost model assumes.
 
 use crate::metric_names as m;
-use moe_model::{ExpertProvider, ExpertWeights, ModelConfig, ModelError, ResidentExperts, StepToken};
-use moe_types::placement::PlacementPlan;
+use moe_model::{ExpertPlanner, ExpertProvider, ExpertWeights, ModelConfig, ModelError, ResidentExperts, StepToken};
+use moe_types::placement::{spread_load, spread_transition, PlacementPlan};
 use moe_types::{ExpertId, LayerId, LayerRouting};
 use std::sync::Mutex;
 
@@ -95,23 +97,19 @@ impl ShardedExperts {
         let mut t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
         let owners = &self.owners;
         for f in ids {
-            let reps = &owners[moe][f.index()];
-            for &g in reps {
-                t.stats.load[moe][g as usize] += 1.0 / reps.len() as f64;
-            }
+            spread_load(&owners[moe][f.index()], 1.0, &mut t.stats.load[moe]);
         }
         if let Some((p, prev)) = t.prev.take().filter(|(p, prev)| *p + 1 == moe && prev.len() == ids.len()) {
             let (mut cross, mut all) = (0.0, 0.0);
             for (a, b) in prev.chunks_exact(k).zip(ids.chunks_exact(k)) {
                 for e in a {
-                    let from = &owners[p][e.index()];
                     for f in b {
-                        let to = &owners[moe][f.index()];
-                        let share = 1.0 / (from.len() * to.len()) as f64;
                         all += 1.0;
-                        for i in from {
-                            cross += to.iter().filter(|j| *j != i).count() as f64 * share;
-                        }
+                        spread_transition(&owners[p][e.index()], &owners[moe][f.index()], 1.0, |i, j, share| {
+                            if i != j {
+                                cross += share;
+                            }
+                        });
                     }
                 }
             }
@@ -126,12 +124,14 @@ impl ShardedExperts {
     }
 }
 
-impl ExpertProvider for ShardedExperts {
-    type Guard<'a> = &'a ExpertWeights;
-
+impl ExpertPlanner for ShardedExperts {
     fn begin_step(&self, _tokens: &[StepToken]) {
         self.traffic.lock().unwrap_or_else(|p| p.into_inner()).prev = None;
     }
+}
+
+impl ExpertProvider for ShardedExperts {
+    type Guard<'a> = &'a ExpertWeights;
 
     fn prepare(&self, routing: &LayerRouting, _used: &[ExpertId]) -> moe_model::Result<()> {
         if let Some(moe) = self.moe_of.get(routing.layer.index()).copied().flatten() {

@@ -6,10 +6,11 @@
 //! previous cache (before the residency core) produced on the same trace,
 //! kept in `fixtures/replay_counts.json` (`RECORD_REPLAY=1` rewrites it).
 
-use moe_model::{Checkpoint, ExpertProvider, ModelConfig, ResidentExperts, StepToken};
-use moe_offload::{CacheConfig, CacheStats, ExpertCache, MemoryExperts, PolicyKind, PredictorKind};
+use moe_model::{Checkpoint, ExpertPlanner, ExpertProvider, ModelConfig, ResidentExperts, StepToken};
+use moe_offload::residency::{Command, ExpertKey, Pin, ResidencyConfig, ResidencyCore};
+use moe_offload::{CacheConfig, CacheStats, ExpertCache, MemoryExperts, PolicyKind, PredictorChoice, PredictorKind};
 use moe_types::trace::{read_trace, TraceToken};
-use moe_types::{ExpertId, LayerId, LayerRouting, SeqId};
+use moe_types::{ExpertId, LayerId, LayerRouting, MoeLayerId, SeqId};
 use std::path::{Path, PathBuf};
 
 fn model_dir() -> PathBuf {
@@ -39,7 +40,7 @@ fn configs() -> Vec<(usize, PolicyKind, &'static str)> {
 }
 
 fn predictor(name: &str) -> PredictorKind {
-    PredictorKind::parse(name, || model_dir().join("path_predictor.safetensors")).unwrap()
+    name.parse::<PredictorChoice>().unwrap().resolve(model_dir().join("path_predictor.safetensors"))
 }
 
 /// The recorded tokens replayed as decode steps: four sequences at a time,
@@ -82,15 +83,22 @@ fn counts(s: &CacheStats) -> serde_json::Value {
 }
 
 /// Replays `steps` through a threaded cache, waiting for the loader after every call.
-fn replay_cache(cfg: &ModelConfig, weights: &[Vec<moe_model::ExpertWeights>], c: (usize, PolicyKind, &str)) -> serde_json::Value {
+fn replay_cache(
+    cfg: &ModelConfig,
+    weights: &[Vec<moe_model::ExpertWeights>],
+    c: (usize, PolicyKind, &str),
+) -> serde_json::Value {
     let moe_layers: Vec<usize> = cfg.moe_layers().collect();
     let src = MemoryExperts::new(weights.to_vec());
-    let cache = ExpertCache::new(cfg, Box::new(src), CacheConfig { slots: c.0, policy: c.1, predictor: predictor(c.2), depth: 2 })
-        .unwrap();
+    let cache = ExpertCache::new(
+        cfg,
+        Box::new(src),
+        CacheConfig { slots: c.0, policy: c.1, predictor: predictor(c.2), depth: 2 },
+    )
+    .unwrap();
     let mut live: Vec<u64> = Vec::new();
     for step in steps() {
-        let tokens: Vec<StepToken> =
-            step.iter().map(|t| StepToken { seq: SeqId(t.seq), token: t.token }).collect();
+        let tokens: Vec<StepToken> = step.iter().map(|t| StepToken { seq: SeqId(t.seq), token: t.token }).collect();
         // sequences seen before and absent now have ended
         for s in live.iter().filter(|s| !step.iter().any(|t| t.seq == **s)) {
             cache.end_sequence(SeqId(*s));
@@ -135,5 +143,69 @@ fn replayed_counts_equal_the_previous_caches() {
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     for (k, v) in want.as_object().unwrap() {
         assert_eq!(&got[k], v, "counts differ at {k}");
+    }
+}
+
+/// Executes every command at once, as a mover with an instant slow tier.
+fn drain(core: &mut ResidencyCore) {
+    while let Some(cmd) = core.poll() {
+        match cmd {
+            Command::Evict { key, .. } => core.evicted(key).unwrap(),
+            Command::Load { key, prefetch, .. } => core.loaded(key, prefetch, Ok(())).unwrap(),
+        }
+        core.check().unwrap();
+    }
+}
+
+/// The same replay on the bare residency core, no threads: the counts equal
+/// the threaded cache's and the previous cache's.
+#[test]
+fn the_bare_core_replays_to_the_same_counts() {
+    let dir = model_dir();
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("replay_counts.json")).unwrap()).unwrap();
+    let expert_bytes = 3 * cfg.hidden_size * cfg.moe.expert_ffn * 2; // bf16
+    for c in configs() {
+        let mut core = ResidencyCore::new(ResidencyConfig {
+            layers: cfg.moe_layers().count(),
+            experts: cfg.moe.num_experts,
+            top_k: cfg.moe.top_k,
+            slots: c.0,
+            expert_bytes: expert_bytes as u64,
+            policy: c.1,
+            predictor: predictor(c.2),
+            depth: 2,
+        })
+        .unwrap();
+        let mut live: Vec<u64> = Vec::new();
+        for step in steps() {
+            let tokens: Vec<StepToken> = step.iter().map(|t| StepToken { seq: SeqId(t.seq), token: t.token }).collect();
+            for s in live.iter().filter(|s| !step.iter().any(|t| t.seq == **s)) {
+                core.end_sequence(SeqId(*s));
+            }
+            live = step.iter().map(|t| t.seq).collect();
+            core.begin_step(&tokens);
+            drain(&mut core);
+            for i in 0..cfg.moe_layers().count() {
+                let layer = MoeLayerId(i as u16);
+                let ids: Vec<ExpertId> = step.iter().flat_map(|t| t.experts[i].iter().map(|&e| ExpertId(e))).collect();
+                let routing =
+                    LayerRouting { layer: LayerId(i as u16), top_k: cfg.moe.top_k, weights: vec![0.5; ids.len()], ids };
+                let mut used = routing.ids.clone();
+                used.sort_unstable();
+                used.dedup();
+                core.prepare(layer, &routing, &used).unwrap();
+                drain(&mut core);
+                for &expert in &used {
+                    let key = ExpertKey { layer, expert };
+                    assert!(matches!(core.pin(key, false).unwrap(), Pin::Ready(_)));
+                    core.unpin(key).unwrap();
+                    drain(&mut core);
+                }
+            }
+        }
+        let name = format!("{}-{}-{}", c.0, c.1.name(), c.2);
+        assert_eq!(counts(&core.stats()), want[&name], "counts differ at {name}");
     }
 }

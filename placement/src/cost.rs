@@ -4,6 +4,7 @@
 
 use crate::cluster::Cluster;
 use crate::stats::Stats;
+use moe_types::placement::{spread_load, spread_transition};
 
 /// `layers[l][e]`: GPUs holding expert `e` of MoE layer `l` (the plan's `layers`).
 pub type Layers = Vec<Vec<Vec<u16>>>;
@@ -20,10 +21,7 @@ pub fn to_layers(single: &Single) -> Layers {
 pub fn gpu_load(stats: &Stats, layers: &Layers, l: usize, gpus: usize) -> Vec<f64> {
     let mut load = vec![0.0; gpus];
     for (e, reps) in layers[l].iter().enumerate() {
-        let share = stats.load[l][e] / reps.len() as f64;
-        for &g in reps {
-            load[g as usize] += share;
-        }
+        spread_load(reps, stats.load[l][e], &mut load);
     }
     load
 }
@@ -40,12 +38,7 @@ pub fn pair_traffic(stats: &Stats, layers: &Layers, l: usize, gpus: usize) -> Ve
             if r == 0.0 {
                 continue;
             }
-            let share = r / (from.len() * to.len()) as f64;
-            for &i in from {
-                for &j in to {
-                    m[i as usize * gpus + j as usize] += share;
-                }
-            }
+            spread_transition(from, to, r, |i, j, share| m[i * gpus + j] += share);
         }
     }
     m

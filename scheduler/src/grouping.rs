@@ -17,7 +17,8 @@
 use moe_types::{ExpertSet, SeqId};
 
 /// How the sequences of a step are chosen when they exceed the micro-batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum GroupingMode {
     /// Round robin in arrival order (most deferred first).
     Fcfs,
@@ -40,6 +41,31 @@ impl GroupingMode {
     /// Parses a flag value.
     pub fn parse(s: &str) -> Option<Self> {
         [Self::Fcfs, Self::Random, Self::Regroup].into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// An unknown `--grouping` value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown grouping {0:?} (expected fcfs, random or regroup)")]
+pub struct UnknownGrouping(pub String);
+
+impl std::str::FromStr for GroupingMode {
+    type Err = UnknownGrouping;
+    fn from_str(s: &str) -> Result<Self, UnknownGrouping> {
+        Self::parse(s).ok_or_else(|| UnknownGrouping(s.to_string()))
+    }
+}
+
+impl TryFrom<String> for GroupingMode {
+    type Error = UnknownGrouping;
+    fn try_from(s: String) -> Result<Self, UnknownGrouping> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for GroupingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -20,7 +20,7 @@ mod grouping;
 
 pub use batch::{ScheduledChunk, Scheduler, SchedulerConfig, StepPlan};
 pub use blocks::{BlockAllocator, BlockTable};
-pub use grouping::{GroupingConfig, GroupingMode, PathHints};
+pub use grouping::{GroupingConfig, GroupingMode, PathHints, UnknownGrouping};
 
 /// Errors of the scheduling state.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -145,17 +145,17 @@ serve_config! {
     /// Seconds in-flight requests get to finish after SIGTERM.
     shutdown_grace_secs: u64 = 30 => "30", env = "MOE_SHUTDOWN_GRACE_SECS";
     /// Fast-tier expert budget: all, a percentage (50%), a fraction (0.5), a count of experts (16) or bytes (64MiB); experts beyond it stay on disk and are loaded on demand or prefetched.
-    expert_cache: String = "all".into() => "all", env = "MOE_EXPERT_CACHE";
+    expert_cache: moe_offload::ExpertBudget = moe_offload::ExpertBudget::All => "all", env = "MOE_EXPERT_CACHE";
     /// Expert cache policy: lru, lfu or predictive (ExpertFlow: evict by predicted demand).
-    expert_policy: String = "predictive".into() => "predictive", env = "MOE_EXPERT_POLICY";
+    expert_policy: moe_offload::PolicyKind = moe_offload::PolicyKind::Predictive => "predictive", env = "MOE_EXPERT_POLICY";
     /// Routing-path predictor: auto (learned if the model directory has a trained one, else lookahead), learned, lookahead, previous or none.
-    predictor: String = "auto".into() => "auto", env = "MOE_PREDICTOR";
+    predictor: moe_offload::PredictorChoice = moe_offload::PredictorChoice::Auto => "auto", env = "MOE_PREDICTOR";
     /// MoE layers ahead to forecast and prefetch.
     prefetch_depth: usize = 1 => "1", env = "MOE_PREFETCH_DEPTH";
     /// Most sequences computed per step (a micro-batch); 0 computes every runnable sequence each step.
     micro_batch: usize = 0 => "0", env = "MOE_MICRO_BATCH";
     /// How a micro-batch is chosen when more sequences are runnable: fcfs (round robin), random, or regroup (ExpertFlow: sequences whose forecast experts overlap run together).
-    grouping: String = "fcfs".into() => "fcfs", env = "MOE_GROUPING";
+    grouping: moe_scheduler::GroupingMode = moe_scheduler::GroupingMode::Fcfs => "fcfs", env = "MOE_GROUPING";
     /// Most consecutive steps a running sequence may be left out of the micro-batch.
     max_deferral: u32 = 16 => "16", env = "MOE_MAX_DEFERRAL";
     /// Device the model runs on: cpu, or cuda (needs a build with --features cuda and an NVIDIA GPU).
@@ -171,26 +171,23 @@ fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
 impl ServeConfig {
     /// The expert offloading settings.
     pub fn offload(&self) -> anyhow::Result<crate::offload::OffloadSettings> {
-        crate::offload::OffloadSettings::parse(
-            &self.expert_cache,
-            &self.expert_policy,
-            &self.predictor,
+        crate::offload::OffloadSettings::new(
+            self.expert_cache,
+            self.expert_policy,
+            self.predictor,
             self.predictor_file.clone(),
             self.prefetch_depth,
         )
     }
 
     /// The micro-batching settings.
-    pub fn grouping(&self) -> anyhow::Result<moe_scheduler::GroupingConfig> {
-        let mode = moe_scheduler::GroupingMode::parse(&self.grouping).ok_or_else(|| {
-            anyhow::anyhow!("unknown --grouping {:?} (expected fcfs, random or regroup)", self.grouping)
-        })?;
-        Ok(moe_scheduler::GroupingConfig {
-            mode,
+    pub fn grouping(&self) -> moe_scheduler::GroupingConfig {
+        moe_scheduler::GroupingConfig {
+            mode: self.grouping,
             micro_batch: self.micro_batch,
             max_deferral: self.max_deferral,
             seed: 0,
-        })
+        }
     }
 
     /// Checks values that must be positive, and that the device is usable.

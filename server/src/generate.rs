@@ -1,9 +1,16 @@
 //! `moe-serve generate`: stream one completion to stdout.
 
 use crate::offload::ServedModel;
-use crate::session::{Limits, Session};
-use moe_model::{IncrementalDecoder, Sampler, SamplingParams};
+use moe_engine::{EngineCore, GenerationRequest};
+use moe_model::{IncrementalDecoder, SamplingParams};
+use moe_scheduler::SchedulerConfig;
+use moe_types::SeqId;
 use std::io::Write;
+
+/// KV block size of the CLI's engine.
+const BLOCK_SIZE: usize = 16;
+/// The one sequence's id.
+const SEQ: SeqId = SeqId(0);
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -27,8 +34,10 @@ pub struct GenerateStats {
     pub generated: usize,
 }
 
-/// Generates and writes the text, as produced, to `out`.
-pub fn generate(m: &ServedModel, args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<GenerateStats> {
+/// Generates through the engine's step loop (one request in an
+/// [`EngineCore`]) and writes the text, as produced, to `out`. Generation
+/// stops at `max_tokens`, an eos token or the end of the context.
+pub fn generate(m: ServedModel, args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<GenerateStats> {
     let prompt = m.codec.encode(&args.prompt, true)?;
     if prompt.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens");
@@ -37,33 +46,39 @@ pub fn generate(m: &ServedModel, args: &GenerateArgs, out: &mut dyn Write) -> an
     if prompt.len() >= ctx {
         anyhow::bail!("the prompt has {} tokens; the model's context is {ctx}", prompt.len());
     }
-    let mut session = Session::new(&m.model, &m.experts, prompt.len() + args.max_tokens);
-    let mut sampler = Sampler::new(args.sampling.clone(), args.seed, &prompt);
+    let tokens = prompt.len() + args.max_tokens;
+    let blocks = tokens.min(ctx).div_ceil(BLOCK_SIZE);
+    let sched = SchedulerConfig { max_num_seqs: 1, max_batched_tokens: prompt.len().max(1) };
+    let eos = m.codec.eos_ids().to_vec();
+    let codec = m.codec;
+    let mut core = EngineCore::new(m.model, m.experts, eos.clone(), sched, (blocks, BLOCK_SIZE));
+    let req = GenerationRequest {
+        max_tokens: args.max_tokens.min(core.max_model_len() - prompt.len()),
+        prompt,
+        sampling: args.sampling.clone(),
+        seed: args.seed,
+        min_tokens: 0,
+        ignore_eos: false,
+    };
+    let prompt_tokens = req.prompt.len();
+    core.add(SEQ, req)?;
     let mut dec = IncrementalDecoder::new();
-    let mut io_err = None;
-    let eos = m.codec.eos_ids();
-    let generated = session.generate(&prompt, &mut sampler, Limits { max_tokens: args.max_tokens, eos }, |id| {
-        if eos.contains(&id) {
-            return false;
-        }
-        let text = match dec.push(&m.codec, id) {
-            Ok(t) => t,
-            Err(e) => {
-                io_err = Some(anyhow::Error::from(e));
-                return false;
+    let mut generated = 0;
+    while !core.is_idle() {
+        for o in core.step().map_err(|(_, e)| e)? {
+            generated += 1;
+            if eos.contains(&o.token.id) {
+                continue;
             }
-        };
-        if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-            io_err = Some(e.into());
-            return false;
+            let text = dec.push(&codec, o.token.id)?;
+            if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                core.abort(SEQ);
+                return Err(e.into());
+            }
         }
-        true
-    })?;
-    if let Some(e) = io_err {
-        return Err(e);
     }
-    out.write_all(dec.finish(&m.codec)?.as_bytes())?;
+    out.write_all(dec.finish(&codec)?.as_bytes())?;
     out.write_all(b"\n")?;
     out.flush()?;
-    Ok(GenerateStats { prompt_tokens: prompt.len(), generated })
+    Ok(GenerateStats { prompt_tokens, generated })
 }

@@ -2,8 +2,8 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use moe_bench::throughput::{self as bench, BenchArgs};
 use moe_model::SamplingParams;
-use moe_server::bench::{self, BenchArgs};
 use moe_server::config::ServeArgs;
 use moe_server::generate::{generate, GenerateArgs};
 use moe_server::model_dir::{default_model_dir, load_with_progress, model_name};
@@ -262,7 +262,7 @@ fn run_bench_regroup(b: BenchRegroupCmd) -> anyhow::Result<()> {
     }
     let learned = dir.join(moe_server::offload::PREDICTOR_FILE);
     anyhow::ensure!(learned.is_file(), "regrouping needs the learned predictor at {}", learned.display());
-    let bench = moe_server::regroup_bench::RegroupBench {
+    let bench = moe_bench::regroup::RegroupBench {
         model,
         dir: dir.clone(),
         prompts,
@@ -279,8 +279,8 @@ fn run_bench_regroup(b: BenchRegroupCmd) -> anyhow::Result<()> {
 }
 
 fn run_bench_offload(b: BenchOffloadCmd) -> anyhow::Result<()> {
+    use moe_bench::offload::{OffloadBench, Tier};
     use moe_offload::{PolicyKind, PredictorKind};
-    use moe_server::offload_bench::{OffloadBench, Tier};
     anyhow::ensure!(b.sequences > 0 && b.prompt_tokens > 0 && b.decode_tokens > 0, "sizes must be positive");
     anyhow::ensure!(b.budgets.iter().all(|&f| f > 0.0 && f < 1.0), "--budgets must be fractions in (0, 1)");
     let dir = b.model.unwrap_or_else(default_model_dir);
@@ -373,7 +373,7 @@ fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
     });
     let args = GenerateArgs { prompt: g.prompt, max_tokens: g.max_tokens, sampling, seed };
     let t = Instant::now();
-    let stats = generate(&m, &args, &mut std::io::stdout().lock())?;
+    let stats = generate(m, &args, &mut std::io::stdout().lock())?;
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "{} prompt tokens, {} generated in {:.2}s ({:.1} tok/s), seed {}",
@@ -434,10 +434,11 @@ fn run_bench_in_pool(b: BenchCmd) -> anyhow::Result<()> {
     let expert_bytes = m.experts.nbytes() / (cfg.moe_layers().count() * cfg.moe.num_experts).max(1);
     let name = model_name(&dir);
     eprintln!("benchmarking {name}...");
-    let mut rows = vec![bench::bench_model(&name, &m.model, &m.experts, expert_bytes, args, bw)?];
     let eos = m.codec.eos_ids().to_vec();
-    let sched = moe_scheduler::SchedulerConfig { max_num_seqs: 256, max_batched_tokens: 4096 };
+    // one step prefills the whole prompt, as the engine does for short prompts
+    let sched = moe_scheduler::SchedulerConfig { max_num_seqs: 256, max_batched_tokens: args.prompt_tokens.max(4096) };
     let mut core = moe_engine::EngineCore::new(m.model, m.experts, eos, sched, (2048, 16));
+    let mut rows = vec![bench::bench_model(&name, &mut core, expert_bytes, args, bw)?];
     let mut batch_rows = Vec::new();
     let mut large_rows = Vec::new();
     for batch in [1, 8, 32, 64] {
@@ -449,9 +450,10 @@ fn run_bench_in_pool(b: BenchCmd) -> anyhow::Result<()> {
         let cfg = moe_model::ModelConfig::from_json(bench::LARGE_CONFIG)?;
         let (model, experts) = moe_model::random::random_model(&cfg, 0)?;
         eprintln!("benchmarking random-large...");
-        rows.push(bench::bench_model("random-large (bf16)", &model, &experts, bench::expert_bytes(&cfg, 2), args, bw)?);
-        let sched = moe_scheduler::SchedulerConfig { max_num_seqs: 256, max_batched_tokens: 4096 };
+        let sched =
+            moe_scheduler::SchedulerConfig { max_num_seqs: 256, max_batched_tokens: args.prompt_tokens.max(4096) };
         let mut core = moe_engine::EngineCore::new(model, experts, vec![], sched, (1024, 16));
+        rows.push(bench::bench_model("random-large (bf16)", &mut core, bench::expert_bytes(&cfg, 2), args, bw)?);
         for batch in [1, 8, 32] {
             large_rows.push((batch, bench::engine_throughput(&mut core, batch, 16)?));
         }

@@ -8,45 +8,40 @@ use clap::Args;
 use moe_model::{Model, TextCodec};
 use moe_offload::{
     CacheConfig, DiskExperts, ExpertBudget, ExpertCache, ExpertSource, Experts, MemoryExperts, PolicyKind,
-    PredictorKind,
+    PredictorChoice, PredictorKind,
 };
 use std::path::{Path, PathBuf};
 
 /// The learned predictor's file name inside a model directory.
 pub const PREDICTOR_FILE: &str = "path_predictor.safetensors";
 
-/// Resolved offloading settings.
+/// Resolved offloading settings: every value already parsed into its type
+/// at the edge (flag, environment variable or TOML).
 #[derive(Clone, Debug)]
 pub struct OffloadSettings {
     /// Fast-tier budget.
     pub budget: ExpertBudget,
     /// Cache policy.
     pub policy: PolicyKind,
-    /// Predictor name (`auto`, `learned`, `lookahead`, `previous`, `none`).
-    pub predictor: String,
+    /// Predictor choice (resolved against the model directory).
+    pub predictor: PredictorChoice,
     /// Learned predictor file (default: the model directory's).
     pub predictor_file: Option<PathBuf>,
-    /// MoE layers ahead to forecast.
+    /// MoE layers ahead to forecast (at least 1).
     pub depth: usize,
 }
 
 impl OffloadSettings {
-    /// Parses the flag values.
-    pub fn parse(
-        budget: &str,
-        policy: &str,
-        predictor: &str,
+    /// Checks the one rule the types do not carry (a depth of at least 1).
+    pub fn new(
+        budget: ExpertBudget,
+        policy: PolicyKind,
+        predictor: PredictorChoice,
         predictor_file: Option<PathBuf>,
         depth: usize,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(depth >= 1, "--prefetch-depth must be at least 1");
-        Ok(Self {
-            budget: budget.parse()?,
-            policy: policy.parse()?,
-            predictor: predictor.to_string(),
-            predictor_file,
-            depth,
-        })
+        Ok(Self { budget, policy, predictor, predictor_file, depth })
     }
 
     /// Every expert resident.
@@ -54,7 +49,7 @@ impl OffloadSettings {
         Self {
             budget: ExpertBudget::All,
             policy: PolicyKind::Lru,
-            predictor: "none".into(),
+            predictor: PredictorChoice::None,
             predictor_file: None,
             depth: 1,
         }
@@ -62,12 +57,8 @@ impl OffloadSettings {
 
     /// The predictor for a model in `dir`: `auto` is the learned one when the
     /// directory has a trained predictor file, else look-ahead gating.
-    pub fn predictor_kind(&self, dir: &Path) -> anyhow::Result<PredictorKind> {
-        let file = self.predictor_file.clone().unwrap_or_else(|| dir.join(PREDICTOR_FILE));
-        if self.predictor == "auto" {
-            return Ok(if file.is_file() { PredictorKind::Learned(file) } else { PredictorKind::LookAhead });
-        }
-        Ok(PredictorKind::parse(&self.predictor, || file)?)
+    pub fn predictor_kind(&self, dir: &Path) -> PredictorKind {
+        self.predictor.resolve(self.predictor_file.clone().unwrap_or_else(|| dir.join(PREDICTOR_FILE)))
     }
 }
 
@@ -78,13 +69,13 @@ pub struct OffloadArgs {
     /// Fast-tier expert budget: all, a percentage (50%), a fraction (0.5), a
     /// count of experts (16) or bytes (64MiB).
     #[arg(long, default_value = "all")]
-    pub expert_cache: String,
+    pub expert_cache: ExpertBudget,
     /// Expert cache policy: lru, lfu or predictive.
     #[arg(long, default_value = "predictive")]
-    pub expert_policy: String,
+    pub expert_policy: PolicyKind,
     /// Routing-path predictor: auto, learned, lookahead, previous or none.
     #[arg(long, default_value = "auto")]
-    pub predictor: String,
+    pub predictor: PredictorChoice,
     /// Learned predictor file (default: path_predictor.safetensors in the model directory).
     #[arg(long)]
     pub predictor_file: Option<PathBuf>,
@@ -96,10 +87,10 @@ pub struct OffloadArgs {
 impl OffloadArgs {
     /// The resolved settings.
     pub fn settings(&self) -> anyhow::Result<OffloadSettings> {
-        OffloadSettings::parse(
-            &self.expert_cache,
-            &self.expert_policy,
-            &self.predictor,
+        OffloadSettings::new(
+            self.expert_cache,
+            self.expert_policy,
+            self.predictor,
             self.predictor_file.clone(),
             self.prefetch_depth,
         )
@@ -171,7 +162,7 @@ pub fn load_served(dir: &Path, random_weights: bool, settings: &OffloadSettings)
         let experts = Experts::Resident(moe_model::ResidentExperts::from_weights(weights));
         return Ok(ServedModel { model, experts, codec });
     };
-    let predictor = settings.predictor_kind(dir)?;
+    let predictor = settings.predictor_kind(dir);
     let describe = source.describe();
     let cache_cfg = CacheConfig { slots, policy: settings.policy, predictor: predictor.clone(), depth: settings.depth };
     let cache = ExpertCache::new(&cfg, source, cache_cfg).context("starting the expert cache")?;

@@ -65,7 +65,7 @@ pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
     let sched = SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batched_tokens: cfg.max_batched_tokens };
     let eos = loaded.codec.eos_ids().to_vec();
     let core = EngineCore::new(loaded.model, loaded.experts, eos, sched, (blocks, cfg.block_size))
-        .with_grouping(cfg.grouping()?)
+        .with_grouping(cfg.grouping())
         .map_err(|e| anyhow::anyhow!("--micro-batch / --max-deferral: {e}"))?;
     let sink = match &cfg.record_routing {
         Some(path) => Some(crate::trace::start_writer(path, &core.trace_header(&name))?),

@@ -5,6 +5,9 @@
 
 mod common;
 use common::{config, TestServer};
+use moe_offload::{PolicyKind, PredictorChoice};
+use moe_scheduler::GroupingMode;
+use moe_server::config::ServeArgs;
 use serde_json::json;
 
 async fn complete(s: &TestServer) -> String {
@@ -21,11 +24,11 @@ async fn a_quarter_budget_serves_the_same_text_and_exports_cache_metrics() {
     let want = complete(&resident).await;
     let mut cached = TestServer::start(
         config(|a| {
-            a.expert_cache = Some("25%".into());
-            a.expert_policy = Some("predictive".into());
-            a.predictor = Some("learned".into());
+            a.expert_cache = Some("25%".parse().unwrap());
+            a.expert_policy = Some(PolicyKind::Predictive);
+            a.predictor = Some(PredictorChoice::Learned);
             a.micro_batch = Some(4);
-            a.grouping = Some("regroup".into());
+            a.grouping = Some(GroupingMode::Regroup);
             a.max_deferral = Some(32);
         }),
         true,
@@ -51,15 +54,21 @@ async fn a_quarter_budget_serves_the_same_text_and_exports_cache_metrics() {
 
 #[test]
 fn a_bad_budget_is_a_clear_start_up_error() {
-    let cfg = config(|a| a.expert_cache = Some("150%".into()));
-    let err = moe_server::serve::load_ready(&cfg).err().unwrap().to_string();
-    assert!(err.contains("invalid expert cache budget \"150%\""), "{err}");
-    let cfg = config(|a| a.expert_policy = Some("mru".into()));
-    let err = moe_server::serve::load_ready(&cfg).err().unwrap().to_string();
-    assert!(err.contains("unknown cache policy \"mru\""), "{err}");
-    let cfg = config(|a| a.grouping = Some("zigzag".into()));
-    let err = moe_server::serve::load_ready(&cfg).err().unwrap().to_string();
-    assert!(err.contains("unknown --grouping \"zigzag\""), "{err}");
+    // values are parsed where they enter: a TOML file (flags and environment
+    // variables go through the same FromStr)
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("serve.toml");
+    for (line, want) in [
+        ("expert_cache = \"150%\"", "invalid expert cache budget \"150%\""),
+        ("expert_policy = \"mru\"", "unknown cache policy \"mru\""),
+        ("predictor = \"oracle\"", "unknown predictor \"oracle\""),
+        ("grouping = \"zigzag\"", "unknown grouping \"zigzag\""),
+    ] {
+        std::fs::write(&toml, line).unwrap();
+        let args = ServeArgs { config: Some(toml.clone()), ..Default::default() };
+        let err = args.resolve().expect_err(line).to_string();
+        assert!(err.contains(want) && err.contains("serve.toml"), "{line}: {err}");
+    }
     let cfg = config(|a| {
         a.micro_batch = Some(2);
         a.max_deferral = Some(3);

@@ -3,10 +3,12 @@
 # GET /health to answer 200, runs one client check against it, stops the server and
 # exits with the check's status.
 #
-# Usage: tests/python/run_client_check.sh openai|grpc PATH/TO/moe-serve [extra `serve` arguments...]
+# Usage: tests/python/run_client_check.sh openai|grpc|reflection PATH/TO/moe-serve [extra `serve` arguments...]
 #   openai: openai_client_check.py (the official openai package) against the REST API
 #   grpc:   grpc_client_check.py (grpcio stubs generated from proto/moe/v1/moe.proto at
 #           run time into a temporary directory) against the gRPC API
+#   reflection: grpc_reflection_check.py (grpcio-reflection, v1alpha) discovers moe.v1 and
+#           calls Generate through the discovered descriptors
 #   e.g. tests/python/run_client_check.sh grpc target/debug/moe-serve
 #        MOE_MODEL_NAME=tsm-test tests/python/run_client_check.sh openai target/debug/moe-serve --model /tmp/tsm-test
 # Environment:
@@ -18,7 +20,7 @@
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-    echo "usage: $0 openai|grpc PATH/TO/moe-serve [extra serve arguments...]" >&2
+    echo "usage: $0 openai|grpc|reflection PATH/TO/moe-serve [extra serve arguments...]" >&2
     exit 2
 fi
 KIND=$1
@@ -27,7 +29,8 @@ shift 2
 case "$KIND" in
     openai) IMPORTS='import openai'; CHECK=openai_client_check.py ;;
     grpc) IMPORTS='import grpc, grpc_tools, grpc_health.v1.health_pb2'; CHECK=grpc_client_check.py ;;
-    *) echo "error: unknown check $KIND (openai or grpc)" >&2; exit 2 ;;
+    reflection) IMPORTS='import grpc, grpc_reflection.v1alpha.proto_reflection_descriptor_database'; CHECK=grpc_reflection_check.py ;;
+    *) echo "error: unknown check $KIND (openai, grpc or reflection)" >&2; exit 2 ;;
 esac
 if [[ ! -x "$BIN" ]]; then
     echo "error: $BIN is not an executable file" >&2
@@ -61,7 +64,7 @@ TARGET="127.0.0.1:$GRPC_PORT"
 SERVE_ARGS=(serve --port "$PORT" --grpc-port "$GRPC_PORT" "$@")
 case "$KIND" in
     openai) CHECK_ARGS=(--base-url "$BASE/v1" --model "$MODEL") ;;
-    grpc) CHECK_ARGS=(--target "$TARGET" --model "$MODEL") ;;
+    grpc | reflection) CHECK_ARGS=(--target "$TARGET" --model "$MODEL") ;;
 esac
 if [[ -n "${MOE_SERVE_API_KEY:-}" ]]; then
     SERVE_ARGS+=(--api-key "$MOE_SERVE_API_KEY")

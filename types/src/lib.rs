@@ -1,19 +1,22 @@
 //! Small shared vocabulary of the project: identifier newtypes and the routing
 //! record produced by the forward pass.
 //!
-//! Owns: `LayerId`, `ExpertId`, `BlockId`, `SeqId`, `TokenId`,
+//! Owns: `LayerId`, `MoeLayerId`, `ExpertId`, `BlockId`, `SeqId`, `TokenId`,
 //! [`StepRouting`], and the versioned routing-trace file format ([`trace`]),
 //! shared by the engine that writes traces and the offline tools that read
 //! them, and the versioned placement-plan format ([`placement`]) written by
-//! `moe-place` and read by the server. Depends on nothing of ours; no clocks.
+//! `moe-place` and read by the server, and the expert-slot table ([`slots`])
+//! that the residency core and the GPU slot pool share. Depends on nothing of ours; no clocks.
 
 use serde::{Deserialize, Serialize};
 
 mod expert_set;
 pub mod placement;
+pub mod slots;
 pub mod trace;
 
 pub use expert_set::ExpertSet;
+pub use slots::{ExpertKey, SlotError, SlotId, SlotTable};
 
 pub use placement::{PlacementPlan, PlanError, PLAN_FORMAT, PLAN_VERSION};
 
@@ -44,6 +47,12 @@ macro_rules! id_newtype {
 id_newtype!(
     /// A decoder layer index (0-based, in checkpoint order).
     LayerId(u16)
+);
+id_newtype!(
+    /// An MoE layer's index among the model's MoE layers (0 = the first MoE
+    /// layer), as opposed to its decoder-layer index ([`LayerId`]): a model
+    /// with dense first layers has `LayerId(3)` as `MoeLayerId(0)`.
+    MoeLayerId(u16)
 );
 id_newtype!(
     /// A logical expert of one layer, as numbered by the checkpoint's router.

@@ -214,6 +214,29 @@ impl PlacementPlan {
     }
 }
 
+/// The cross-GPU cost model shared by the planner (`moe-place`: solving and
+/// `eval`) and the serving side's sharded experts (`moe-offload`): an expert
+/// with `r` replicas takes `1/r` of its tokens on each replica's GPU.
+pub fn spread_load(replicas: &[u16], tokens: f64, load: &mut [f64]) {
+    let share = tokens / replicas.len() as f64;
+    for &g in replicas {
+        load[g as usize] += share;
+    }
+}
+
+/// The same model for a token moving from an expert at one MoE layer (on
+/// the GPUs `from`) to an expert at the next (on `to`): every directed pair
+/// `(i, j)` of replicas carries `tokens / (|from| * |to|)`, passed to `add`;
+/// pairs with `i == j` stay on their GPU.
+pub fn spread_transition(from: &[u16], to: &[u16], tokens: f64, mut add: impl FnMut(usize, usize, f64)) {
+    let share = tokens / (from.len() * to.len()) as f64;
+    for &i in from {
+        for &j in to {
+            add(i as usize, j as usize, share);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
 

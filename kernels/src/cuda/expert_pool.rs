@@ -3,7 +3,7 @@
 //! loads overlap compute.
 //!
 //! **Untested on hardware**: this compiles and its bookkeeping
-//! ([`crate::slot_table`]) is tested on CPU, but no copy has run on a GPU
+//! ([`moe_types::SlotTable`]) is tested on CPU, but no copy has run on a GPU
 //! yet. `scripts/gpu-check.sh` exercises it (load, compute on the loaded
 //! slot, compare with the CPU FFN) on a machine with one.
 //!
@@ -21,15 +21,17 @@
 //! The logical-to-slot map is mirrored on the device ([`ExpertSlotPool::device_map`])
 //! for kernels that look experts up themselves.
 //!
-//! Policy stays outside: the caller (the engine's expert cache) decides what
-//! to load and what to evict, exactly as on CPU; this type moves bytes.
+//! Policy stays outside: the residency core (`moe_offload::residency`)
+//! decides what to load, into which slot, and what to evict, exactly as on
+//! CPU; this type moves bytes and mirrors the core's slot choices in its
+//! table ([`ExpertSlotPool::load_into`]).
 
 use super::context::GpuContext;
 use super::error::{CudaError, CudaLibrary};
 use super::gemm::{Bf16Matrix, ExpertMatrices};
-use crate::slot_table::{ExpertKey, SlotId, SlotTable};
 use crate::{Weight, WeightData};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, PinnedHostSlice};
+use moe_types::{ExpertKey, SlotId, SlotTable};
 use std::sync::Arc;
 
 /// Sizes of the pool.
@@ -113,11 +115,11 @@ impl ExpertSlotPool {
     }
 
     fn host_range(&self, k: ExpertKey) -> Result<std::ops::Range<usize>, CudaError> {
-        if k.layer >= self.shape.layers || k.expert >= self.shape.experts {
-            return Err(CudaError::Pool(format!("expert {k:?} outside the pool")));
+        if k.layer.index() >= self.shape.layers || k.expert.index() >= self.shape.experts {
+            return Err(CudaError::Pool(format!("{k} is outside the pool")));
         }
         let n = self.shape.slot_elems();
-        let start = (k.layer * self.shape.experts + k.expert) * n;
+        let start = k.flat(self.shape.experts) * n;
         Ok(start..start + n)
     }
 
@@ -140,13 +142,22 @@ impl ExpertSlotPool {
         Ok(())
     }
 
-    /// Starts loading `k` from the host tier into a free slot on the copy
-    /// stream and returns the slot; compute that later reads the slot waits
-    /// for the copy (per-slot events), nothing on the host blocks.
+    /// Starts loading `k` from the host tier into the lowest free slot (see
+    /// [`Self::load_into`]) and returns the slot.
     pub fn load(&mut self, k: ExpertKey) -> Result<SlotId, CudaError> {
+        let slot = self.table.first_free().ok_or_else(|| CudaError::Pool("every slot is occupied".into()))?;
+        self.load_into(k, slot)?;
+        Ok(slot)
+    }
+
+    /// Starts loading `k` from the host tier into the free slot `slot` (the
+    /// residency core's `Command::Load`) on the copy stream; compute that
+    /// later reads the slot waits for the copy (per-slot events), nothing on
+    /// the host blocks.
+    pub fn load_into(&mut self, k: ExpertKey, slot: SlotId) -> Result<(), CudaError> {
         let r = self.host_range(k)?;
-        let slot = self.table.assign(k).map_err(|e| CudaError::Pool(e.to_string()))?;
-        let i = slot.0 as usize;
+        self.table.place(k, slot).map_err(|e| CudaError::Pool(e.to_string()))?;
+        let i = slot.index();
         // The copy reads pinned memory asynchronously: `stage` waits for the
         // copy stream before writing, and the pool owns the buffer, so the
         // bytes stay put until the copy has run.
@@ -159,7 +170,7 @@ impl ExpertSlotPool {
         self.ready[i] = Some(self.copy.record_event(None)?);
         self.bytes_loaded += (src.len() * 2) as u64;
         self.map_dirty = true;
-        Ok(slot)
+        Ok(())
     }
 
     /// Frees the slot of `k` (the policy's decision). A later copy into the
@@ -182,7 +193,7 @@ impl ExpertSlotPool {
 
     /// Makes the compute stream wait (on the device) for `k`'s copy.
     pub fn wait_ready(&self, g: &GpuContext, k: ExpertKey) -> Result<(), CudaError> {
-        let slot = self.table.slot_of(k).ok_or_else(|| CudaError::Pool(format!("expert {k:?} is not resident")))?;
+        let slot = self.table.slot_of(k).ok_or_else(|| CudaError::Pool(format!("{k} is not resident")))?;
         if let Some(ev) = &self.ready[slot.0 as usize] {
             g.stream().wait(ev)?;
         }
@@ -192,7 +203,7 @@ impl ExpertSlotPool {
     /// Views of `k`'s matrices in its slot, for [`super::gemm::expert_ffn`]:
     /// `(gate_up, down)` as device views.
     pub fn views(&self, k: ExpertKey) -> Result<(CudaView<'_, u16>, CudaView<'_, u16>), CudaError> {
-        let slot = self.table.slot_of(k).ok_or_else(|| CudaError::Pool(format!("expert {k:?} is not resident")))?;
+        let slot = self.table.slot_of(k).ok_or_else(|| CudaError::Pool(format!("{k} is not resident")))?;
         let s = &self.slots[slot.0 as usize];
         let split = 2 * self.shape.ffn * self.shape.hidden;
         Ok((s.slice(..split), s.slice(split..)))

@@ -98,21 +98,6 @@ impl PredictorKind {
         }
     }
 
-    /// Parses a flag value; `learned` reads `learned_file`.
-    pub fn parse(s: &str, learned_file: impl FnOnce() -> PathBuf) -> Result<Self, OffloadError> {
-        Ok(match s {
-            "none" => Self::None,
-            "previous" => Self::PreviousToken,
-            "lookahead" => Self::LookAhead,
-            "learned" => Self::Learned(learned_file()),
-            other => {
-                return Err(OffloadError::Config(format!(
-                    "unknown predictor {other:?} (expected none, previous, lookahead or learned)"
-                )))
-            }
-        })
-    }
-
     /// Builds the predictor for `shape` (`None` for [`PredictorKind::None`]).
     pub fn build(&self, shape: Shape) -> Result<Option<Box<dyn PathPredictor>>, OffloadError> {
         Ok(match self {
@@ -125,6 +110,75 @@ impl PredictorKind {
                 Some(Box::new(LearnedPredictor::new(Arc::new(tables), shape)))
             }
         })
+    }
+}
+
+/// What `--predictor` names, parsed at the edge; [`PredictorChoice::resolve`]
+/// turns it into a [`PredictorKind`] once the model directory is known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum PredictorChoice {
+    /// The learned predictor when its file exists, else look-ahead gating.
+    #[default]
+    Auto,
+    /// No forecasts.
+    None,
+    /// The previous token's path.
+    Previous,
+    /// Look-ahead gating.
+    LookAhead,
+    /// The learned predictor (its file must exist).
+    Learned,
+}
+
+impl PredictorChoice {
+    /// Every choice, in help order.
+    pub const ALL: [PredictorChoice; 5] = [Self::Auto, Self::Learned, Self::LookAhead, Self::Previous, Self::None];
+
+    /// The flag value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::None => "none",
+            Self::Previous => "previous",
+            Self::LookAhead => "lookahead",
+            Self::Learned => "learned",
+        }
+    }
+
+    /// The predictor for a model whose learned-predictor file is `learned_file`.
+    pub fn resolve(self, learned_file: PathBuf) -> PredictorKind {
+        match self {
+            Self::Auto if learned_file.is_file() => PredictorKind::Learned(learned_file),
+            Self::Auto | Self::LookAhead => PredictorKind::LookAhead,
+            Self::None => PredictorKind::None,
+            Self::Previous => PredictorKind::PreviousToken,
+            Self::Learned => PredictorKind::Learned(learned_file),
+        }
+    }
+}
+
+impl std::str::FromStr for PredictorChoice {
+    type Err = OffloadError;
+    fn from_str(s: &str) -> Result<Self, OffloadError> {
+        Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
+            OffloadError::Config(format!(
+                "unknown predictor {s:?} (expected auto, learned, lookahead, previous or none)"
+            ))
+        })
+    }
+}
+
+impl TryFrom<String> for PredictorChoice {
+    type Error = OffloadError;
+    fn try_from(s: String) -> Result<Self, OffloadError> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for PredictorChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

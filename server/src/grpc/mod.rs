@@ -1,5 +1,5 @@
 //! The gRPC API (`moe.v1.Generation`, tonic), plus standard health checking
-//! and server reflection. Requests go through the same validation
+//! and server reflection (`grpc.reflection.v1` and `v1alpha`). Requests go through the same validation
 //! (`frontend::params`), generation driver and error mapping as REST.
 
 mod convert;
@@ -38,10 +38,15 @@ pub async fn run_grpc(
 ) -> anyhow::Result<()> {
     let (reporter, health) = reporter_health;
     set_health(&reporter, state.ready().is_ok()).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // both reflection versions: grpcurl and tonic clients speak v1, the Python
+    // grpcio-reflection client (and older grpcurl / Postman) only v1alpha
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(moe_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_alpha = reflection_builder().build_v1alpha()?;
     let key = state.cfg.api_key.clone();
     let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
         if let Some(key) = &key {
@@ -69,7 +74,8 @@ pub async fn run_grpc(
     } else {
         (None, Some(InterceptedService::new(health, auth.clone())))
     };
-    let reflection = InterceptedService::new(reflection, auth);
+    let reflection = InterceptedService::new(reflection, auth.clone());
+    let reflection_alpha = InterceptedService::new(reflection_alpha, auth);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -77,6 +83,7 @@ pub async fn run_grpc(
         .add_optional_service(open_health)
         .add_optional_service(guarded_health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

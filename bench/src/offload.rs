@@ -117,7 +117,7 @@ fn run(
     prompts: &[Vec<TokenId>],
     decode: usize,
     record: bool,
-) -> anyhow::Result<Outcome> {
+) -> crate::Result<Outcome> {
     let sched = SchedulerConfig { max_num_seqs: prompts.len().max(1), max_batched_tokens: 4096 };
     let per_seq = prompts.iter().map(Vec::len).max().unwrap_or(0) + decode;
     let blocks = prompts.len() * per_seq.div_ceil(16) + 4;
@@ -154,14 +154,14 @@ fn run(
 }
 
 impl OffloadBench {
-    fn source(&self, cfg: &ModelConfig) -> anyhow::Result<Box<dyn ExpertSource>> {
+    fn source(&self, cfg: &ModelConfig) -> crate::Result<Box<dyn ExpertSource>> {
         Ok(match &self.tier {
             Tier::Disk(dir) => Box::new(DiskExperts::open(dir, cfg)?),
             Tier::Memory(w) => Box::new(MemoryExperts::new(w.clone())),
         })
     }
 
-    fn resident(&self) -> anyhow::Result<Experts> {
+    fn resident(&self) -> crate::Result<Experts> {
         let cfg = self.model.config();
         Ok(Experts::Resident(match &self.tier {
             Tier::Disk(dir) => moe_model::load_weights(dir, cfg, &mut ())?.1,
@@ -170,7 +170,7 @@ impl OffloadBench {
     }
 
     /// Runs everything and returns the figures.
-    pub fn run(&self) -> anyhow::Result<OffloadReport> {
+    pub fn run(&self) -> crate::Result<OffloadReport> {
         let cfg = self.model.config().clone();
         let total = cfg.moe_layers().count() * cfg.moe.num_experts;
         let expert_bytes = self.source(&cfg)?.expert_bytes();

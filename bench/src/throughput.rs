@@ -6,8 +6,9 @@
 //! not exceed `read bandwidth / bytes per token`. The ratio printed is how
 //! close the engine gets to that bound.
 
-use crate::session::Session;
-use moe_model::{ExpertProvider, Model, ModelConfig};
+use moe_engine::{EngineCore, GenerationRequest};
+use moe_model::{ExpertPlanner, ExpertProvider, ModelConfig};
+use moe_types::SeqId;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -60,30 +61,39 @@ pub fn read_bandwidth() -> f64 {
     (buf.len() * 4) as f64 / best
 }
 
-/// Prefill and decode one model.
-pub fn bench_model<E: ExpertProvider + Sync>(
+/// Prefill and decode one sequence at a time through `core` (greedy,
+/// `args.repeats` times, best run kept): the prefill step (which also samples
+/// the first token), then `args.decode_tokens` decode steps.
+pub fn bench_model<E: ExpertProvider + ExpertPlanner + Sync>(
     name: &str,
-    model: &Model,
-    experts: &E,
+    core: &mut EngineCore<E>,
     expert_bytes: usize,
     args: BenchArgs,
     bandwidth: f64,
-) -> moe_model::Result<BenchRow> {
-    let cfg = model.config();
+) -> crate::Result<BenchRow> {
+    let cfg = core.model().config().clone();
     let prompt: Vec<u32> = (0..args.prompt_tokens).map(|i| (3 + (i * 7919) % (cfg.vocab_size - 3)) as u32).collect();
     let (mut prefill_best, mut decode_best) = (f64::MAX, f64::MAX);
-    for _ in 0..args.repeats.max(1) {
-        let mut s = Session::new(model, experts, args.prompt_tokens + args.decode_tokens + 1);
+    for rep in 0..args.repeats.max(1) {
+        let req = GenerationRequest {
+            prompt: prompt.clone(),
+            sampling: moe_model::SamplingParams::default(),
+            seed: 0,
+            max_tokens: args.decode_tokens + 1,
+            min_tokens: 0,
+            ignore_eos: true,
+        };
+        core.add(SeqId(rep as u64), req)?;
         let t = Instant::now();
-        let mut logits = s.step(&prompt)?;
+        core.step().map_err(|(_, e)| e)?;
         prefill_best = prefill_best.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
         for _ in 0..args.decode_tokens {
-            let next = moe_model::sampling::argmax(&logits);
-            logits = s.step(&[next])?;
+            core.step().map_err(|(_, e)| e)?;
         }
         decode_best = decode_best.min(t.elapsed().as_secs_f64());
     }
+    let model = core.model();
     let bytes_per_token = model.bytes_per_decoded_token(expert_bytes);
     Ok(BenchRow {
         name: name.to_string(),
@@ -129,15 +139,15 @@ pub fn render(rows: &[BenchRow], bandwidth: f64, args: BenchArgs) -> String {
 
 /// Engine-level decode throughput with `batch` concurrent greedy sequences
 /// (no HTTP): generated tokens per second over the whole run.
-pub fn engine_throughput<E: ExpertProvider + Sync>(
-    core: &mut moe_engine::EngineCore<E>,
+pub fn engine_throughput<E: ExpertProvider + ExpertPlanner + Sync>(
+    core: &mut EngineCore<E>,
     batch: usize,
     max_tokens: usize,
 ) -> Result<f64, moe_engine::EngineError> {
     let vocab = core.model().config().vocab_size;
     for i in 0..batch {
         let prompt = (0..16).map(|j| (3 + (i * 131 + j * 7) % (vocab - 3)) as u32).collect();
-        let req = moe_engine::GenerationRequest {
+        let req = GenerationRequest {
             prompt,
             sampling: moe_model::SamplingParams::default(),
             seed: i as u64,
@@ -145,7 +155,7 @@ pub fn engine_throughput<E: ExpertProvider + Sync>(
             min_tokens: 0,
             ignore_eos: true,
         };
-        core.add(moe_types::SeqId(i as u64), req)?;
+        core.add(SeqId(i as u64), req)?;
     }
     let t = Instant::now();
     let mut tokens = 0;

@@ -60,7 +60,7 @@ pub struct ModeRow {
 }
 
 impl RegroupBench {
-    fn run_mode(&self, mode: GroupingMode) -> anyhow::Result<(ModeRow, BTreeMap<u64, Vec<TokenId>>)> {
+    fn run_mode(&self, mode: GroupingMode) -> crate::Result<(ModeRow, BTreeMap<u64, Vec<TokenId>>)> {
         let cfg = self.model.config().clone();
         let total = cfg.moe_layers().count() * cfg.moe.num_experts;
         let slots = ((self.budget * total as f64).round() as usize).max(cfg.moe.num_experts);
@@ -140,7 +140,7 @@ impl RegroupBench {
     }
 
     /// Runs the three modes and renders the comparison.
-    pub fn run(&self) -> anyhow::Result<String> {
+    pub fn run(&self) -> crate::Result<String> {
         let mut rows = Vec::new();
         let mut reference = None;
         for mode in [GroupingMode::Fcfs, GroupingMode::Random, GroupingMode::Regroup] {
