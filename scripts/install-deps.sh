@@ -6,11 +6,15 @@
 set -euo pipefail
 
 have_libclang() {
-    # bindgen finds libclang through LIBCLANG_PATH, or in the usual places
-    if [[ -n "${LIBCLANG_PATH:-}" ]] && ls "$LIBCLANG_PATH"/libclang*.so* >/dev/null 2>&1; then return 0; fi
-    ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib64/libclang*.so* /usr/lib/libclang*.so* \
-        /usr/lib/x86_64-linux-gnu/libclang*.so* /usr/lib/aarch64-linux-gnu/libclang*.so* \
-        /opt/homebrew/opt/llvm/lib/libclang.dylib /usr/local/opt/llvm/lib/libclang.dylib >/dev/null 2>&1
+    # bindgen (clang-sys) finds libclang through LIBCLANG_PATH, or in the usual places
+    local pattern
+    # (libclang.so or libclang-N.so, not libclang-cpp)
+    for pattern in "${LIBCLANG_PATH:-/nonexistent}"/libclang{.,-[0-9]}*so* /usr/lib/llvm-*/lib/libclang{.,-[0-9]}*so* \
+        /usr/lib64/libclang{.,-[0-9]}*so* /usr/lib/libclang{.,-[0-9]}*so* /usr/lib/*-linux-gnu/libclang{.,-[0-9]}*so* \
+        /opt/homebrew/opt/llvm/lib/libclang.dylib /usr/local/opt/llvm/lib/libclang.dylib; do
+        [[ -e "$pattern" ]] && return 0
+    done
+    return 1
 }
 
 missing=()
