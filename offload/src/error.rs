@@ -36,6 +36,17 @@ pub enum OffloadError {
         /// What is wrong.
         message: String,
     },
+    /// A placement plan does not fit the model's shape.
+    #[error(transparent)]
+    Plan(#[from] moe_types::PlanError),
+    /// A placement plan names other MoE layers than the model's.
+    #[error("the plan is for MoE layers {plan:?}, the model's are {model:?}")]
+    PlanLayers {
+        /// The plan's MoE layers (decoder indices).
+        plan: Vec<u16>,
+        /// The model's.
+        model: Vec<usize>,
+    },
     /// A model-side error (checkpoint layout, shapes).
     #[error(transparent)]
     Model(#[from] moe_model::ModelError),

@@ -11,7 +11,7 @@
 //! replicated expert is computed by its first replica; its tokens are
 //! accounted evenly across the replicas, as the planner's cost model assumes.
 
-use crate::metric_names as m;
+use crate::{metric_names as m, OffloadError};
 use moe_model::{ExpertPlanner, ExpertProvider, ExpertWeights, ModelConfig, ModelError, ResidentExperts, StepToken};
 use moe_types::placement::{spread_load, spread_transition, PlacementPlan};
 use moe_types::{ExpertId, LayerId, LayerRouting};
@@ -49,11 +49,11 @@ pub struct ShardedExperts {
 impl ShardedExperts {
     /// Distributes `experts` over the plan's shards; the plan must fit the
     /// model (`PlacementPlan::validate`) and name the model's MoE layers.
-    pub fn new(cfg: &ModelConfig, experts: ResidentExperts, plan: &PlacementPlan) -> Result<Self, String> {
+    pub fn new(cfg: &ModelConfig, experts: ResidentExperts, plan: &PlacementPlan) -> Result<Self, OffloadError> {
         let moe_layers: Vec<usize> = cfg.moe_layers().collect();
-        plan.validate(moe_layers.len(), cfg.moe.num_experts).map_err(|e| e.to_string())?;
+        plan.validate(moe_layers.len(), cfg.moe.num_experts)?;
         if plan.moe_layers.iter().map(|&l| l as usize).ne(moe_layers.iter().copied()) {
-            return Err(format!("the plan is for MoE layers {:?}, the model's are {moe_layers:?}", plan.moe_layers));
+            return Err(OffloadError::PlanLayers { plan: plan.moe_layers.clone(), model: moe_layers });
         }
         let n = plan.num_gpus;
         let weights = experts.into_weights();

@@ -119,10 +119,10 @@ fn a_plan_that_does_not_fit_the_model_is_refused() {
     .unwrap();
     let mut p = plan(2, false);
     p.layers[1][3] = vec![];
-    let e = ShardedExperts::new(&cfg, resident(), &p).err().unwrap();
+    let e = ShardedExperts::new(&cfg, resident(), &p).err().unwrap().to_string();
     assert!(e.contains("expert 3 of MoE layer 1 is on no GPU"), "{e}");
     let mut p = plan(2, false);
     p.moe_layers = vec![0, 1, 2, 5];
-    let e = ShardedExperts::new(&cfg, resident(), &p).err().unwrap();
+    let e = ShardedExperts::new(&cfg, resident(), &p).err().unwrap().to_string();
     assert!(e.contains("the plan is for MoE layers [0, 1, 2, 5]"), "{e}");
 }
