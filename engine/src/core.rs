@@ -71,7 +71,7 @@ impl<E: ExpertProvider + ExpertPlanner + Sync> EngineCore<E> {
 
     /// Sets micro-batching and regrouping (see `moe_scheduler::GroupingConfig`).
     pub fn with_grouping(mut self, g: GroupingConfig) -> Result<Self, EngineError> {
-        self.sched.set_grouping(g).map_err(EngineError::Invalid)?;
+        self.sched.set_grouping(g)?;
         Ok(self)
     }
 

@@ -265,9 +265,10 @@ fn run<E: ExpertProvider + ExpertPlanner + Sync>(
             }
             Err((ids, e)) => {
                 tracing::error!(error = %e, sequences = ids.len(), "forward step failed");
+                let cause = EngineError::from(&e);
                 for id in ids {
                     if let Some(tx) = streams.remove(&id) {
-                        let _ = tx.try_send(EngineEvent::Error(e.to_string()));
+                        let _ = tx.try_send(EngineEvent::Error(cause.clone()));
                     }
                 }
             }
@@ -289,7 +290,7 @@ fn accept<E: ExpertProvider + ExpertPlanner + Sync>(
             streams.insert(id, events);
         }
         Err(e) => {
-            let _ = events.try_send(EngineEvent::Error(e.to_string()));
+            let _ = events.try_send(EngineEvent::Error(e));
         }
     }
 }

@@ -38,13 +38,17 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
 }
 
-/// Why a sequence ended.
+/// Why a sequence ended: one type from the engine to every wire format
+/// (REST and gRPC each map it once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
     /// An eos token was generated.
     Eos,
     /// `max_tokens` or the context length was reached.
     Length,
+    /// A stop string matched (decided by the front end, which detokenizes;
+    /// the engine itself never reports it).
+    Stop,
 }
 
 /// What a request's stream carries.
@@ -55,11 +59,11 @@ pub enum EngineEvent {
     /// The sequence ended; no more events follow.
     Finished(FinishReason),
     /// The sequence failed; no more events follow.
-    Error(String),
+    Error(EngineError),
 }
 
-/// Why a request was not accepted.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a request was not accepted, or why its sequence failed.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EngineError {
     /// Too many requests in flight.
     #[error("the server is at capacity ({0} requests in flight); retry later")]
@@ -82,4 +86,33 @@ pub enum EngineError {
     /// The request is malformed (empty prompt, bad token id).
     #[error("{0}")]
     Invalid(String),
+    /// A scheduler setting that cannot work (micro-batching).
+    #[error(transparent)]
+    Scheduler(#[from] moe_scheduler::SchedulerError),
+    /// A step could not get an expert's weights (the slow tier is unreadable
+    /// now); the sequence failed, a retry may succeed.
+    #[error("expert {expert} of layer {layer} is unavailable: {message}")]
+    ExpertUnavailable {
+        /// Decoder layer.
+        layer: usize,
+        /// Expert index.
+        expert: usize,
+        /// Why (the file and the IO error).
+        message: String,
+    },
+    /// The forward step failed for another reason (a bug or a corrupt model).
+    #[error("the forward step failed: {0}")]
+    Step(String),
+}
+
+impl From<&moe_model::ModelError> for EngineError {
+    /// The cause of a failed step, as each of its sequences reports it.
+    fn from(e: &moe_model::ModelError) -> Self {
+        match e {
+            moe_model::ModelError::ExpertUnavailable { layer, expert, message } => {
+                Self::ExpertUnavailable { layer: *layer, expert: *expert, message: message.clone() }
+            }
+            other => Self::Step(other.to_string()),
+        }
+    }
 }

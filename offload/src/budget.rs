@@ -71,12 +71,7 @@ impl FromStr for ExpertBudget {
     }
 }
 
-impl TryFrom<String> for ExpertBudget {
-    type Error = OffloadError;
-    fn try_from(s: String) -> Result<Self, OffloadError> {
-        s.parse()
-    }
-}
+moe_types::setting_from_str!(ExpertBudget);
 
 impl std::fmt::Display for ExpertBudget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -46,18 +46,7 @@ impl FromStr for PolicyKind {
     }
 }
 
-impl TryFrom<String> for PolicyKind {
-    type Error = OffloadError;
-    fn try_from(s: String) -> Result<Self, OffloadError> {
-        s.parse()
-    }
-}
-
-impl std::fmt::Display for PolicyKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+moe_types::setting_from_str!(named PolicyKind);
 
 /// What a policy sees of a resident expert that may be evicted (not pinned,
 /// not used by the running layer).

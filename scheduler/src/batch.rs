@@ -13,6 +13,7 @@
 
 use crate::blocks::{BlockAllocator, BlockTable};
 use crate::grouping::{choose, Candidate, GroupingConfig, PathHints};
+use crate::SchedulerError;
 use moe_types::{BlockId, SeqId, TokenId};
 use std::collections::{HashMap, VecDeque};
 
@@ -101,21 +102,23 @@ impl Scheduler {
     /// cannot be kept: with `m` sequences per step (one slot kept for
     /// admissions when `m` > 1) and up to `max_num_seqs` running, round robin
     /// alone needs `ceil(max_num_seqs / (m - 1)) - 1` steps of deferral.
-    pub fn with_grouping(mut self, g: GroupingConfig) -> Result<Self, String> {
+    pub fn with_grouping(mut self, g: GroupingConfig) -> Result<Self, SchedulerError> {
         self.set_grouping(g)?;
         Ok(self)
     }
 
     /// [`with_grouping`](Self::with_grouping) in place.
-    pub fn set_grouping(&mut self, g: GroupingConfig) -> Result<(), String> {
+    pub fn set_grouping(&mut self, g: GroupingConfig) -> Result<(), SchedulerError> {
         if g.micro_batch > 0 {
             let slots = g.micro_batch - usize::from(g.micro_batch > 1);
             let need = self.cfg.max_num_seqs.div_ceil(slots).saturating_sub(1);
             if (g.max_deferral as usize) < need {
-                return Err(format!(
-                    "a micro-batch of {} with up to {} running sequences needs a deferral bound of at least {need} steps (got {})",
-                    g.micro_batch, self.cfg.max_num_seqs, g.max_deferral
-                ));
+                return Err(SchedulerError::DeferralBound {
+                    micro_batch: g.micro_batch,
+                    max_num_seqs: self.cfg.max_num_seqs,
+                    needed: need,
+                    max_deferral: g.max_deferral,
+                });
             }
         }
         self.rng = g.seed;

@@ -56,18 +56,7 @@ impl std::str::FromStr for GroupingMode {
     }
 }
 
-impl TryFrom<String> for GroupingMode {
-    type Error = UnknownGrouping;
-    fn try_from(s: String) -> Result<Self, UnknownGrouping> {
-        s.parse()
-    }
-}
-
-impl std::fmt::Display for GroupingMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+moe_types::setting_from_str!(named GroupingMode);
 
 /// Micro-batching settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,7 +23,7 @@ pub use blocks::{BlockAllocator, BlockTable};
 pub use grouping::{GroupingConfig, GroupingMode, PathHints, UnknownGrouping};
 
 /// Errors of the scheduling state.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SchedulerError {
     /// Not enough free KV blocks for the request.
     #[error("out of KV cache blocks: need {needed}, {free} free")]
@@ -32,5 +32,18 @@ pub enum SchedulerError {
         needed: usize,
         /// Blocks available.
         free: usize,
+    },
+    /// A micro-batch too small for the deferral bound (see
+    /// `Scheduler::set_grouping`).
+    #[error("a micro-batch of {micro_batch} with up to {max_num_seqs} running sequences needs a deferral bound of at least {needed} steps (got {max_deferral})")]
+    DeferralBound {
+        /// Sequences per step.
+        micro_batch: usize,
+        /// Most running sequences.
+        max_num_seqs: usize,
+        /// The smallest bound round robin can keep.
+        needed: usize,
+        /// The bound asked for.
+        max_deferral: u32,
     },
 }

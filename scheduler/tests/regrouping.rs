@@ -99,7 +99,7 @@ fn every_mode_keeps_the_micro_batch_and_the_deferral_bound_on_random_workloads()
 fn an_impossible_deferral_bound_is_refused() {
     let cfg = SchedulerConfig { max_num_seqs: 64, max_batched_tokens: 64 };
     let g = GroupingConfig { mode: GroupingMode::Regroup, micro_batch: 8, max_deferral: 2, seed: 0 };
-    let e = Scheduler::new(cfg, BlockAllocator::new(8, 16)).with_grouping(g).err().unwrap();
+    let e = Scheduler::new(cfg, BlockAllocator::new(8, 16)).with_grouping(g).err().unwrap().to_string();
     assert!(e.contains("deferral bound of at least 9"), "{e}");
 }
 

@@ -22,14 +22,19 @@ pub enum Device {
     Cuda,
 }
 
+/// A `--device` value that names no device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown device {0:?} (expected cpu or cuda)")]
+pub struct UnknownDevice(pub String);
+
 impl FromStr for Device {
-    type Err = String;
+    type Err = UnknownDevice;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda),
-            _ => Err(format!("unknown device {s:?} (expected cpu or cuda)")),
+            _ => Err(UnknownDevice(s.to_string())),
         }
     }
 }
@@ -81,7 +86,7 @@ mod tests {
     fn parses_and_prints() {
         assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
         assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda));
-        assert!("gpu".parse::<Device>().unwrap_err().contains("expected cpu or cuda"));
+        assert!("gpu".parse::<Device>().unwrap_err().to_string().contains("expected cpu or cuda"));
         assert_eq!(Device::Cuda.to_string(), "cuda");
         assert!(Device::Cpu.check().is_ok());
     }

@@ -3,8 +3,8 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use moe_bench::throughput::{self as bench, BenchArgs};
-use moe_model::SamplingParams;
 use moe_server::config::ServeArgs;
+use moe_server::frontend::params::{RawParams, RequestLimits};
 use moe_server::generate::{generate, GenerateArgs};
 use moe_server::model_dir::{default_model_dir, load_with_progress, model_name};
 use moe_server::offload::{load_served, OffloadArgs};
@@ -360,14 +360,20 @@ fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
     let t = Instant::now();
     let m = load_served(&dir, false, &g.offload.settings()?)?;
     eprintln!("loaded {} ({}) in {:.2}s", dir.display(), m.model.config().arch.name(), t.elapsed().as_secs_f64());
+    // the same request rules as the REST and gRPC APIs (frontend::params)
     let d = m.codec.defaults();
-    let sampling = SamplingParams {
-        temperature: g.temperature.or(d.temperature).unwrap_or(1.0),
-        top_p: g.top_p.or(d.top_p).unwrap_or(1.0),
-        top_k: g.top_k.or(d.top_k).unwrap_or(0),
+    let raw = RawParams {
+        max_tokens: Some(("max_tokens", i64::try_from(g.max_tokens).unwrap_or(i64::MAX))),
+        temperature: g.temperature.or(d.temperature).map(f64::from),
+        top_p: g.top_p.or(d.top_p).map(f64::from),
+        top_k: g.top_k.or(d.top_k).map(|k| i64::try_from(k).unwrap_or(i64::MAX)),
         ..Default::default()
     };
-    validate_sampling(&sampling)?;
+    let limits = RequestLimits { max_tokens: usize::MAX >> 1, max_n: 1, max_stop: 0, max_logit_bias: 0 };
+    let sampling = raw
+        .validate(&limits, m.model.config().vocab_size)
+        .map_err(|e| anyhow::anyhow!("--{}: {}", e.param.as_deref().unwrap_or("").replace('_', "-"), e.message))?
+        .sampling;
     let seed = g.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
     });
@@ -396,16 +402,6 @@ fn run_trace(t: TraceCmd) -> anyhow::Result<()> {
     let args = moe_server::trace::TraceArgs { window: t.window, max_windows: t.max_windows };
     let n = moe_server::trace::record_text(m, &name, &text, &args, &mut out)?;
     eprintln!("recorded the routing of {n} tokens to {}", t.output.display());
-    Ok(())
-}
-
-fn validate_sampling(p: &SamplingParams) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        p.temperature >= 0.0 && p.temperature.is_finite(),
-        "--temperature must be >= 0, got {}",
-        p.temperature
-    );
-    anyhow::ensure!(p.top_p > 0.0 && p.top_p <= 1.0, "--top-p must be in (0, 1], got {}", p.top_p);
     Ok(())
 }
 

@@ -101,7 +101,9 @@ fn missing_tensor() {
 #[test]
 fn bad_sampling_flag() {
     let dir = model_copy("mixtral");
-    assert_fails_with(&generate(dir.path(), &["--top-p", "0"]), "--top-p must be in (0, 1]");
+    // the REST and gRPC APIs' rules and messages (frontend::params), the flag named
+    assert_fails_with(&generate(dir.path(), &["--top-p", "0"]), "--top-p: `top_p` must be greater than 0");
+    assert_fails_with(&generate(dir.path(), &["--top-p", "1.5"]), "--top-p: `top_p` must be between 0 and 1, got 1.5");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 mod common;
 use common::{config, TestServer};
-use moe_offload::{PolicyKind, PredictorChoice};
+use moe_offload::{ExpertBudget, PolicyKind, PredictorChoice};
 use moe_scheduler::GroupingMode;
 use moe_server::config::ServeArgs;
 use serde_json::json;
@@ -96,4 +96,40 @@ fn a_malformed_or_mismatched_placement_plan_is_a_clear_start_up_error() {
     let missing = config(|a| a.placement = Some(dir.path().join("nope.json")));
     let err = format!("{:#}", moe_server::serve::load_ready(&missing).err().unwrap());
     assert!(err.contains("cannot read placement plan") && err.contains("nope.json"), "{err}");
+}
+
+/// An expert that cannot be read mid-serving fails its request with the real
+/// cause and a retryable status (503 / UNAVAILABLE, the file named), not a
+/// blanket 500; once the file is back the same request succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_expert_is_a_503_with_its_cause() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-shakespeare-moe");
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let mut s = TestServer::start(
+        config(|a| {
+            a.model = Some(dir.path().to_path_buf());
+            a.served_model_name = Some("tiny-shakespeare-moe".into());
+            a.expert_cache = Some(ExpertBudget::Count(8));
+            a.predictor = Some(PredictorChoice::None);
+            a.expert_policy = Some(PolicyKind::Lru);
+        }),
+        true,
+    )
+    .await;
+    let weights = dir.path().join("model.safetensors");
+    let moved = dir.path().join("moved.safetensors");
+    std::fs::rename(&weights, &moved).unwrap();
+    let body = json!({"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0});
+    let (status, v) = s.post("/v1/completions", body.clone()).await;
+    assert_eq!(status, 503, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("unavailable") && msg.contains("model.safetensors"), "{msg}");
+    std::fs::rename(&moved, &weights).unwrap();
+    let (status, v) = s.post("/v1/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    s.shutdown();
 }

@@ -23,6 +23,30 @@ pub use placement::{PlacementPlan, PlanError, PLAN_FORMAT, PLAN_VERSION};
 /// A vocabulary entry.
 pub type TokenId = u32;
 
+/// For a setting type parsed at the edge (it implements `FromStr`):
+/// `TryFrom<String>` through `FromStr`, so `#[serde(try_from = "String")]`
+/// reads it from TOML with the same rule and message as a flag; with
+/// `named`, also `Display` as its flag value (the type's `fn name(self)`).
+#[macro_export]
+macro_rules! setting_from_str {
+    ($t:ty) => {
+        impl ::std::convert::TryFrom<String> for $t {
+            type Error = <$t as ::std::str::FromStr>::Err;
+            fn try_from(s: String) -> ::std::result::Result<Self, Self::Error> {
+                s.parse()
+            }
+        }
+    };
+    (named $t:ty) => {
+        $crate::setting_from_str!($t);
+        impl ::std::fmt::Display for $t {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
 macro_rules! id_newtype {
     ($(#[$doc:meta])* $name:ident($inner:ty)) => {
         $(#[$doc])*

@@ -29,7 +29,7 @@ use super::{window, Forecast, PathPredictor, Shape, NO_EXPERT};
 use crate::OffloadError;
 use moe_model::StepToken;
 use moe_types::trace::{TraceHeader, TraceToken};
-use moe_types::ExpertId;
+use moe_types::{ExpertId, MoeLayerId};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -103,12 +103,13 @@ impl PathTables {
     }
 
     /// Checks the tables against the model's shape.
-    pub fn check_shape(&self, shape: Shape) -> Result<(), String> {
+    pub fn check_shape(&self, shape: Shape, path: &Path) -> Result<(), OffloadError> {
         if (self.layers, self.experts, self.top_k) != (shape.layers, shape.experts, shape.top_k) {
-            return Err(format!(
+            let message = format!(
                 "trained for {} MoE layers x {} experts (top {}), but the model has {} x {} (top {})",
                 self.layers, self.experts, self.top_k, shape.layers, shape.experts, shape.top_k
-            ));
+            );
+            return Err(OffloadError::Predictor { path: path.into(), message });
         }
         Ok(())
     }
@@ -370,7 +371,7 @@ impl LearnedPredictor {
             self.tables.predict(j, tok.token as usize, &known, &mut ids);
             ids.resize(before + k, NO_EXPERT);
         }
-        Forecast { layer: j, ids }
+        Forecast { layer: MoeLayerId(j as u16), ids }
     }
 }
 
@@ -382,7 +383,8 @@ impl PathPredictor for LearnedPredictor {
         out.extend(window(0, self.shape.depth, self.shape.layers).map(|j| self.forecast(j)));
     }
 
-    fn observe(&mut self, layer: usize, ids: &[ExpertId], out: &mut Vec<Forecast>) {
+    fn observe(&mut self, layer: MoeLayerId, ids: &[ExpertId], out: &mut Vec<Forecast>) {
+        let layer = layer.index();
         if layer != self.known_layers || ids.len() != self.step.len() * self.shape.top_k {
             return; // out of order (cannot happen through the cache): no forecast
         }
@@ -441,7 +443,11 @@ mod tests {
         std::fs::write(&p, b"garbage").unwrap();
         assert!(PathTables::load(&p).unwrap_err().to_string().contains("not a safetensors file"));
         let shape = Shape { layers: 3, experts: 4, top_k: 1, depth: 1 };
-        assert!(t.check_shape(shape).unwrap_err().contains("trained for 2 MoE layers"));
+        assert!(t
+            .check_shape(shape, Path::new("p.safetensors"))
+            .unwrap_err()
+            .to_string()
+            .contains("trained for 2 MoE layers"));
     }
 
     #[test]
@@ -453,10 +459,10 @@ mod tests {
         let mut out = Vec::new();
         let toks = [StepToken { seq: moe_types::SeqId(1), token: 6 }];
         p.begin_step(&toks, &mut out);
-        assert_eq!(out, vec![Forecast { layer: 0, ids: vec![ExpertId(2)] }]);
+        assert_eq!(out, vec![Forecast { layer: MoeLayerId(0), ids: vec![ExpertId(2)] }]);
         out.clear();
-        p.observe(0, &[ExpertId(1)], &mut out);
+        p.observe(MoeLayerId(0), &[ExpertId(1)], &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].layer, 1);
+        assert_eq!(out[0].layer, MoeLayerId(1));
     }
 }

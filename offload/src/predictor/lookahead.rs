@@ -4,7 +4,7 @@
 
 use super::{Forecast, PathPredictor, Shape};
 use moe_model::StepToken;
-use moe_types::ExpertId;
+use moe_types::{ExpertId, MoeLayerId};
 
 /// Forecasts from the model's own routers, `depth` MoE layers ahead. It has
 /// nothing to say about a step's first MoE layer (no hidden state yet).
@@ -26,9 +26,9 @@ impl PathPredictor for LookAhead {
 
     fn begin_step(&mut self, _: &[StepToken], _: &mut Vec<Forecast>) {}
 
-    fn observe(&mut self, _: usize, _: &[ExpertId], _: &mut Vec<Forecast>) {}
+    fn observe(&mut self, _: MoeLayerId, _: &[ExpertId], _: &mut Vec<Forecast>) {}
 
-    fn gating(&mut self, _from: usize, layer: usize, ids: &[ExpertId], out: &mut Vec<Forecast>) {
+    fn gating(&mut self, _from: MoeLayerId, layer: MoeLayerId, ids: &[ExpertId], out: &mut Vec<Forecast>) {
         out.push(Forecast { layer, ids: ids.to_vec() });
     }
 }

@@ -2,7 +2,7 @@
 //! use in the coming MoE layers, before those layers run, so that the cache
 //! can start loading them.
 //!
-//! Layers here are MoE-layer indices (0 = the first MoE layer). A forecast is
+//! Layers here are MoE-layer indices ([`MoeLayerId`], 0 = the first MoE layer). A forecast is
 //! per token: `top_k` expert ids per token in batch order, [`NO_EXPERT`] where
 //! the predictor has nothing to say about a token.
 
@@ -16,7 +16,7 @@ pub use previous::PreviousToken;
 
 use crate::OffloadError;
 use moe_model::StepToken;
-use moe_types::{ExpertId, SeqId};
+use moe_types::{ExpertId, MoeLayerId, SeqId};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,8 +26,8 @@ pub const NO_EXPERT: ExpertId = ExpertId(u16::MAX);
 /// A forecast of one MoE layer for every token of the step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Forecast {
-    /// MoE layer index.
-    pub layer: usize,
+    /// The MoE layer forecast.
+    pub layer: MoeLayerId,
     /// `tokens * top_k` ids, strongest first; [`NO_EXPERT`] for unknown.
     pub ids: Vec<ExpertId>,
 }
@@ -57,9 +57,9 @@ pub trait PathPredictor: Send {
     /// A step starts over `tokens`; forecasts for its first layers go to `out`.
     fn begin_step(&mut self, tokens: &[StepToken], out: &mut Vec<Forecast>);
     /// MoE layer `layer` routed the step's tokens to `ids` (`tokens * top_k`).
-    fn observe(&mut self, layer: usize, ids: &[ExpertId], out: &mut Vec<Forecast>);
+    fn observe(&mut self, layer: MoeLayerId, ids: &[ExpertId], out: &mut Vec<Forecast>);
     /// Look-ahead gating: while layer `from` ran, layer `layer`'s router chose `ids`.
-    fn gating(&mut self, from: usize, layer: usize, ids: &[ExpertId], out: &mut Vec<Forecast>) {
+    fn gating(&mut self, from: MoeLayerId, layer: MoeLayerId, ids: &[ExpertId], out: &mut Vec<Forecast>) {
         let _ = (from, layer, ids, out);
     }
     /// A sequence ended.
@@ -106,7 +106,7 @@ impl PredictorKind {
             Self::LookAhead => Some(Box::new(LookAhead::new(shape))),
             Self::Learned(path) => {
                 let tables = PathTables::load(path)?;
-                tables.check_shape(shape).map_err(|m| OffloadError::Predictor { path: path.clone(), message: m })?;
+                tables.check_shape(shape, path)?;
                 Some(Box::new(LearnedPredictor::new(Arc::new(tables), shape)))
             }
         })
@@ -169,18 +169,7 @@ impl std::str::FromStr for PredictorChoice {
     }
 }
 
-impl TryFrom<String> for PredictorChoice {
-    type Error = OffloadError;
-    fn try_from(s: String) -> Result<Self, OffloadError> {
-        s.parse()
-    }
-}
-
-impl std::fmt::Display for PredictorChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+moe_types::setting_from_str!(named PredictorChoice);
 
 /// Layers `from..from + depth` below `layers`.
 pub(crate) fn window(from: usize, depth: usize, layers: usize) -> std::ops::Range<usize> {

@@ -2,7 +2,7 @@
 
 use super::{window, Forecast, PathPredictor, Shape, NO_EXPERT};
 use moe_model::StepToken;
-use moe_types::{ExpertId, SeqId};
+use moe_types::{ExpertId, MoeLayerId, SeqId};
 use std::collections::HashMap;
 
 /// Remembers each sequence's last computed token's path (all MoE layers).
@@ -30,7 +30,7 @@ impl PreviousToken {
                 None => ids.extend(std::iter::repeat_n(NO_EXPERT, k)),
             }
         }
-        Forecast { layer, ids }
+        Forecast { layer: MoeLayerId(layer as u16), ids }
     }
 }
 
@@ -41,7 +41,8 @@ impl PathPredictor for PreviousToken {
         out.extend(window(0, self.shape.depth, self.shape.layers).map(|j| self.forecast(j)));
     }
 
-    fn observe(&mut self, layer: usize, ids: &[ExpertId], out: &mut Vec<Forecast>) {
+    fn observe(&mut self, layer: MoeLayerId, ids: &[ExpertId], out: &mut Vec<Forecast>) {
+        let layer = layer.index();
         let (k, n) = (self.shape.top_k, self.shape.layers);
         if let Some(cur) = self.current.get_mut(layer) {
             cur.clear();
@@ -81,17 +82,17 @@ mod tests {
         let tok = |seq| StepToken { seq: SeqId(seq), token: 7 };
         let mut out = Vec::new();
         p.begin_step(&[tok(1)], &mut out);
-        assert_eq!(out, vec![Forecast { layer: 0, ids: vec![NO_EXPERT] }]);
+        assert_eq!(out, vec![Forecast { layer: MoeLayerId(0), ids: vec![NO_EXPERT] }]);
         out.clear();
-        p.observe(0, &[ExpertId(3)], &mut out);
-        assert_eq!(out, vec![Forecast { layer: 1, ids: vec![NO_EXPERT] }]);
-        p.observe(1, &[ExpertId(2)], &mut out);
+        p.observe(MoeLayerId(0), &[ExpertId(3)], &mut out);
+        assert_eq!(out, vec![Forecast { layer: MoeLayerId(1), ids: vec![NO_EXPERT] }]);
+        p.observe(MoeLayerId(1), &[ExpertId(2)], &mut out);
         out.clear();
         p.begin_step(&[tok(1), tok(2)], &mut out);
-        assert_eq!(out, vec![Forecast { layer: 0, ids: vec![ExpertId(3), NO_EXPERT] }]);
+        assert_eq!(out, vec![Forecast { layer: MoeLayerId(0), ids: vec![ExpertId(3), NO_EXPERT] }]);
         out.clear();
-        p.observe(0, &[ExpertId(0), ExpertId(1)], &mut out);
-        assert_eq!(out, vec![Forecast { layer: 1, ids: vec![ExpertId(2), NO_EXPERT] }]);
+        p.observe(MoeLayerId(0), &[ExpertId(0), ExpertId(1)], &mut out);
+        assert_eq!(out, vec![Forecast { layer: MoeLayerId(1), ids: vec![ExpertId(2), NO_EXPERT] }]);
         p.end_sequence(SeqId(1));
         out.clear();
         p.begin_step(&[tok(1)], &mut out);

@@ -321,7 +321,7 @@ impl ResidencyCore {
     /// Look-ahead gating: while MoE layer `from` runs, `layer`'s router chose `ids`.
     pub fn gating(&mut self, from: MoeLayerId, layer: MoeLayerId, ids: &[ExpertId]) {
         if let Some(p) = self.predictor.as_mut() {
-            p.gating(from.index(), layer.index(), ids, &mut self.scratch);
+            p.gating(from, layer, ids, &mut self.scratch);
             self.apply_forecasts();
         }
     }
@@ -386,7 +386,7 @@ impl ResidencyCore {
         self.stats[moe].hits += hits;
         self.stats[moe].misses += misses;
         if let Some(p) = self.predictor.as_mut() {
-            p.observe(moe, &routing.ids, &mut self.scratch);
+            p.observe(layer, &routing.ids, &mut self.scratch);
             self.apply_forecasts();
         }
         Ok(())

@@ -13,7 +13,7 @@ impl ResidencyCore {
     pub(super) fn apply_forecasts(&mut self) {
         let mut out = std::mem::take(&mut self.scratch);
         for f in out.drain(..) {
-            let j = f.layer;
+            let j = f.layer.index();
             if j >= self.layers || (!self.between_steps && j == self.cur_layer) {
                 continue; // the running layer's routing is already known
             }

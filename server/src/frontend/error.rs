@@ -92,6 +92,9 @@ impl From<EngineError> for ApiError {
                 code: Some("context_length_exceeded"),
             },
             EngineError::Invalid(_) => Self::invalid("prompt", message),
+            EngineError::Scheduler(_) => Self::internal(message),
+            EngineError::ExpertUnavailable { .. } => Self::unavailable(format!("generation failed: {message}")),
+            EngineError::Step(_) => Self::internal(format!("generation failed: {message}")),
         }
     }
 }

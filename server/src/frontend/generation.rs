@@ -58,8 +58,8 @@ pub struct Piece {
     pub text: String,
     /// The token and its logprobs (when asked for).
     pub token: Option<SampledToken>,
-    /// Set on the last piece of a choice: `stop` or `length`.
-    pub finish: Option<&'static str>,
+    /// Set on the last piece of a choice.
+    pub finish: Option<FinishReason>,
 }
 
 /// A running choice.
@@ -77,13 +77,6 @@ pub struct Choice {
 
 /// Submits every choice of `job`; nothing runs if any submission fails.
 pub fn submit(ready: &Ready, job: Job, started: Instant) -> Result<Vec<Choice>, ApiError> {
-    let vocab = ready.engine_vocab;
-    if let Some(&(id, _)) = job.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
-        return Err(ApiError::invalid(
-            "logit_bias",
-            format!("logit_bias token id {id} is outside the vocabulary ({vocab})"),
-        ));
-    }
     let mut choices = Vec::with_capacity(job.prompts.len() * job.n);
     for (p, prompt) in job.prompts.iter().enumerate() {
         metrics::counter!(m::PROMPT_TOKENS).increment(prompt.len() as u64);
@@ -137,24 +130,22 @@ impl Choice {
                 metrics::counter!(m::GENERATED_TOKENS).increment(1);
                 let text = match self.text.push(&self.codec, tok.id) {
                     Ok(t) => t,
-                    Err(e) => return Some(Err(self.fail(e.to_string()))),
+                    Err(e) => return Some(Err(self.fail(ApiError::internal(format!("detokenizing failed: {e}"))))),
                 };
-                let finish = if self.text.stopped() { Some("stop") } else { None };
+                let finish = self.text.stopped().then_some(FinishReason::Stop);
                 Piece { index: self.index, text, token: Some(tok), finish }
             }
             Some(EngineEvent::Finished(reason)) => {
                 let text = match self.text.finish(&self.codec) {
                     Ok(t) => t,
-                    Err(e) => return Some(Err(self.fail(e.to_string()))),
+                    Err(e) => return Some(Err(self.fail(ApiError::internal(format!("detokenizing failed: {e}"))))),
                 };
-                let finish = match reason {
-                    FinishReason::Eos => "stop",
-                    FinishReason::Length => "length",
-                };
-                Piece { index: self.index, text, token: None, finish: Some(finish) }
+                Piece { index: self.index, text, token: None, finish: Some(reason) }
             }
-            Some(EngineEvent::Error(e)) => return Some(Err(self.fail(e))),
-            None => return Some(Err(self.fail("the engine stopped".into()))),
+            // the engine's cause, mapped once (frontend/error.rs): a refused
+            // request is a 400, an unreadable expert a 503, a failed step a 500
+            Some(EngineEvent::Error(e)) => return Some(Err(self.fail(e.into()))),
+            None => return Some(Err(self.fail(ApiError::unavailable("the engine stopped")))),
         };
         if piece.finish.is_some() {
             self.done = true;
@@ -164,10 +155,10 @@ impl Choice {
         Some(Ok(piece))
     }
 
-    fn fail(&mut self, msg: String) -> ApiError {
+    fn fail(&mut self, e: ApiError) -> ApiError {
         self.done = true;
         self.stream = None;
-        ApiError::internal(format!("generation failed: {msg}"))
+        e
     }
 }
 
@@ -184,14 +175,15 @@ pub struct Collected {
     pub text: String,
     /// The tokens, with logprobs when asked for.
     pub tokens: Vec<SampledToken>,
-    /// `stop` or `length`.
-    pub finish: &'static str,
+    /// Why it ended.
+    pub finish: FinishReason,
 }
 
 /// Runs every choice to the end.
 pub async fn collect(choices: Vec<Choice>) -> Result<Vec<Collected>, ApiError> {
     let runs = choices.into_iter().map(|mut c| async move {
-        let mut out = Collected { index: c.index(), text: String::new(), tokens: Vec::new(), finish: "length" };
+        let mut out =
+            Collected { index: c.index(), text: String::new(), tokens: Vec::new(), finish: FinishReason::Length };
         while let Some(p) = c.next().await {
             let p = p?;
             out.text.push_str(&p.text);
@@ -229,10 +221,9 @@ pub fn token_list(v: Option<Value>, param: &str, vocab: usize) -> Result<Option<
     };
     a.into_iter()
         .map(|x| {
-            x.as_u64()
-                .filter(|&t| (t as usize) < vocab)
-                .map(|t| t as TokenId)
-                .ok_or_else(|| ApiError::invalid(param, format!("`{param}` holds {x}, not a token id below {vocab}")))
+            let id =
+                x.as_i64().ok_or_else(|| ApiError::invalid(param, format!("`{param}` holds {x}, not a token id")))?;
+            super::params::token_id(param, id, vocab)
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)

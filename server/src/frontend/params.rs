@@ -6,6 +6,7 @@
 use super::error::ApiError;
 use crate::config::ServeConfig;
 use moe_model::SamplingParams;
+use moe_types::TokenId;
 
 /// Largest `logprobs` / `top_logprobs`.
 pub const MAX_LOGPROBS: i64 = 20;
@@ -76,6 +77,38 @@ pub struct CommonParams {
     pub user: Option<String>,
 }
 
+/// The limits a request is checked against: the server's settings, or the
+/// CLI's (which has no server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Largest `max_tokens`.
+    pub max_tokens: usize,
+    /// Largest `n`.
+    pub max_n: usize,
+    /// Most stop strings.
+    pub max_stop: usize,
+    /// Most `logit_bias` entries.
+    pub max_logit_bias: usize,
+}
+
+impl From<&ServeConfig> for RequestLimits {
+    fn from(c: &ServeConfig) -> Self {
+        Self { max_tokens: c.max_tokens_limit, max_n: c.max_n, max_stop: c.max_stop, max_logit_bias: c.max_logit_bias }
+    }
+}
+
+/// The one out-of-vocabulary rule: `id` (from field `param`) must be a token
+/// id of a vocabulary of `vocab` tokens.
+pub fn token_id(param: &str, id: i64, vocab: usize) -> Result<TokenId, ApiError> {
+    if id < 0 || id as u64 >= vocab as u64 {
+        return Err(ApiError::invalid(
+            param,
+            format!("token id {id} in `{param}` is outside the vocabulary ({vocab})"),
+        ));
+    }
+    Ok(id as TokenId)
+}
+
 fn range_f(param: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f32>, ApiError> {
     match v {
         Some(x) if !(lo..=hi).contains(&x) => {
@@ -96,9 +129,10 @@ fn range_i(param: &str, v: Option<i64>, lo: i64, hi: i64) -> Result<Option<i64>,
 
 impl RawParams {
     /// Applies ranges and the server's limits.
-    pub fn validate(self, cfg: &ServeConfig, vocab: usize) -> Result<CommonParams, ApiError> {
+    pub fn validate(self, limits: &RequestLimits, vocab: usize) -> Result<CommonParams, ApiError> {
+        let cfg = limits;
         let max_tokens = match self.max_tokens {
-            Some((name, v)) => range_i(name, Some(v), 1, cfg.max_tokens_limit as i64)?.map(|v| v as usize),
+            Some((name, v)) => range_i(name, Some(v), 1, cfg.max_tokens as i64)?.map(|v| v as usize),
             None => None,
         };
         let n = range_i("n", self.n, 1, cfg.max_n as i64)?.unwrap_or(1) as usize;
@@ -131,19 +165,14 @@ impl RawParams {
             .logit_bias
             .iter()
             .map(|&(id, b)| {
-                if id < 0 || id as usize >= vocab {
-                    return Err(ApiError::invalid(
-                        "logit_bias",
-                        format!("logit_bias token id {id} is outside the vocabulary ({vocab})"),
-                    ));
-                }
+                let id = token_id("logit_bias", id, vocab)?;
                 if !(-100.0..=100.0).contains(&b) {
                     return Err(ApiError::invalid(
                         "logit_bias",
                         format!("logit_bias for {id} must be between -100 and 100"),
                     ));
                 }
-                Ok((id as u32, b as f32))
+                Ok((id, b as f32))
             })
             .collect::<Result<_, _>>()?;
         let logprobs = match self.logprobs {
@@ -169,7 +198,7 @@ impl RawParams {
             seed: self.seed.map(|s| s as u64),
             stop: self.stop,
             ignore_eos: self.ignore_eos,
-            min_tokens: range_i("min_tokens", self.min_tokens, 0, cfg.max_tokens_limit as i64)?.unwrap_or(0) as usize,
+            min_tokens: range_i("min_tokens", self.min_tokens, 0, cfg.max_tokens as i64)?.unwrap_or(0) as usize,
             user: self.user,
         })
     }

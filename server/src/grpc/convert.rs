@@ -3,6 +3,7 @@
 use crate::frontend::error::ApiError;
 use crate::frontend::generation::token_text;
 use crate::frontend::params::RawParams;
+use moe_engine::FinishReason;
 use moe_model::{SampledToken, TextCodec};
 use moe_proto::v1 as pb;
 use std::time::Duration;
@@ -49,11 +50,12 @@ pub fn logprob(codec: &TextCodec, t: &SampledToken) -> pb::TokenLogprob {
     }
 }
 
-/// `stop` / `length` as the enum.
-pub fn finish_reason(f: &str) -> pb::FinishReason {
+/// The finish reason on the gRPC wire (the one mapping; eos and a stop
+/// string are both `STOP`, as in OpenAI's API).
+pub fn finish_reason(f: FinishReason) -> pb::FinishReason {
     match f {
-        "stop" => pb::FinishReason::Stop,
-        _ => pb::FinishReason::Length,
+        FinishReason::Eos | FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Length => pb::FinishReason::Length,
     }
 }
 

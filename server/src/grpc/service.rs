@@ -3,11 +3,13 @@
 use super::convert;
 use crate::frontend::error::ApiError;
 use crate::frontend::generation::{self, check_prompt, collect, merge, Choice, Job};
+use crate::frontend::params::token_id;
 use crate::frontend::state::{AppState, Ready};
 use futures_util::stream::{BoxStream, StreamExt};
 use moe_engine::metric_names as m;
 use moe_proto::v1 as pb;
 use moe_proto::v1::generation_server::Generation;
+use moe_types::TokenId;
 use std::sync::Arc;
 use std::time::Instant;
 use tonic::{Request, Response, Status};
@@ -33,20 +35,14 @@ impl GenerationApi {
     async fn start(&self, req: &pb::GenerateRequest) -> Result<Started, ApiError> {
         let started = Instant::now();
         let r = self.ready(&req.model)?;
-        let common = convert::raw_params(req).validate(&self.state.cfg, r.engine_vocab)?;
+        let common = convert::raw_params(req).validate(&(&self.state.cfg).into(), r.engine_vocab)?;
         let max_prompt = self.state.cfg.max_prompt_tokens;
         let prompt = match &req.prompt {
             Some(pb::generate_request::Prompt::Text(t)) => {
                 check_prompt(generation::encode(&r, t.clone(), true, "text").await?, max_prompt)?
             }
             Some(pb::generate_request::Prompt::TokenIds(ids)) => {
-                if let Some(&bad) = ids.ids.iter().find(|&&t| t as usize >= r.engine_vocab) {
-                    return Err(ApiError::invalid(
-                        "token_ids",
-                        format!("token id {bad} is outside the vocabulary ({})", r.engine_vocab),
-                    ));
-                }
-                check_prompt(ids.ids.clone(), max_prompt)?
+                check_prompt(token_ids(&ids.ids, r.engine_vocab)?, max_prompt)?
             }
             None => return Err(ApiError::invalid("prompt", "set `text` or `token_ids`")),
         };
@@ -177,13 +173,7 @@ impl Generation for GenerationApi {
         let run = async {
             let req = request.into_inner();
             let r = self.ready(&req.model)?;
-            if let Some(&bad) = req.token_ids.iter().find(|&&t| t as usize >= r.engine_vocab) {
-                return Err(ApiError::invalid(
-                    "token_ids",
-                    format!("token id {bad} is outside the vocabulary ({})", r.engine_vocab),
-                )
-                .into());
-            }
+            token_ids(&req.token_ids, r.engine_vocab)?;
             let text =
                 r.codec.decode(&req.token_ids, false).map_err(|e| ApiError::invalid("token_ids", e.to_string()))?;
             Ok::<_, Status>(pb::DetokenizeResponse { text })
@@ -209,6 +199,11 @@ impl Generation for GenerationApi {
         };
         record("ModelInfo", run.await.map(Response::new))
     }
+}
+
+/// `token_ids` checked against the vocabulary (the one rule, `params::token_id`).
+fn token_ids(ids: &[u32], vocab: usize) -> Result<Vec<TokenId>, ApiError> {
+    ids.iter().map(|&t| token_id("token_ids", t as i64, vocab)).collect()
 }
 
 fn model_info(r: &Ready) -> pb::ModelInfo {

@@ -35,7 +35,7 @@ pub(super) async fn handle(
     }
     raw.logprobs = logprobs.then(|| ("top_logprobs", top.unwrap_or(0)));
     f.finish()?;
-    let common = raw.validate(&state.cfg, r.engine_vocab)?;
+    let common = raw.validate(&(&state.cfg).into(), r.engine_vocab)?;
     state.check_model(&r, common.model.as_deref())?;
     let template =
         r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
@@ -85,7 +85,7 @@ pub(super) async fn handle(
         .into_iter()
         .map(|c| {
             let lp = if logprobs { chat_logprobs(&r.codec, &c.tokens) } else { Value::Null };
-            json!({"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp, "finish_reason": c.finish})
+            json!({"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp, "finish_reason": super::finish_reason(c.finish)})
         })
         .collect();
     Ok(Json(json!({
@@ -102,10 +102,10 @@ fn chunk(
     index: usize,
     delta: Value,
     logprobs: Value,
-    finish: Option<&str>,
+    finish: Option<moe_engine::FinishReason>,
 ) -> Value {
     json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+           "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish.map(super::finish_reason)}]})
 }
 
 fn chat_logprobs(codec: &TextCodec, tokens: &[SampledToken]) -> Value {

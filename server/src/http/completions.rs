@@ -28,7 +28,7 @@ pub(super) async fn handle(
     let echo = f.bool("echo")?.unwrap_or(false);
     raw.logprobs = f.int("logprobs")?.map(|n| ("logprobs", n));
     f.finish()?;
-    let common = raw.validate(&state.cfg, r.engine_vocab)?;
+    let common = raw.validate(&(&state.cfg).into(), r.engine_vocab)?;
     let logprobs = common.sampling.logprobs;
     state.check_model(&r, common.model.as_deref())?;
     if echo && logprobs.is_some() {
@@ -80,7 +80,7 @@ pub(super) async fn handle(
             } else {
                 Value::Null
             };
-            json!({"index": c.index, "text": echo_text + &c.text, "logprobs": lp, "finish_reason": c.finish})
+            json!({"index": c.index, "text": echo_text + &c.text, "logprobs": lp, "finish_reason": super::finish_reason(c.finish)})
         })
         .collect();
     Ok(Json(json!({
@@ -97,10 +97,10 @@ fn chunk(
     index: usize,
     text: &str,
     logprobs: Value,
-    finish: Option<&str>,
+    finish: Option<moe_engine::FinishReason>,
 ) -> Value {
     json!({"id": id, "object": "text_completion", "created": created, "model": model,
-           "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+           "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish.map(super::finish_reason)}]})
 }
 
 pub(super) fn usage(prompt: usize, completion: usize) -> Value {

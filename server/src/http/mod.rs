@@ -23,6 +23,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
+/// The finish reason on the REST wire, the one mapping: OpenAI's `stop` for
+/// an eos token and for a stop string, `length` for the token or context limit.
+pub(crate) fn finish_reason(f: moe_engine::FinishReason) -> &'static str {
+    match f {
+        moe_engine::FinishReason::Eos | moe_engine::FinishReason::Stop => "stop",
+        moe_engine::FinishReason::Length => "length",
+    }
+}
+
 /// The router with every endpoint, auth and request metrics.
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
