@@ -13,8 +13,8 @@
 //!
 //! With the `cuda` feature, [`cuda`] adds the GPU backend (cudarc, libraries
 //! loaded at run time): NVRTC-compiled kernels mirroring these, cuBLAS
-//! products and the expert-slot pool; [`slot_table`] is its bookkeeping,
-//! compiled and tested everywhere.
+//! products and the expert-slot pool, whose bookkeeping is
+//! `moe_types::SlotTable` (shared with the residency core, tested everywhere).
 
 mod attend;
 #[cfg(feature = "cuda")]
