@@ -196,6 +196,9 @@ async fn auth_and_health() {
     req.metadata_mut().insert("authorization", "Bearer sesame".parse().unwrap());
     assert!(c.generate(req).await.is_ok());
     let mut req = Request::new(text_request("x", 2));
+    req.metadata_mut().insert("authorization", "bearer sesame".parse().unwrap());
+    assert!(c.generate(req).await.is_ok(), "the scheme is case-insensitive, as over REST");
+    let mut req = Request::new(text_request("x", 2));
     req.metadata_mut().insert("authorization", "Bearer wrong".parse().unwrap());
     assert_eq!(c.generate(req).await.unwrap_err().code(), Code::Unauthenticated);
 

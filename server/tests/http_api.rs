@@ -237,13 +237,22 @@ async fn every_error_status() {
 #[tokio::test]
 async fn not_ready_is_503_and_api_key_is_401() {
     let s = TestServer::start(config(|_| {}), false).await;
-    assert_eq!(s.client.get(s.url("/health")).send().await.unwrap().status().as_u16(), 503);
-    let (st, v) = s.post("/v1/completions", json!({"prompt": "x"})).await;
-    assert_eq!(st, 503, "{v}");
+    let r = s.client.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.headers()["retry-after"], "1", "a 503 says when to retry");
+    let r = s.client.post(s.url("/v1/completions")).json(&json!({"prompt": "x"})).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), &r.headers()["retry-after"]), (503, &"1".parse().unwrap()));
 
     let s = TestServer::start(config(|a| a.api_key = Some("sesame".into())), true).await;
     let (st, v) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1})).await;
     assert_eq!((st, v["error"]["code"].as_str()), (401, Some("invalid_api_key")));
+    let r = s.client.get(s.url("/v1/models")).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), &r.headers()["www-authenticate"]), (401, &"Bearer".parse().unwrap()));
+    // the scheme is case-insensitive (RFC 7235)
+    for scheme in ["bearer", "BEARER"] {
+        let r = s.client.get(s.url("/v1/models")).header("authorization", format!("{scheme} sesame")).send().await;
+        assert_eq!(r.unwrap().status().as_u16(), 200, "{scheme}");
+    }
     let r = s
         .client
         .post(s.url("/v1/completions"))
@@ -283,8 +292,9 @@ async fn full_queue_is_429() {
         .await
         .unwrap();
     assert_eq!(long.status().as_u16(), 200);
-    let (st, v) = s.post("/v1/completions", json!({"prompt": "y", "max_tokens": 2})).await;
-    assert_eq!(st, 429, "{v}");
+    let r = s.client.post(s.url("/v1/completions")).json(&json!({"prompt": "y", "max_tokens": 2})).send().await;
+    let r = r.unwrap();
+    assert_eq!((r.status().as_u16(), &r.headers()["retry-after"]), (429, &"1".parse().unwrap()));
     drop(long);
 }
 

@@ -55,9 +55,27 @@ fn read_reference(dir: &Path) -> Result<Reference> {
     })
 }
 
+/// The largest |a - b|; NaN (or infinity) anywhere in either is infinite, so
+/// no tolerance accepts it (`f32::max` would silently drop a NaN).
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_finite() {
+            m.max(d)
+        } else {
+            f32::INFINITY
+        }
+    })
+}
+
+#[test]
+fn a_nan_or_infinite_value_fails_any_tolerance() {
+    assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.0, 2.5]), 0.5);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        assert!(!(max_abs_diff(&[1.0, bad, 3.0], &[1.0, 2.0, 3.0]) < LOGIT_TOL), "{bad}");
+        assert!(!(max_abs_diff(&[1.0, 2.0, 3.0], &[bad, 2.0, 3.0]) < 1e-5), "{bad}");
+    }
 }
 
 fn argmax(x: &[f32]) -> u32 {

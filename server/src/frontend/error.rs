@@ -107,6 +107,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The headers a status promises: `WWW-Authenticate: Bearer` on 401 (RFC
+/// 7235), `Retry-After` (seconds) on 429 and 503.
+pub fn add_status_headers(r: &mut Response) {
+    use axum::http::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+    match r.status() {
+        StatusCode::UNAUTHORIZED => {
+            r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        _ => {}
+    }
+}
+
+/// What `Retry-After` asks of a client refused for load or unavailability.
+pub const RETRY_AFTER_SECS: &str = "1";
+
 impl From<ApiError> for tonic::Status {
     /// The gRPC side of the one error mapping: the field, when known, leads
     /// the message of INVALID_ARGUMENT.

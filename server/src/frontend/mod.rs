@@ -3,6 +3,7 @@
 //! stop strings ([`text`]) and the one error type with its mappings to HTTP
 //! and gRPC ([`error`]).
 
+pub mod auth;
 pub mod error;
 pub mod generation;
 pub mod params;

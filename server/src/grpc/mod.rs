@@ -8,7 +8,6 @@ mod service;
 use crate::frontend::state::AppState;
 use moe_proto::v1::generation_server::GenerationServer;
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
@@ -50,13 +49,8 @@ pub async fn run_grpc(
     let key = state.cfg.api_key.clone();
     let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
         if let Some(key) = &key {
-            let given = req
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+            if !crate::frontend::auth::authorized(given, key) {
                 return Err(Status::unauthenticated(
                     "missing or invalid API key (send `authorization: Bearer <key>` metadata)",
                 ));

@@ -21,7 +21,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 
 /// The finish reason on the REST wire, the one mapping: OpenAI's `stop` for
 /// an eos token and for a stop string, `length` for the token or context limit.
@@ -65,19 +64,17 @@ pub fn router(state: Arc<AppState>) -> Router {
             }
         })
         .layer(middleware::from_fn(count_requests))
+        .layer(middleware::map_response(|mut r: Response| async move {
+            crate::frontend::error::add_status_headers(&mut r);
+            r
+        }))
         .with_state(state)
 }
 
 async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &state.cfg.api_key {
-        let given = req
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        // constant-time comparison (the length is not secret)
-        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+        let given = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if !crate::frontend::auth::authorized(given, key) {
             return ApiError::unauthorized().into_response();
         }
     }
