@@ -137,6 +137,15 @@ async fn grpc_messages_are_bounded_like_rest_bodies() {
     let e = g.generate(generate_request("a ".repeat(20 * 1024), 2)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(g.generate(generate_request("ROMEO:".into(), 2)).await.is_ok());
+    // responses are bounded by the same setting: 30k token ids fit a request of
+    // 64 KiB, their text does not fit a response
+    let ids: Vec<u32> = (0..30_000).map(|i| 200 + (i % 400)).collect();
+    let req = pb::DetokenizeRequest { model: String::new(), token_ids: ids };
+    let e = g.detokenize(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e}");
+    assert!(e.message().contains("response") && e.message().contains("65536"), "{e}");
+    let req = pb::DetokenizeRequest { model: String::new(), token_ids: vec![300, 301] };
+    assert!(g.detokenize(req).await.is_ok());
 }
 
 #[tokio::test]

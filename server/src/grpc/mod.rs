@@ -60,7 +60,9 @@ pub async fn run_grpc(
     };
     // requests are as large as REST bodies may be (tonic's default would be 4 MiB)
     let svc = GenerationServer::new(service::GenerationApi::new(state.clone()))
-        .max_decoding_message_size(state.cfg.max_body_bytes);
+        .max_decoding_message_size(state.cfg.max_body_bytes)
+        // a backstop for stream messages; unary responses are checked with a clear message
+        .max_encoding_message_size(state.cfg.max_body_bytes);
     let svc = InterceptedService::new(svc, auth.clone());
     // health is open unless `--public-health false`; reflection is API surface: key-guarded
     let (open_health, guarded_health) = if state.cfg.public_health {

@@ -114,12 +114,13 @@ impl Generation for GenerationApi {
                     finish_reason: convert::finish_reason(c.finish) as i32,
                 })
                 .collect();
-            Ok::<_, Status>(pb::GenerateResponse {
+            let response = pb::GenerateResponse {
                 id: s.id,
                 model: s.ready.model_name.clone(),
                 choices,
                 usage: Some(usage(s.prompt_tokens, completion)),
-            })
+            };
+            bounded(response, self.state.cfg.max_body_bytes)
         };
         record("Generate", run.await.map(Response::new))
     }
@@ -161,7 +162,8 @@ impl Generation for GenerationApi {
             let req = request.into_inner();
             let r = self.ready(&req.model)?;
             let ids = generation::encode(&r, req.text, req.add_special_tokens, "text").await?;
-            Ok::<_, Status>(pb::TokenizeResponse { token_ids: ids, max_model_len: r.engine.max_model_len() as u32 })
+            let response = pb::TokenizeResponse { token_ids: ids, max_model_len: r.engine.max_model_len() as u32 };
+            bounded(response, self.state.cfg.max_body_bytes)
         };
         record("Tokenize", run.await.map(Response::new))
     }
@@ -176,7 +178,7 @@ impl Generation for GenerationApi {
             token_ids(&req.token_ids, r.engine_vocab)?;
             let text =
                 r.codec.decode(&req.token_ids, false).map_err(|e| ApiError::invalid("token_ids", e.to_string()))?;
-            Ok::<_, Status>(pb::DetokenizeResponse { text })
+            bounded(pb::DetokenizeResponse { text }, self.state.cfg.max_body_bytes)
         };
         record("Detokenize", run.await.map(Response::new))
     }
@@ -199,6 +201,19 @@ impl Generation for GenerationApi {
         };
         record("ModelInfo", run.await.map(Response::new))
     }
+}
+
+/// Refuses a response larger than the message-size setting, the bound
+/// requests have (`--max-body-bytes`), with OUT_OF_RANGE as for a request
+/// over it; clients' default receive limits are no larger.
+fn bounded<T: prost::Message>(msg: T, limit: usize) -> Result<T, Status> {
+    let n = msg.encoded_len();
+    if n > limit {
+        return Err(Status::out_of_range(format!(
+            "the response would be {n} bytes, over the {limit}-byte message limit (--max-body-bytes); ask for less"
+        )));
+    }
+    Ok(msg)
 }
 
 /// `token_ids` checked against the vocabulary (the one rule, `params::token_id`).
