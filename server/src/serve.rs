@@ -82,6 +82,9 @@ pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
         created: http_now(),
         engine_vocab: model_cfg.vocab_size,
         model_config: model_cfg,
+        tokenize_permits: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )),
     })
 }
 

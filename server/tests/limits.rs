@@ -203,3 +203,26 @@ async fn grpc_streams_per_connection_are_capped() {
         assert_eq!(r.unwrap().into_inner().choices[0].token_ids.len(), 4);
     }
 }
+
+/// A prompt far over the token limit is refused from a bounded prefix, not
+/// tokenized in full (peak memory per request is bounded; see the
+/// load-and-fault note's figures); `/tokenize` is bounded the same way.
+#[tokio::test]
+async fn a_huge_prompt_is_refused_without_tokenizing_it_all() {
+    let s = TestServer::start(config(|a| a.max_prompt_tokens = Some(1000)), true).await;
+    let huge = "hello world ".repeat(150_000); // 1.8 MB, about 300k tokens
+    for (path, body) in
+        [("/v1/completions", json!({"prompt": huge, "max_tokens": 2})), ("/tokenize", json!({"prompt": huge}))]
+    {
+        let (status, v) = s.post(path, body).await;
+        assert_eq!(status, 400, "{path}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("more than 1001 tokens; the limit is 1000"), "{path}: {msg}");
+        assert_eq!(v["error"]["code"], "context_length_exceeded");
+    }
+    // below the probe length the count is exact
+    let (status, v) = s.post("/v1/completions", json!({"prompt": "hello world ".repeat(600), "max_tokens": 2})).await;
+    assert_eq!(status, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("the prompt has ") && !msg.contains("more than"), "{msg}");
+}

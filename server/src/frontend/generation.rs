@@ -205,10 +205,7 @@ pub fn check_prompt(p: Vec<TokenId>, max: usize) -> Result<Vec<TokenId>, ApiErro
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
     if p.len() > max {
-        return Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::invalid("prompt", format!("the prompt has {} tokens; the limit is {max}", p.len()))
-        });
+        return Err(too_long("prompt", p.len().to_string(), max));
     }
     Ok(p)
 }
@@ -229,13 +226,60 @@ pub fn token_list(v: Option<Value>, param: &str, vocab: usize) -> Result<Option<
         .map(Some)
 }
 
-/// Tokenizes `text` off the async runtime.
-pub async fn encode(r: &Ready, text: String, add_special: bool, param: &'static str) -> Result<Vec<TokenId>, ApiError> {
+/// A prompt of `max` tokens that is longer than `max * PROBE_BYTES_PER_TOKEN`
+/// bytes is first tokenized by a prefix of that length (tokens average 3-5
+/// bytes; 16 leaves room for long runs of whitespace or digits).
+const PROBE_BYTES_PER_TOKEN: usize = 16;
+
+/// Tokenizes `text` off the async runtime with a bounded cost, refusing it
+/// as soon as it is known to exceed `max_tokens`:
+/// - at most `Ready::tokenize_permits` tokenizations run at once, however
+///   many requests arrive (each queues for a permit);
+/// - a text too long to fit at [`PROBE_BYTES_PER_TOKEN`] bytes per token is
+///   first tokenized by its prefix of that many bytes; if the prefix alone
+///   has more than `max_tokens + 1` tokens (one token may straddle the cut)
+///   the text is refused without tokenizing the rest. Only a text whose
+///   tokens are unusually long is tokenized in full.
+///
+/// The error names `param` and carries `context_length_exceeded`.
+pub async fn encode(
+    r: &Ready,
+    text: String,
+    add_special: bool,
+    param: &'static str,
+    max_tokens: usize,
+) -> Result<Vec<TokenId>, ApiError> {
+    let permit = r.tokenize_permits.clone().acquire_owned().await.map_err(|e| ApiError::internal(e.to_string()))?;
     let codec = r.codec.clone();
-    tokio::task::spawn_blocking(move || codec.encode(&text, add_special))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::invalid(param, e.to_string()))
+    let ids = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let probe = max_tokens.saturating_mul(PROBE_BYTES_PER_TOKEN);
+        if text.len() > probe {
+            let mut cut = probe;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let prefix =
+                codec.encode(&text[..cut], add_special).map_err(|e| ApiError::invalid(param, e.to_string()))?;
+            if prefix.len() > max_tokens + 1 {
+                return Err(too_long(param, format!("more than {}", max_tokens + 1), max_tokens));
+            }
+        }
+        codec.encode(&text, add_special).map_err(|e| ApiError::invalid(param, e.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    if ids.len() > max_tokens {
+        return Err(too_long(param, ids.len().to_string(), max_tokens));
+    }
+    Ok(ids)
+}
+
+fn too_long(param: &str, count: String, max: usize) -> ApiError {
+    ApiError {
+        code: Some("context_length_exceeded"),
+        ..ApiError::invalid(param, format!("the prompt has {count} tokens; the limit is {max}"))
+    }
 }
 
 /// Every choice's pieces, merged in arrival order. Dropping the stream drops

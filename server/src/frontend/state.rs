@@ -26,6 +26,9 @@ pub struct Ready {
     pub engine_vocab: usize,
     /// The model's configuration.
     pub model_config: moe_model::ModelConfig,
+    /// Bounds how many tokenizations run at once (each costs memory in
+    /// proportion to its text), whatever the number of requests arriving.
+    pub tokenize_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// Shared state of the HTTP server.

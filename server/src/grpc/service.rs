@@ -39,7 +39,7 @@ impl GenerationApi {
         let max_prompt = self.state.cfg.max_prompt_tokens;
         let prompt = match &req.prompt {
             Some(pb::generate_request::Prompt::Text(t)) => {
-                check_prompt(generation::encode(&r, t.clone(), true, "text").await?, max_prompt)?
+                check_prompt(generation::encode(&r, t.clone(), true, "text", max_prompt).await?, max_prompt)?
             }
             Some(pb::generate_request::Prompt::TokenIds(ids)) => {
                 check_prompt(token_ids(&ids.ids, r.engine_vocab)?, max_prompt)?
@@ -161,7 +161,8 @@ impl Generation for GenerationApi {
         let run = async {
             let req = request.into_inner();
             let r = self.ready(&req.model)?;
-            let ids = generation::encode(&r, req.text, req.add_special_tokens, "text").await?;
+            let max = self.state.cfg.max_prompt_tokens;
+            let ids = generation::encode(&r, req.text, req.add_special_tokens, "text", max).await?;
             let response = pb::TokenizeResponse { token_ids: ids, max_model_len: r.engine.max_model_len() as u32 };
             bounded(response, self.state.cfg.max_body_bytes)
         };

@@ -41,7 +41,7 @@ pub(super) async fn handle(
         r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
     let text = template.render(&messages)?;
     // the template writes special tokens (bos) itself
-    let prompt = generation::encode(&r, text, false, "messages").await?;
+    let prompt = generation::encode(&r, text, false, "messages", state.cfg.max_prompt_tokens).await?;
     if prompt.is_empty() || prompt.len() > state.cfg.max_prompt_tokens {
         return Err(ApiError {
             code: Some("context_length_exceeded"),

@@ -147,11 +147,9 @@ async fn prompts(r: &Ready, v: Value, max_prompt: usize) -> Result<Vec<Vec<Token
         }
         _ => return Err(ApiError::invalid("prompt", "`prompt` must be a string, a list of strings, or token ids")),
     };
-    let codec = r.codec.clone();
-    let encoded =
-        tokio::task::spawn_blocking(move || texts.iter().map(|t| codec.encode(t, true)).collect::<Result<Vec<_>, _>>())
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-    encoded.into_iter().map(|p| check_prompt(p, max_prompt)).collect()
+    let mut out = Vec::with_capacity(texts.len());
+    for t in texts {
+        out.push(check_prompt(generation::encode(r, t, true, "prompt", max_prompt).await?, max_prompt)?);
+    }
+    Ok(out)
 }

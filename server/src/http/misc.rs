@@ -54,7 +54,9 @@ pub(super) async fn tokenize(
         _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` or `messages`")),
     };
     f.finish()?;
-    let tokens = crate::frontend::generation::encode(&r, text, add_special, "prompt").await?;
+    // bounded like a prompt: /tokenize costs no more than a completion would
+    let tokens =
+        crate::frontend::generation::encode(&r, text, add_special, "prompt", state.cfg.max_prompt_tokens).await?;
     Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": r.engine.max_model_len()})))
 }
 
