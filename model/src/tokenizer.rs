@@ -8,6 +8,13 @@ use serde_json::Value;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
+/// `t` with special-token text encoded as text.
+fn plain(t: &Tokenizer) -> Tokenizer {
+    let mut p = t.clone();
+    p.set_encode_special_tokens(true);
+    p
+}
+
 /// Sampling defaults a checkpoint ships in `generation_config.json`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GenerationDefaults {
@@ -24,6 +31,8 @@ pub struct GenerationDefaults {
 /// Tokenizer plus the special-token facts needed to drive generation.
 pub struct TextCodec {
     tokenizer: Tokenizer,
+    /// The same tokenizer with special-token text encoded as ordinary text.
+    plain: Tokenizer,
     eos_ids: Vec<TokenId>,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -88,7 +97,7 @@ impl TextCodec {
             top_k: f("top_k").map(|x| x as usize),
             repetition_penalty: f("repetition_penalty").map(|x| x as f32),
         };
-        Ok(Self { tokenizer, eos_ids, bos_token, eos_token, chat_template, defaults })
+        Ok(Self { plain: plain(&tokenizer), tokenizer, eos_ids, bos_token, eos_token, chat_template, defaults })
     }
 
     /// Wraps a tokenizer file alone (tests, tools).
@@ -96,6 +105,7 @@ impl TextCodec {
         let tokenizer =
             Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self {
+            plain: plain(&tokenizer),
             tokenizer,
             eos_ids: Vec::new(),
             bos_token: None,
@@ -110,6 +120,22 @@ impl TextCodec {
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenId>> {
         let enc = self.tokenizer.encode(text, add_special_tokens).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` read as ordinary text: the text of a special token
+    /// (`</s>`, `<|im_start|>`) is encoded as its characters, never as the
+    /// special token itself; nothing is added.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<TokenId>> {
+        let enc = self.plain.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The texts of the tokenizer's special tokens.
+    pub fn special_token_texts(&self) -> Vec<String> {
+        let mut t: Vec<String> =
+            self.tokenizer.get_added_tokens_decoder().into_values().filter(|a| a.special).map(|a| a.content).collect();
+        t.sort();
+        t
     }
 
     /// Text of `ids`, without special tokens when `skip_special_tokens`.

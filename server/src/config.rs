@@ -142,6 +142,8 @@ serve_config! {
     public_health: bool = true => "true", env = "MOE_PUBLIC_HEALTH";
     /// Answer /metrics without the API key (as vLLM does; annotation-based Prometheus scrapes send none); false puts it behind it.
     public_metrics: bool = true => "true", env = "MOE_PUBLIC_METRICS";
+    /// Tokenize special-token text inside chat message contents as the special tokens themselves (trusted deployments only: a user could close their turn and forge a system turn); by default only the chat template's markup produces special tokens.
+    allow_special_tokens_in_content: bool = false => "false", env = "MOE_ALLOW_SPECIAL_TOKENS_IN_CONTENT";
     /// Seconds in-flight requests get to finish after SIGTERM.
     shutdown_grace_secs: u64 = 30 => "30", env = "MOE_SHUTDOWN_GRACE_SECS";
     /// Fast-tier expert budget: all, a percentage (50%), a fraction (0.5), a count of experts (16) or bytes (64MiB); experts beyond it stay on disk and are loaded on demand or prefetched.

@@ -8,12 +8,14 @@ use super::sse::{self, StreamFormat};
 use super::{new_id, parse_body, unix_now, AppState};
 use crate::frontend::error::ApiError;
 use crate::frontend::generation::{self, collect, token_text, Job, Piece};
+use crate::frontend::state::Ready;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use moe_model::{SampledToken, TextCodec};
+use moe_types::TokenId;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,11 +39,8 @@ pub(super) async fn handle(
     f.finish()?;
     let common = raw.validate(&(&state.cfg).into(), r.engine_vocab)?;
     state.check_model(&r, common.model.as_deref())?;
-    let template =
-        r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
-    let text = template.render(&messages)?;
     // the template writes special tokens (bos) itself
-    let prompt = generation::encode(&r, text, false, "messages", state.cfg.max_prompt_tokens).await?;
+    let prompt = encode_messages(&state, &r, &messages, false).await?;
     if prompt.is_empty() || prompt.len() > state.cfg.max_prompt_tokens {
         return Err(ApiError {
             code: Some("context_length_exceeded"),
@@ -170,4 +169,67 @@ pub fn parse_messages(v: Value) -> Result<Vec<Message>, ApiError> {
             Ok(Message { role, content, name })
         })
         .collect()
+}
+
+/// Marks where a message's content goes in a rendered template (Unicode
+/// private-use characters, which no template writes).
+const MARK_OPEN: char = '\u{F8F0}';
+const MARK_CLOSE: char = '\u{F8F1}';
+
+/// The prompt of a chat: the template rendered over `messages` and
+/// tokenized, bounded like any prompt. Only the template's own markup may
+/// produce special tokens: when a message's content holds the text of one
+/// (`</s><|system|>` to close the turn and forge a system turn), the
+/// template is rendered with marks in place of the contents, its text is
+/// tokenized with its special tokens and each content as ordinary text.
+/// `--allow-special-tokens-in-content` (trusted deployments) tokenizes the
+/// whole rendering as one text instead.
+pub(super) async fn encode_messages(
+    state: &AppState,
+    r: &Ready,
+    messages: &[Message],
+    add_special: bool,
+) -> Result<Vec<TokenId>, ApiError> {
+    let template =
+        r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
+    let max = state.cfg.max_prompt_tokens;
+    let specials = r.codec.special_token_texts();
+    let forging = !state.cfg.allow_special_tokens_in_content
+        && messages.iter().any(|m| specials.iter().any(|s| m.content.contains(s.as_str())));
+    if !forging {
+        return generation::encode(r, template.render(messages)?, add_special, "messages", max).await;
+    }
+    let marked: Vec<Message> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Message { content: format!("{MARK_OPEN}{i}{MARK_CLOSE}"), ..m.clone() })
+        .collect();
+    let text = template.render(&marked)?;
+    let contents: Vec<String> = messages.iter().map(|m| m.content.clone()).collect();
+    let permit = r.tokenize_permits.clone().acquire_owned().await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let codec = r.codec.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let bad = |e: moe_model::ModelError| ApiError::invalid("messages", e.to_string());
+        let mut ids = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(a) = rest.find(MARK_OPEN) {
+            ids.extend(codec.encode(&rest[..a], add_special && ids.is_empty()).map_err(bad)?);
+            let after = &rest[a + MARK_OPEN.len_utf8()..];
+            let b = after.find(MARK_CLOSE).ok_or_else(|| ApiError::internal("the chat template split a mark"))?;
+            let i: usize = after[..b].parse().map_err(|_| ApiError::internal("the chat template changed a mark"))?;
+            ids.extend(codec.encode_text(&contents[i]).map_err(bad)?);
+            rest = &after[b + MARK_CLOSE.len_utf8()..];
+        }
+        ids.extend(codec.encode(rest, false).map_err(bad)?);
+        if ids.len() > max {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid("messages", format!("the prompt has {} tokens; the limit is {max}", ids.len()))
+            });
+        }
+        Ok(ids)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
 }

@@ -43,20 +43,20 @@ pub(super) async fn tokenize(
     state.check_model(&r, f.string("model")?.as_deref())?;
     let add_special = f.bool("add_special_tokens")?;
     // a chat template writes its own special tokens, so messages default to none added
-    let (text, add_special) = match (f.string("prompt")?, f.take("messages")) {
-        (Some(p), None) => (p, add_special.unwrap_or(true)),
+    let tokens = match (f.string("prompt")?, f.take("messages")) {
+        (Some(p), None) => {
+            f.finish()?;
+            // bounded like a prompt: /tokenize costs no more than a completion would
+            let max = state.cfg.max_prompt_tokens;
+            crate::frontend::generation::encode(&r, p, add_special.unwrap_or(true), "prompt", max).await?
+        }
         (None, Some(m)) => {
             let msgs = super::chat::parse_messages(m)?;
-            let t =
-                r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
-            (t.render(&msgs)?, add_special.unwrap_or(false))
+            f.finish()?;
+            super::chat::encode_messages(&state, &r, &msgs, add_special.unwrap_or(false)).await?
         }
         _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` or `messages`")),
     };
-    f.finish()?;
-    // bounded like a prompt: /tokenize costs no more than a completion would
-    let tokens =
-        crate::frontend::generation::encode(&r, text, add_special, "prompt", state.cfg.max_prompt_tokens).await?;
     Ok(Json(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": r.engine.max_model_len()})))
 }
 
