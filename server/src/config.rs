@@ -144,6 +144,12 @@ serve_config! {
     public_metrics: bool = true => "true", env = "MOE_PUBLIC_METRICS";
     /// Tokenize special-token text inside chat message contents as the special tokens themselves (trusted deployments only: a user could close their turn and forge a system turn); by default only the chat template's markup produces special tokens.
     allow_special_tokens_in_content: bool = false => "false", env = "MOE_ALLOW_SPECIAL_TOKENS_IN_CONTENT";
+    /// Seconds a REST connection may take to send a request head (also closes idle keep-alive connections).
+    header_timeout_secs: u64 = 30 => "30", env = "MOE_HEADER_TIMEOUT_SECS";
+    /// Seconds a REST request may take to send its body.
+    body_timeout_secs: u64 = 60 => "60", env = "MOE_BODY_TIMEOUT_SECS";
+    /// Most REST connections open at once; one over it gets an immediate 503 and is closed.
+    max_connections: usize = 4096 => "4096", env = "MOE_MAX_CONNECTIONS";
     /// Seconds in-flight requests get to finish after SIGTERM.
     shutdown_grace_secs: u64 = 30 => "30", env = "MOE_SHUTDOWN_GRACE_SECS";
     /// Fast-tier expert budget: all, a percentage (50%), a fraction (0.5), a count of experts (16) or bytes (64MiB); experts beyond it stay on disk and are loaded on demand or prefetched.
@@ -205,6 +211,9 @@ impl ServeConfig {
             ("max_n", self.max_n),
             ("max_body_bytes", self.max_body_bytes),
             ("grpc_max_concurrent_streams", self.grpc_max_concurrent_streams as usize),
+            ("max_connections", self.max_connections),
+            ("header_timeout_secs", self.header_timeout_secs as usize),
+            ("body_timeout_secs", self.body_timeout_secs as usize),
         ] {
             anyhow::ensure!(v > 0, "{name} must be positive");
         }

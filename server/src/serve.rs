@@ -102,7 +102,14 @@ pub async fn run_server(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let grace = Duration::from_secs(state.cfg.shutdown_grace_secs);
-    let app = http::router(state.clone()).layer(axum::extract::DefaultBodyLimit::max(state.cfg.max_body_bytes));
+    let app = http::router(state.clone())
+        .layer(axum::extract::DefaultBodyLimit::max(state.cfg.max_body_bytes))
+        // a body slower than its length promises fails its read (408)
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_secs(state.cfg.body_timeout_secs)));
+    let limits = http::listener::ConnLimits {
+        header_timeout: Duration::from_secs(state.cfg.header_timeout_secs),
+        max_connections: state.cfg.max_connections,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (reporter, health) = tonic_health::server::health_reporter();
     let (st, rep) = (state.clone(), reporter.clone());
@@ -129,12 +136,11 @@ pub async fn run_server(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // token chunks are small: do not let Nagle's algorithm delay them
-    let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let http_server =
-        std::future::IntoFuture::into_future(axum::serve(http, app).with_graceful_shutdown(stopped(stop_rx.clone())));
+    let http_stop = stop_rx.clone();
+    let http_server = async move {
+        http::listener::serve(http, app, limits, http_stop).await;
+        Ok::<(), anyhow::Error>(())
+    };
     let grpc_stop = stopped(stop_rx.clone());
     let grpc_server = async {
         match grpc {

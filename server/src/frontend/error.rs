@@ -63,7 +63,7 @@ impl ApiError {
     /// The OpenAI `type` for the status.
     pub fn kind(&self) -> &'static str {
         match self.status.as_u16() {
-            400 | 404 | 413 => "invalid_request_error",
+            400 | 404 | 408 | 413 => "invalid_request_error",
             401 => "authentication_error",
             429 => "rate_limit_exceeded",
             503 => "service_unavailable",

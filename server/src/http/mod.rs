@@ -6,6 +6,7 @@ mod chat;
 mod chat_template;
 mod completions;
 pub mod fields;
+pub mod listener;
 mod misc;
 mod sse;
 
@@ -105,11 +106,30 @@ pub fn parse_body(
     let bytes = body.map_err(|r| {
         if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError { status: r.status(), message: "The request body is too large.".into(), param: None, code: None }
+        } else if timed_out(&r) {
+            ApiError {
+                status: axum::http::StatusCode::REQUEST_TIMEOUT,
+                message: "The request body arrived too slowly (--body-timeout-secs).".into(),
+                param: None,
+                code: None,
+            }
         } else {
             ApiError::bad_request(format!("Could not read the request body: {r}"))
         }
     })?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}")))
+}
+
+/// Whether reading the body failed on the body-read timeout.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        if x.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cur = x.source();
+    }
+    false
 }
 
 /// Unix time now.
