@@ -50,6 +50,8 @@ pub struct EngineHandle {
     stats: Arc<EngineStats>,
     next_id: Arc<AtomicU64>,
     closed: Arc<AtomicBool>,
+    /// Set to end every sequence in flight now (the grace period is over).
+    cut: Arc<AtomicBool>,
     limits: EngineLimits,
     vocab: usize,
     max_model_len: usize,
@@ -136,6 +138,13 @@ impl EngineHandle {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
     }
+
+    /// Ends every sequence in flight with [`EngineError::ShuttingDown`] as
+    /// its last event (the shutdown grace period is over), so that each
+    /// stream reports why it stopped instead of being cut off.
+    pub fn cut_all(&self) {
+        self.cut.store(true, Ordering::Release);
+    }
 }
 
 /// Where recorded routing goes: batches of records, one per step. The
@@ -160,10 +169,12 @@ pub fn spawn_engine<E: ExpertProvider + ExpertPlanner + Send + Sync + 'static>(
         stats: stats.clone(),
         next_id: Arc::new(AtomicU64::new(1)),
         closed: Arc::new(AtomicBool::new(false)),
+        cut: Arc::new(AtomicBool::new(false)),
         limits,
         vocab: core.model().config().vocab_size,
         max_model_len: core.max_model_len(),
     };
+    let cut = handle.cut.clone();
     std::thread::Builder::new()
         .name("moe-engine".into())
         .spawn(move || {
@@ -176,8 +187,8 @@ pub fn spawn_engine<E: ExpertProvider + ExpertPlanner + Send + Sync + 'static>(
                 .thread_name(|i| format!("moe-compute-{i}"))
                 .build()
             {
-                Ok(pool) => pool.install(|| run(core, rx, abort_rx, stats, trace)),
-                Err(_) => run(core, rx, abort_rx, stats, trace),
+                Ok(pool) => pool.install(|| run(core, rx, abort_rx, stats, trace, &cut)),
+                Err(_) => run(core, rx, abort_rx, stats, trace, &cut),
             }
         })
         .expect("spawning the engine thread");
@@ -190,10 +201,18 @@ fn run<E: ExpertProvider + ExpertPlanner + Sync>(
     aborts: Receiver<SeqId>,
     stats: Arc<EngineStats>,
     trace: Option<TraceSink>,
+    cut: &AtomicBool,
 ) {
     let mut streams: std::collections::HashMap<SeqId, tmpsc::Sender<EngineEvent>> = Default::default();
     let mut disconnected = false;
     loop {
+        if cut.swap(false, Ordering::AcqRel) {
+            // every stream ends with its cause; no sequence is left behind
+            for (id, tx) in streams.drain() {
+                let _ = tx.try_send(EngineEvent::Error(EngineError::ShuttingDown));
+                core.abort(id);
+            }
+        }
         while let Ok(id) = aborts.try_recv() {
             core.abort(id);
             streams.remove(&id);

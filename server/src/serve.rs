@@ -131,6 +131,15 @@ pub async fn run_server(
         while tokio::time::Instant::now() < deadline && st.in_flight() > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        if st.in_flight() > 0 {
+            tracing::warn!(in_flight = st.in_flight(), "grace period over: ending the remaining streams");
+            st.cut_streams();
+            // each stream sends its error event and ends; give them a moment
+            let flush = tokio::time::Instant::now() + Duration::from_secs(2);
+            while tokio::time::Instant::now() < flush && st.in_flight() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

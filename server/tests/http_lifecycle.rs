@@ -93,3 +93,61 @@ async fn shutdown_finishes_in_flight_and_refuses_new() {
     let r = s.task.take().unwrap().await.unwrap();
     assert!(r.is_ok());
 }
+
+/// Streams still running when the grace period ends are ended with their
+/// cause, not cut: SSE gets an error event (OpenAI shape) and a clean end of
+/// the response; a gRPC stream ends with UNAVAILABLE and a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cut_by_the_grace_period_end_with_an_error() {
+    use moe_proto::v1 as pb;
+    let mut s = TestServer::start(
+        config(|a| {
+            a.shutdown_grace_secs = Some(1);
+            a.max_num_seqs = Some(1); // one runs, the others wait: they cannot finish in time
+        }),
+        true,
+    )
+    .await;
+    let body = json!({"prompt": "ROMEO:", "max_tokens": 400, "ignore_eos": true, "stream": true});
+    let mut sse = Vec::new();
+    for _ in 0..30 {
+        sse.push(s.client.post(s.url("/v1/completions")).json(&body).send().await.unwrap());
+    }
+    let mut g =
+        moe_proto::v1::generation_client::GenerationClient::connect(format!("http://{}", s.grpc_addr)).await.unwrap();
+    let req = pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::Text("ROMEO:".into())),
+        max_tokens: Some(400),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut grpc = g.generate_stream(req).await.unwrap().into_inner();
+    s.shutdown();
+    let mut ended = 0;
+    for r in sse {
+        assert_eq!(r.status().as_u16(), 200);
+        // the body ends cleanly (a cut connection would fail the read): with
+        // [DONE] if it finished within the grace period, else with the error
+        let text = r.text().await.expect("the response ends cleanly");
+        let last = text.trim_end().rsplit("\n\n").next().unwrap().trim_start_matches("data: ").to_string();
+        if last == "[DONE]" {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {last:?}"));
+        assert_eq!(v["error"]["type"], "service_unavailable", "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("shutting down"), "{v}");
+        ended += 1;
+    }
+    assert!(ended > 0, "every stream finished within the grace period: the test proves nothing");
+    let status = loop {
+        match grpc.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the gRPC stream ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(status.message().contains("shutting down"), "{status}");
+    let r = s.task.take().unwrap().await.unwrap();
+    assert!(r.is_ok());
+}

@@ -59,6 +59,15 @@ impl AppState {
         }
     }
 
+    /// The grace period is over: every stream still running ends now with
+    /// an error event saying so (SSE: an error chunk and a clean end; gRPC:
+    /// UNAVAILABLE), instead of being cut off when the process exits.
+    pub fn cut_streams(&self) {
+        if let Some(r) = self.ready.get() {
+            r.engine.cut_all();
+        }
+    }
+
     /// The loaded model, or 503.
     pub fn ready(&self) -> Result<Arc<Ready>, ApiError> {
         if self.shutting_down.load(Ordering::Acquire) {
