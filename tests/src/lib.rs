@@ -1,1 +1,4 @@
-//! Cross-crate tests live in `tests/tests/`; this library is empty on purpose.
+//! Cross-crate tests live in `tests/tests/`; this library holds what the
+//! test binaries share: [`hardening`], the hardening phase of `moe-faultload`.
+
+pub mod hardening;

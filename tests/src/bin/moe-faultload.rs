@@ -17,7 +17,12 @@
 //!    `moe_running_sequences` and `moe_waiting_sequences` on `/metrics` return to zero; the
 //!    server's resident memory (VmRSS) in the second half of the run does not exceed the first
 //!    half's peak by more than `--rss-tolerance` (fraction) plus `--rss-slack-mib`.
-//! 4. **SIGTERM under load**: with long requests in flight on every transport, sends SIGTERM; the
+//! 4. **Hardening** (`moe_tests::hardening`): 64 concurrent prompts at the body limit are refused
+//!    with a bounded rise in VmRSS; 200 half-sent request heads are closed within the header
+//!    timeout while `/health` answers; no cleartext HTTP/2 on the REST port; a lowercase
+//!    `bearer` scheme works and a 401 carries `WWW-Authenticate`; special-token text in chat
+//!    content is tokenized as text; an oversized gRPC response is OUT_OF_RANGE.
+//! 5. **SIGTERM under load**: with long requests in flight on every transport, sends SIGTERM; the
 //!    in-flight requests must finish with their reference text within `--shutdown-grace-secs`,
 //!    new requests must get 503 (or a refused / closed connection: the listener closes at once)
 //!    and UNAVAILABLE over gRPC, and the process must exit 0 within the grace period.
@@ -51,6 +56,8 @@ const MAX_BODY: usize = 256 * 1024;
 const MAX_PROMPT_TOKENS: usize = 256;
 /// `max_tokens` limit the server is started with (`--max-tokens-limit`).
 const MAX_TOKENS_LIMIT: usize = 256;
+/// Header-read timeout the server is started with (`--header-timeout-secs`).
+const HEADER_TIMEOUT_SECS: u64 = 2;
 /// `max_tokens` of the valid load requests.
 const VALID_MAX_TOKENS: [u32; 2] = [8, 16];
 /// `max_tokens` of requests that will be disconnected or cancelled.
@@ -181,6 +188,7 @@ impl Server {
             .args(["--max-prompt-tokens", &MAX_PROMPT_TOKENS.to_string()])
             .args(["--max-tokens-limit", &MAX_TOKENS_LIMIT.to_string()])
             .args(["--kv-cache-tokens", "32768"])
+            .args(["--header-timeout-secs", &HEADER_TIMEOUT_SECS.to_string()])
             .env_remove("MOE_CONFIG")
             .env("RUST_BACKTRACE", "1")
             .envs(args.cap_arenas.then_some(("MALLOC_ARENA_MAX", "2")))
@@ -1534,6 +1542,21 @@ async fn run(args: Args) -> Result<bool> {
     println!("VmRSS MiB at each tenth of the requests: {}", deciles.join(" "));
     let g: Vec<String> = gauges.iter().map(|(n, v)| format!("{n}={v}")).collect();
     println!("gauges after load: {} (zero after {:.2}s)", g.join(" "), gauge_wait.as_secs_f64());
+
+    // ---- hardening: big prompts, stalled connections, HTTP/2, auth, special tokens, gRPC bounds ----
+    let target = moe_tests::hardening::Target {
+        http: server.http,
+        grpc: server.grpc,
+        pid: server.pid,
+        api_key: API_KEY.into(),
+        max_body: MAX_BODY,
+        header_timeout: Duration::from_secs(HEADER_TIMEOUT_SECS),
+    };
+    println!("\nhardening:");
+    for c in moe_tests::hardening::run(&target).await {
+        println!("  {}", c.report);
+        failures.extend(c.failure);
+    }
 
     // ---- SIGTERM under load ----
     let st = sigterm(ctx.clone(), &args, &mut server).await?;
