@@ -1,4 +1,6 @@
-//! Math for the forward pass, knowing nothing of requests or checkpoints.
+//! Math for the forward pass, knowing nothing of requests or checkpoints
+//! (of the project's crates it uses only `moe-types`, for the GPU slot
+//! table's keys).
 //!
 //! Owns: [`Weight`] (a row-major `[out, in]` matrix stored as f32 or bf16, the
 //! layout of safetensors checkpoints), [`matmul::matmul_nt`] (activations times

@@ -15,6 +15,14 @@ fn plain(t: &Tokenizer) -> Tokenizer {
     p
 }
 
+/// The texts of `t`'s special tokens, sorted.
+fn special_texts(t: &Tokenizer) -> Vec<String> {
+    let mut texts: Vec<String> =
+        t.get_added_tokens_decoder().into_values().filter(|a| a.special).map(|a| a.content).collect();
+    texts.sort();
+    texts
+}
+
 /// Sampling defaults a checkpoint ships in `generation_config.json`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GenerationDefaults {
@@ -33,6 +41,8 @@ pub struct TextCodec {
     tokenizer: Tokenizer,
     /// The same tokenizer with special-token text encoded as ordinary text.
     plain: Tokenizer,
+    /// The texts of its special tokens, sorted.
+    specials: Vec<String>,
     eos_ids: Vec<TokenId>,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -97,7 +107,16 @@ impl TextCodec {
             top_k: f("top_k").map(|x| x as usize),
             repetition_penalty: f("repetition_penalty").map(|x| x as f32),
         };
-        Ok(Self { plain: plain(&tokenizer), tokenizer, eos_ids, bos_token, eos_token, chat_template, defaults })
+        Ok(Self {
+            plain: plain(&tokenizer),
+            specials: special_texts(&tokenizer),
+            tokenizer,
+            eos_ids,
+            bos_token,
+            eos_token,
+            chat_template,
+            defaults,
+        })
     }
 
     /// Wraps a tokenizer file alone (tests, tools).
@@ -106,6 +125,7 @@ impl TextCodec {
             Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Self {
             plain: plain(&tokenizer),
+            specials: special_texts(&tokenizer),
             tokenizer,
             eos_ids: Vec::new(),
             bos_token: None,
@@ -130,12 +150,9 @@ impl TextCodec {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// The texts of the tokenizer's special tokens.
-    pub fn special_token_texts(&self) -> Vec<String> {
-        let mut t: Vec<String> =
-            self.tokenizer.get_added_tokens_decoder().into_values().filter(|a| a.special).map(|a| a.content).collect();
-        t.sort();
-        t
+    /// The texts of the tokenizer's special tokens (read once at load).
+    pub fn special_token_texts(&self) -> &[String] {
+        &self.specials
     }
 
     /// Text of `ids`, without special tokens when `skip_special_tokens`.

@@ -149,8 +149,8 @@ impl ExpertCache {
         self.shared.lock().core.state(ExpertKey { layer: moe, expert })
     }
 
-    /// Blocks until the loader has nothing queued or in flight (replays and
-    /// benchmarks that want counts independent of timing).
+    /// Blocks until the loader has nothing queued or in flight (trace replays
+    /// that want counts independent of timing).
     pub fn wait_idle(&self) {
         let mut inner = self.shared.lock();
         while inner.core.busy() && !inner.shutdown {

@@ -2,10 +2,12 @@
 //! model whose experts do not all fit in fast memory.
 //!
 //! Owns:
+//! - [`residency::ResidencyCore`]: the pure state machine that decides every
+//!   load, eviction and pin (no threads, clock or IO), and its movers;
 //! - the two tiers: an [`ExpertSource`] (slow tier: the checkpoint files on
 //!   disk, read on demand, or host memory) and the [`ExpertCache`] (fast tier:
-//!   a fixed number of ready-to-compute expert slots, filled by a background
-//!   loader thread, with a per-expert residency state and pins);
+//!   a fixed number of ready-to-compute expert slots, the CPU shell around the
+//!   residency core, filled by a background loader thread);
 //! - [`ExpertBudget`]: `--expert-cache` as bytes, a fraction or a count;
 //! - routing-path predictors ([`predictor`]): look-ahead gating, a learned
 //!   count-based path predictor (trained offline from routing traces), and the
@@ -23,7 +25,8 @@
 //! changes only *when* weights are read, never their values, so generated
 //! tokens are identical at every budget, policy and predictor. Policies and
 //! predictors are deterministic (no clocks); only the loader does IO and only
-//! stall accounting reads the clock.
+//! stall accounting reads the clock. The residency core owns these invariants
+//! (`ResidencyCore::check`, property-tested).
 
 pub mod bounds;
 mod budget;

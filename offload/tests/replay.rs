@@ -82,30 +82,27 @@ fn counts(s: &CacheStats) -> serde_json::Value {
     serde_json::json!({ "layers": layers, "resident": s.resident, "load_failures": s.load_failures })
 }
 
-/// Replays `steps` through a threaded cache, waiting for the loader after every call.
-fn replay_cache(
-    cfg: &ModelConfig,
-    weights: &[Vec<moe_model::ExpertWeights>],
-    c: (usize, PolicyKind, &str),
-) -> serde_json::Value {
+/// One call of the replay, in order.
+enum Event<'a> {
+    /// A sequence ended (seen before, absent from this step).
+    EndSequence(SeqId),
+    /// A step begins over these tokens.
+    BeginStep(&'a [StepToken]),
+    /// An MoE layer runs: its routing and its distinct experts, ascending.
+    Layer { moe: MoeLayerId, routing: &'a LayerRouting, used: &'a [ExpertId] },
+}
+
+/// Replays the recorded steps through `on`, the same calls for every driver.
+fn replay(cfg: &ModelConfig, mut on: impl FnMut(Event<'_>)) {
     let moe_layers: Vec<usize> = cfg.moe_layers().collect();
-    let src = MemoryExperts::new(weights.to_vec());
-    let cache = ExpertCache::new(
-        cfg,
-        Box::new(src),
-        CacheConfig { slots: c.0, policy: c.1, predictor: predictor(c.2), depth: 2 },
-    )
-    .unwrap();
     let mut live: Vec<u64> = Vec::new();
     for step in steps() {
-        let tokens: Vec<StepToken> = step.iter().map(|t| StepToken { seq: SeqId(t.seq), token: t.token }).collect();
-        // sequences seen before and absent now have ended
         for s in live.iter().filter(|s| !step.iter().any(|t| t.seq == **s)) {
-            cache.end_sequence(SeqId(*s));
+            on(Event::EndSequence(SeqId(*s)));
         }
         live = step.iter().map(|t| t.seq).collect();
-        cache.begin_step(&tokens);
-        cache.wait_idle();
+        let tokens: Vec<StepToken> = step.iter().map(|t| StepToken { seq: SeqId(t.seq), token: t.token }).collect();
+        on(Event::BeginStep(&tokens));
         for (i, &l) in moe_layers.iter().enumerate() {
             let ids: Vec<ExpertId> = step.iter().flat_map(|t| t.experts[i].iter().map(|&e| ExpertId(e))).collect();
             let weights: Vec<f32> = step.iter().flat_map(|t| t.weights[i].iter().copied()).collect();
@@ -113,14 +110,39 @@ fn replay_cache(
             let mut used = routing.ids.clone();
             used.sort_unstable();
             used.dedup();
-            cache.prepare(&routing, &used).unwrap();
+            on(Event::Layer { moe: MoeLayerId(i as u16), routing: &routing, used: &used });
+        }
+    }
+}
+
+/// Replays through a threaded cache, waiting for the loader after every call.
+fn replay_cache(
+    cfg: &ModelConfig,
+    weights: &[Vec<moe_model::ExpertWeights>],
+    c: (usize, PolicyKind, &str),
+) -> serde_json::Value {
+    let src = MemoryExperts::new(weights.to_vec());
+    let cache = ExpertCache::new(
+        cfg,
+        Box::new(src),
+        CacheConfig { slots: c.0, policy: c.1, predictor: predictor(c.2), depth: 2 },
+    )
+    .unwrap();
+    replay(cfg, |ev| match ev {
+        Event::EndSequence(seq) => cache.end_sequence(seq),
+        Event::BeginStep(tokens) => {
+            cache.begin_step(tokens);
             cache.wait_idle();
-            for &e in &used {
-                drop(cache.get(LayerId(l as u16), e).unwrap());
+        }
+        Event::Layer { routing, used, .. } => {
+            cache.prepare(routing, used).unwrap();
+            cache.wait_idle();
+            for &e in used {
+                drop(cache.get(routing.layer, e).unwrap());
                 cache.wait_idle();
             }
         }
-    }
+    });
     counts(&cache.stats())
 }
 
@@ -178,33 +200,23 @@ fn the_bare_core_replays_to_the_same_counts() {
             depth: 2,
         })
         .unwrap();
-        let mut live: Vec<u64> = Vec::new();
-        for step in steps() {
-            let tokens: Vec<StepToken> = step.iter().map(|t| StepToken { seq: SeqId(t.seq), token: t.token }).collect();
-            for s in live.iter().filter(|s| !step.iter().any(|t| t.seq == **s)) {
-                core.end_sequence(SeqId(*s));
-            }
-            live = step.iter().map(|t| t.seq).collect();
-            core.begin_step(&tokens);
-            drain(&mut core);
-            for i in 0..cfg.moe_layers().count() {
-                let layer = MoeLayerId(i as u16);
-                let ids: Vec<ExpertId> = step.iter().flat_map(|t| t.experts[i].iter().map(|&e| ExpertId(e))).collect();
-                let routing =
-                    LayerRouting { layer: LayerId(i as u16), top_k: cfg.moe.top_k, weights: vec![0.5; ids.len()], ids };
-                let mut used = routing.ids.clone();
-                used.sort_unstable();
-                used.dedup();
-                core.prepare(layer, &routing, &used).unwrap();
+        replay(&cfg, |ev| match ev {
+            Event::EndSequence(seq) => core.end_sequence(seq),
+            Event::BeginStep(tokens) => {
+                core.begin_step(tokens);
                 drain(&mut core);
-                for &expert in &used {
-                    let key = ExpertKey { layer, expert };
+            }
+            Event::Layer { moe, routing, used } => {
+                core.prepare(moe, routing, used).unwrap();
+                drain(&mut core);
+                for &expert in used {
+                    let key = ExpertKey { layer: moe, expert };
                     assert!(matches!(core.pin(key, false).unwrap(), Pin::Ready(_)));
                     core.unpin(key).unwrap();
                     drain(&mut core);
                 }
             }
-        }
+        });
         let name = format!("{}-{}-{}", c.0, c.1.name(), c.2);
         assert_eq!(counts(&core.stats()), want[&name], "counts differ at {name}");
     }

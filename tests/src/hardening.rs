@@ -177,25 +177,15 @@ async fn stalled_connections(t: &Target) -> Check {
 async fn no_cleartext_http2(t: &Target) -> Check {
     let answered = async {
         let tcp = TcpStream::connect(t.http).await.ok()?;
-        let (mut h2c, conn) = h2_handshake(tcp).await?;
+        let (mut h2c, conn) = h2::client::handshake(tcp).await.ok()?;
         tokio::spawn(conn);
-        let req = http_request(&format!("http://{}/health", t.http))?;
+        let req = http::Request::get(format!("http://{}/health", t.http)).body(()).ok()?;
         let (resp, _) = h2c.send_request(req, true).ok()?;
         resp.await.ok().map(|r| r.status().as_u16())
     };
     let got = tokio::time::timeout(Duration::from_secs(10), answered).await.ok().flatten();
     let report = format!("cleartext HTTP/2 on the REST port: response {got:?} (expected none)");
     check(report, got.map(|s| format!("the REST port answered HTTP/2 with {s}")))
-}
-
-async fn h2_handshake(
-    tcp: TcpStream,
-) -> Option<(h2::client::SendRequest<bytes::Bytes>, h2::client::Connection<TcpStream, bytes::Bytes>)> {
-    h2::client::handshake(tcp).await.ok()
-}
-
-fn http_request(url: &str) -> Option<http::Request<()>> {
-    http::Request::get(url).body(()).ok()
 }
 
 async fn auth_details(t: &Target) -> Check {

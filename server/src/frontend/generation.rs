@@ -231,17 +231,26 @@ pub fn token_list(v: Option<Value>, param: &str, vocab: usize) -> Result<Option<
 /// bytes; 16 leaves room for long runs of whitespace or digits).
 const PROBE_BYTES_PER_TOKEN: usize = 16;
 
-/// Tokenizes `text` off the async runtime with a bounded cost, refusing it
-/// as soon as it is known to exceed `max_tokens`:
-/// - at most `Ready::tokenize_permits` tokenizations run at once, however
-///   many requests arrive (each queues for a permit);
-/// - a text too long to fit at [`PROBE_BYTES_PER_TOKEN`] bytes per token is
-///   first tokenized by its prefix of that many bytes; if the prefix alone
-///   has more than `max_tokens + 1` tokens (one token may straddle the cut)
-///   the text is refused without tokenizing the rest. Only a text whose
-///   tokens are unusually long is tokenized in full.
-///
-/// The error names `param` and carries `context_length_exceeded`.
+/// Runs tokenizer work off the async runtime, on the blocking pool, under one
+/// of `Ready::tokenize_permits`: at most that many tokenizations (each
+/// costing memory in proportion to its text) run at once, however many
+/// requests arrive; the others queue for a permit.
+pub async fn tokenize<T: Send + 'static>(
+    r: &Ready,
+    work: impl FnOnce(&TextCodec) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let permit = r.tokenize_permits.clone().acquire_owned().await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let codec = r.codec.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work(&codec)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// Tokenizes `text` (see [`tokenize`] for where it runs) and refuses it as
+/// soon as it is known to exceed `max_tokens`; see [`encode_bounded`].
 pub async fn encode(
     r: &Ready,
     text: String,
@@ -249,33 +258,43 @@ pub async fn encode(
     param: &'static str,
     max_tokens: usize,
 ) -> Result<Vec<TokenId>, ApiError> {
-    let permit = r.tokenize_permits.clone().acquire_owned().await.map_err(|e| ApiError::internal(e.to_string()))?;
-    let codec = r.codec.clone();
-    let ids = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let probe = max_tokens.saturating_mul(PROBE_BYTES_PER_TOKEN);
-        if text.len() > probe {
-            let mut cut = probe;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            let prefix =
-                codec.encode(&text[..cut], add_special).map_err(|e| ApiError::invalid(param, e.to_string()))?;
-            if prefix.len() > max_tokens + 1 {
-                return Err(too_long(param, format!("more than {}", max_tokens + 1), max_tokens));
-            }
+    tokenize(r, move |codec| encode_bounded(codec, &text, add_special, param, max_tokens)).await
+}
+
+/// Tokenizes `text` with a bounded cost: a text too long to fit at
+/// [`PROBE_BYTES_PER_TOKEN`] bytes per token is first tokenized by its prefix
+/// of that many bytes, and if the prefix alone has more than `max_tokens + 1`
+/// tokens (one token may straddle the cut) the text is refused without
+/// tokenizing the rest. Only a text whose tokens are unusually long is
+/// tokenized in full. The error names `param` and carries
+/// `context_length_exceeded`.
+pub fn encode_bounded(
+    codec: &TextCodec,
+    text: &str,
+    add_special: bool,
+    param: &str,
+    max_tokens: usize,
+) -> Result<Vec<TokenId>, ApiError> {
+    let probe = max_tokens.saturating_mul(PROBE_BYTES_PER_TOKEN);
+    if text.len() > probe {
+        let mut cut = probe;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
         }
-        codec.encode(&text, add_special).map_err(|e| ApiError::invalid(param, e.to_string()))
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+        let prefix = codec.encode(&text[..cut], add_special).map_err(|e| ApiError::invalid(param, e.to_string()))?;
+        if prefix.len() > max_tokens + 1 {
+            return Err(too_long(param, format!("more than {}", max_tokens + 1), max_tokens));
+        }
+    }
+    let ids = codec.encode(text, add_special).map_err(|e| ApiError::invalid(param, e.to_string()))?;
     if ids.len() > max_tokens {
         return Err(too_long(param, ids.len().to_string(), max_tokens));
     }
     Ok(ids)
 }
 
-fn too_long(param: &str, count: String, max: usize) -> ApiError {
+/// The error of a prompt over its token limit (`count` may be a bound).
+pub fn too_long(param: &str, count: String, max: usize) -> ApiError {
     ApiError {
         code: Some("context_length_exceeded"),
         ..ApiError::invalid(param, format!("the prompt has {count} tokens; the limit is {max}"))

@@ -40,15 +40,10 @@ pub(super) async fn handle(
     let common = raw.validate(&(&state.cfg).into(), r.engine_vocab)?;
     state.check_model(&r, common.model.as_deref())?;
     // the template writes special tokens (bos) itself
-    let prompt = encode_messages(&state, &r, &messages, false).await?;
-    if prompt.is_empty() || prompt.len() > state.cfg.max_prompt_tokens {
-        return Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::invalid(
-                "messages",
-                format!("the prompt has {} tokens; the limit is {}", prompt.len(), state.cfg.max_prompt_tokens),
-            )
-        });
+    // bounded by --max-prompt-tokens there
+    let prompt = encode_messages(&state, &r, messages, false).await?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid("messages", "the rendered chat has no tokens"));
     }
     let prompt_tokens = prompt.len() * common.n;
     let room = r.engine.max_model_len().saturating_sub(prompt.len()).clamp(1, state.cfg.max_tokens_limit);
@@ -177,8 +172,9 @@ const MARK_OPEN: char = '\u{F8F0}';
 const MARK_CLOSE: char = '\u{F8F1}';
 
 /// The prompt of a chat: the template rendered over `messages` and
-/// tokenized, bounded like any prompt. Only the template's own markup may
-/// produce special tokens: when a message's content holds the text of one
+/// tokenized, bounded like any prompt, both on the blocking pool
+/// ([`generation::tokenize`]). Only the template's own markup may produce
+/// special tokens: when a message's content holds the text of one
 /// (`</s><|system|>` to close the turn and forge a system turn), the
 /// template is rendered with marks in place of the contents, its text is
 /// tokenized with its special tokens and each content as ordinary text.
@@ -186,50 +182,43 @@ const MARK_CLOSE: char = '\u{F8F1}';
 /// whole rendering as one text instead.
 pub(super) async fn encode_messages(
     state: &AppState,
-    r: &Ready,
-    messages: &[Message],
+    r: &Arc<Ready>,
+    messages: Vec<Message>,
     add_special: bool,
 ) -> Result<Vec<TokenId>, ApiError> {
-    let template =
-        r.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
-    let max = state.cfg.max_prompt_tokens;
-    let specials = r.codec.special_token_texts();
-    let forging = !state.cfg.allow_special_tokens_in_content
-        && messages.iter().any(|m| specials.iter().any(|s| m.content.contains(s.as_str())));
-    if !forging {
-        return generation::encode(r, template.render(messages)?, add_special, "messages", max).await;
-    }
-    let marked: Vec<Message> = messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| Message { content: format!("{MARK_OPEN}{i}{MARK_CLOSE}"), ..m.clone() })
-        .collect();
-    let text = template.render(&marked)?;
-    let contents: Vec<String> = messages.iter().map(|m| m.content.clone()).collect();
-    let permit = r.tokenize_permits.clone().acquire_owned().await.map_err(|e| ApiError::internal(e.to_string()))?;
-    let codec = r.codec.clone();
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
+    let (allow, max, ready) = (state.cfg.allow_special_tokens_in_content, state.cfg.max_prompt_tokens, r.clone());
+    generation::tokenize(r, move |codec| {
+        let template =
+            ready.template.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no chat template"))?;
+        let specials = codec.special_token_texts();
+        let forging = !allow && messages.iter().any(|m| specials.iter().any(|s| m.content.contains(s.as_str())));
+        if !forging {
+            return generation::encode_bounded(codec, &template.render(&messages)?, add_special, "messages", max);
+        }
+        let marked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message { content: format!("{MARK_OPEN}{i}{MARK_CLOSE}"), ..m.clone() })
+            .collect();
+        let text = template.render(&marked)?;
         let bad = |e: moe_model::ModelError| ApiError::invalid("messages", e.to_string());
+        // a mark that is not ours (the characters in a role or name) is refused, never indexed blindly
+        let foreign = || ApiError::invalid("messages", "messages may not contain the characters U+F8F0 or U+F8F1");
         let mut ids = Vec::new();
         let mut rest = text.as_str();
         while let Some(a) = rest.find(MARK_OPEN) {
             ids.extend(codec.encode(&rest[..a], add_special && ids.is_empty()).map_err(bad)?);
             let after = &rest[a + MARK_OPEN.len_utf8()..];
-            let b = after.find(MARK_CLOSE).ok_or_else(|| ApiError::internal("the chat template split a mark"))?;
-            let i: usize = after[..b].parse().map_err(|_| ApiError::internal("the chat template changed a mark"))?;
-            ids.extend(codec.encode_text(&contents[i]).map_err(bad)?);
+            let b = after.find(MARK_CLOSE).ok_or_else(foreign)?;
+            let content = after[..b].parse::<usize>().ok().and_then(|i| messages.get(i)).ok_or_else(foreign)?;
+            ids.extend(codec.encode_text(&content.content).map_err(bad)?);
             rest = &after[b + MARK_CLOSE.len_utf8()..];
         }
         ids.extend(codec.encode(rest, false).map_err(bad)?);
         if ids.len() > max {
-            return Err(ApiError {
-                code: Some("context_length_exceeded"),
-                ..ApiError::invalid("messages", format!("the prompt has {} tokens; the limit is {max}", ids.len()))
-            });
+            return Err(generation::too_long("messages", ids.len().to_string(), max));
         }
         Ok(ids)
     })
     .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
 }

@@ -53,7 +53,7 @@ pub(super) async fn tokenize(
         (None, Some(m)) => {
             let msgs = super::chat::parse_messages(m)?;
             f.finish()?;
-            super::chat::encode_messages(&state, &r, &msgs, add_special.unwrap_or(false)).await?
+            super::chat::encode_messages(&state, &r, msgs, add_special.unwrap_or(false)).await?
         }
         _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` or `messages`")),
     };
