@@ -24,12 +24,14 @@ pub mod cuda;
 pub mod exp;
 pub mod matmul;
 pub mod ops;
+pub mod quant;
 mod simd;
 mod tile;
 mod weight;
 
 pub use matmul::{matmul_nt, matmul_nt_with, serial, Kernel};
-pub use weight::{Weight, WeightData};
+pub use quant::QuantFormat;
+pub use weight::{QuantData, Weight, WeightData};
 
 /// Errors raised by kernel entry points on inconsistent shapes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,5 +45,27 @@ pub enum KernelError {
         expected: usize,
         /// Elements present.
         got: usize,
+    },
+    /// A quantization name that is not one of [`QuantFormat::ALL`].
+    #[error("unknown quantization `{name}` (expected one of q8_0, q4_0, q4_k, q5_k, q6_k, mxfp4)")]
+    UnknownFormat {
+        /// The name given.
+        name: String,
+    },
+    /// A format this crate reads but cannot produce.
+    #[error("no quantizer for {format} (quantizing supports q8_0 and q4_k)")]
+    NoQuantizer {
+        /// The format asked for.
+        format: QuantFormat,
+    },
+    /// A quantized matrix whose rows are not whole blocks.
+    #[error("{format} rows hold whole blocks of {block} values, but a row has {cols}")]
+    PartialBlock {
+        /// The format.
+        format: QuantFormat,
+        /// Its block length.
+        block: usize,
+        /// The row length.
+        cols: usize,
     },
 }

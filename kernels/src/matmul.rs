@@ -12,7 +12,7 @@
 //!   over the `m` rows.
 
 use crate::simd::WeightRow;
-use crate::weight::{bf16_to_f32, Weight, WeightData};
+use crate::weight::{bf16_to_f32, QuantData, Weight, WeightData};
 use crate::KernelError;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -83,15 +83,19 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: 
         Kernel::Auto => Kernel::Gemm,
         chosen => chosen,
     };
-    if kernel == Kernel::Stream {
+    if let WeightData::Quant(q) = w.data() {
+        quant_blocked(x, m, k, n, q, out, parallel, kernel == Kernel::Gemm);
+    } else if kernel == Kernel::Stream {
         match w.data() {
             WeightData::F32(v) => stream(x, m, v, k, out, parallel),
             WeightData::Bf16(v) => stream(x, m, v, k, out, parallel),
+            WeightData::Quant(_) => unreachable!("handled above"),
         }
     } else if kernel == Kernel::Tiled {
         match w.data() {
             WeightData::F32(v) => tiled(x, m, v, k, out, parallel),
             WeightData::Bf16(v) => tiled(x, m, v, k, out, parallel),
+            WeightData::Quant(_) => unreachable!("handled above"),
         }
     } else {
         match w.data() {
@@ -102,6 +106,7 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: 
                 unsafe { gemm_f32(GemmArgs { m, n, k, x, w: v, out: out.as_mut_ptr(), out_rs: n }, par) }
             }
             WeightData::Bf16(bits) => bf16_blocked(x, m, k, n, bits, out, parallel),
+            WeightData::Quant(_) => unreachable!("handled above"),
         }
     }
     Ok(())
@@ -221,6 +226,60 @@ fn bf16_blocked(x: &[f32], m: usize, k: usize, n: usize, bits: &[u16], out: &mut
             // and `out` outlives the parallel loop.
             unsafe {
                 gemm_f32(GemmArgs { m, n: rows, k, x, w: &wf, out: ptr.0.add(r0), out_rs: n }, gemm::Parallelism::None)
+            }
+        });
+    };
+    if parallel {
+        (0..blocks).into_par_iter().for_each(run);
+    } else {
+        (0..blocks).for_each(run);
+    }
+}
+
+/// Weight values widened per block on the quantized tiled path: 16 KiB of
+/// f32, so a block stays in L1 while every activation row passes over it.
+const QUANT_TILE_VALUES: usize = 4096;
+
+/// Quantized weights: a block of weight rows widened to f32 in thread-local
+/// scratch (bit-exact dequantization), then the f32 tiled kernel (`gemm`
+/// when `use_gemm`) over it. A row's result does not depend on the other
+/// rows of the call on the tiled path, as for float weights.
+#[allow(clippy::too_many_arguments)]
+fn quant_blocked(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    q: &QuantData,
+    out: &mut [f32],
+    parallel: bool,
+    use_gemm: bool,
+) {
+    let row_bytes = q.bytes().len() / n;
+    let block_rows = if use_gemm { BF16_BLOCK_ROWS } else { (QUANT_TILE_VALUES / k).clamp(8, BF16_BLOCK_ROWS) / 8 * 8 };
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let blocks = n.div_ceil(block_rows);
+    let run = |b: usize| {
+        let r0 = b * block_rows;
+        let rows = block_rows.min(n - r0);
+        SCRATCH.with(|s| {
+            let mut wf = s.borrow_mut();
+            wf.resize(rows * k, 0.0);
+            q.format().dequantize(&q.bytes()[r0 * row_bytes..(r0 + rows) * row_bytes], &mut wf);
+            let ptr = out_ptr;
+            // SAFETY: block b writes only columns r0..r0+rows of every output
+            // row (row stride n); blocks are disjoint and `out` outlives the
+            // loop. `wf` holds the block's `rows` weight rows of `k` values.
+            unsafe {
+                if use_gemm {
+                    gemm_f32(
+                        GemmArgs { m, n: rows, k, x, w: &wf, out: ptr.0.add(r0), out_rs: n },
+                        gemm::Parallelism::None,
+                    )
+                } else {
+                    let p = Product { x, m, k, w: &wf[..], n, out: ptr.0.add(r0) };
+                    crate::tile::tiled_cols(&p, 0..rows)
+                }
             }
         });
     };
@@ -368,6 +427,34 @@ mod tests {
             for i in 0..m {
                 matmul_nt_with(&x[i * k..(i + 1) * k], 1, &w, &mut alone, Kernel::Tiled).unwrap();
                 assert_eq!(&out[i * n..(i + 1) * n], &alone[..], "row {i} of {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_weights_match_their_dequantized_values() {
+        use crate::quant::QuantFormat;
+        for format in QuantFormat::ALL {
+            for &(m, n, k) in &[(1, 20, 256), (3, 9, 512), (40, 70, 256), (33, 8, 768)] {
+                let bytes = crate::quant::tests::random_blocks(format, n * k / format.block_values(), (m * n) as u64);
+                let w = Weight::from_quant(n, k, format, bytes).unwrap();
+                let wf = w.to_f32();
+                let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 97) as f32 / 97.0) - 0.5).collect();
+                let want = reference(&x, m, &wf, n, k);
+                for kernel in [Kernel::Auto, Kernel::Tiled, Kernel::Gemm] {
+                    let mut out = vec![f32::NAN; m * n];
+                    matmul_nt_with(&x, m, &w, &mut out, kernel).unwrap();
+                    let scale = wf.iter().fold(0f32, |a, v| a.max(v.abs())) * k as f32;
+                    for (a, b) in out.iter().zip(&want) {
+                        assert!((a - b).abs() <= 1e-5 * scale, "{format} {kernel:?} m={m} n={n} k={k}: {a} vs {b}");
+                    }
+                }
+                // a row's product does not depend on its batch (tiled path)
+                let mut all = vec![0.0; m.min(32) * n];
+                matmul_nt_with(&x[..m.min(32) * k], m.min(32), &w, &mut all, Kernel::Tiled).unwrap();
+                let mut alone = vec![0.0; n];
+                matmul_nt_with(&x[..k], 1, &w, &mut alone, Kernel::Auto).unwrap();
+                assert_eq!(&all[..n], &alone[..], "{format} batch invariance");
             }
         }
     }

@@ -1,5 +1,6 @@
 //! Weight matrices in the checkpoint's precision.
 
+use crate::quant::QuantFormat;
 use half::{bf16, f16};
 
 /// Storage of a weight matrix's values.
@@ -9,6 +10,28 @@ pub enum WeightData {
     F32(Vec<f32>),
     /// 2 bytes per value, raw bf16 bits; widened to f32 inside the kernels.
     Bf16(Vec<u16>),
+    /// Block-quantized rows ([`crate::quant`]), widened inside the kernels.
+    Quant(QuantData),
+}
+
+/// The bytes of a block-quantized matrix: each row is `cols /
+/// format.block_values()` blocks.
+#[derive(Clone, Debug)]
+pub struct QuantData {
+    format: QuantFormat,
+    bytes: Vec<u8>,
+}
+
+impl QuantData {
+    /// The format.
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    /// The raw blocks, row after row.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 /// A row-major `[rows, cols]` matrix: `rows` output features, each a row of
@@ -33,6 +56,49 @@ impl Weight {
         Ok(Self { rows, cols, data: WeightData::Bf16(bits) })
     }
 
+    /// Wraps block-quantized rows: `bytes` must hold `rows` rows of `cols`
+    /// values, `cols` a whole number of blocks.
+    pub fn from_quant(
+        rows: usize,
+        cols: usize,
+        format: QuantFormat,
+        bytes: Vec<u8>,
+    ) -> Result<Self, crate::KernelError> {
+        let row = format.row_bytes(cols).ok_or(crate::KernelError::PartialBlock {
+            format,
+            block: format.block_values(),
+            cols,
+        })?;
+        check_len("quantized weight bytes", rows * row, bytes.len())?;
+        Ok(Self { rows, cols, data: WeightData::Quant(QuantData { format, bytes }) })
+    }
+
+    /// Quantizes this matrix to `format` (from its values widened to f32).
+    pub fn quantize(&self, format: QuantFormat) -> Result<Self, crate::KernelError> {
+        let values = self.to_f32();
+        let bytes = crate::quant::quantize_rows(format, &values, self.cols)?;
+        Self::from_quant(self.rows, self.cols, format, bytes)
+    }
+
+    /// Every value widened to f32, row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        if self.cols > 0 {
+            for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+                self.row_to_f32(r, row);
+            }
+        }
+        out
+    }
+
+    /// The quantized format, if the matrix is quantized.
+    pub fn quant_format(&self) -> Option<QuantFormat> {
+        match &self.data {
+            WeightData::Quant(q) => Some(q.format),
+            _ => None,
+        }
+    }
+
     /// Converts f16 values to f32 storage (f16 is rare in MoE checkpoints;
     /// widening keeps one fast path per precision).
     pub fn from_f16_bits(rows: usize, cols: usize, bits: &[u16]) -> Result<Self, crate::KernelError> {
@@ -41,13 +107,25 @@ impl Weight {
     }
 
     /// Stacks matrices with the same column count on top of each other
-    /// (e.g. q, k and v projections into one qkv matrix). All parts must
-    /// share a precision.
+    /// (e.g. q, k and v projections into one qkv matrix). Quantized parts of
+    /// one format stay quantized; parts of mixed precisions are stored in
+    /// the first part's float precision (quantized ones widened to f32).
     pub fn concat_rows(parts: &[Weight]) -> Result<Self, crate::KernelError> {
         let cols = parts.first().map_or(0, |p| p.cols);
         let rows = parts.iter().map(|p| p.rows).sum();
         for p in parts {
             check_len("concatenated weight columns", cols, p.cols)?;
+        }
+        let first_quant = parts.first().and_then(Weight::quant_format);
+        if first_quant.is_some() && parts.iter().all(|p| p.quant_format() == first_quant) {
+            let bytes = parts
+                .iter()
+                .flat_map(|p| match &p.data {
+                    WeightData::Quant(q) => q.bytes.iter().copied(),
+                    _ => unreachable!("every part is quantized"),
+                })
+                .collect();
+            return Self::from_quant(rows, cols, first_quant.expect("checked"), bytes);
         }
         let data = match parts.first().map(|p| &p.data) {
             Some(WeightData::Bf16(_)) => {
@@ -56,6 +134,7 @@ impl Weight {
                     match &p.data {
                         WeightData::Bf16(v) => out.extend_from_slice(v),
                         WeightData::F32(v) => out.extend(v.iter().map(|&x| bf16::from_f32(x).to_bits())),
+                        WeightData::Quant(_) => out.extend(p.to_f32().iter().map(|&x| bf16::from_f32(x).to_bits())),
                     }
                 }
                 WeightData::Bf16(out)
@@ -66,6 +145,7 @@ impl Weight {
                     match &p.data {
                         WeightData::F32(v) => out.extend_from_slice(v),
                         WeightData::Bf16(v) => out.extend(v.iter().map(|&b| bf16::from_bits(b).to_f32())),
+                        WeightData::Quant(_) => out.extend(p.to_f32()),
                     }
                 }
                 WeightData::F32(out)
@@ -94,6 +174,7 @@ impl Weight {
         match &self.data {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Bf16(v) => v.len() * 2,
+            WeightData::Quant(q) => q.bytes.len(),
         }
     }
 
@@ -106,6 +187,10 @@ impl Weight {
                 for (o, &b) in out.iter_mut().zip(&v[range]) {
                     *o = bf16_to_f32(b);
                 }
+            }
+            WeightData::Quant(q) => {
+                let rb = q.bytes.len() / self.rows.max(1);
+                q.format.dequantize(&q.bytes[r * rb..(r + 1) * rb], out);
             }
         }
     }

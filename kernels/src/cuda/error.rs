@@ -51,6 +51,9 @@ pub enum CudaError {
     /// A size does not fit the kernel's 32-bit index arithmetic.
     #[error("{0} is too large for a 32-bit kernel argument")]
     TooLarge(&'static str),
+    /// A weight format the GPU backend has no kernel for.
+    #[error("the CUDA backend computes with f32 and bf16 weights, not {0}")]
+    Unsupported(&'static str),
     /// The expert-slot pool was asked for something it cannot do.
     #[error("expert pool: {0}")]
     Pool(String),

@@ -43,6 +43,7 @@ impl GpuWeight {
         let data = match w.data() {
             WeightData::F32(v) => GpuWeightData::F32(g.stream().clone_htod(v.as_slice())?),
             WeightData::Bf16(v) => GpuWeightData::Bf16(g.stream().clone_htod(v.as_slice())?),
+            WeightData::Quant(q) => return Err(CudaError::Unsupported(q.format().name())),
         };
         Ok(Self { rows: w.rows(), cols: w.cols(), data })
     }

@@ -1,0 +1,127 @@
+//! Portable dequantization, block by block: the reference the SIMD paths
+//! must equal bit for bit. Each value is computed with the operations of
+//! `gguf.quants` (and ggml's `dequantize_row_*`), in their order.
+
+use super::QuantFormat;
+
+/// Widens whole blocks (lengths checked by the caller).
+pub(super) fn dequantize(q: QuantFormat, bytes: &[u8], out: &mut [f32]) {
+    let f = match q {
+        QuantFormat::Q8_0 => q8_0,
+        QuantFormat::Q4_0 => q4_0,
+        QuantFormat::Q4K => q4_k,
+        QuantFormat::Q5K => q5_k,
+        QuantFormat::Q6K => q6_k,
+        QuantFormat::Mxfp4 => mxfp4,
+    };
+    for (b, o) in bytes.chunks_exact(q.block_bytes()).zip(out.chunks_exact_mut(q.block_values())) {
+        f(b, o);
+    }
+}
+
+/// The little-endian f16 at `b[i..i + 2]`, widened (exact).
+#[inline(always)]
+pub(super) fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+fn q8_0(b: &[u8], out: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+        *o = q as i8 as f32 * d;
+    }
+}
+
+fn q4_0(b: &[u8], out: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let (lo, hi) = out.split_at_mut(16);
+    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b[2..18]) {
+        *l = d * ((q & 0x0F) as i32 - 8) as f32;
+        *h = d * ((q >> 4) as i32 - 8) as f32;
+    }
+}
+
+/// The 6-bit scales and mins of a Q4_K / Q5_K block's 8 sub-blocks, from
+/// its 12 packed bytes.
+#[inline(always)]
+pub(super) fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..4 {
+        sc[j] = s[j] & 0x3F;
+        m[j] = s[j + 4] & 0x3F;
+        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+    (sc, m)
+}
+
+/// Q4_K: `d`, `dmin` (f16), 12 bytes of scales and mins, 128 bytes of
+/// nibbles (32 bytes per pair of sub-blocks: low nibbles then high).
+fn q4_k(b: &[u8], out: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let (sc, m) = scale_min_k4(&b[4..16]);
+    let qs = &b[16..144];
+    for j in 0..8 {
+        let (d1, m1) = (d * sc[j] as f32, dmin * m[j] as f32);
+        let shift = 4 * (j % 2);
+        let src = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+        for (o, &q) in out[32 * j..32 * j + 32].iter_mut().zip(src) {
+            *o = d1 * ((q >> shift) & 0x0F) as f32 - m1;
+        }
+    }
+}
+
+/// Q5_K: as Q4_K, with 32 bytes of high bits (bit `j` of byte `l` is the
+/// fifth bit of sub-block `j`'s value `l`) before the nibbles.
+fn q5_k(b: &[u8], out: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let (sc, m) = scale_min_k4(&b[4..16]);
+    let (qh, qs) = (&b[16..48], &b[48..176]);
+    for j in 0..8 {
+        let (d1, m1) = (d * sc[j] as f32, dmin * m[j] as f32);
+        let shift = 4 * (j % 2);
+        let src = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+        for (l, o) in out[32 * j..32 * j + 32].iter_mut().enumerate() {
+            let q = ((src[l] >> shift) & 0x0F) | (((qh[l] >> j) & 1) << 4);
+            *o = d1 * q as f32 - m1;
+        }
+    }
+}
+
+/// Q6_K: 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 int8
+/// scales (one per 16 values), `d` (f16). Per half of 128 values: value
+/// `t` has the low nibble of `ql[t % 64]` (shifted by 4 when `t >= 64`)
+/// and bits `2 * (t / 32)` of `qh[t % 32]`.
+fn q6_k(b: &[u8], out: &mut [f32]) {
+    let d = f16_at(b, 208);
+    let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+    for h in 0..2 {
+        for t in 0..128 {
+            let v = 128 * h + t;
+            let lo = (ql[64 * h + t % 64] >> (4 * (t / 64))) & 0x0F;
+            let hi = (qh[32 * h + t % 32] >> (2 * (t / 32))) & 0x03;
+            let q = (lo | (hi << 4)) as i32 - 32;
+            out[v] = (d * scales[v / 16] as i8 as f32) * q as f32;
+        }
+    }
+}
+
+/// e2m1 values, doubled (the e8m0 scale is halved to match).
+pub(super) const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Half of `2^(e - 127)`, the scale the doubled e2m1 values use.
+#[inline(always)]
+pub(super) fn e8m0_half(e: u8) -> f32 {
+    f32::from_bits(if e < 2 { 0x0020_0000u32 << e } else { ((e as u32) - 1) << 23 })
+}
+
+/// MXFP4: one e8m0 byte, then 16 bytes: value `l` is the low nibble of
+/// byte `l`, value `16 + l` the high one.
+fn mxfp4(b: &[u8], out: &mut [f32]) {
+    let d = e8m0_half(b[0]);
+    let (lo, hi) = out.split_at_mut(16);
+    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b[1..17]) {
+        *l = d * MXFP4_VALUES[(q & 0x0F) as usize] as f32;
+        *h = d * MXFP4_VALUES[(q >> 4) as usize] as f32;
+    }
+}

@@ -1,0 +1,189 @@
+//! Block-quantized weights in GGUF's formats: the bytes of a row are
+//! `cols / block_values` blocks back to back, each a few scales and packed
+//! integers (ggml's layouts, so a GGUF tensor's bytes are used as stored).
+//!
+//! Dequantization is bit-exact against the `gguf` Python package's
+//! reference (`gguf.quants`): every value is the same f32 multiply (and
+//! subtract) in the same order, on the portable path and the AVX2 one
+//! (which uses separate multiply and subtract, never a fused one).
+//! Products with quantized weights widen blocks of weight rows to f32 in
+//! thread-local scratch and run the f32 kernels on them
+//! (`matmul::quant_blocked`), so activations stay f32.
+
+mod blocks;
+mod quantize;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use quantize::quantize_rows;
+
+/// A block-quantized format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// 32 int8 values and one f16 scale: 8.5 bits per weight.
+    Q8_0,
+    /// 32 4-bit values (offset 8) and one f16 scale: 4.5 bits per weight.
+    Q4_0,
+    /// k-quant: 256 4-bit values in 8 sub-blocks, each with a 6-bit scale
+    /// and min, under f16 super-scales: 4.5 bits per weight.
+    Q4K,
+    /// As `Q4K` with a fifth bit per value: 5.5 bits per weight.
+    Q5K,
+    /// k-quant: 256 6-bit values in 16 sub-blocks with int8 scales under
+    /// one f16 scale: 6.5625 bits per weight.
+    Q6K,
+    /// OCP microscaling FP4: 32 e2m1 values and one e8m0 scale: 4.25 bits
+    /// per weight (gpt-oss's experts).
+    Mxfp4,
+}
+
+impl QuantFormat {
+    /// Every format, in GGUF type order.
+    pub const ALL: [QuantFormat; 6] = [Self::Q4_0, Self::Q8_0, Self::Q4K, Self::Q5K, Self::Q6K, Self::Mxfp4];
+
+    /// Values per block.
+    pub const fn block_values(self) -> usize {
+        match self {
+            Self::Q8_0 | Self::Q4_0 | Self::Mxfp4 => 32,
+            Self::Q4K | Self::Q5K | Self::Q6K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => 34,
+            Self::Q4_0 => 18,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
+            Self::Mxfp4 => 17,
+        }
+    }
+
+    /// The lower-case name used in settings and messages (`q4_k`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4K => "q4_k",
+            Self::Q5K => "q5_k",
+            Self::Q6K => "q6_k",
+            Self::Mxfp4 => "mxfp4",
+        }
+    }
+
+    /// Bytes of one row of `cols` values; `None` unless `cols` is a whole
+    /// number of blocks.
+    pub const fn row_bytes(self, cols: usize) -> Option<usize> {
+        if cols % self.block_values() == 0 {
+            Some(cols / self.block_values() * self.block_bytes())
+        } else {
+            None
+        }
+    }
+
+    /// Widens whole blocks: `bytes` holds `n` blocks, `out` `n *
+    /// block_values()` values.
+    ///
+    /// # Panics
+    /// If the lengths disagree (a caller's bug: shapes are checked when a
+    /// [`crate::Weight`] is built).
+    pub fn dequantize(self, bytes: &[u8], out: &mut [f32]) {
+        let (bb, bv) = (self.block_bytes(), self.block_values());
+        assert!(
+            bytes.len() % bb == 0 && out.len() == bytes.len() / bb * bv,
+            "{}: {} bytes do not hold {} values",
+            self.name(),
+            bytes.len(),
+            out.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::simd::has_avx2_fma() {
+                // SAFETY: AVX2 is present (checked at run time); the lengths
+                // were checked above.
+                unsafe { x86::dequantize(self, bytes, out) };
+                return;
+            }
+        }
+        blocks::dequantize(self, bytes, out);
+    }
+}
+
+impl std::fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for QuantFormat {
+    type Err = crate::KernelError;
+
+    fn from_str(s: &str) -> Result<Self, crate::KernelError> {
+        Self::ALL
+            .into_iter()
+            .find(|q| q.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| crate::KernelError::UnknownFormat { name: s.to_string() })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Random blocks whose f16 scales are finite (so both paths can be
+    /// compared bit for bit).
+    pub(crate) fn random_blocks(q: QuantFormat, n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut bytes: Vec<u8> = (0..n * q.block_bytes())
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
+            })
+            .collect();
+        let f16_at: &[usize] = match q {
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 => &[0],
+            QuantFormat::Q4K | QuantFormat::Q5K => &[0, 2],
+            QuantFormat::Q6K => &[208],
+            QuantFormat::Mxfp4 => &[],
+        };
+        for b in bytes.chunks_mut(q.block_bytes()) {
+            if q == QuantFormat::Mxfp4 {
+                // e8m0 scales near 2^-5 (and rarely the subnormal ones)
+                b[0] = if b[0] < 4 { b[0] % 2 } else { 118 + b[0] % 12 };
+            }
+            for &o in f16_at {
+                let v = half::f16::from_f32((b[o] as f32 - 128.0) / 3000.0).to_bits().to_le_bytes();
+                b[o..o + 2].copy_from_slice(&v);
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn simd_dequantization_is_bit_exact_with_the_portable_one() {
+        for q in QuantFormat::ALL {
+            for n in [1, 3, 8] {
+                let bytes = random_blocks(q, n, n as u64 + 7);
+                let mut fast = vec![0f32; n * q.block_values()];
+                let mut slow = fast.clone();
+                q.dequantize(&bytes, &mut fast);
+                blocks::dequantize(q, &bytes, &mut slow);
+                let fb: Vec<u32> = fast.iter().map(|v| v.to_bits()).collect();
+                let sb: Vec<u32> = slow.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(fb, sb, "{q} with {n} blocks");
+            }
+        }
+    }
+
+    #[test]
+    fn names_parse_back() {
+        for q in QuantFormat::ALL {
+            assert_eq!(q.name().parse::<QuantFormat>(), Ok(q));
+        }
+        assert!("q3_k".parse::<QuantFormat>().unwrap_err().to_string().contains("q4_k"));
+    }
+}
