@@ -117,7 +117,7 @@ impl Weight {
             check_len("concatenated weight columns", cols, p.cols)?;
         }
         let first_quant = parts.first().and_then(Weight::quant_format);
-        if first_quant.is_some() && parts.iter().all(|p| p.quant_format() == first_quant) {
+        if let Some(format) = first_quant.filter(|_| parts.iter().all(|p| p.quant_format() == first_quant)) {
             let bytes = parts
                 .iter()
                 .flat_map(|p| match &p.data {
@@ -125,7 +125,7 @@ impl Weight {
                     _ => unreachable!("every part is quantized"),
                 })
                 .collect();
-            return Self::from_quant(rows, cols, first_quant.expect("checked"), bytes);
+            return Self::from_quant(rows, cols, format, bytes);
         }
         let data = match parts.first().map(|p| &p.data) {
             Some(WeightData::Bf16(_)) => {

@@ -76,7 +76,7 @@ impl QuantFormat {
     /// Bytes of one row of `cols` values; `None` unless `cols` is a whole
     /// number of blocks.
     pub const fn row_bytes(self, cols: usize) -> Option<usize> {
-        if cols % self.block_values() == 0 {
+        if cols.is_multiple_of(self.block_values()) {
             Some(cols / self.block_values() * self.block_bytes())
         } else {
             None
@@ -92,7 +92,7 @@ impl QuantFormat {
     pub fn dequantize(self, bytes: &[u8], out: &mut [f32]) {
         let (bb, bv) = (self.block_bytes(), self.block_values());
         assert!(
-            bytes.len() % bb == 0 && out.len() == bytes.len() / bb * bv,
+            bytes.len().is_multiple_of(bb) && out.len() == bytes.len() / bb * bv,
             "{}: {} bytes do not hold {} values",
             self.name(),
             bytes.len(),

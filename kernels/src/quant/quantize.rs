@@ -10,7 +10,7 @@ use crate::KernelError;
 /// Q8_0 and Q4_K have quantizers; the other formats are read-only.
 pub fn quantize_rows(format: QuantFormat, values: &[f32], cols: usize) -> Result<Vec<u8>, KernelError> {
     let bv = format.block_values();
-    if cols % bv != 0 {
+    if !cols.is_multiple_of(bv) {
         return Err(KernelError::PartialBlock { format, block: bv, cols });
     }
     let blocks = values.len() / bv;

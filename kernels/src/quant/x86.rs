@@ -81,7 +81,7 @@ unsafe fn nibbles(qs: *const u8, j: usize) -> [__m128i; 2] {
     let mask = _mm_set1_epi8(0x0F);
     let p = qs.add(32 * (j / 2));
     let (a, b) = (load16(p), load16(p.add(16)));
-    if j % 2 == 0 {
+    if j.is_multiple_of(2) {
         [_mm_and_si128(a, mask), _mm_and_si128(b, mask)]
     } else {
         [_mm_and_si128(_mm_srli_epi16(a, 4), mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask)]
