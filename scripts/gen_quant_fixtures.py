@@ -21,13 +21,16 @@ from gguf.constants import GGML_QUANT_SIZES
 FORMATS = {
     "q8_0": T.Q8_0,
     "q4_0": T.Q4_0,
+    "q4_1": T.Q4_1,
+    "q5_0": T.Q5_0,
+    "q5_1": T.Q5_1,
     "q4_k": T.Q4_K,
     "q5_k": T.Q5_K,
     "q6_k": T.Q6_K,
     "mxfp4": T.MXFP4,
 }
 # byte offsets of each block's f16 scales
-F16_AT = {"q8_0": [0], "q4_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208], "mxfp4": []}
+F16_AT = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208], "mxfp4": []}
 BLOCKS = 24
 
 

@@ -47,7 +47,7 @@ pub enum KernelError {
         got: usize,
     },
     /// A quantization name that is not one of [`QuantFormat::ALL`].
-    #[error("unknown quantization `{name}` (expected one of q8_0, q4_0, q4_k, q5_k, q6_k, mxfp4)")]
+    #[error("unknown quantization `{name}` (expected one of q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, mxfp4)")]
     UnknownFormat {
         /// The name given.
         name: String,

@@ -9,6 +9,9 @@ pub(super) fn dequantize(q: QuantFormat, bytes: &[u8], out: &mut [f32]) {
     let f = match q {
         QuantFormat::Q8_0 => q8_0,
         QuantFormat::Q4_0 => q4_0,
+        QuantFormat::Q4_1 => q4_1,
+        QuantFormat::Q5_0 => q5_0,
+        QuantFormat::Q5_1 => q5_1,
         QuantFormat::Q4K => q4_k,
         QuantFormat::Q5K => q5_k,
         QuantFormat::Q6K => q6_k,
@@ -38,6 +41,38 @@ fn q4_0(b: &[u8], out: &mut [f32]) {
     for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b[2..18]) {
         *l = d * ((q & 0x0F) as i32 - 8) as f32;
         *h = d * ((q >> 4) as i32 - 8) as f32;
+    }
+}
+
+fn q4_1(b: &[u8], out: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    let (lo, hi) = out.split_at_mut(16);
+    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b[4..20]) {
+        *l = d * (q & 0x0F) as f32 + m;
+        *h = d * (q >> 4) as f32 + m;
+    }
+}
+
+/// The 5-bit values of a Q5_0/Q5_1 block: value `i` has the nibble of
+/// byte `i % 16` (high when `i >= 16`) and bit `i` of the 32-bit `qh`.
+#[inline(always)]
+fn five_bit(qh: &[u8], qs: &[u8], i: usize) -> u8 {
+    let h = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let nib = (qs[i % 16] >> (4 * (i / 16))) & 0x0F;
+    nib | ((((h >> i) & 1) as u8) << 4)
+}
+
+fn q5_0(b: &[u8], out: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = d * (five_bit(&b[2..6], &b[6..22], i) as i32 - 16) as f32;
+    }
+}
+
+fn q5_1(b: &[u8], out: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = d * five_bit(&b[4..8], &b[8..24], i) as f32 + m;
     }
 }
 

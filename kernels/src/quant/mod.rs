@@ -24,6 +24,13 @@ pub enum QuantFormat {
     Q8_0,
     /// 32 4-bit values (offset 8) and one f16 scale: 4.5 bits per weight.
     Q4_0,
+    /// 32 4-bit values, an f16 scale and an f16 min: 5 bits per weight.
+    Q4_1,
+    /// 32 5-bit values (offset 16) and one f16 scale: 5.5 bits per weight
+    /// (llama-quantize's fallback for rows too short for k-quants).
+    Q5_0,
+    /// 32 5-bit values, an f16 scale and an f16 min: 6 bits per weight.
+    Q5_1,
     /// k-quant: 256 4-bit values in 8 sub-blocks, each with a 6-bit scale
     /// and min, under f16 super-scales: 4.5 bits per weight.
     Q4K,
@@ -39,12 +46,13 @@ pub enum QuantFormat {
 
 impl QuantFormat {
     /// Every format, in GGUF type order.
-    pub const ALL: [QuantFormat; 6] = [Self::Q4_0, Self::Q8_0, Self::Q4K, Self::Q5K, Self::Q6K, Self::Mxfp4];
+    pub const ALL: [QuantFormat; 9] =
+        [Self::Q4_0, Self::Q4_1, Self::Q5_0, Self::Q5_1, Self::Q8_0, Self::Q4K, Self::Q5K, Self::Q6K, Self::Mxfp4];
 
     /// Values per block.
     pub const fn block_values(self) -> usize {
         match self {
-            Self::Q8_0 | Self::Q4_0 | Self::Mxfp4 => 32,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Mxfp4 => 32,
             Self::Q4K | Self::Q5K | Self::Q6K => 256,
         }
     }
@@ -54,6 +62,9 @@ impl QuantFormat {
         match self {
             Self::Q8_0 => 34,
             Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q4K => 144,
             Self::Q5K => 176,
             Self::Q6K => 210,
@@ -66,6 +77,9 @@ impl QuantFormat {
         match self {
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
             Self::Q4K => "q4_k",
             Self::Q5K => "q5_k",
             Self::Q6K => "q6_k",
@@ -145,7 +159,8 @@ pub(crate) mod tests {
             })
             .collect();
         let f16_at: &[usize] = match q {
-            QuantFormat::Q8_0 | QuantFormat::Q4_0 => &[0],
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q5_0 => &[0],
+            QuantFormat::Q4_1 | QuantFormat::Q5_1 => &[0, 2],
             QuantFormat::Q4K | QuantFormat::Q5K => &[0, 2],
             QuantFormat::Q6K => &[208],
             QuantFormat::Mxfp4 => &[],

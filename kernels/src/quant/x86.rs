@@ -17,6 +17,8 @@ pub(super) unsafe fn dequantize(q: QuantFormat, bytes: &[u8], out: &mut [f32]) {
         QuantFormat::Q5K => q5_k,
         QuantFormat::Q6K => q6_k,
         QuantFormat::Mxfp4 => mxfp4,
+        // rare fallback formats: the portable loop
+        QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1 => return super::blocks::dequantize(q, bytes, out),
     };
     let (bb, bv) = (q.block_bytes(), q.block_values());
     for (i, b) in bytes.chunks_exact(bb).enumerate() {
