@@ -91,6 +91,30 @@ impl Weight {
         out
     }
 
+    /// The matrix with rows in the order `order` (row `i` of the result is
+    /// row `order[i]` of this one), in the same storage.
+    pub fn select_rows(&self, order: &[usize]) -> Result<Self, crate::KernelError> {
+        check_len("row order", self.rows, order.len())?;
+        if let Some(&bad) = order.iter().find(|&&r| r >= self.rows) {
+            return Err(crate::KernelError::Shape { what: "row index", expected: self.rows, got: bad });
+        }
+        let c = self.cols;
+        let data = match &self.data {
+            WeightData::F32(v) => {
+                WeightData::F32(order.iter().flat_map(|&r| v[r * c..(r + 1) * c].iter().copied()).collect())
+            }
+            WeightData::Bf16(v) => {
+                WeightData::Bf16(order.iter().flat_map(|&r| v[r * c..(r + 1) * c].iter().copied()).collect())
+            }
+            WeightData::Quant(q) => {
+                let rb = q.bytes.len() / self.rows.max(1);
+                let bytes = order.iter().flat_map(|&r| q.bytes[r * rb..(r + 1) * rb].iter().copied()).collect();
+                WeightData::Quant(QuantData { format: q.format, bytes })
+            }
+        };
+        Ok(Self { rows: self.rows, cols: self.cols, data })
+    }
+
     /// The quantized format, if the matrix is quantized.
     pub fn quant_format(&self) -> Option<QuantFormat> {
         match &self.data {

@@ -1,27 +1,63 @@
-//! The tensors of a checkpoint directory: one `model.safetensors` or shards
-//! listed in `model.safetensors.index.json` (or, lacking an index, every
-//! `*.safetensors` file), memory-mapped and indexed by tensor name.
+//! The tensors of a checkpoint: one `model.safetensors` or shards listed in
+//! `model.safetensors.index.json` (or, lacking an index, every
+//! `*.safetensors` file), or GGUF file(s) indexed under the same
+//! HuggingFace names (`crate::gguf`), memory-mapped and indexed by tensor
+//! name.
 //!
 //! Tensors are copied out of the mapping only when asked for, so a later
 //! expert cache can read an expert's bytes on demand.
 
 use crate::{ModelError, Result};
 use memmap2::Mmap;
-use moe_kernels::Weight;
+use moe_kernels::{QuantFormat, Weight};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-struct Entry {
-    file: usize,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    start: usize,
-    end: usize,
+/// How a tensor's values are stored in its file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredType {
+    /// 4-byte floats.
+    F32,
+    /// IEEE half floats (widened to f32 at load).
+    F16,
+    /// bfloat16 (kept as bf16).
+    Bf16,
+    /// GGUF blocks (kept quantized).
+    Quant(QuantFormat),
+    /// Anything else, by its name in the file (refused when used).
+    Unsupported(String),
 }
 
-/// The memory-mapped safetensors files of a model directory.
+impl StoredType {
+    fn from_safetensors(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => Self::F32,
+            Dtype::F16 => Self::F16,
+            Dtype::BF16 => Self::Bf16,
+            other => Self::Unsupported(format!("{other:?}")),
+        }
+    }
+}
+
+/// One tensor of the index: where its bytes are and how to read them.
+pub(crate) struct Entry {
+    pub(crate) file: usize,
+    pub(crate) dtype: StoredType,
+    /// Row-major shape (outermost first, as in safetensors).
+    pub(crate) shape: Vec<usize>,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    /// llama.cpp stores the q/k rows of `llama` models interleaved per head
+    /// for its RoPE: the number of heads whose row order to restore.
+    pub(crate) rope_heads: Option<usize>,
+    /// The tensor's name in its file, where the index uses another (GGUF).
+    pub(crate) file_name: Option<String>,
+}
+
+/// The memory-mapped weight files of a model (safetensors, or GGUF indexed
+/// under the same HuggingFace names), indexed by tensor name.
 pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap)>,
     index: HashMap<String, Entry>,
@@ -45,12 +81,35 @@ impl Checkpoint {
                 let (s, e) = info.data_offsets;
                 index.insert(
                     name,
-                    Entry { file: i, dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e },
+                    Entry {
+                        file: i,
+                        dtype: StoredType::from_safetensors(info.dtype),
+                        shape: info.shape.clone(),
+                        start: base + s,
+                        end: base + e,
+                        rope_heads: None,
+                        file_name: None,
+                    },
                 );
             }
             files.push((path, mmap));
         }
         Ok(Self { files, index })
+    }
+
+    /// Builds a checkpoint from mapped files and an index made elsewhere
+    /// (the GGUF reader).
+    pub(crate) fn from_parts(files: Vec<(PathBuf, Mmap)>, index: HashMap<String, Entry>) -> Self {
+        Self { files, index }
+    }
+
+    /// Opens the weights of a model path: a safetensors directory, or GGUF
+    /// file(s) for the model `cfg` describes.
+    pub fn open_model(path: &Path, cfg: &crate::ModelConfig) -> Result<Self> {
+        match crate::gguf::gguf_files(path)? {
+            Some(files) => crate::gguf::checkpoint(&files, cfg),
+            None => Self::open(path),
+        }
     }
 
     /// Whether the checkpoint holds `name`.
@@ -67,7 +126,7 @@ impl Checkpoint {
         let e = self.index.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         if e.shape != shape {
             return Err(ModelError::ShapeMismatch {
-                name: name.into(),
+                name: display_name(name, e),
                 got: e.shape.clone(),
                 expected: shape.to_vec(),
             });
@@ -79,10 +138,15 @@ impl Checkpoint {
         &self.files[e.file].1[e.start..e.end]
     }
 
-    /// A `[rows, cols]` matrix, keeping bf16 as bf16.
+    /// A `[rows, cols]` matrix, keeping bf16 as bf16 and quantized blocks
+    /// quantized.
     pub fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
         let e = self.entry(name, &[rows, cols])?;
-        weight_from_bytes(name, e.dtype, rows, cols, self.bytes(e))
+        let w = weight_from_bytes(&display_name(name, e), &e.dtype, rows, cols, self.bytes(e))?;
+        match e.rope_heads {
+            Some(heads) => unpermute_rope_rows(&w, heads),
+            None => Ok(w),
+        }
     }
 
     /// Where a `[rows, cols]` matrix lives on disk, so that it can be read
@@ -90,15 +154,15 @@ impl Checkpoint {
     /// checked now.
     pub fn locate(&self, name: &str, rows: usize, cols: usize) -> Result<TensorLocation> {
         let e = self.entry(name, &[rows, cols])?;
-        if !matches!(e.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
-            return Err(ModelError::Dtype { name: name.into(), dtype: format!("{:?}", e.dtype) });
+        if let StoredType::Unsupported(dtype) = &e.dtype {
+            return Err(ModelError::Dtype { name: display_name(name, e), dtype: dtype.clone() });
         }
         Ok(TensorLocation {
-            name: name.into(),
+            name: display_name(name, e),
             path: self.files[e.file].0.clone(),
             offset: e.start as u64,
             len: e.end - e.start,
-            dtype: e.dtype,
+            dtype: e.dtype.clone(),
             rows,
             cols,
         })
@@ -108,11 +172,16 @@ impl Checkpoint {
     pub fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let e = self.entry(name, shape)?;
         let b = self.bytes(e);
-        Ok(match e.dtype {
-            Dtype::F32 => f32s(b),
-            Dtype::BF16 => u16s(b).into_iter().map(|x| half::bf16::from_bits(x).to_f32()).collect(),
-            Dtype::F16 => u16s(b).into_iter().map(|x| half::f16::from_bits(x).to_f32()).collect(),
-            other => return Err(ModelError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
+        Ok(match &e.dtype {
+            StoredType::F32 => f32s(b),
+            StoredType::Bf16 => u16s(b).into_iter().map(|x| half::bf16::from_bits(x).to_f32()).collect(),
+            StoredType::F16 => u16s(b).into_iter().map(|x| half::f16::from_bits(x).to_f32()).collect(),
+            StoredType::Quant(q) if b.len() % q.block_bytes() == 0 => {
+                let mut out = vec![0f32; b.len() / q.block_bytes() * q.block_values()];
+                q.dequantize(b, &mut out);
+                out
+            }
+            other => return Err(ModelError::Dtype { name: display_name(name, e), dtype: type_name(other) }),
         })
     }
 
@@ -122,19 +191,59 @@ impl Checkpoint {
     }
 }
 
-/// A matrix's place in a safetensors file: byte range, dtype and shape.
+/// The name to show for an entry: the file's own name when it differs.
+fn display_name(name: &str, e: &Entry) -> String {
+    match &e.file_name {
+        Some(f) => format!("{f} ({name})"),
+        None => name.to_string(),
+    }
+}
+
+fn type_name(t: &StoredType) -> String {
+    match t {
+        StoredType::F32 => "F32".into(),
+        StoredType::F16 => "F16".into(),
+        StoredType::Bf16 => "BF16".into(),
+        StoredType::Quant(q) => q.name().to_uppercase(),
+        StoredType::Unsupported(s) => s.clone(),
+    }
+}
+
+/// Restores HuggingFace's row order of a q or k projection that llama.cpp's
+/// converter interleaved for its RoPE: per head, its row `2j + i` is
+/// HuggingFace's row `i * head_dim / 2 + j`.
+fn unpermute_rope_rows(w: &Weight, heads: usize) -> Result<Weight> {
+    let rows = w.rows();
+    let hd = rows / heads.max(1);
+    if heads == 0 || rows % heads != 0 || hd % 2 != 0 {
+        return Err(ModelError::Unsupported(format!(
+            "cannot restore the RoPE row order of {rows} rows in {heads} heads"
+        )));
+    }
+    let mut order = vec![0usize; rows];
+    for h in 0..heads {
+        for i in 0..2 {
+            for j in 0..hd / 2 {
+                order[h * hd + i * hd / 2 + j] = h * hd + 2 * j + i;
+            }
+        }
+    }
+    Ok(w.select_rows(&order)?)
+}
+
+/// A matrix's place in a weight file: byte range, dtype and shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorLocation {
     /// Tensor name (for error messages).
     pub name: String,
-    /// The safetensors file.
+    /// The file.
     pub path: PathBuf,
     /// Absolute byte offset of the data in the file.
     pub offset: u64,
     /// Bytes of data.
     pub len: usize,
-    /// Element type (f32, bf16 or f16).
-    pub dtype: Dtype,
+    /// Element type.
+    pub dtype: StoredType,
     /// Rows.
     pub rows: usize,
     /// Columns.
@@ -150,17 +259,19 @@ impl TensorLocation {
                 message: format!("tensor {}: read {} bytes, expected {}", self.name, bytes.len(), self.len),
             });
         }
-        weight_from_bytes(&self.name, self.dtype, self.rows, self.cols, bytes)
+        weight_from_bytes(&self.name, &self.dtype, self.rows, self.cols, bytes)
     }
 }
 
-/// A `[rows, cols]` matrix from little-endian tensor bytes (bf16 kept as bf16).
-fn weight_from_bytes(name: &str, dtype: Dtype, rows: usize, cols: usize, b: &[u8]) -> Result<Weight> {
+/// A `[rows, cols]` matrix from little-endian tensor bytes (bf16 kept as
+/// bf16, quantized blocks kept quantized).
+fn weight_from_bytes(name: &str, dtype: &StoredType, rows: usize, cols: usize, b: &[u8]) -> Result<Weight> {
     let w = match dtype {
-        Dtype::F32 => Weight::from_f32(rows, cols, f32s(b)),
-        Dtype::BF16 => Weight::from_bf16_bits(rows, cols, u16s(b)),
-        Dtype::F16 => Weight::from_f16_bits(rows, cols, &u16s(b)),
-        other => return Err(ModelError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
+        StoredType::F32 => Weight::from_f32(rows, cols, f32s(b)),
+        StoredType::Bf16 => Weight::from_bf16_bits(rows, cols, u16s(b)),
+        StoredType::F16 => Weight::from_f16_bits(rows, cols, &u16s(b)),
+        StoredType::Quant(q) => Weight::from_quant(rows, cols, *q, b.to_vec()),
+        StoredType::Unsupported(d) => return Err(ModelError::Dtype { name: name.into(), dtype: d.clone() }),
     };
     Ok(w?)
 }

@@ -35,6 +35,14 @@ pub enum ModelError {
         /// What the parser reported.
         message: String,
     },
+    /// A GGUF file is malformed or lacks what the model needs.
+    #[error("GGUF file {path}: {message}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A tensor the architecture needs is absent from the checkpoint.
     #[error("missing tensor {0}")]
     MissingTensor(String),

@@ -12,8 +12,12 @@
 //! never owns the KV cache or the experts: both are passed into
 //! [`Model::forward`], so the engine decides batching and residency.
 //!
-//! Invariants: compute is f32; weights keep the checkpoint precision (f32 or
-//! bf16; f16 is widened at load). The forward pass is deterministic and free
+//! Checkpoints: HuggingFace directories (safetensors) and GGUF files
+//! ([`gguf`]), both indexed under HuggingFace tensor names so one loader
+//! serves both.
+//!
+//! Invariants: compute is f32; weights keep the checkpoint precision (f32,
+//! bf16 or GGUF's quantized blocks; f16 is widened at load). The forward pass is deterministic and free
 //! of IO, clocks and environment reads.
 
 mod arch;
@@ -23,6 +27,7 @@ mod config;
 mod error;
 mod experts;
 mod forward;
+pub mod gguf;
 mod kv_cache;
 mod loader;
 mod moe;
@@ -32,7 +37,7 @@ pub mod sampling;
 mod tokenizer;
 mod weights;
 
-pub use checkpoint::{Checkpoint, TensorLocation};
+pub use checkpoint::{Checkpoint, StoredType, TensorLocation};
 pub use config::{Arch, AttentionConfig, FfnKind, ModelConfig, MoeConfig, QkNorm, RopeScaling};
 pub use error::ModelError;
 pub use experts::{
@@ -40,7 +45,9 @@ pub use experts::{
 };
 pub use forward::{ForwardOutput, LogitRow, LogitsRequest, SeqChunk, Workspace};
 pub use kv_cache::KvCache;
-pub use loader::{load_model, load_model_without_experts, load_random, load_weights, LoadProgress, LoadedModel};
+pub use loader::{
+    load_model, load_model_without_experts, load_random, load_weights, read_config, LoadProgress, LoadedModel,
+};
 pub use sampling::{SampledToken, Sampler, SamplingParams};
 pub use tokenizer::{GenerationDefaults, IncrementalDecoder, TextCodec};
 pub use weights::Model;

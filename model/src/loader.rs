@@ -31,27 +31,54 @@ pub struct LoadedModel {
     pub codec: TextCodec,
 }
 
-/// Loads `dir`: `config.json`, `tokenizer.json` (+ optional
-/// `tokenizer_config.json`, `generation_config.json`) and the safetensors
-/// weights, with every expert resident.
-pub fn load_model(dir: &Path, progress: &mut dyn LoadProgress) -> Result<LoadedModel> {
-    check_dir(dir)?;
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let codec = TextCodec::load(dir, &cfg)?;
-    let (model, experts) = load_weights(dir, &cfg, progress)?;
+/// The parts of a model path before any weight is read.
+struct Opened {
+    cfg: ModelConfig,
+    codec: TextCodec,
+    ck: Checkpoint,
+}
+
+/// Opens a model path: a HuggingFace directory (`config.json`,
+/// `tokenizer.json` + optional `tokenizer_config.json` and
+/// `generation_config.json`, safetensors weights) or a GGUF model (a
+/// `.gguf` file, the first part of a split set, or a directory holding one).
+fn open(path: &Path) -> Result<Opened> {
+    if let Some(files) = crate::gguf::gguf_files(path)? {
+        let (cfg, codec, ck) = crate::gguf::open(&files)?;
+        check_vocab(&codec, &cfg)?;
+        return Ok(Opened { cfg, codec, ck });
+    }
+    check_dir(path)?;
+    let cfg = ModelConfig::from_file(&path.join("config.json"))?;
+    let codec = TextCodec::load(path, &cfg)?;
     check_vocab(&codec, &cfg)?;
+    let ck = Checkpoint::open(path)?;
+    Ok(Opened { cfg, codec, ck })
+}
+
+/// The configuration of a model path (see [`load_model`] for the forms).
+pub fn read_config(path: &Path) -> Result<ModelConfig> {
+    match crate::gguf::gguf_files(path)? {
+        Some(files) => crate::gguf::read_config(&files),
+        None => ModelConfig::from_file(&path.join("config.json")),
+    }
+}
+
+/// Loads a model path (a HuggingFace directory or a GGUF model) with every
+/// expert resident.
+pub fn load_model(path: &Path, progress: &mut dyn LoadProgress) -> Result<LoadedModel> {
+    let Opened { cfg, codec, ck } = open(path)?;
+    progress.start(ck.total_bytes() as u64);
+    let model = Model::load(&ck, &cfg, |b| progress.advance(b as u64))?;
+    let experts = ResidentExperts::load(&ck, &cfg, |b| progress.advance(b as u64))?;
     Ok(LoadedModel { model, experts, codec })
 }
 
-/// Loads `dir` like [`load_model`] but reads no expert: they stay on disk for
-/// an expert cache (see `moe_offload::DiskExperts`). Returns the non-expert
-/// weights, the tokenizer and the config.
-pub fn load_model_without_experts(dir: &Path, progress: &mut dyn LoadProgress) -> Result<(Model, TextCodec)> {
-    check_dir(dir)?;
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let codec = TextCodec::load(dir, &cfg)?;
-    check_vocab(&codec, &cfg)?;
-    let ck = Checkpoint::open(dir)?;
+/// Loads a model path like [`load_model`] but reads no expert: they stay on
+/// disk for an expert cache (see `moe_offload::DiskExperts`). Returns the
+/// non-expert weights and the tokenizer.
+pub fn load_model_without_experts(path: &Path, progress: &mut dyn LoadProgress) -> Result<(Model, TextCodec)> {
+    let Opened { cfg, codec, ck } = open(path)?;
     let expert_bytes: usize = crate::experts::locate_experts(&ck, &cfg)?.iter().flatten().map(|e| e.nbytes()).sum();
     progress.start(ck.total_bytes().saturating_sub(expert_bytes) as u64);
     let model = Model::load(&ck, &cfg, |b| progress.advance(b as u64))?;
@@ -81,22 +108,31 @@ fn check_vocab(codec: &TextCodec, cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// Loads `dir`'s config and tokenizer files but gives the model random bf16
-/// weights (for benchmarks of shapes without a checkpoint).
+/// Loads a model path's config and tokenizer but gives the model random
+/// bf16 weights (for benchmarks of shapes without a checkpoint).
 pub fn load_random(dir: &Path, seed: u64) -> Result<LoadedModel> {
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let codec = TextCodec::load(dir, &cfg)?;
+    let (cfg, codec) = match crate::gguf::gguf_files(dir)? {
+        Some(files) => {
+            let (cfg, codec, _) = crate::gguf::open(&files)?;
+            (cfg, codec)
+        }
+        None => {
+            let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+            let codec = TextCodec::load(dir, &cfg)?;
+            (cfg, codec)
+        }
+    };
     let (model, experts) = crate::random::random_model(&cfg, seed)?;
     Ok(LoadedModel { model, experts, codec })
 }
 
-/// Loads only the weights of `dir` for `cfg` (no tokenizer files needed).
+/// Loads only the weights of a model path for `cfg` (no tokenizer needed).
 pub fn load_weights(
     dir: &Path,
     cfg: &ModelConfig,
     progress: &mut dyn LoadProgress,
 ) -> Result<(Model, ResidentExperts)> {
-    let ck = Checkpoint::open(dir)?;
+    let ck = Checkpoint::open_model(dir, cfg)?;
     progress.start(ck.total_bytes() as u64);
     let model = Model::load(&ck, cfg, |b| progress.advance(b as u64))?;
     let experts = ResidentExperts::load(&ck, cfg, |b| progress.advance(b as u64))?;

@@ -51,6 +51,31 @@ pub struct TextCodec {
 }
 
 impl TextCodec {
+    /// A codec from a tokenizer built elsewhere (a GGUF file's), with `cfg`'s
+    /// eos ids and the named bos/eos token texts.
+    pub(crate) fn from_parts(
+        tokenizer: Tokenizer,
+        cfg: &ModelConfig,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        chat_template: Option<String>,
+    ) -> Self {
+        let mut eos_ids = cfg.eos_token_ids.clone();
+        eos_ids.extend(eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Self {
+            plain: plain(&tokenizer),
+            specials: special_texts(&tokenizer),
+            tokenizer,
+            eos_ids,
+            bos_token,
+            eos_token,
+            chat_template,
+            defaults: GenerationDefaults::default(),
+        }
+    }
+
     /// Loads the tokenizer files of a model directory; `cfg` contributes its
     /// eos ids. `tokenizer_config.json` and `generation_config.json` are
     /// optional; `tokenizer.json` is required.

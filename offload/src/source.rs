@@ -3,7 +3,7 @@
 
 use crate::OffloadError;
 use moe_kernels::Weight;
-use moe_model::{locate_experts, Checkpoint, ExpertLocation, ExpertWeights, ModelConfig, TensorLocation};
+use moe_model::{locate_experts, Checkpoint, ExpertLocation, ExpertWeights, ModelConfig, StoredType, TensorLocation};
 use moe_types::{ExpertId, LayerId};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -31,10 +31,11 @@ pub struct DiskExperts {
 }
 
 impl DiskExperts {
-    /// Indexes the experts of the checkpoint in `dir` (shapes and dtypes are
-    /// checked now; no expert data is read).
+    /// Indexes the experts of the model at `dir` (a safetensors directory or
+    /// a GGUF model; shapes and dtypes are checked now; no expert data is
+    /// read). GGUF experts are read as stored, quantized blocks included.
     pub fn open(dir: &Path, cfg: &ModelConfig) -> Result<Self, OffloadError> {
-        let ck = Checkpoint::open(dir)?;
+        let ck = Checkpoint::open_model(dir, cfg)?;
         let locations = locate_experts(&ck, cfg)?;
         let expert_bytes = locations.iter().flatten().next().map_or(0, resident_bytes);
         Ok(Self { locations, expert_bytes, dir: dir.to_path_buf() })
@@ -44,7 +45,7 @@ impl DiskExperts {
 /// Bytes in memory of an expert (f16 is widened to f32 at load).
 fn resident_bytes(loc: &ExpertLocation) -> usize {
     let one = |t: &TensorLocation| match t.dtype {
-        safetensors::Dtype::F16 => t.len * 2,
+        StoredType::F16 => t.len * 2,
         _ => t.len,
     };
     one(&loc.gate) + one(&loc.up) + one(&loc.down)
@@ -56,7 +57,7 @@ fn resident_bytes(loc: &ExpertLocation) -> usize {
 fn read_bf16_direct(loc: &ExpertLocation) -> Result<Option<ExpertWeights>, (&Path, String)> {
     let parts = [&loc.gate, &loc.up, &loc.down];
     let same_file = parts.iter().all(|t| t.path == loc.gate.path);
-    if cfg!(target_endian = "big") || !same_file || parts.iter().any(|t| t.dtype != safetensors::Dtype::BF16) {
+    if cfg!(target_endian = "big") || !same_file || parts.iter().any(|t| t.dtype != StoredType::Bf16) {
         return Ok(None);
     }
     let path = loc.gate.path.as_path();

@@ -222,7 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn run_train_predictor(t: TrainPredictorCmd) -> anyhow::Result<()> {
     let dir = t.model.unwrap_or_else(default_model_dir);
-    let cfg = moe_model::ModelConfig::from_file(&dir.join("config.json"))?;
+    let cfg = moe_model::read_config(&dir)?;
     let file = std::fs::File::open(&t.trace).with_context(|| format!("opening {}", t.trace.display()))?;
     let (header, records) = moe_types::trace::read_trace(std::io::BufReader::new(file))
         .with_context(|| format!("reading {}", t.trace.display()))?;

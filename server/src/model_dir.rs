@@ -13,12 +13,17 @@ pub fn default_model_dir() -> PathBuf {
     }
 }
 
-/// The name a model directory is served and recorded under: its final
-/// path component (after resolving `.` and links), or "model".
+/// The name a model is served and recorded under: its final path
+/// component (after resolving `.` and links; a `.gguf` file without its
+/// extension), or "model".
 pub fn model_name(dir: &std::path::Path) -> String {
     dir.canonicalize()
         .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .and_then(|p| {
+            let gguf = p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf"));
+            let name = if gguf { p.file_stem() } else { p.file_name() };
+            name.map(|n| n.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| "model".into())
 }
 
