@@ -176,7 +176,7 @@ impl Checkpoint {
             StoredType::F32 => f32s(b),
             StoredType::Bf16 => u16s(b).into_iter().map(|x| half::bf16::from_bits(x).to_f32()).collect(),
             StoredType::F16 => u16s(b).into_iter().map(|x| half::f16::from_bits(x).to_f32()).collect(),
-            StoredType::Quant(q) if b.len() % q.block_bytes() == 0 => {
+            StoredType::Quant(q) if b.len().is_multiple_of(q.block_bytes()) => {
                 let mut out = vec![0f32; b.len() / q.block_bytes() * q.block_values()];
                 q.dequantize(b, &mut out);
                 out
@@ -215,7 +215,7 @@ fn type_name(t: &StoredType) -> String {
 fn unpermute_rope_rows(w: &Weight, heads: usize) -> Result<Weight> {
     let rows = w.rows();
     let hd = rows / heads.max(1);
-    if heads == 0 || rows % heads != 0 || hd % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !hd.is_multiple_of(2) {
         return Err(ModelError::Unsupported(format!(
             "cannot restore the RoPE row order of {rows} rows in {heads} heads"
         )));

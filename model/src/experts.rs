@@ -195,6 +195,18 @@ impl ResidentExperts {
         self.experts.iter().flatten().map(ExpertWeights::nbytes).sum()
     }
 
+    /// Every expert quantized to `format` (`--quantize-experts`), experts
+    /// side by side on the thread pool.
+    pub fn quantized(self, format: moe_kernels::QuantFormat) -> Result<Self> {
+        use rayon::prelude::*;
+        let experts = self
+            .experts
+            .into_par_iter()
+            .map(|layer| layer.par_iter().map(|e| e.quantized(format)).collect::<Result<Vec<_>>>())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { experts })
+    }
+
     /// The weights, `[layer][expert]`.
     pub fn into_weights(self) -> Vec<Vec<ExpertWeights>> {
         self.experts

@@ -31,6 +31,7 @@ pub mod gguf;
 mod kv_cache;
 mod loader;
 mod moe;
+mod quantize;
 pub mod random;
 mod rope;
 pub mod sampling;
@@ -48,6 +49,7 @@ pub use kv_cache::KvCache;
 pub use loader::{
     load_model, load_model_without_experts, load_random, load_weights, read_config, LoadProgress, LoadedModel,
 };
+pub use quantize::{quantize_weight, QuantScope, QuantTarget};
 pub use sampling::{SampledToken, Sampler, SamplingParams};
 pub use tokenizer::{GenerationDefaults, IncrementalDecoder, TextCodec};
 pub use weights::Model;

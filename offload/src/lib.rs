@@ -48,5 +48,5 @@ pub use experts::{Experts, ExpertsGuard};
 pub use policy::PolicyKind;
 pub use predictor::{PredictorChoice, PredictorKind};
 pub use sharded::{ShardStats, ShardedExperts};
-pub use source::{DiskExperts, ExpertSource, MemoryExperts};
+pub use source::{DiskExperts, ExpertSource, MemoryExperts, QuantizingSource};
 pub use stats::{CacheStats, LayerStats};

@@ -129,6 +129,46 @@ impl ExpertSource for DiskExperts {
     }
 }
 
+/// Experts of a float checkpoint quantized as they are read
+/// (`--quantize-experts` with an expert budget): the cache's slots and its
+/// budget hold quantized experts. Quantizing costs CPU on every load (Q8_0
+/// about a memory copy, Q4_K several times that).
+pub struct QuantizingSource {
+    inner: Box<dyn ExpertSource>,
+    format: moe_kernels::QuantFormat,
+    expert_bytes: usize,
+}
+
+impl QuantizingSource {
+    /// Wraps `inner` (the experts of `cfg`); one expert is read now to learn
+    /// the quantized size.
+    pub fn new(
+        inner: Box<dyn ExpertSource>,
+        cfg: &ModelConfig,
+        format: moe_kernels::QuantFormat,
+    ) -> Result<Self, OffloadError> {
+        let expert_bytes = match cfg.moe_layers().next() {
+            Some(l) => inner.load(LayerId(l as u16), ExpertId(0))?.quantized(format)?.nbytes(),
+            None => 0,
+        };
+        Ok(Self { inner, format, expert_bytes })
+    }
+}
+
+impl ExpertSource for QuantizingSource {
+    fn load(&self, layer: LayerId, expert: ExpertId) -> Result<ExpertWeights, OffloadError> {
+        Ok(self.inner.load(layer, expert)?.quantized(self.format)?)
+    }
+
+    fn expert_bytes(&self) -> usize {
+        self.expert_bytes
+    }
+
+    fn describe(&self) -> String {
+        format!("{}, quantized to {} as read", self.inner.describe(), self.format)
+    }
+}
+
 /// Experts held in host memory and copied into the fast tier on load: the
 /// slow tier of a GPU deployment, and on CPU a way to measure the cache's
 /// own overhead (random-weight models have no files).

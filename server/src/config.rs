@@ -19,7 +19,8 @@ macro_rules! serve_config {
             /// TOML file with any of the settings below (flags and environment win).
             #[arg(long, env = "MOE_CONFIG")]
             pub config: Option<PathBuf>,
-            /// Model directory (HuggingFace layout); default: the built-in model.
+            /// Model: a HuggingFace directory, a .gguf file (first part of a split
+            /// set) or a directory holding one; default: the built-in model.
             #[arg(long, env = "MOE_MODEL")]
             pub model: Option<PathBuf>,
             /// API key required as `Authorization: Bearer <key>` (default: none).
@@ -160,6 +161,10 @@ serve_config! {
     predictor: moe_offload::PredictorChoice = moe_offload::PredictorChoice::Auto => "auto", env = "MOE_PREDICTOR";
     /// MoE layers ahead to forecast and prefetch.
     prefetch_depth: usize = 1 => "1", env = "MOE_PREFETCH_DEPTH";
+    /// Quantize the experts of a float checkpoint at load: none, q8_0 or q4_k (rows too short for q4_k blocks use q8_0); budgets then count quantized bytes.
+    quantize_experts: moe_model::QuantTarget = moe_model::QuantTarget::None => "none", env = "MOE_QUANTIZE_EXPERTS";
+    /// What quantize_experts applies to: experts, or all (attention, dense and shared MLPs, embedding and output head too).
+    quantize: moe_model::QuantScope = moe_model::QuantScope::Experts => "experts", env = "MOE_QUANTIZE";
     /// Most sequences computed per step (a micro-batch); 0 computes every runnable sequence each step.
     micro_batch: usize = 0 => "0", env = "MOE_MICRO_BATCH";
     /// How a micro-batch is chosen when more sequences are runnable: fcfs (round robin), random, or regroup (ExpertFlow: sequences whose forecast experts overlap run together).
@@ -185,6 +190,7 @@ impl ServeConfig {
             self.predictor,
             self.predictor_file.clone(),
             self.prefetch_depth,
+            crate::offload::Quantize::new(self.quantize_experts, self.quantize)?,
         )
     }
 

@@ -48,7 +48,7 @@ struct BenchRegroupCmd {
     /// Text files to draw prompts from (one kind of text each), round robin.
     #[arg(long, required = true, num_args = 1..)]
     text: Vec<PathBuf>,
-    /// Model directory; default: the built-in model.
+    /// Model: a HuggingFace directory or a GGUF file; default: the built-in model.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Concurrent sequences.
@@ -89,7 +89,7 @@ struct BenchOffloadCmd {
     /// Held-out text to draw prompts from (not the predictor's training text).
     #[arg(long)]
     text: PathBuf,
-    /// Model directory; default: the built-in model.
+    /// Model: a HuggingFace directory or a GGUF file; default: the built-in model.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Budgets as fractions of all experts, comma-separated.
@@ -123,7 +123,7 @@ struct GenerateCmd {
     /// The prompt.
     #[arg(long)]
     prompt: String,
-    /// Model directory (HuggingFace layout); default: the built-in model.
+    /// Model: a HuggingFace directory or a GGUF file; default: the built-in model.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Most new tokens.
@@ -156,7 +156,7 @@ struct TraceCmd {
     /// Trace file to write.
     #[arg(long)]
     output: PathBuf,
-    /// Model directory; default: the built-in model.
+    /// Model: a HuggingFace directory or a GGUF file; default: the built-in model.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Tokens per sequence window.
@@ -171,7 +171,7 @@ struct TraceCmd {
 
 #[derive(Args)]
 struct BenchCmd {
-    /// Model directory to benchmark; default: the built-in model.
+    /// Model to benchmark (HuggingFace directory or GGUF file); default: the built-in model.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Skip the larger random-weight model (1.19B parameters, 2.4 GB of bf16).

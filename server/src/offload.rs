@@ -5,10 +5,10 @@
 use crate::model_dir::{load_with_progress, Bar};
 use anyhow::Context;
 use clap::Args;
-use moe_model::{Model, TextCodec};
+use moe_model::{Model, QuantScope, QuantTarget, TextCodec};
 use moe_offload::{
     CacheConfig, DiskExperts, ExpertBudget, ExpertCache, ExpertSource, Experts, MemoryExperts, PolicyKind,
-    PredictorChoice, PredictorKind,
+    PredictorChoice, PredictorKind, QuantizingSource,
 };
 use std::path::{Path, PathBuf};
 
@@ -29,6 +29,33 @@ pub struct OffloadSettings {
     pub predictor_file: Option<PathBuf>,
     /// MoE layers ahead to forecast (at least 1).
     pub depth: usize,
+    /// Quantization applied at load (`--quantize-experts`, `--quantize`).
+    pub quantize: Quantize,
+}
+
+/// What to quantize at load, checked: a scope of `all` needs a format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quantize {
+    /// The format (none: keep the checkpoint's precision).
+    pub target: QuantTarget,
+    /// Experts only, or every large matrix.
+    pub scope: QuantScope,
+}
+
+impl Quantize {
+    /// Checks that `scope` has a format to apply.
+    pub fn new(target: QuantTarget, scope: QuantScope) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            target != QuantTarget::None || scope == QuantScope::Experts,
+            "--quantize all needs a format: add --quantize-experts q8_0 or q4_k"
+        );
+        Ok(Self { target, scope })
+    }
+
+    /// Nothing quantized.
+    pub fn none() -> Self {
+        Self { target: QuantTarget::None, scope: QuantScope::Experts }
+    }
 }
 
 impl OffloadSettings {
@@ -39,9 +66,10 @@ impl OffloadSettings {
         predictor: PredictorChoice,
         predictor_file: Option<PathBuf>,
         depth: usize,
+        quantize: Quantize,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(depth >= 1, "--prefetch-depth must be at least 1");
-        Ok(Self { budget, policy, predictor, predictor_file, depth })
+        Ok(Self { budget, policy, predictor, predictor_file, depth, quantize })
     }
 
     /// Every expert resident.
@@ -52,6 +80,7 @@ impl OffloadSettings {
             predictor: PredictorChoice::None,
             predictor_file: None,
             depth: 1,
+            quantize: Quantize::none(),
         }
     }
 
@@ -82,6 +111,14 @@ pub struct OffloadArgs {
     /// MoE layers ahead to forecast and prefetch.
     #[arg(long, default_value_t = 1)]
     pub prefetch_depth: usize,
+    /// Quantize the experts of a float checkpoint at load: none, q8_0 or
+    /// q4_k (rows too short for q4_k blocks use q8_0).
+    #[arg(long, default_value = "none")]
+    pub quantize_experts: QuantTarget,
+    /// What --quantize-experts applies to: experts, or all (attention, dense
+    /// and shared MLPs, embedding and output head too).
+    #[arg(long, default_value = "experts")]
+    pub quantize: QuantScope,
 }
 
 impl OffloadArgs {
@@ -93,6 +130,7 @@ impl OffloadArgs {
             self.predictor,
             self.predictor_file.clone(),
             self.prefetch_depth,
+            Quantize::new(self.quantize_experts, self.quantize)?,
         )
     }
 }
@@ -142,6 +180,18 @@ pub fn load_served(dir: &Path, random_weights: bool, settings: &OffloadSettings)
         bar.finish();
         (model, None, codec)
     };
+    let mut model = model;
+    let format = settings.quantize.target.format();
+    if let (Some(f), QuantScope::All) = (format, settings.quantize.scope) {
+        model.quantize_non_experts(f).context("quantizing the non-expert weights")?;
+    }
+    let resident = match (resident, format) {
+        (Some(r), Some(f)) => Some(r.quantized(f).context("quantizing the experts")?),
+        (r, _) => r,
+    };
+    if let Some(f) = format {
+        tracing::info!(format = f.name(), scope = settings.quantize.scope.name(), "quantized at load");
+    }
     let cfg = model.config().clone();
     let total = cfg.moe_layers().count() * cfg.moe.num_experts;
     let source: Box<dyn ExpertSource> = match resident {
@@ -149,7 +199,13 @@ pub fn load_served(dir: &Path, random_weights: bool, settings: &OffloadSettings)
             return Ok(ServedModel { model, experts: Experts::Resident(r), codec });
         }
         Some(r) => Box::new(MemoryExperts::new(r.into_weights())),
-        None => Box::new(DiskExperts::open(dir, &cfg).with_context(ctx)?),
+        None => {
+            let disk = Box::new(DiskExperts::open(dir, &cfg).with_context(ctx)?);
+            match format {
+                Some(f) => Box::new(QuantizingSource::new(disk, &cfg, f).with_context(ctx)?),
+                None => disk,
+            }
+        }
     };
     let Some(slots) = settings.budget.slots(total, source.expert_bytes()) else {
         // the budget holds every expert: read each once from the slow tier

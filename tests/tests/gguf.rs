@@ -7,15 +7,17 @@
 //!   `llama-perplexity` does, is within 1% of llama.cpp's for each file;
 //! - greedy continuations of the Q8_0 file equal llama.cpp's;
 //! - experts read on demand from a quantized GGUF into a small expert
-//!   cache give the tokens of the resident model.
+//!   cache give the tokens of the resident model, and so do experts of a
+//!   float checkpoint quantized at load (`--quantize-experts`).
 
 use anyhow::{ensure, Context, Result};
 use moe_engine::{EngineCore, GenerationRequest};
+use moe_kernels::QuantFormat;
 use moe_model::{
     load_model, load_model_without_experts, load_weights, read_config, ExpertProvider, KvCache, LoadedModel,
     LogitsRequest, Model, ModelConfig, SamplingParams, SeqChunk, Workspace,
 };
-use moe_offload::{CacheConfig, DiskExperts, ExpertCache, Experts, PolicyKind, PredictorKind};
+use moe_offload::{CacheConfig, DiskExperts, ExpertCache, Experts, PolicyKind, PredictorKind, QuantizingSource};
 use moe_scheduler::{BlockAllocator, BlockTable, SchedulerConfig};
 use moe_types::SeqId;
 use serde_json::Value;
@@ -216,6 +218,29 @@ fn quantized_experts_read_on_demand_give_the_resident_tokens() -> Result<()> {
         )?;
         let got = greedy(&mut engine(&path, Experts::Cached(cache))?, &prompts, 16)?;
         ensure!(got == want, "{slots} slots: tokens differ from the resident run");
+    }
+    Ok(())
+}
+
+#[test]
+fn experts_quantized_at_load_give_the_same_tokens_at_every_budget() -> Result<()> {
+    let dir = builtin_dir();
+    for format in [QuantFormat::Q8_0, QuantFormat::Q4K] {
+        let m = load_model(&dir, &mut ())?;
+        let cfg = m.model.config().clone();
+        let prompts: Vec<Vec<u32>> =
+            ["ROMEO:", "KING HENRY:\nOnce more"].iter().map(|p| m.codec.encode(p, true)).collect::<Result<_, _>>()?;
+        let full = m.experts.nbytes();
+        let resident = m.experts.quantized(format)?;
+        ensure!(resident.nbytes() * 3 < full * 2, "{format}: {} of {full} bytes", resident.nbytes());
+        let want = greedy(&mut engine(&dir, Experts::Resident(resident))?, &prompts, 16)?;
+        for slots in [8, 16] {
+            let src = QuantizingSource::new(Box::new(DiskExperts::open(&dir, &cfg)?), &cfg, format)?;
+            let cc = CacheConfig { slots, policy: PolicyKind::Lfu, predictor: PredictorKind::PreviousToken, depth: 1 };
+            let cache = ExpertCache::new(&cfg, Box::new(src), cc)?;
+            let got = greedy(&mut engine(&dir, Experts::Cached(cache))?, &prompts, 16)?;
+            ensure!(got == want, "{format}, {slots} slots: tokens differ from the resident quantized run");
+        }
     }
     Ok(())
 }

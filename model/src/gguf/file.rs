@@ -292,7 +292,7 @@ impl Reader<'_> {
                 let min_each = match inner {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     _ => 8,
                 };
                 let n = self.len(min_each)?;
