@@ -244,3 +244,66 @@ fn experts_quantized_at_load_give_the_same_tokens_at_every_budget() -> Result<()
     }
     Ok(())
 }
+
+/// A copy of a fixture GGUF, changed by `edit`, in a temporary directory.
+fn edited(name: &str, edit: impl FnOnce(&mut Vec<u8>)) -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let mut bytes = std::fs::read(gguf(name))?;
+    edit(&mut bytes);
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes)?;
+    Ok((dir, path))
+}
+
+fn load_error(path: &Path) -> String {
+    match load_model(path, &mut ()) {
+        Ok(_) => "loaded".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn broken_gguf_files_are_clear_errors() -> Result<()> {
+    let (_d, p) = edited("mixtral.gguf", |b| b[0] = b'X')?;
+    let e = load_error(&p);
+    ensure!(e.contains("not a GGUF file") && e.contains("mixtral.gguf"), "{e}");
+    let (_d, p) = edited("mixtral.gguf", |b| b.truncate(b.len() - 1000))?;
+    let e = load_error(&p);
+    ensure!(e.contains("runs past the end of the file"), "{e}");
+    let (_d, p) = edited("mixtral.gguf", |b| b.truncate(200))?;
+    let e = load_error(&p);
+    ensure!(e.contains("past the end of the file"), "{e}");
+    // a tensor of a type we do not compute with: named with its type when used
+    let (_d, p) = edited("mixtral.gguf", |b| {
+        let name = b"blk.1.attn_v.weight";
+        let at = b.windows(name.len()).position(|w| w == name).expect("tensor info") + name.len();
+        let dims = u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+        let ty = at + 4 + 8 * dims;
+        b[ty..ty + 4].copy_from_slice(&11u32.to_le_bytes()); // Q3_K
+    })?;
+    let e = load_error(&p);
+    ensure!(e.contains("blk.1.attn_v.weight") && e.contains("Q3_K"), "{e}");
+    // a path that is neither
+    let e = load_error(&gguf("missing.gguf"));
+    ensure!(e.contains("missing.gguf") && e.contains("not found"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn split_gguf_models_load_from_their_first_part() -> Result<()> {
+    // two files named as llama.cpp's gguf-split names them: the second holds
+    // no tensor we need, the first everything (parts are indexed together)
+    let dir = tempfile::tempdir()?;
+    let first = dir.path().join("m-00001-of-00002.gguf");
+    std::fs::copy(gguf("mixtral.gguf"), &first)?;
+    let e = load_error(&first);
+    ensure!(e.contains("m-00002-of-00002.gguf") && e.contains("missing"), "{e}");
+    std::fs::copy(gguf("mixtral_bf16.gguf"), dir.path().join("m-00002-of-00002.gguf"))?;
+    let e = load_error(&first);
+    ensure!(e == "loaded", "split set: {e}");
+    let e = load_error(&dir.path().join("m-00002-of-00002.gguf"));
+    ensure!(e.contains("pass the first part"), "{e}");
+    // a directory holding one split set loads it
+    ensure!(load_model(dir.path(), &mut ()).is_ok(), "directory");
+    Ok(())
+}

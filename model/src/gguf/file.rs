@@ -263,7 +263,7 @@ impl Reader<'_> {
         let n = self.u64()?;
         let left = (self.b.len() - self.pos) as u64;
         if n.saturating_mul(min_each.max(1) as u64) > left {
-            return Err(format!("length {n} is larger than the file"));
+            return Err(format!("length {n} runs past the end of the file (truncated?)"));
         }
         Ok(n as usize)
     }

@@ -54,9 +54,11 @@ pub(crate) fn text(f: &GgufFile) -> Result<GgufText> {
     };
     let (model_json, normalizer, pre, decoder, add_bos_default) = match model {
         "gpt2" => {
+            // a vocabulary of single bytes has no merges (and llama.cpp's
+            // converter then writes none)
             let merges: Vec<Value> = get("merges")
                 .and_then(MetaValue::as_array)
-                .ok_or_else(|| bad("a gpt2 vocabulary without tokenizer.ggml.merges".into()))?
+                .unwrap_or_default()
                 .iter()
                 .filter_map(MetaValue::as_str)
                 .map(|m| Value::String(m.to_string()))
