@@ -186,6 +186,9 @@ struct BenchCmd {
     /// Repetitions (best is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Skip the concurrent-sequence throughput rows (batch 1 only, as llama-bench measures).
+    #[arg(long)]
+    no_batches: bool,
 }
 
 fn main() {
@@ -437,7 +440,8 @@ fn run_bench_in_pool(b: BenchCmd) -> anyhow::Result<()> {
     let mut rows = vec![bench::bench_model(&name, &mut core, expert_bytes, args, bw)?];
     let mut batch_rows = Vec::new();
     let mut large_rows = Vec::new();
-    for batch in [1, 8, 32, 64] {
+    let batches: &[usize] = if b.no_batches { &[] } else { &[1, 8, 32, 64] };
+    for &batch in batches {
         batch_rows.push((batch, bench::engine_throughput(&mut core, batch, args.decode_tokens)?));
     }
     drop(core);
@@ -450,18 +454,20 @@ fn run_bench_in_pool(b: BenchCmd) -> anyhow::Result<()> {
             moe_scheduler::SchedulerConfig { max_num_seqs: 256, max_batched_tokens: args.prompt_tokens.max(4096) };
         let mut core = moe_engine::EngineCore::new(model, experts, vec![], sched, (1024, 16));
         rows.push(bench::bench_model("random-large (bf16)", &mut core, bench::expert_bytes(&cfg, 2), args, bw)?);
-        for batch in [1, 8, 32] {
+        for &batch in batches.iter().filter(|&&b| b <= 32) {
             large_rows.push((batch, bench::engine_throughput(&mut core, batch, 16)?));
         }
     }
     print!("{}", bench::render(&rows, bw, args));
-    println!(
-        "\nengine decode throughput on {name} (greedy, 16-token prompts, {} new tokens each, no HTTP):\n",
-        args.decode_tokens
-    );
-    println!("| concurrent sequences | tokens/s | vs 1 sequence |\n|---|---|---|");
-    for (b, tps) in &batch_rows {
-        println!("| {b} | {tps:.0} | {:.2}x |", tps / batch_rows[0].1);
+    if !batch_rows.is_empty() {
+        println!(
+            "\nengine decode throughput on {name} (greedy, 16-token prompts, {} new tokens each, no HTTP):\n",
+            args.decode_tokens
+        );
+        println!("| concurrent sequences | tokens/s | vs 1 sequence |\n|---|---|---|");
+        for (b, tps) in &batch_rows {
+            println!("| {b} | {tps:.0} | {:.2}x |", tps / batch_rows[0].1);
+        }
     }
     if !large_rows.is_empty() {
         println!(

@@ -307,3 +307,25 @@ fn split_gguf_models_load_from_their_first_part() -> Result<()> {
     ensure!(load_model(dir.path(), &mut ()).is_ok(), "directory");
     Ok(())
 }
+
+#[test]
+fn gguf_tokenizers_encode_as_llama_cpp_and_decode_back() -> Result<()> {
+    let dir = gguf("tokenizers");
+    let text = std::fs::read_to_string(dir.join("reference.json"))?;
+    let r: Value = serde_json::from_str(&text)?;
+    for (name, model) in r["models"].as_object().context("models")? {
+        let m = load_model(&dir.join(model["file"].as_str().context("file")?), &mut ())?;
+        for case in model["cases"].as_array().context("cases")? {
+            let text = case["text"].as_str().context("text")?;
+            let want: Vec<u32> =
+                case["ids"].as_array().context("ids")?.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect();
+            let got = m.codec.encode(text, true)?;
+            ensure!(got == want, "{name}: {text:?} -> {got:?}, llama.cpp {want:?}");
+            // and the ids decode to the text again (after the bos, if added)
+            let body = if case["add_bos"].as_bool() == Some(true) { &got[1..] } else { &got[..] };
+            let back = m.codec.decode(body, false)?;
+            ensure!(back == text, "{name}: {text:?} decodes to {back:?}");
+        }
+    }
+    Ok(())
+}
