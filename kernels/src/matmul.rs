@@ -11,6 +11,8 @@
 //!   are widened block by block into thread-local scratch first, amortised
 //!   over the `m` rows.
 
+use crate::quant::acts::QuantizedActs;
+use crate::quant::dot::dot_rows;
 use crate::simd::WeightRow;
 use crate::weight::{bf16_to_f32, QuantData, Weight, WeightData};
 use crate::KernelError;
@@ -24,6 +26,8 @@ const BF16_BLOCK_ROWS: usize = 64;
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Quantized activations of the integer path (taken out while in use).
+    static ACTS: RefCell<QuantizedActs> = RefCell::new(QuantizedActs::default());
     /// Set while this thread runs one task of an outer parallel loop.
     static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -84,7 +88,11 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: 
         chosen => chosen,
     };
     if let WeightData::Quant(q) = w.data() {
-        quant_blocked(x, m, k, n, q, out, parallel, kernel == Kernel::Gemm);
+        if kernel == Kernel::Gemm {
+            quant_blocked(x, m, k, n, q, out, parallel, true);
+        } else {
+            quant_int(x, m, k, n, q, out, parallel);
+        }
     } else if kernel == Kernel::Stream {
         match w.data() {
             WeightData::F32(v) => stream(x, m, v, k, out, parallel),
@@ -290,6 +298,48 @@ fn quant_blocked(
     }
 }
 
+/// Quantized weights, few rows: the activation rows quantized once to int8
+/// blocks, then one integer dot product per (row, weight row), weight rows
+/// split across threads (each read once while every row passes over it).
+/// A row's result does not depend on the other rows of the call.
+fn quant_int(x: &[f32], m: usize, k: usize, n: usize, q: &QuantData, out: &mut [f32], parallel: bool) {
+    // taken out of the thread-local, so a nested call cannot find it borrowed
+    let mut acts = ACTS.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    let (format, bytes) = (q.format(), q.bytes());
+    acts.fill(x, k, crate::quant::dot::act_block(format));
+    let row_bytes = bytes.len() / n;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let chunk = chunk_len(n);
+    let acts_ref = &acts;
+    let run = |c: usize| {
+        let ptr = out_ptr;
+        for j in c * chunk..((c + 1) * chunk).min(n) {
+            let wr = &bytes[j * row_bytes..(j + 1) * row_bytes];
+            // SAFETY (both writes): task c writes only columns c * chunk..(c +
+            // 1) * chunk of `out` ([m, n], checked by the caller); ranges are
+            // disjoint and `out` outlives the loop.
+            let mut i = 0;
+            while i + 4 <= m {
+                let v = dot_rows(format, wr, acts_ref, [i, i + 1, i + 2, i + 3]);
+                for (r, v) in v.into_iter().enumerate() {
+                    unsafe { *ptr.0.add((i + r) * n + j) = v };
+                }
+                i += 4;
+            }
+            for i in i..m {
+                unsafe { *ptr.0.add(i * n + j) = dot_rows(format, wr, acts_ref, [i])[0] };
+            }
+        }
+    };
+    let chunks = n.div_ceil(chunk);
+    if parallel {
+        (0..chunks).into_par_iter().for_each(run);
+    } else {
+        (0..chunks).for_each(run);
+    }
+    ACTS.with(|a| *a.borrow_mut() = acts);
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: used only to hand disjoint output regions to rayon tasks (see
@@ -445,8 +495,14 @@ mod tests {
                     let mut out = vec![f32::NAN; m * n];
                     matmul_nt_with(&x, m, &w, &mut out, kernel).unwrap();
                     let scale = wf.iter().fold(0f32, |a, v| a.max(v.abs())) * k as f32;
-                    for (a, b) in out.iter().zip(&want) {
-                        assert!((a - b).abs() <= 1e-5 * scale, "{format} {kernel:?} m={m} n={n} k={k}: {a} vs {b}");
+                    for (idx, (a, b)) in out.iter().zip(&want).enumerate() {
+                        // the integer path rounds activations (|x| <= 0.5) to
+                        // 8-bit steps: at most half a step per value
+                        let j = idx % n;
+                        let w_abs: f32 = wf[j * k..(j + 1) * k].iter().map(|v| v.abs()).sum();
+                        let act = if kernel == Kernel::Gemm && m > 0 { 0.0 } else { 0.5 / 254.0 * w_abs };
+                        let tol = act * 1.01 + 1e-5 * scale;
+                        assert!((a - b).abs() <= tol, "{format} {kernel:?} m={m} n={n} k={k}: {a} vs {b}");
                     }
                 }
                 // a row's product does not depend on its batch (tiled path)

@@ -175,26 +175,75 @@ fn engine(path: &Path, experts: Experts) -> Result<EngineCore<Experts>> {
     Ok(EngineCore::new(model, experts, vec![], sched, (64, 16)))
 }
 
-#[test]
-fn q8_0_greedy_continuations_equal_llama_cpp() -> Result<()> {
-    let r = reference();
-    let path = gguf("builtin-q8_0.gguf");
-    let m = load_model(&path, &mut ())?;
-    let conts = r["files"]["builtin-q8_0.gguf"]["continuations"].as_array().context("continuations")?;
-    let n = r["generation"]["tokens"].as_u64().context("tokens")? as usize;
-    let prompts: Vec<Vec<u32>> = conts
-        .iter()
-        .map(|c| m.codec.encode(c["prompt"].as_str().unwrap_or_default(), true))
-        .collect::<Result<_, _>>()?;
-    let mut core = engine(&path, Experts::Resident(m.experts))?;
-    for (c, toks) in conts.iter().zip(greedy(&mut core, &prompts, n)?) {
-        let ours = m.codec.decode(&toks, false)?;
-        ensure!(
-            ours == c["continuation"].as_str().unwrap_or_default(),
-            "{:?}: ours {ours:?}, llama.cpp {c}",
-            c["prompt"]
-        );
+/// Logits of every position of `tokens` as generation computes them: the
+/// first `prompt` tokens in one chunk, then one decode step per token.
+fn stepped_logits(m: &LoadedModel, tokens: &[u32], prompt: usize) -> Result<Vec<f32>> {
+    let cfg = m.model.config();
+    let block = 16;
+    let blocks = tokens.len().div_ceil(block);
+    let mut kv = KvCache::new(cfg, blocks, block);
+    let mut alloc = BlockAllocator::new(blocks, block);
+    let mut table = BlockTable::new();
+    table.grow_to(&mut alloc, tokens.len())?;
+    let mut ws = Workspace::new();
+    let mut logits = Vec::new();
+    let mut start = 0;
+    while start < tokens.len() {
+        let end = if start == 0 { prompt } else { start + 1 };
+        let chunk = SeqChunk {
+            tokens: &tokens[start..end],
+            start_pos: start,
+            blocks: table.blocks(),
+            logits: LogitsRequest::All,
+        };
+        logits.extend(m.model.forward(&[chunk], &mut kv, &m.experts, &mut ws)?.logits);
+        start = end;
     }
+    Ok(logits)
+}
+
+/// Greedy continuations of the Q8_0 file against llama.cpp's, teacher-forced
+/// along llama.cpp's text with decode steps as in generation: at every
+/// generated position llama.cpp's token must be our argmax. Where it is not,
+/// it must be a near-tie (within `NEAR_TIE` of our largest logit: rounding
+/// decides those, and llama.cpp rounds differently, e.g. its KV cache is
+/// f16); the texts may tokenize differently after it, so the comparison of
+/// that prompt ends there. Near-ties must stay rare.
+#[test]
+fn q8_0_greedy_continuations_follow_llama_cpp() -> Result<()> {
+    const NEAR_TIE: f32 = 0.1;
+    let r = reference();
+    let m = load_model(&gguf("builtin-q8_0.gguf"), &mut ())?;
+    let v = m.model.config().vocab_size;
+    let conts = r["files"]["builtin-q8_0.gguf"]["continuations"].as_array().context("continuations")?;
+    let (mut agreed, mut ties) = (0, 0);
+    for c in conts {
+        let prompt = c["prompt"].as_str().context("prompt")?;
+        let full = format!("{prompt}{}", c["continuation"].as_str().context("continuation")?);
+        let p = m.codec.encode(prompt, true)?;
+        let tokens = m.codec.encode(&full, true)?;
+        ensure!(tokens.starts_with(&p), "{prompt:?}: the prompt's tokens are not a prefix");
+        let logits = stepped_logits(&m, &tokens, p.len())?;
+        for pos in p.len()..tokens.len() {
+            let row = &logits[(pos - 1) * v..pos * v];
+            let best = moe_model::sampling::argmax(row);
+            let want = tokens[pos];
+            if best == want {
+                agreed += 1;
+                continue;
+            }
+            let margin = row[best as usize] - row[want as usize];
+            eprintln!("{prompt:?} position {pos}: llama.cpp chose {want}, ours {best}, margin {margin}");
+            ensure!(
+                margin <= NEAR_TIE,
+                "{prompt:?} position {pos}: llama.cpp's token {want} is {margin} below our {best}"
+            );
+            ties += 1;
+            break;
+        }
+    }
+    eprintln!("{agreed} tokens agreed, {ties} near-ties");
+    ensure!(ties * 20 <= agreed, "too many near-ties: {ties} of {}", agreed + ties);
     Ok(())
 }
 

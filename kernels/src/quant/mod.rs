@@ -6,11 +6,15 @@
 //! reference (`gguf.quants`): every value is the same f32 multiply (and
 //! subtract) in the same order, on the portable path and the AVX2 one
 //! (which uses separate multiply and subtract, never a fused one).
-//! Products with quantized weights widen blocks of weight rows to f32 in
-//! thread-local scratch and run the f32 kernels on them
-//! (`matmul::quant_blocked`), so activations stay f32.
+//! Products with quantized weights: up to 32 activation rows (decode,
+//! expert groups) are quantized per block of 32 to int8 ([`acts`]) and
+//! multiplied with integer dot products ([`dot`], as llama.cpp does); more
+//! rows (prefill) widen blocks of weight rows to f32 in thread-local scratch
+//! and run `gemm` on them (`matmul::quant_blocked`), activations in f32.
 
+pub(crate) mod acts;
 mod blocks;
+pub(crate) mod dot;
 mod quantize;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -166,6 +170,11 @@ pub(crate) mod tests {
             QuantFormat::Mxfp4 => &[],
         };
         for b in bytes.chunks_mut(q.block_bytes()) {
+            if q == QuantFormat::Q8_0 {
+                // valid files hold -127..=127 (the integer dot's sign trick
+                // relies on it, as llama.cpp's does)
+                b[2..34].iter_mut().filter(|v| **v == 0x80).for_each(|v| *v = 0x81);
+            }
             if q == QuantFormat::Mxfp4 {
                 // e8m0 scales near 2^-5 (and rarely the subnormal ones)
                 b[0] = if b[0] < 4 { b[0] % 2 } else { 118 + b[0] % 12 };

@@ -2,29 +2,34 @@
 //! multiply (and subtract) as in [`super::blocks`], unfused, so results are
 //! bit-identical to the portable path.
 
-use super::blocks::{e8m0_half, f16_at, scale_min_k4, MXFP4_VALUES};
+use super::blocks::{e8m0_half, scale_min_k4, MXFP4_VALUES};
 use super::QuantFormat;
+use crate::simd::avx2::f16_at;
 use std::arch::x86_64::*;
 
 /// # Safety
-/// Requires AVX2; `bytes` holds whole blocks and `out` their values.
-#[target_feature(enable = "avx2,fma")]
+/// Requires AVX2, FMA and F16C; `bytes` holds whole blocks and `out` their values.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dequantize(q: QuantFormat, bytes: &[u8], out: &mut [f32]) {
-    let f: unsafe fn(&[u8], *mut f32) = match q {
-        QuantFormat::Q8_0 => q8_0,
-        QuantFormat::Q4_0 => q4_0,
-        QuantFormat::Q4K => q4_k,
-        QuantFormat::Q5K => q5_k,
-        QuantFormat::Q6K => q6_k,
-        QuantFormat::Mxfp4 => mxfp4,
-        // rare fallback formats: the portable loop
-        QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1 => return super::blocks::dequantize(q, bytes, out),
-    };
     let (bb, bv) = (q.block_bytes(), q.block_values());
-    for (i, b) in bytes.chunks_exact(bb).enumerate() {
-        // SAFETY: block i's values are out[i * bv..(i + 1) * bv], in bounds
-        // as the caller promised.
-        unsafe { f(b, out.as_mut_ptr().add(i * bv)) };
+    macro_rules! each_block {
+        ($f:ident) => {
+            for (i, b) in bytes.chunks_exact(bb).enumerate() {
+                // SAFETY: block i's values are out[i * bv..(i + 1) * bv], in
+                // bounds as the caller promised.
+                unsafe { $f(b, out.as_mut_ptr().add(i * bv)) };
+            }
+        };
+    }
+    match q {
+        QuantFormat::Q8_0 => each_block!(q8_0),
+        QuantFormat::Q4_0 => each_block!(q4_0),
+        QuantFormat::Q4K => each_block!(q4_k),
+        QuantFormat::Q5K => each_block!(q5_k),
+        QuantFormat::Q6K => each_block!(q6_k),
+        QuantFormat::Mxfp4 => each_block!(mxfp4),
+        // rare fallback formats: the portable loop
+        QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1 => super::blocks::dequantize(q, bytes, out),
     }
 }
 
@@ -59,7 +64,7 @@ unsafe fn load16(p: *const u8) -> __m128i {
     _mm_loadu_si128(p as *const __m128i)
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0(b: &[u8], out: *mut f32) {
     let d = _mm256_set1_ps(f16_at(b, 0));
     let p = b.as_ptr().add(2);
@@ -67,7 +72,7 @@ unsafe fn q8_0(b: &[u8], out: *mut f32) {
     store_i8x16(load16(p.add(16)), d, out.add(16));
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0(b: &[u8], out: *mut f32) {
     let d = _mm256_set1_ps(f16_at(b, 0));
     let v = load16(b.as_ptr().add(2));
@@ -90,7 +95,7 @@ unsafe fn nibbles(qs: *const u8, j: usize) -> [__m128i; 2] {
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k(b: &[u8], out: *mut f32) {
     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
     let (sc, m) = scale_min_k4(&b[4..16]);
@@ -103,7 +108,7 @@ unsafe fn q4_k(b: &[u8], out: *mut f32) {
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_k(b: &[u8], out: *mut f32) {
     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
     let (sc, m) = scale_min_k4(&b[4..16]);
@@ -125,7 +130,7 @@ unsafe fn q5_k(b: &[u8], out: *mut f32) {
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k(b: &[u8], out: *mut f32) {
     let d = f16_at(b, 208);
     let (ql, qh, scales) = (b.as_ptr(), b.as_ptr().add(128), &b[192..208]);
@@ -152,7 +157,7 @@ unsafe fn q6_k(b: &[u8], out: *mut f32) {
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn mxfp4(b: &[u8], out: *mut f32) {
     let d = _mm256_set1_ps(e8m0_half(b[0]));
     let table = _mm_loadu_si128(MXFP4_VALUES.as_ptr() as *const __m128i);

@@ -1,0 +1,414 @@
+//! Integer dot products of a quantized weight row with quantized
+//! activation rows ([`super::acts`]), one group of 32 values at a time:
+//! `Σ_g dx_g · (s_lo·Σ_{16} qw·qx + s_hi·Σ_{16} qw·qx + min_g·Σ qx)`, where
+//! a group's weight scales `s` (one per 16 values: Q6_K has two per group,
+//! the others one) and `min` come from the weight format. The AVX2 path
+//! multiplies 32 int8 pairs per `maddubs`; for the k-quants (activations
+//! in 256-value blocks) it accumulates a whole super-block in integers,
+//! the 6- and 8-bit sub-block scales applied by `madd`, before one float
+//! multiply-add, as llama.cpp does. The portable path computes the same
+//! integer sums group by group (the f32 accumulation order differs).
+
+use super::acts::{QuantizedActs, QK};
+use super::blocks::{e8m0_half, f16_at, scale_min_k4, MXFP4_VALUES};
+use super::QuantFormat;
+
+/// The activation block size products with `format` weights use.
+pub(crate) fn act_block(format: QuantFormat) -> usize {
+    match format {
+        QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K => 256,
+        _ => QK,
+    }
+}
+
+/// `Σ w·x` of weight row `w` (whole blocks of `format`, `a.k` values) with
+/// activation rows `rows` of `a`: the weight row is unpacked once for all
+/// of them.
+///
+/// # Panics
+/// If a row is out of range or `w` is shorter than a row of `a.k` values.
+pub(crate) fn dot_rows<const R: usize>(format: QuantFormat, w: &[u8], a: &QuantizedActs, rows: [usize; R]) -> [f32; R] {
+    let groups = a.k / QK;
+    assert!(a.block == act_block(format), "activations quantized for another format");
+    assert!(rows.iter().all(|&r| (r + 1) * groups <= a.sums.len()), "activation row out of range");
+    assert!(w.len() >= a.k / format.block_values() * format.block_bytes(), "weight row too short");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::simd::has_avx2_fma() {
+            // SAFETY: AVX2, FMA and F16C checked; lengths checked above.
+            return unsafe { x86::dot_rows(format, w, a, rows) };
+        }
+    }
+    rows.map(|row| portable(format, w, a, row))
+}
+
+/// [`dot_rows`] for one row.
+#[cfg(test)]
+pub(crate) fn dot(format: QuantFormat, w: &[u8], a: &QuantizedActs, row: usize) -> f32 {
+    dot_rows(format, w, a, [row])[0]
+}
+
+/// One group of 32 weights as integers with its scales and min.
+struct Group {
+    q: [i8; 32],
+    /// Scale of values 0..16 and 16..32.
+    scale: [f32; 2],
+    /// Added per unit of the activations' sum (a weight's `+ min`).
+    min: f32,
+}
+
+/// Group `g` of row `w` (portable unpacking, the reference for the AVX2 one).
+fn group(format: QuantFormat, w: &[u8], g: usize) -> Group {
+    let mut q = [0i8; 32];
+    let nibbles = |b: &[u8], q: &mut [i8; 32], off: i8| {
+        for l in 0..16 {
+            q[l] = (b[l] & 0x0F) as i8 - off;
+            q[l + 16] = (b[l] >> 4) as i8 - off;
+        }
+    };
+    let fifth = |qh: &[u8], q: &mut [i8; 32]| {
+        let h = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        for (l, v) in q.iter_mut().enumerate() {
+            *v |= (((h >> l) & 1) << 4) as i8;
+        }
+    };
+    let one = |s: f32| [s, s];
+    match format {
+        QuantFormat::Q8_0 => {
+            let b = &w[g * 34..];
+            for (v, &x) in q.iter_mut().zip(&b[2..34]) {
+                *v = x as i8;
+            }
+            Group { q, scale: one(f16_at(b, 0)), min: 0.0 }
+        }
+        QuantFormat::Q4_0 => {
+            let b = &w[g * 18..];
+            nibbles(&b[2..18], &mut q, 8);
+            Group { q, scale: one(f16_at(b, 0)), min: 0.0 }
+        }
+        QuantFormat::Q4_1 => {
+            let b = &w[g * 20..];
+            nibbles(&b[4..20], &mut q, 0);
+            Group { q, scale: one(f16_at(b, 0)), min: f16_at(b, 2) }
+        }
+        QuantFormat::Q5_0 => {
+            let b = &w[g * 22..];
+            nibbles(&b[6..22], &mut q, 0);
+            fifth(&b[2..6], &mut q);
+            q.iter_mut().for_each(|v| *v -= 16);
+            Group { q, scale: one(f16_at(b, 0)), min: 0.0 }
+        }
+        QuantFormat::Q5_1 => {
+            let b = &w[g * 24..];
+            nibbles(&b[8..24], &mut q, 0);
+            fifth(&b[4..8], &mut q);
+            Group { q, scale: one(f16_at(b, 0)), min: f16_at(b, 2) }
+        }
+        QuantFormat::Mxfp4 => {
+            let b = &w[g * 17..];
+            for l in 0..16 {
+                q[l] = MXFP4_VALUES[(b[1 + l] & 0x0F) as usize];
+                q[l + 16] = MXFP4_VALUES[(b[1 + l] >> 4) as usize];
+            }
+            Group { q, scale: one(e8m0_half(b[0])), min: 0.0 }
+        }
+        QuantFormat::Q4K | QuantFormat::Q5K => {
+            let (bb, j) = (format.block_bytes(), g % 8);
+            let b = &w[g / 8 * bb..(g / 8 + 1) * bb];
+            let (sc, m) = scale_min_k4(&b[4..16]);
+            let nib = if format == QuantFormat::Q4K { &b[16..144] } else { &b[48..176] };
+            for (l, v) in q.iter_mut().enumerate() {
+                *v = ((nib[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F) as i8;
+                if format == QuantFormat::Q5K {
+                    *v |= (((b[16 + l] >> j) & 1) << 4) as i8;
+                }
+            }
+            Group { q, scale: one(f16_at(b, 0) * sc[j] as f32), min: -(f16_at(b, 2) * m[j] as f32) }
+        }
+        QuantFormat::Q6K => {
+            let (b, h, s) = (&w[g / 8 * 210..(g / 8 + 1) * 210], (g % 8) / 4, g % 4);
+            let (ql, qh) = (&b[64 * h + 32 * (s % 2)..], &b[128 + 32 * h..]);
+            for (l, v) in q.iter_mut().enumerate() {
+                let lo = (ql[l] >> (4 * (s / 2))) & 0x0F;
+                let hi = (qh[l] >> (2 * s)) & 0x03;
+                *v = (lo | (hi << 4)) as i8 - 32;
+            }
+            let d = f16_at(b, 208);
+            let first = (128 * h + 32 * s) / 16;
+            Group { q, scale: [d * b[192 + first] as i8 as f32, d * b[193 + first] as i8 as f32], min: 0.0 }
+        }
+    }
+}
+
+fn portable(format: QuantFormat, w: &[u8], a: &QuantizedActs, row: usize) -> f32 {
+    let groups = a.k / QK;
+    let qs = &a.qs[row * a.k..(row + 1) * a.k];
+    let sums = &a.sums[row * groups..(row + 1) * groups];
+    let mut total = 0f32;
+    for (g, (x, &sum)) in qs.chunks_exact(QK).zip(sums).enumerate() {
+        let dx = a.d[(row * a.k + g * QK) / a.block];
+        let gr = group(format, w, g);
+        let half = |r: std::ops::Range<usize>| r.map(|l| gr.q[l] as i32 * x[l] as i32).sum::<i32>() as f32;
+        total += dx * (gr.scale[0] * half(0..16) + gr.scale[1] * half(16..32) + gr.min * sum as f32);
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::acts::{QuantizedActs, QK};
+    use super::super::blocks::{e8m0_half, scale_min_k4, MXFP4_VALUES};
+    use super::QuantFormat;
+    use crate::simd::avx2::{f16_at, hsum};
+    use std::arch::x86_64::*;
+
+    /// `Σ` over 32 int8 pairs, per 16-value half weighted by the i16 lanes
+    /// of `scales`, as 8 i32 lanes (the sign trick: `|x| · (w · sign x)`).
+    #[inline(always)]
+    unsafe fn mul_sum(w: __m256i, x: __m256i, scales: __m256i) -> __m256i {
+        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+        _mm256_madd_epi16(p, scales)
+    }
+
+    /// Two 16-byte halves as one vector (`lo` first).
+    #[inline(always)]
+    unsafe fn join(lo: __m128i, hi: __m128i) -> __m256i {
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// The 32 nibbles of 16 bytes at `p`: low nibbles first.
+    #[inline(always)]
+    unsafe fn nibbles16(p: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let m = _mm_set1_epi8(0x0F);
+        join(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m))
+    }
+
+    /// Bit `i` of the little-endian u32 at `p` as 0x10 in byte `i`.
+    #[inline(always)]
+    unsafe fn fifth_bits(p: *const u8) -> __m256i {
+        let h = u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+        let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(h as i32), shuf);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// `R` activation rows' accumulators: 8 f32 lanes of scaled integer
+    /// sums and a scalar for the weights' mins.
+    struct Acc<'a, const R: usize> {
+        a: &'a QuantizedActs,
+        rows: [usize; R],
+        groups: usize,
+        lanes: [__m256; R],
+        mins: [f32; R],
+    }
+
+    impl<const R: usize> Acc<'_, R> {
+        /// Row `r`'s int8 activations of group `g`.
+        #[inline(always)]
+        unsafe fn x(&self, r: usize, g: usize) -> __m256i {
+            _mm256_loadu_si256(self.a.qs.as_ptr().add((self.rows[r] * self.groups + g) * QK) as *const __m256i)
+        }
+
+        /// Adds super-block `sb` (256 values, activations in 256-blocks) of
+        /// every row: integer sums `isum` (sub-block scales applied) times
+        /// `d`, plus `dmin · Σ_j m_j · Σ qx_j` for the sub-block mins.
+        #[inline(always)]
+        unsafe fn superblock(&mut self, sb: usize, isum: [__m256i; R], d: f32, dmin: f32, m: [u8; 8]) {
+            let per_row = self.groups / 8;
+            for (r, isum) in isum.into_iter().enumerate() {
+                let dx = *self.a.d.get_unchecked(self.rows[r] * per_row + sb);
+                self.lanes[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * dx), self.lanes[r]);
+                if dmin != 0.0 {
+                    let sums = self.a.sums.as_ptr().add(self.rows[r] * self.groups + sb * 8);
+                    let msum: i32 = (0..8).map(|j| m[j] as i32 * *sums.add(j)).sum();
+                    self.mins[r] += dmin * dx * msum as f32;
+                }
+            }
+        }
+
+        /// Adds group `g` of weights `wv` (scales per half in `scales`,
+        /// overall scale `dw`, `+ min` per weight) to every row.
+        #[inline(always)]
+        unsafe fn add(&mut self, g: usize, wv: __m256i, scales: __m256i, dw: f32, min: f32) {
+            for r in 0..R {
+                let bi = self.rows[r] * self.groups + g;
+                let x = _mm256_loadu_si256(self.a.qs.as_ptr().add(bi * QK) as *const __m256i);
+                let dx = *self.a.d.get_unchecked(bi);
+                let p = _mm256_cvtepi32_ps(mul_sum(wv, x, scales));
+                self.lanes[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * dx), self.lanes[r]);
+                if min != 0.0 {
+                    self.mins[r] += min * dx * *self.a.sums.get_unchecked(bi) as f32;
+                }
+            }
+        }
+    }
+
+    /// `Σ w·x` of weight row `w` with activation rows `rows` of `a`.
+    ///
+    /// # Safety
+    /// Requires AVX2, FMA and F16C; `w` holds the blocks of `a.k` values and
+    /// every row is below `a`'s row count.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows<const R: usize>(
+        format: QuantFormat,
+        w: &[u8],
+        a: &QuantizedActs,
+        rows: [usize; R],
+    ) -> [f32; R] {
+        let groups = a.k / QK;
+        let mut acc = Acc { a, rows, groups, lanes: [_mm256_setzero_ps(); R], mins: [0.0; R] };
+        let wp = w.as_ptr();
+        let ones = _mm256_set1_epi16(1);
+        match format {
+            QuantFormat::Q8_0 => {
+                for g in 0..groups {
+                    let wv = _mm256_loadu_si256(wp.add(g * 34 + 2) as *const __m256i);
+                    acc.add(g, wv, ones, f16_at(w, g * 34), 0.0);
+                }
+            }
+            QuantFormat::Q4_0 => {
+                for g in 0..groups {
+                    let wv = _mm256_sub_epi8(nibbles16(wp.add(g * 18 + 2)), _mm256_set1_epi8(8));
+                    acc.add(g, wv, ones, f16_at(w, g * 18), 0.0);
+                }
+            }
+            QuantFormat::Q4_1 => {
+                for g in 0..groups {
+                    acc.add(g, nibbles16(wp.add(g * 20 + 4)), ones, f16_at(w, g * 20), f16_at(w, g * 20 + 2));
+                }
+            }
+            QuantFormat::Q5_0 => {
+                for g in 0..groups {
+                    let b = wp.add(g * 22);
+                    let wv = _mm256_or_si256(nibbles16(b.add(6)), fifth_bits(b.add(2)));
+                    acc.add(g, _mm256_sub_epi8(wv, _mm256_set1_epi8(16)), ones, f16_at(w, g * 22), 0.0);
+                }
+            }
+            QuantFormat::Q5_1 => {
+                for g in 0..groups {
+                    let b = wp.add(g * 24);
+                    let wv = _mm256_or_si256(nibbles16(b.add(8)), fifth_bits(b.add(4)));
+                    acc.add(g, wv, ones, f16_at(w, g * 24), f16_at(w, g * 24 + 2));
+                }
+            }
+            QuantFormat::Mxfp4 => {
+                let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(MXFP4_VALUES.as_ptr() as *const __m128i));
+                for g in 0..groups {
+                    let b = wp.add(g * 17);
+                    acc.add(g, _mm256_shuffle_epi8(table, nibbles16(b.add(1))), ones, e8m0_half(*b), 0.0);
+                }
+            }
+            QuantFormat::Q4K | QuantFormat::Q5K => {
+                let bb = format.block_bytes();
+                let five = format == QuantFormat::Q5K;
+                let mask = _mm256_set1_epi8(0x0F);
+                for sb in 0..groups / 8 {
+                    let b = &w[sb * bb..(sb + 1) * bb];
+                    let (sc, m) = scale_min_k4(&b[4..16]);
+                    let nib = b.as_ptr().add(if five { 48 } else { 16 });
+                    let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
+                    let mut isum = [_mm256_setzero_si256(); R];
+                    for p in 0..4 {
+                        let v = _mm256_loadu_si256(nib.add(32 * p) as *const __m256i);
+                        for half in 0..2 {
+                            let j = 2 * p + half;
+                            let mut wv = if half == 0 { v } else { _mm256_srli_epi16(v, 4) };
+                            wv = _mm256_and_si256(wv, mask);
+                            if five {
+                                let shifted = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(j as i32));
+                                let bit = _mm256_and_si256(shifted, _mm256_set1_epi8(1));
+                                wv = _mm256_or_si256(wv, _mm256_slli_epi16(bit, 4));
+                            }
+                            // unsigned weights: maddubs directly (at most 2·31·127)
+                            let s16 = _mm256_set1_epi16(sc[j] as i16);
+                            for (r, acc_r) in isum.iter_mut().enumerate() {
+                                let p16 = _mm256_maddubs_epi16(wv, acc.x(r, sb * 8 + j));
+                                *acc_r = _mm256_add_epi32(*acc_r, _mm256_madd_epi16(p16, s16));
+                            }
+                        }
+                    }
+                    acc.superblock(sb, isum, f16_at(b, 0), -f16_at(b, 2), m);
+                }
+            }
+            QuantFormat::Q6K => {
+                let (m4, m2, off) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03), _mm256_set1_epi8(32));
+                for sb in 0..groups / 8 {
+                    let b = &w[sb * 210..(sb + 1) * 210];
+                    let mut isum = [_mm256_setzero_si256(); R];
+                    for h in 0..2 {
+                        let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
+                        for s in 0..4 {
+                            let mut lo = _mm256_loadu_si256(b.as_ptr().add(64 * h + 32 * (s % 2)) as *const __m256i);
+                            if s >= 2 {
+                                lo = _mm256_srli_epi16(lo, 4);
+                            }
+                            let lo = _mm256_and_si256(lo, m4);
+                            let hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s as i32)), m2);
+                            let wv = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), off);
+                            let first = (128 * h + 32 * s) / 16;
+                            let scales = join(
+                                _mm_set1_epi16(b[192 + first] as i8 as i16),
+                                _mm_set1_epi16(b[193 + first] as i8 as i16),
+                            );
+                            for (r, acc_r) in isum.iter_mut().enumerate() {
+                                *acc_r = _mm256_add_epi32(*acc_r, mul_sum(wv, acc.x(r, sb * 8 + 4 * h + s), scales));
+                            }
+                        }
+                    }
+                    acc.superblock(sb, isum, f16_at(b, 208), 0.0, [0; 8]);
+                }
+            }
+        }
+        std::array::from_fn(|r| hsum(acc.lanes[r]) + acc.mins[r])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::random_blocks;
+    use super::*;
+
+    #[test]
+    fn integer_dots_match_dequantized_products() {
+        for format in QuantFormat::ALL {
+            for k in [256, 512, 1024] {
+                let w = random_blocks(format, k / format.block_values(), k as u64 + 3);
+                let mut wf = vec![0f32; k];
+                format.dequantize(&w, &mut wf);
+                let x: Vec<f32> = (0..2 * k).map(|i| ((i * 7919 % 97) as f32 / 97.0) - 0.5).collect();
+                let mut a = QuantizedActs::default();
+                a.fill(&x, k, act_block(format));
+                let pair = dot_rows(format, &w, &a, [1, 0]);
+                assert_eq!(pair, [dot(format, &w, &a, 1), dot(format, &w, &a, 0)], "{format}: rows side by side");
+                for row in 0..2 {
+                    // the activations as quantized: the dot must equal the
+                    // exact product of both dequantized operands
+                    let xq: Vec<f64> =
+                        (0..k).map(|t| a.d[(row * k + t) / a.block] as f64 * a.qs[row * k + t] as f64).collect();
+                    let exact: f64 = xq.iter().zip(&wf).map(|(a, b)| a * *b as f64).sum();
+                    let scale: f64 = xq.iter().zip(&wf).map(|(a, b)| (a * *b as f64).abs()).sum();
+                    let fast = dot(format, &w, &a, row) as f64;
+                    let slow = crate::simd::portable(|| dot(format, &w, &a, row)) as f64;
+                    assert!((fast - exact).abs() <= 1e-5 * scale + 1e-7, "{format} k={k}: {fast} vs {exact}");
+                    assert!((slow - exact).abs() <= 1e-5 * scale + 1e-7, "{format} k={k}: portable {slow} vs {exact}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_activation_quantization_equals_the_portable_one() {
+        let x: Vec<f32> = (0..512).map(|i| ((i * 104729 % 211) as f32 - 105.0) * 0.013).collect();
+        let (mut fast, mut slow) = (QuantizedActs::default(), QuantizedActs::default());
+        for block in [QK, 256] {
+            fast.fill(&x, 512, block);
+            crate::simd::portable(|| slow.fill(&x, 512, block));
+            assert_eq!(fast.qs, slow.qs);
+            assert_eq!(fast.sums, slow.sums);
+            assert_eq!(fast.d, slow.d);
+        }
+    }
+}
