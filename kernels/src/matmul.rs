@@ -319,6 +319,13 @@ fn quant_int(x: &[f32], m: usize, k: usize, n: usize, q: &QuantData, out: &mut [
             // 1) * chunk of `out` ([m, n], checked by the caller); ranges are
             // disjoint and `out` outlives the loop.
             let mut i = 0;
+            while i + 8 <= m {
+                let v = dot_rows(format, wr, acts_ref, std::array::from_fn::<usize, 8, _>(|r| i + r));
+                for (r, v) in v.into_iter().enumerate() {
+                    unsafe { *ptr.0.add((i + r) * n + j) = v };
+                }
+                i += 8;
+            }
             while i + 4 <= m {
                 let v = dot_rows(format, wr, acts_ref, [i, i + 1, i + 2, i + 3]);
                 for (r, v) in v.into_iter().enumerate() {

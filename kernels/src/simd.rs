@@ -105,6 +105,17 @@ pub(crate) fn has_avx2_fma() -> bool {
     })
 }
 
+/// Whether the CPU has AVX-512 F and BW (besides AVX2, FMA and F16C).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512bw() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    if !has_avx2_fma() {
+        return false;
+    }
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
+}
+
 #[cfg(test)]
 thread_local! {
     static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

@@ -80,14 +80,16 @@ fn q5_1(b: &[u8], out: &mut [f32]) {
 /// its 12 packed bytes.
 #[inline(always)]
 pub(super) fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = s[j] & 0x3F;
-        m[j] = s[j + 4] & 0x3F;
-        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
-    (sc, m)
+    // four bytes at a time: scale j < 4 is the low 6 bits of byte j, scale
+    // j + 4 the low nibble of byte j + 8 under the top 2 bits of byte j;
+    // mins likewise from bytes 4..8 and the high nibbles of bytes 8..12
+    let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (w0, w1, w2) = (word(0), word(4), word(8));
+    let (low6, low4, top2) = (0x3F3F_3F3Fu32, 0x0F0F_0F0Fu32, 0x0303_0303u32);
+    let sc_hi = (w2 & low4) | (((w0 >> 6) & top2) << 4);
+    let m_hi = ((w2 >> 4) & low4) | (((w1 >> 6) & top2) << 4);
+    let join = |lo: u32, hi: u32| ((lo as u64) | ((hi as u64) << 32)).to_le_bytes();
+    (join(w0 & low6, sc_hi), join(w1 & low6, m_hi))
 }
 
 /// Q4_K: `d`, `dmin` (f16), 12 bytes of scales and mins, 128 bytes of

@@ -6,8 +6,10 @@
 //! multiplies 32 int8 pairs per `maddubs`; for the k-quants (activations
 //! in 256-value blocks) it accumulates a whole super-block in integers,
 //! the 6- and 8-bit sub-block scales applied by `madd`, before one float
-//! multiply-add, as llama.cpp does. The portable path computes the same
-//! integer sums group by group (the f32 accumulation order differs).
+//! multiply-add, as llama.cpp does. With AVX-512 (BW) the k-quants take
+//! two sub-blocks (64 values) per instruction; their integer sums are the
+//! AVX2 path's, so both give the same bits. The portable path computes the
+//! same integer sums group by group (the f32 accumulation order differs).
 
 use super::acts::{QuantizedActs, QK};
 use super::blocks::{e8m0_half, f16_at, scale_min_k4, MXFP4_VALUES};
@@ -34,6 +36,11 @@ pub(crate) fn dot_rows<const R: usize>(format: QuantFormat, w: &[u8], a: &Quanti
     assert!(w.len() >= a.k / format.block_values() * format.block_bytes(), "weight row too short");
     #[cfg(target_arch = "x86_64")]
     {
+        if crate::simd::has_avx512bw() && matches!(format, QuantFormat::Q4K | QuantFormat::Q6K) {
+            // SAFETY: AVX-512 F/BW, AVX2, FMA and F16C checked; lengths
+            // checked above.
+            return unsafe { x86::dot_rows_512(format, w, a, rows) };
+        }
         if crate::simd::has_avx2_fma() {
             // SAFETY: AVX2, FMA and F16C checked; lengths checked above.
             return unsafe { x86::dot_rows(format, w, a, rows) };
@@ -223,7 +230,11 @@ mod x86 {
                 self.lanes[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * dx), self.lanes[r]);
                 if dmin != 0.0 {
                     let sums = self.a.sums.as_ptr().add(self.rows[r] * self.groups + sb * 8);
-                    let msum: i32 = (0..8).map(|j| m[j] as i32 * *sums.add(j)).sum();
+                    let mv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(m.as_ptr() as *const __m128i));
+                    let p = _mm256_mullo_epi32(mv, _mm256_loadu_si256(sums as *const __m256i));
+                    let p4 = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+                    let p4 = _mm_hadd_epi32(p4, p4);
+                    let msum = _mm_cvtsi128_si32(_mm_hadd_epi32(p4, p4));
                     self.mins[r] += dmin * dx * msum as f32;
                 }
             }
@@ -364,6 +375,100 @@ mod x86 {
         }
         std::array::from_fn(|r| hsum(acc.lanes[r]) + acc.mins[r])
     }
+
+    /// The sum of a 512-bit vector's halves (16 i32 lanes to 8).
+    #[inline(always)]
+    unsafe fn halves(z: __m512i) -> __m256i {
+        _mm256_add_epi32(_mm512_castsi512_si256(z), _mm512_extracti64x4_epi64::<1>(z))
+    }
+
+    /// Two 256-bit halves as one vector (`lo` first).
+    #[inline(always)]
+    unsafe fn join512(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    /// [`dot_rows`] for Q4_K and Q6_K with 512-bit integer products: each
+    /// super-block's integer sums equal the AVX2 path's, so the results are
+    /// the same bits.
+    ///
+    /// # Safety
+    /// Requires AVX-512 F and BW, AVX2, FMA and F16C; `format` is Q4_K or
+    /// Q6_K; `w` holds the blocks of `a.k` values and every row is below
+    /// `a`'s row count.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows_512<const R: usize>(
+        format: QuantFormat,
+        w: &[u8],
+        a: &QuantizedActs,
+        rows: [usize; R],
+    ) -> [f32; R] {
+        let groups = a.k / QK;
+        let mut acc = Acc { a, rows, groups, lanes: [_mm256_setzero_ps(); R], mins: [0.0; R] };
+        // row r's 64 int8 activations of groups g and g + 1
+        let x2 = |r: usize, g: usize| _mm512_loadu_si512(a.qs.as_ptr().add((rows[r] * groups + g) * QK) as *const _);
+        if format == QuantFormat::Q4K {
+            let mask = _mm256_set1_epi8(0x0F);
+            for sb in 0..groups / 8 {
+                let b = &w[sb * 144..(sb + 1) * 144];
+                let (sc, m) = scale_min_k4(&b[4..16]);
+                let mut isum = [_mm512_setzero_si512(); R];
+                for p in 0..4 {
+                    let v = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * p) as *const __m256i);
+                    let wv = join512(_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+                    let s16 = join512(_mm256_set1_epi16(sc[2 * p] as i16), _mm256_set1_epi16(sc[2 * p + 1] as i16));
+                    for (r, acc_r) in isum.iter_mut().enumerate() {
+                        let p16 = _mm512_maddubs_epi16(wv, x2(r, sb * 8 + 2 * p));
+                        *acc_r = _mm512_add_epi32(*acc_r, _mm512_madd_epi16(p16, s16));
+                    }
+                }
+                acc.superblock(sb, isum.map(|z| halves(z)), f16_at(b, 0), -f16_at(b, 2), m);
+            }
+        } else {
+            // Q6_K as unsigned 6-bit values: Σ sc·(q - 32)·x = Σ sc·q·x - 32·Σ sc·x
+            let (m4, m2) = (_mm512_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
+            let thirty_two = _mm512_set1_epi8(32);
+            // i16 lane l takes scale l / 8 of four
+            let spread = _mm512_set_epi64(
+                0x0003_0003_0003_0003,
+                0x0003_0003_0003_0003,
+                0x0002_0002_0002_0002,
+                0x0002_0002_0002_0002,
+                0x0001_0001_0001_0001,
+                0x0001_0001_0001_0001,
+                0,
+                0,
+            );
+            for sb in 0..groups / 8 {
+                let b = &w[sb * 210..(sb + 1) * 210];
+                let mut isum = [_mm512_setzero_si512(); R];
+                for h in 0..2 {
+                    let ql = _mm512_loadu_si512(b.as_ptr().add(64 * h) as *const _);
+                    let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
+                    for s in [0usize, 2] {
+                        // groups s and s + 1: low nibbles of the 64 bytes, or high
+                        let lo = if s == 0 { ql } else { _mm512_srli_epi16(ql, 4) };
+                        let lo = _mm512_and_si512(lo, m4);
+                        let hi_a = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s as i32)), m2);
+                        let hi_b = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * s as i32 + 2)), m2);
+                        let q = _mm512_or_si512(lo, _mm512_slli_epi16(join512(hi_a, hi_b), 4));
+                        let first = (128 * h + 32 * s) / 16;
+                        let four = u32::from_le_bytes([b[192 + first], b[193 + first], b[194 + first], b[195 + first]]);
+                        let sc4 = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(four as i32));
+                        let s16 = _mm512_permutexvar_epi16(spread, _mm512_castsi128_si512(sc4));
+                        for (r, acc_r) in isum.iter_mut().enumerate() {
+                            let x = x2(r, sb * 8 + 4 * h + s);
+                            let qx = _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), s16);
+                            let ox = _mm512_madd_epi16(_mm512_maddubs_epi16(thirty_two, x), s16);
+                            *acc_r = _mm512_add_epi32(*acc_r, _mm512_sub_epi32(qx, ox));
+                        }
+                    }
+                }
+                acc.superblock(sb, isum.map(|z| halves(z)), f16_at(b, 208), 0.0, [0; 8]);
+            }
+        }
+        std::array::from_fn(|r| hsum(acc.lanes[r]) + acc.mins[r])
+    }
 }
 
 #[cfg(test)]
@@ -396,6 +501,27 @@ mod tests {
                     assert!((slow - exact).abs() <= 1e-5 * scale + 1e-7, "{format} k={k}: portable {slow} vs {exact}");
                 }
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_k_quant_dots_equal_the_avx2_ones_bit_for_bit() {
+        if !crate::simd::has_avx512bw() {
+            eprintln!("skipped: no AVX-512 BW on this CPU");
+            return;
+        }
+        for format in [QuantFormat::Q4K, QuantFormat::Q6K] {
+            let k = 1024;
+            let w = random_blocks(format, k / 256, 11);
+            let x: Vec<f32> = (0..8 * k).map(|i| ((i * 7919 % 193) as f32 / 193.0) - 0.45).collect();
+            let mut a = QuantizedActs::default();
+            a.fill(&x, k, act_block(format));
+            let rows: [usize; 8] = std::array::from_fn(|r| r);
+            // SAFETY: both feature sets checked above; shapes as dot_rows checks.
+            let (wide, narrow) =
+                unsafe { (x86::dot_rows_512(format, &w, &a, rows), x86::dot_rows(format, &w, &a, rows)) };
+            assert_eq!(wide.map(f32::to_bits), narrow.map(f32::to_bits), "{format}");
         }
     }
 
