@@ -165,6 +165,7 @@ fn portable(format: QuantFormat, w: &[u8], a: &QuantizedActs, row: usize) -> f32
 mod x86 {
     use super::super::acts::{QuantizedActs, QK};
     use super::super::blocks::{e8m0_half, scale_min_k4, MXFP4_VALUES};
+    use super::super::x86::{fifth_bits, join, nibbles16};
     use super::QuantFormat;
     use crate::simd::avx2::{f16_at, hsum};
     use std::arch::x86_64::*;
@@ -175,31 +176,6 @@ mod x86 {
     unsafe fn mul_sum(w: __m256i, x: __m256i, scales: __m256i) -> __m256i {
         let p = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
         _mm256_madd_epi16(p, scales)
-    }
-
-    /// Two 16-byte halves as one vector (`lo` first).
-    #[inline(always)]
-    unsafe fn join(lo: __m128i, hi: __m128i) -> __m256i {
-        _mm256_set_m128i(hi, lo)
-    }
-
-    /// The 32 nibbles of 16 bytes at `p`: low nibbles first.
-    #[inline(always)]
-    unsafe fn nibbles16(p: *const u8) -> __m256i {
-        let v = _mm_loadu_si128(p as *const __m128i);
-        let m = _mm_set1_epi8(0x0F);
-        join(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m))
-    }
-
-    /// Bit `i` of the little-endian u32 at `p` as 0x10 in byte `i`.
-    #[inline(always)]
-    unsafe fn fifth_bits(p: *const u8) -> __m256i {
-        let h = u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
-        let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
-        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(h as i32), shuf);
-        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
     /// `R` activation rows' accumulators: 8 f32 lanes of scaled integer

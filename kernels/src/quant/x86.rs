@@ -28,8 +28,9 @@ pub(super) unsafe fn dequantize(q: QuantFormat, bytes: &[u8], out: &mut [f32]) {
         QuantFormat::Q5K => each_block!(q5_k),
         QuantFormat::Q6K => each_block!(q6_k),
         QuantFormat::Mxfp4 => each_block!(mxfp4),
-        // rare fallback formats: the portable loop
-        QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1 => super::blocks::dequantize(q, bytes, out),
+        QuantFormat::Q4_1 => each_block!(q4_1),
+        QuantFormat::Q5_0 => each_block!(q5_0),
+        QuantFormat::Q5_1 => each_block!(q5_1),
     }
 }
 
@@ -155,6 +156,63 @@ unsafe fn q6_k(b: &[u8], out: *mut f32) {
             }
         }
     }
+}
+
+/// Two 16-byte halves as one vector (`lo` first).
+#[inline(always)]
+pub(super) unsafe fn join(lo: __m128i, hi: __m128i) -> __m256i {
+    _mm256_set_m128i(hi, lo)
+}
+
+/// The 32 nibbles of 16 bytes at `p`: low nibbles first.
+#[inline(always)]
+pub(super) unsafe fn nibbles16(p: *const u8) -> __m256i {
+    let v = _mm_loadu_si128(p as *const __m128i);
+    let m = _mm_set1_epi8(0x0F);
+    join(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m))
+}
+
+/// Bit `i` of the little-endian u32 at `p` as 0x10 in byte `i`.
+#[inline(always)]
+pub(super) unsafe fn fifth_bits(p: *const u8) -> __m256i {
+    let h = u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+    let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(h as i32), shuf);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// Stores `d * q + m` for the 32 unsigned bytes of `v` at `out`.
+#[inline(always)]
+unsafe fn store_u8x32_plus(v: __m256i, d: __m256, m: __m256, out: *mut f32) {
+    let halves = [_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)];
+    for (h, x) in halves.into_iter().enumerate() {
+        _mm256_storeu_ps(out.add(16 * h), _mm256_add_ps(_mm256_mul_ps(d, u8x8(x)), m));
+        _mm256_storeu_ps(out.add(16 * h + 8), _mm256_add_ps(_mm256_mul_ps(d, u8x8(_mm_srli_si128(x, 8))), m));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1(b: &[u8], out: *mut f32) {
+    let (d, m) = (_mm256_set1_ps(f16_at(b, 0)), _mm256_set1_ps(f16_at(b, 2)));
+    store_u8x32_plus(nibbles16(b.as_ptr().add(4)), d, m, out);
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0(b: &[u8], out: *mut f32) {
+    let d = _mm256_set1_ps(f16_at(b, 0));
+    let q = _mm256_or_si256(nibbles16(b.as_ptr().add(6)), fifth_bits(b.as_ptr().add(2)));
+    let q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+    store_i8x16(_mm256_castsi256_si128(q), d, out);
+    store_i8x16(_mm256_extracti128_si256::<1>(q), d, out.add(16));
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_1(b: &[u8], out: *mut f32) {
+    let (d, m) = (_mm256_set1_ps(f16_at(b, 0)), _mm256_set1_ps(f16_at(b, 2)));
+    let q = _mm256_or_si256(nibbles16(b.as_ptr().add(8)), fifth_bits(b.as_ptr().add(4)));
+    store_u8x32_plus(q, d, m, out);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
