@@ -23,8 +23,8 @@ pub(crate) struct QuantizedActs {
     pub(crate) qs: Vec<i8>,
     /// `[m, k / block]` scales.
     pub(crate) d: Vec<f32>,
-    /// `[m, k / QK]` sums of the int8 values.
-    pub(crate) sums: Vec<i32>,
+    /// `[m, k / QK]` sums of the int8 values (at most 32 · 127: i16).
+    pub(crate) sums: Vec<i16>,
 }
 
 impl QuantizedActs {
@@ -58,7 +58,7 @@ impl QuantizedActs {
                 let mut sum = 0;
                 for (q, &v) in qg.iter_mut().zip(xg) {
                     *q = (v * id).round_ties_even() as i8;
-                    sum += *q as i32;
+                    sum += *q as i16;
                 }
                 *s = sum;
             }
@@ -104,7 +104,7 @@ mod x86 {
     /// Requires AVX2; `qs` holds `x.len()` values (a multiple of 32) and
     /// `sums` one per 32.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn quantize(x: &[f32], id: f32, qs: &mut [i8], sums: &mut [i32]) {
+    pub(super) unsafe fn quantize(x: &[f32], id: f32, qs: &mut [i8], sums: &mut [i16]) {
         let id = _mm256_set1_ps(id);
         for (g, s) in sums.iter_mut().enumerate() {
             let p = x.as_ptr().add(g * QK);
@@ -113,7 +113,7 @@ mod x86 {
             let t = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
             let t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
             let t4 = _mm_hadd_epi32(t4, t4);
-            *s = _mm_cvtsi128_si32(_mm_hadd_epi32(t4, t4));
+            *s = _mm_cvtsi128_si32(_mm_hadd_epi32(t4, t4)) as i16;
             // pack i32 -> i16 -> i8; packs interleave 128-bit lanes, undone by
             // the final permute
             let q = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));

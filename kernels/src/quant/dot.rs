@@ -178,6 +178,20 @@ mod x86 {
         _mm256_madd_epi16(p, scales)
     }
 
+    /// Eight bytes as eight i16 lanes.
+    #[inline(always)]
+    unsafe fn widen_u8x8(v: &[u8; 8]) -> __m128i {
+        _mm_cvtepu8_epi16(_mm_loadl_epi64(v.as_ptr() as *const __m128i))
+    }
+
+    /// A shuffle that fills every i16 lane of a 128-bit lane with its i16
+    /// lane `j` (of eight).
+    #[inline(always)]
+    unsafe fn pick_i16(j: usize) -> __m256i {
+        let pair = (2 * j as i16) | ((2 * j as i16 + 1) << 8);
+        _mm256_set1_epi16(pair)
+    }
+
     /// `R` activation rows' accumulators: 8 f32 lanes of scaled integer
     /// sums and a scalar for the weights' mins.
     struct Acc<'a, const R: usize> {
@@ -186,6 +200,8 @@ mod x86 {
         groups: usize,
         lanes: [__m256; R],
         mins: [f32; R],
+        /// The k-quants' mins, four lanes per row.
+        kmins: [__m128; R],
     }
 
     impl<const R: usize> Acc<'_, R> {
@@ -197,23 +213,31 @@ mod x86 {
 
         /// Adds super-block `sb` (256 values, activations in 256-blocks) of
         /// every row: integer sums `isum` (sub-block scales applied) times
-        /// `d`, plus `dmin · Σ_j m_j · Σ qx_j` for the sub-block mins.
+        /// `d`, plus `dmin · Σ_j m_j · Σ qx_j` for the sub-block mins (`m16`:
+        /// the eight mins as i16; `None` for formats without).
         #[inline(always)]
-        unsafe fn superblock(&mut self, sb: usize, isum: [__m256i; R], d: f32, dmin: f32, m: [u8; 8]) {
+        unsafe fn superblock(&mut self, sb: usize, isum: [__m256i; R], d: f32, dmin: f32, m16: Option<__m128i>) {
             let per_row = self.groups / 8;
             for (r, isum) in isum.into_iter().enumerate() {
                 let dx = *self.a.d.get_unchecked(self.rows[r] * per_row + sb);
                 self.lanes[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * dx), self.lanes[r]);
-                if dmin != 0.0 {
+                if let Some(m16) = m16 {
                     let sums = self.a.sums.as_ptr().add(self.rows[r] * self.groups + sb * 8);
-                    let mv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(m.as_ptr() as *const __m128i));
-                    let p = _mm256_mullo_epi32(mv, _mm256_loadu_si256(sums as *const __m256i));
-                    let p4 = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-                    let p4 = _mm_hadd_epi32(p4, p4);
-                    let msum = _mm_cvtsi128_si32(_mm_hadd_epi32(p4, p4));
-                    self.mins[r] += dmin * dx * msum as f32;
+                    let p = _mm_madd_epi16(m16, _mm_loadu_si128(sums as *const __m128i));
+                    self.kmins[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(p), _mm_set1_ps(dmin * dx), self.kmins[r]);
                 }
             }
+        }
+
+        /// The rows' totals.
+        #[inline(always)]
+        unsafe fn totals(&self) -> [f32; R] {
+            std::array::from_fn(|r| {
+                let k = self.kmins[r];
+                let k = _mm_add_ps(k, _mm_movehl_ps(k, k));
+                let k = _mm_add_ss(k, _mm_movehdup_ps(k));
+                hsum(self.lanes[r]) + (self.mins[r] + _mm_cvtss_f32(k))
+            })
         }
 
         /// Adds group `g` of weights `wv` (scales per half in `scales`,
@@ -246,7 +270,8 @@ mod x86 {
         rows: [usize; R],
     ) -> [f32; R] {
         let groups = a.k / QK;
-        let mut acc = Acc { a, rows, groups, lanes: [_mm256_setzero_ps(); R], mins: [0.0; R] };
+        let mut acc =
+            Acc { a, rows, groups, lanes: [_mm256_setzero_ps(); R], mins: [0.0; R], kmins: [_mm_setzero_ps(); R] };
         let wp = w.as_ptr();
         let ones = _mm256_set1_epi16(1);
         match format {
@@ -295,6 +320,7 @@ mod x86 {
                 for sb in 0..groups / 8 {
                     let b = &w[sb * bb..(sb + 1) * bb];
                     let (sc, m) = scale_min_k4(&b[4..16]);
+                    let sc16 = _mm256_broadcastsi128_si256(widen_u8x8(&sc));
                     let nib = b.as_ptr().add(if five { 48 } else { 16 });
                     let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
                     let mut isum = [_mm256_setzero_si256(); R];
@@ -310,14 +336,14 @@ mod x86 {
                                 wv = _mm256_or_si256(wv, _mm256_slli_epi16(bit, 4));
                             }
                             // unsigned weights: maddubs directly (at most 2·31·127)
-                            let s16 = _mm256_set1_epi16(sc[j] as i16);
+                            let s16 = _mm256_shuffle_epi8(sc16, pick_i16(j));
                             for (r, acc_r) in isum.iter_mut().enumerate() {
                                 let p16 = _mm256_maddubs_epi16(wv, acc.x(r, sb * 8 + j));
                                 *acc_r = _mm256_add_epi32(*acc_r, _mm256_madd_epi16(p16, s16));
                             }
                         }
                     }
-                    acc.superblock(sb, isum, f16_at(b, 0), -f16_at(b, 2), m);
+                    acc.superblock(sb, isum, f16_at(b, 0), -f16_at(b, 2), Some(widen_u8x8(&m)));
                 }
             }
             QuantFormat::Q6K => {
@@ -345,11 +371,11 @@ mod x86 {
                             }
                         }
                     }
-                    acc.superblock(sb, isum, f16_at(b, 208), 0.0, [0; 8]);
+                    acc.superblock(sb, isum, f16_at(b, 208), 0.0, None);
                 }
             }
         }
-        std::array::from_fn(|r| hsum(acc.lanes[r]) + acc.mins[r])
+        acc.totals()
     }
 
     /// The sum of a 512-bit vector's halves (16 i32 lanes to 8).
@@ -380,7 +406,8 @@ mod x86 {
         rows: [usize; R],
     ) -> [f32; R] {
         let groups = a.k / QK;
-        let mut acc = Acc { a, rows, groups, lanes: [_mm256_setzero_ps(); R], mins: [0.0; R] };
+        let mut acc =
+            Acc { a, rows, groups, lanes: [_mm256_setzero_ps(); R], mins: [0.0; R], kmins: [_mm_setzero_ps(); R] };
         // row r's 64 int8 activations of groups g and g + 1
         let x2 = |r: usize, g: usize| _mm512_loadu_si512(a.qs.as_ptr().add((rows[r] * groups + g) * QK) as *const _);
         if format == QuantFormat::Q4K {
@@ -388,17 +415,18 @@ mod x86 {
             for sb in 0..groups / 8 {
                 let b = &w[sb * 144..(sb + 1) * 144];
                 let (sc, m) = scale_min_k4(&b[4..16]);
+                let sc16 = _mm512_broadcast_i32x4(widen_u8x8(&sc));
                 let mut isum = [_mm512_setzero_si512(); R];
                 for p in 0..4 {
                     let v = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * p) as *const __m256i);
                     let wv = join512(_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
-                    let s16 = join512(_mm256_set1_epi16(sc[2 * p] as i16), _mm256_set1_epi16(sc[2 * p + 1] as i16));
+                    let s16 = _mm512_shuffle_epi8(sc16, join512(pick_i16(2 * p), pick_i16(2 * p + 1)));
                     for (r, acc_r) in isum.iter_mut().enumerate() {
                         let p16 = _mm512_maddubs_epi16(wv, x2(r, sb * 8 + 2 * p));
                         *acc_r = _mm512_add_epi32(*acc_r, _mm512_madd_epi16(p16, s16));
                     }
                 }
-                acc.superblock(sb, isum.map(|z| halves(z)), f16_at(b, 0), -f16_at(b, 2), m);
+                acc.superblock(sb, isum.map(|z| halves(z)), f16_at(b, 0), -f16_at(b, 2), Some(widen_u8x8(&m)));
             }
         } else {
             // Q6_K as unsigned 6-bit values: Σ sc·(q - 32)·x = Σ sc·q·x - 32·Σ sc·x
@@ -440,10 +468,10 @@ mod x86 {
                         }
                     }
                 }
-                acc.superblock(sb, isum.map(|z| halves(z)), f16_at(b, 208), 0.0, [0; 8]);
+                acc.superblock(sb, isum.map(|z| halves(z)), f16_at(b, 208), 0.0, None);
             }
         }
-        std::array::from_fn(|r| hsum(acc.lanes[r]) + acc.mins[r])
+        acc.totals()
     }
 }
 
