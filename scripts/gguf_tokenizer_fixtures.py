@@ -72,6 +72,18 @@ CORPUS_BYTES = 200 * 1024  # the first 200 KB, cut back to a line end
 SEED = 1234  # torch weights
 SPM_SEED = 1234  # sentencepiece.set_random_generator_seed (its BPE trainer is deterministic anyway)
 VOCAB = 512
+# the tiny models' common shape (random weights; only the tokenizers matter)
+TINY_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -157,20 +169,7 @@ def make_spm(text: str, d: pathlib.Path, work: pathlib.Path):
     tok.save_pretrained(d)
 
     torch.manual_seed(SEED)
-    cfg = MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = MixtralConfig(**TINY_SHAPE, num_local_experts=4, bos_token_id=1, eos_token_id=2)
     MixtralForCausalLM(cfg).to(torch.float32).save_pretrained(d, safe_serialization=True)
 
 
@@ -208,20 +207,12 @@ def make_qwen2(text: str, d: pathlib.Path):
 
     torch.manual_seed(SEED)
     cfg = Qwen3MoeConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=32,
+        **TINY_SHAPE,
         moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         num_experts=4,
-        num_experts_per_tok=2,
         norm_topk_prob=True,
         decoder_sparse_step=1,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
         bos_token_id=eot,
         eos_token_id=eot,
     )

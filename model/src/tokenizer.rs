@@ -36,6 +36,14 @@ pub struct GenerationDefaults {
     pub repetition_penalty: Option<f32>,
 }
 
+/// A codec's special-token facts, however they were read.
+struct Parts {
+    eos_ids: Vec<TokenId>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    chat_template: Option<String>,
+}
+
 /// Tokenizer plus the special-token facts needed to drive generation.
 pub struct TextCodec {
     tokenizer: Tokenizer,
@@ -60,7 +68,13 @@ impl TextCodec {
         eos_token: Option<String>,
         chat_template: Option<String>,
     ) -> Self {
-        let mut eos_ids = cfg.eos_token_ids.clone();
+        let parts = Parts { eos_ids: cfg.eos_token_ids.clone(), bos_token, eos_token, chat_template };
+        Self::assemble(tokenizer, parts, GenerationDefaults::default())
+    }
+
+    /// The codec of `tokenizer`: the eos token's id joins the eos ids.
+    fn assemble(tokenizer: Tokenizer, parts: Parts, defaults: GenerationDefaults) -> Self {
+        let Parts { mut eos_ids, bos_token, eos_token, chat_template } = parts;
         eos_ids.extend(eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
         eos_ids.sort_unstable();
         eos_ids.dedup();
@@ -72,7 +86,7 @@ impl TextCodec {
             bos_token,
             eos_token,
             chat_template,
-            defaults: GenerationDefaults::default(),
+            defaults,
         }
     }
 
@@ -120,11 +134,6 @@ impl TextCodec {
                 _ => {}
             }
         }
-        if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
-            eos_ids.push(id);
-        }
-        eos_ids.sort_unstable();
-        eos_ids.dedup();
         let f = |k: &str| gen_cfg.as_ref().and_then(|g| g.get(k)).and_then(Value::as_f64);
         let defaults = GenerationDefaults {
             temperature: f("temperature").map(|x| x as f32),
@@ -132,16 +141,7 @@ impl TextCodec {
             top_k: f("top_k").map(|x| x as usize),
             repetition_penalty: f("repetition_penalty").map(|x| x as f32),
         };
-        Ok(Self {
-            plain: plain(&tokenizer),
-            specials: special_texts(&tokenizer),
-            tokenizer,
-            eos_ids,
-            bos_token,
-            eos_token,
-            chat_template,
-            defaults,
-        })
+        Ok(Self::assemble(tokenizer, Parts { eos_ids, bos_token, eos_token, chat_template }, defaults))
     }
 
     /// Wraps a tokenizer file alone (tests, tools).

@@ -47,19 +47,39 @@ fn all_logits(
     cfg: &ModelConfig,
     tokens: &[u32],
 ) -> Result<Vec<f32>> {
+    chunked_logits(model, experts, cfg, tokens, tokens.len())
+}
+
+/// Logits of every position of `tokens`: the first `first` tokens in one
+/// chunk, then one decode step per token (as generation computes them).
+fn chunked_logits(
+    model: &Model,
+    experts: &(impl ExpertProvider + Sync),
+    cfg: &ModelConfig,
+    tokens: &[u32],
+    first: usize,
+) -> Result<Vec<f32>> {
     let block = 16;
     let blocks = tokens.len().div_ceil(block);
     let mut kv = KvCache::new(cfg, blocks, block);
     let mut alloc = BlockAllocator::new(blocks, block);
     let mut table = BlockTable::new();
     table.grow_to(&mut alloc, tokens.len())?;
-    let out = model.forward(
-        &[SeqChunk { tokens, start_pos: 0, blocks: table.blocks(), logits: LogitsRequest::All }],
-        &mut kv,
-        experts,
-        &mut Workspace::new(),
-    )?;
-    Ok(out.logits)
+    let mut ws = Workspace::new();
+    let mut logits = Vec::new();
+    let mut start = 0;
+    while start < tokens.len() {
+        let end = if start == 0 { first } else { start + 1 };
+        let chunk = SeqChunk {
+            tokens: &tokens[start..end],
+            start_pos: start,
+            blocks: table.blocks(),
+            logits: LogitsRequest::All,
+        };
+        logits.extend(model.forward(&[chunk], &mut kv, experts, &mut ws)?.logits);
+        start = end;
+    }
+    Ok(logits)
 }
 
 #[test]
@@ -175,33 +195,6 @@ fn engine(path: &Path, experts: Experts) -> Result<EngineCore<Experts>> {
     Ok(EngineCore::new(model, experts, vec![], sched, (64, 16)))
 }
 
-/// Logits of every position of `tokens` as generation computes them: the
-/// first `prompt` tokens in one chunk, then one decode step per token.
-fn stepped_logits(m: &LoadedModel, tokens: &[u32], prompt: usize) -> Result<Vec<f32>> {
-    let cfg = m.model.config();
-    let block = 16;
-    let blocks = tokens.len().div_ceil(block);
-    let mut kv = KvCache::new(cfg, blocks, block);
-    let mut alloc = BlockAllocator::new(blocks, block);
-    let mut table = BlockTable::new();
-    table.grow_to(&mut alloc, tokens.len())?;
-    let mut ws = Workspace::new();
-    let mut logits = Vec::new();
-    let mut start = 0;
-    while start < tokens.len() {
-        let end = if start == 0 { prompt } else { start + 1 };
-        let chunk = SeqChunk {
-            tokens: &tokens[start..end],
-            start_pos: start,
-            blocks: table.blocks(),
-            logits: LogitsRequest::All,
-        };
-        logits.extend(m.model.forward(&[chunk], &mut kv, &m.experts, &mut ws)?.logits);
-        start = end;
-    }
-    Ok(logits)
-}
-
 /// Greedy continuations of the Q8_0 file against llama.cpp's, teacher-forced
 /// along llama.cpp's text with decode steps as in generation: at every
 /// generated position llama.cpp's token must be our argmax. Where it is not,
@@ -223,7 +216,7 @@ fn q8_0_greedy_continuations_follow_llama_cpp() -> Result<()> {
         let p = m.codec.encode(prompt, true)?;
         let tokens = m.codec.encode(&full, true)?;
         ensure!(tokens.starts_with(&p), "{prompt:?}: the prompt's tokens are not a prefix");
-        let logits = stepped_logits(&m, &tokens, p.len())?;
+        let logits = chunked_logits(&m.model, &m.experts, m.model.config(), &tokens, p.len())?;
         for pos in p.len()..tokens.len() {
             let row = &logits[(pos - 1) * v..pos * v];
             let best = moe_model::sampling::argmax(row);

@@ -204,7 +204,13 @@ mod x86 {
         kmins: [__m128; R],
     }
 
-    impl<const R: usize> Acc<'_, R> {
+    impl<'a, const R: usize> Acc<'a, R> {
+        #[inline(always)]
+        unsafe fn new(a: &'a QuantizedActs, rows: [usize; R]) -> Self {
+            let zero = (_mm256_setzero_ps(), _mm_setzero_ps());
+            Self { a, rows, groups: a.k / QK, lanes: [zero.0; R], mins: [0.0; R], kmins: [zero.1; R] }
+        }
+
         /// Row `r`'s int8 activations of group `g`.
         #[inline(always)]
         unsafe fn x(&self, r: usize, g: usize) -> __m256i {
@@ -270,8 +276,7 @@ mod x86 {
         rows: [usize; R],
     ) -> [f32; R] {
         let groups = a.k / QK;
-        let mut acc =
-            Acc { a, rows, groups, lanes: [_mm256_setzero_ps(); R], mins: [0.0; R], kmins: [_mm_setzero_ps(); R] };
+        let mut acc = Acc::new(a, rows);
         let wp = w.as_ptr();
         let ones = _mm256_set1_epi16(1);
         match format {
@@ -406,8 +411,7 @@ mod x86 {
         rows: [usize; R],
     ) -> [f32; R] {
         let groups = a.k / QK;
-        let mut acc =
-            Acc { a, rows, groups, lanes: [_mm256_setzero_ps(); R], mins: [0.0; R], kmins: [_mm_setzero_ps(); R] };
+        let mut acc = Acc::new(a, rows);
         // row r's 64 int8 activations of groups g and g + 1
         let x2 = |r: usize, g: usize| _mm512_loadu_si512(a.qs.as_ptr().add((rows[r] * groups + g) * QK) as *const _);
         if format == QuantFormat::Q4K {
