@@ -45,13 +45,11 @@ struct Opened {
 fn open(path: &Path) -> Result<Opened> {
     if let Some(files) = crate::gguf::gguf_files(path)? {
         let (cfg, codec, ck) = crate::gguf::open(&files)?;
-        check_vocab(&codec, &cfg)?;
         return Ok(Opened { cfg, codec, ck });
     }
     check_dir(path)?;
     let cfg = ModelConfig::from_file(&path.join("config.json"))?;
     let codec = TextCodec::load(path, &cfg)?;
-    check_vocab(&codec, &cfg)?;
     let ck = Checkpoint::open(path)?;
     Ok(Opened { cfg, codec, ck })
 }
@@ -71,6 +69,8 @@ pub fn load_model(path: &Path, progress: &mut dyn LoadProgress) -> Result<Loaded
     progress.start(ck.total_bytes() as u64);
     let model = Model::load(&ck, &cfg, |b| progress.advance(b as u64))?;
     let experts = ResidentExperts::load(&ck, &cfg, |b| progress.advance(b as u64))?;
+    // after the weights, whose shape errors name the tensor
+    check_vocab(&codec, &cfg)?;
     Ok(LoadedModel { model, experts, codec })
 }
 
@@ -79,6 +79,7 @@ pub fn load_model(path: &Path, progress: &mut dyn LoadProgress) -> Result<Loaded
 /// non-expert weights and the tokenizer.
 pub fn load_model_without_experts(path: &Path, progress: &mut dyn LoadProgress) -> Result<(Model, TextCodec)> {
     let Opened { cfg, codec, ck } = open(path)?;
+    check_vocab(&codec, &cfg)?;
     let expert_bytes: usize = crate::experts::locate_experts(&ck, &cfg)?.iter().flatten().map(|e| e.nbytes()).sum();
     progress.start(ck.total_bytes().saturating_sub(expert_bytes) as u64);
     let model = Model::load(&ck, &cfg, |b| progress.advance(b as u64))?;
