@@ -11,10 +11,12 @@ sentencepiece, gguf-py). Then:
 1. converts each HF fixture in tests/fixtures (f32; mixtral_bf16 as bf16) to
    tests/fixtures/gguf/<fixture>.gguf (a byte-level tokenizer of 256 tokens
    is added first: the fixtures have none);
+   and quantizes each with llama-quantize to Q8_0 and Q4_0
+   (tests/fixtures/gguf/<fixture>-{q8_0,q4_0}.gguf);
 2. converts the built-in model to BF16 (kept in a temporary directory) and
-   quantizes it with llama-quantize to Q8_0 and Q4_K_M
-   (tests/fixtures/gguf/builtin-{q8_0,q4_k_m}.gguf);
-3. records, for the built-in model at BF16, Q8_0 and Q4_K_M: llama-perplexity
+   quantizes it with llama-quantize to Q8_0, Q4_K_M and MXFP4_MOE (experts in
+   MXFP4, the rest Q8_0) (tests/fixtures/gguf/builtin-{q8_0,q4_k_m,mxfp4_moe}.gguf);
+3. records, for the built-in model at each of those types: llama-perplexity
    over the held-out tenth of ../shared/corpora/tinyshakespeare.txt (the
    split the model was trained with) and llama-simple's greedy continuations
    of a few prompts, into tests/fixtures/gguf/llama_cpp_reference.json.
@@ -122,6 +124,11 @@ def convert(python, tree, src, out, outtype):
                    check=True, stdout=subprocess.DEVNULL)
 
 
+def quantize(bin, src, dst, qtype):
+    subprocess.run([str(bin / "llama-quantize"), str(src), str(dst), qtype], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def perplexity(bin, model, text_file, threads):
     out = subprocess.run([str(bin / "llama-perplexity"), "-m", str(model), "-f", str(text_file), "-c", str(CTX),
                           "-b", str(CTX), "--chunks", str(CHUNKS), "-t", str(threads)],
@@ -166,14 +173,15 @@ def main():
                 shutil.copytree(ROOT / "tests/fixtures" / name, src)
             byte_tokenizer(src, args.convert_python)
             convert(args.convert_python, args.tree, src, out / f"{name}.gguf", "bf16" if name.endswith("bf16") else "f32")
+            for q in ["Q8_0", "Q4_0"]:
+                quantize(args.bin, out / f"{name}.gguf", out / f"{name}-{q.lower()}.gguf", q)
             print("converted", name)
         bf16 = tmp / "builtin-bf16.gguf"
         convert(args.convert_python, args.tree, ROOT / "models/tiny-shakespeare-moe", bf16, "bf16")
         files = {"builtin-bf16.gguf": bf16}
-        for q in ["Q8_0", "Q4_K_M"]:
+        for q in ["Q8_0", "Q4_K_M", "MXFP4_MOE"]:
             dst = out / f"builtin-{q.lower()}.gguf"
-            subprocess.run([str(args.bin / "llama-quantize"), str(bf16), str(dst), q], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            quantize(args.bin, bf16, dst, q)
             files[dst.name] = dst
         text_file = tmp / "heldout.txt"
         text_file.write_text(heldout_text(args.corpus))

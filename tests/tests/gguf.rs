@@ -112,6 +112,44 @@ fn float_gguf_logits_equal_safetensors_bit_for_bit() -> Result<()> {
     Ok(())
 }
 
+/// Every architecture quantized by llama-quantize (Q8_0 and Q4_0; the
+/// fixtures' 64-wide rows leave the k-quants to fall back to these) loads and
+/// computes close to its float file. The fixtures are random networks, whose
+/// routing flips on small changes and then moves a position's logits a lot,
+/// so the check is on averages: mean |logit difference| within a bound per
+/// format and (Q8_0) most greedy choices kept. The quantized arithmetic
+/// itself is checked exactly by the kernels' tests and against llama.cpp's
+/// perplexity on the trained model.
+#[test]
+fn quantized_gguf_of_every_architecture_tracks_its_float_file() -> Result<()> {
+    let tokens: Vec<u32> = (0..23).map(|i| (i * 37 + 5) % 256).collect();
+    for name in ["mixtral", "mixtral_bf16", "qwen2_moe", "qwen3_moe", "olmoe"] {
+        let float = gguf(&format!("{name}.gguf"));
+        let cfg = read_config(&float)?;
+        let (m, e) = load_weights(&float, &cfg, &mut ())?;
+        let want = all_logits(&m, &e, &cfg, &tokens)?;
+        let spread = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (q, bound) in [("q8_0", 0.1), ("q4_0", 0.8)] {
+            let path = gguf(&format!("{name}-{q}.gguf"));
+            let (m, e) = load_weights(&path, &read_config(&path)?, &mut ())?;
+            let got = all_logits(&m, &e, &cfg, &tokens)?;
+            let worst = got.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            let mean = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).sum::<f32>() / got.len() as f32;
+            let v = cfg.vocab_size;
+            let same = (0..tokens.len())
+                .filter(|&i| {
+                    moe_model::sampling::argmax(&got[i * v..(i + 1) * v])
+                        == moe_model::sampling::argmax(&want[i * v..(i + 1) * v])
+                })
+                .count();
+            eprintln!("{name} {q}: max |logit diff| {worst:.4} mean {mean:.4} (logits up to {spread:.3}), argmax same {same}/{}", tokens.len());
+            ensure!(mean <= bound, "{name} {q}: mean |logit difference| {mean} over {bound}");
+            ensure!(q != "q8_0" || same * 5 >= tokens.len() * 4, "{name} {q}: greedy choice kept at {same} positions");
+        }
+    }
+    Ok(())
+}
+
 /// The held-out text the built-in model was validated on (as the
 /// reference script cuts it).
 fn heldout() -> Result<String> {
@@ -158,6 +196,7 @@ fn perplexity_is_within_one_percent_of_llama_cpp() -> Result<()> {
         ("builtin-bf16.gguf", builtin_dir()),
         ("builtin-q8_0.gguf", gguf("builtin-q8_0.gguf")),
         ("builtin-q4_k_m.gguf", gguf("builtin-q4_k_m.gguf")),
+        ("builtin-mxfp4_moe.gguf", gguf("builtin-mxfp4_moe.gguf")),
     ];
     for (name, path) in cases {
         let theirs = r["files"][name]["ppl"].as_f64().context("ppl")?;
