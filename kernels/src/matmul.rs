@@ -81,6 +81,13 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: 
     }
     // inside a pool task (e.g. experts run side by side) stay on this thread
     let parallel = m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get());
+    let kernel = match (kernel, w.quant_format()) {
+        // k-quants: the integer path at every row count (measured faster than
+        // widening plus gemm at 128 rows, and a row's result then never
+        // depends on its batch)
+        (Kernel::Auto, Some(f)) if crate::quant::dot::act_block(f) == 256 => Kernel::Tiled,
+        (kernel, _) => kernel,
+    };
     let kernel = match kernel {
         Kernel::Auto if m == 1 && k >= STREAM_MIN_K => Kernel::Stream,
         Kernel::Auto if m <= TILE_M => Kernel::Tiled,

@@ -6,11 +6,13 @@
 //! reference (`gguf.quants`): every value is the same f32 multiply (and
 //! subtract) in the same order, on the portable path and the AVX2 one
 //! (which uses separate multiply and subtract, never a fused one).
-//! Products with quantized weights: up to 32 activation rows (decode,
-//! expert groups) are quantized per block of 32 to int8 ([`acts`]) and
-//! multiplied with integer dot products ([`dot`], as llama.cpp does); more
-//! rows (prefill) widen blocks of weight rows to f32 in thread-local scratch
-//! and run `gemm` on them (`matmul::quant_blocked`), activations in f32.
+//! Products with quantized weights: the activation rows are quantized to
+//! int8 blocks ([`acts`]) and multiplied with integer dot products ([`dot`],
+//! as llama.cpp does) for the k-quants at any row count and for the other
+//! formats up to 32 rows; more rows of the other formats (prefill) widen
+//! blocks of weight rows to f32 in thread-local scratch and run `gemm` on
+//! them (`matmul::quant_blocked`), activations in f32 (measured faster
+//! there: `examples/quant_bench.rs`).
 
 pub(crate) mod acts;
 mod blocks;
