@@ -12,7 +12,7 @@
 //!   over the `m` rows.
 
 use crate::quant::acts::QuantizedActs;
-use crate::quant::dot::dot_rows;
+use crate::quant::dot::dot_block;
 use crate::simd::WeightRow;
 use crate::weight::{bf16_to_f32, QuantData, Weight, WeightData};
 use crate::KernelError;
@@ -320,30 +320,10 @@ fn quant_int(x: &[f32], m: usize, k: usize, n: usize, q: &QuantData, out: &mut [
     let acts_ref = &acts;
     let run = |c: usize| {
         let ptr = out_ptr;
-        for j in c * chunk..((c + 1) * chunk).min(n) {
-            let wr = &bytes[j * row_bytes..(j + 1) * row_bytes];
-            // SAFETY (both writes): task c writes only columns c * chunk..(c +
-            // 1) * chunk of `out` ([m, n], checked by the caller); ranges are
-            // disjoint and `out` outlives the loop.
-            let mut i = 0;
-            while i + 8 <= m {
-                let v = dot_rows(format, wr, acts_ref, std::array::from_fn::<usize, 8, _>(|r| i + r));
-                for (r, v) in v.into_iter().enumerate() {
-                    unsafe { *ptr.0.add((i + r) * n + j) = v };
-                }
-                i += 8;
-            }
-            while i + 4 <= m {
-                let v = dot_rows(format, wr, acts_ref, [i, i + 1, i + 2, i + 3]);
-                for (r, v) in v.into_iter().enumerate() {
-                    unsafe { *ptr.0.add((i + r) * n + j) = v };
-                }
-                i += 4;
-            }
-            for i in i..m {
-                unsafe { *ptr.0.add(i * n + j) = dot_rows(format, wr, acts_ref, [i])[0] };
-            }
-        }
+        // SAFETY: task c writes only columns c * chunk..(c + 1) * chunk of
+        // `out` ([m, n], checked by the caller); ranges are disjoint and `out`
+        // outlives the loop.
+        unsafe { dot_block(format, bytes, row_bytes, c * chunk..((c + 1) * chunk).min(n), acts_ref, m, ptr.0, n) };
     };
     let chunks = n.div_ceil(chunk);
     if parallel {

@@ -23,36 +23,75 @@ pub(crate) fn act_block(format: QuantFormat) -> usize {
     }
 }
 
-/// `Σ w·x` of weight row `w` (whole blocks of `format`, `a.k` values) with
-/// activation rows `rows` of `a`: the weight row is unpacked once for all
-/// of them.
+/// Products of weight rows `js` (row `j` is `w[j * row_bytes..][..row_bytes]`,
+/// whole blocks of `format`, `a.k` values) with the `m` activation rows of
+/// `a`: element `(i, j)` is written to `out[i * n + j]`. Each weight row is
+/// unpacked once per tile of up to 8 activation rows; features are checked
+/// once per call.
+///
+/// # Safety
+/// `out` must be valid for writes of every `(i, j)` element, `i < m`, `j` in
+/// `js`, with row stride `n`, and no other thread may write them meanwhile.
 ///
 /// # Panics
-/// If a row is out of range or `w` is shorter than a row of `a.k` values.
-pub(crate) fn dot_rows<const R: usize>(format: QuantFormat, w: &[u8], a: &QuantizedActs, rows: [usize; R]) -> [f32; R] {
+/// If the activations were quantized for another format, hold fewer than
+/// `m` rows, or `w` is shorter than the rows need.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn dot_block(
+    format: QuantFormat,
+    w: &[u8],
+    row_bytes: usize,
+    js: std::ops::Range<usize>,
+    a: &QuantizedActs,
+    m: usize,
+    out: *mut f32,
+    n: usize,
+) {
     let groups = a.k / QK;
     assert!(a.block == act_block(format), "activations quantized for another format");
-    assert!(rows.iter().all(|&r| (r + 1) * groups <= a.sums.len()), "activation row out of range");
-    assert!(w.len() >= a.k / format.block_values() * format.block_bytes(), "weight row too short");
+    assert!(m * groups <= a.sums.len(), "activation rows out of range");
+    assert!(row_bytes >= a.k / format.block_values() * format.block_bytes(), "weight rows too short");
+    assert!(js.end * row_bytes <= w.len(), "weight rows out of range");
+    let blk = Block { format, w, row_bytes, a, m, out, n };
     #[cfg(target_arch = "x86_64")]
     {
         if crate::simd::has_avx512bw() && matches!(format, QuantFormat::Q4K | QuantFormat::Q6K) {
-            // SAFETY: AVX-512 F/BW, AVX2, FMA and F16C checked; lengths
-            // checked above.
-            return unsafe { x86::dot_rows_512(format, w, a, rows) };
+            // SAFETY: AVX-512 F/BW, AVX2, FMA and F16C checked; bounds checked
+            // above, `out` as the caller promised.
+            return unsafe { x86::block_512(&blk, js) };
         }
         if crate::simd::has_avx2_fma() {
-            // SAFETY: AVX2, FMA and F16C checked; lengths checked above.
-            return unsafe { x86::dot_rows(format, w, a, rows) };
+            // SAFETY: AVX2, FMA and F16C checked; as above.
+            return unsafe { x86::block_avx2(&blk, js) };
         }
     }
-    rows.map(|row| portable(format, w, a, row))
+    for j in js {
+        let wr = &w[j * row_bytes..(j + 1) * row_bytes];
+        for i in 0..m {
+            // SAFETY: as the caller promised.
+            unsafe { *out.add(i * n + j) = portable(format, wr, a, i) };
+        }
+    }
 }
 
-/// [`dot_rows`] for one row.
+/// The operands of one [`dot_block`] call.
+struct Block<'a> {
+    format: QuantFormat,
+    w: &'a [u8],
+    row_bytes: usize,
+    a: &'a QuantizedActs,
+    m: usize,
+    out: *mut f32,
+    n: usize,
+}
+
+/// `Σ w·x` of one weight row with one activation row (tests).
 #[cfg(test)]
 pub(crate) fn dot(format: QuantFormat, w: &[u8], a: &QuantizedActs, row: usize) -> f32 {
-    dot_rows(format, w, a, [row])[0]
+    let mut out = vec![0f32; a.sums.len() / (a.k / QK)];
+    // SAFETY: `out` holds one value per activation row, one column.
+    unsafe { dot_block(format, w, w.len(), 0..1, a, out.len(), out.as_mut_ptr(), 1) };
+    out[row]
 }
 
 /// One group of 32 weights as integers with its scales and min.
@@ -167,7 +206,15 @@ mod x86 {
     use super::super::blocks::{e8m0_half, scale_min_k4, MXFP4_VALUES};
     use super::super::x86::{fifth_bits, join, nibbles16};
     use super::QuantFormat;
-    use crate::simd::avx2::{f16_at, hsum};
+    use crate::simd::avx2::hsum;
+
+    /// The little-endian f16 at `b[i..i + 2]`, widened by F16C (always
+    /// inlined into the block functions, which enable F16C).
+    #[inline(always)]
+    unsafe fn f16_at(b: &[u8], i: usize) -> f32 {
+        let bits = u16::from_le_bytes([*b.get_unchecked(i), *b.get_unchecked(i + 1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
     use std::arch::x86_64::*;
 
     /// `Σ` over 32 int8 pairs, per 16-value half weighted by the i16 lanes
@@ -238,12 +285,14 @@ mod x86 {
         /// The rows' totals.
         #[inline(always)]
         unsafe fn totals(&self) -> [f32; R] {
-            std::array::from_fn(|r| {
+            let mut out = [0f32; R];
+            for (r, o) in out.iter_mut().enumerate() {
                 let k = self.kmins[r];
                 let k = _mm_add_ps(k, _mm_movehl_ps(k, k));
                 let k = _mm_add_ss(k, _mm_movehdup_ps(k));
-                hsum(self.lanes[r]) + (self.mins[r] + _mm_cvtss_f32(k))
-            })
+                *o = hsum(self.lanes[r]) + (self.mins[r] + _mm_cvtss_f32(k));
+            }
+            out
         }
 
         /// Adds group `g` of weights `wv` (scales per half in `scales`,
@@ -263,18 +312,58 @@ mod x86 {
         }
     }
 
-    /// `Σ w·x` of weight row `w` with activation rows `rows` of `a`.
+    /// Every weight row of `js` against every activation row of `b`, in tiles
+    /// of 8, 4 and 1 activation rows.
+    macro_rules! tiles {
+        ($rows:ident, $b:expr, $js:expr) => {{
+            let b = $b;
+            for j in $js {
+                let wr = &b.w[j * b.row_bytes..(j + 1) * b.row_bytes];
+                let mut i = 0;
+                while i + 8 <= b.m {
+                    let v = $rows::<8>(b.format, wr, b.a, [i, i + 1, i + 2, i + 3, i + 4, i + 5, i + 6, i + 7]);
+                    for (r, v) in v.into_iter().enumerate() {
+                        *b.out.add((i + r) * b.n + j) = v;
+                    }
+                    i += 8;
+                }
+                while i + 4 <= b.m {
+                    let v = $rows::<4>(b.format, wr, b.a, [i, i + 1, i + 2, i + 3]);
+                    for (r, v) in v.into_iter().enumerate() {
+                        *b.out.add((i + r) * b.n + j) = v;
+                    }
+                    i += 4;
+                }
+                for i in i..b.m {
+                    *b.out.add(i * b.n + j) = $rows::<1>(b.format, wr, b.a, [i])[0];
+                }
+            }
+        }};
+    }
+
+    /// [`super::dot_block`] on AVX2.
     ///
     /// # Safety
-    /// Requires AVX2, FMA and F16C; `w` holds the blocks of `a.k` values and
-    /// every row is below `a`'s row count.
+    /// Requires AVX2, FMA and F16C, and `dot_block`'s checks and contract.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows<const R: usize>(
-        format: QuantFormat,
-        w: &[u8],
-        a: &QuantizedActs,
-        rows: [usize; R],
-    ) -> [f32; R] {
+    pub(super) unsafe fn block_avx2(b: &super::Block<'_>, js: std::ops::Range<usize>) {
+        tiles!(dot_rows, b, js)
+    }
+
+    /// [`super::dot_block`] with 512-bit products (Q4_K and Q6_K).
+    ///
+    /// # Safety
+    /// Requires AVX-512 F and BW, AVX2, FMA and F16C; `b.format` is Q4_K or
+    /// Q6_K; `dot_block`'s checks and contract.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) unsafe fn block_512(b: &super::Block<'_>, js: std::ops::Range<usize>) {
+        tiles!(dot_rows_512, b, js)
+    }
+
+    /// `Σ w·x` of weight row `w` with activation rows `rows` of `a` (inlined
+    /// into [`block_avx2`], whose features it needs).
+    #[inline(always)]
+    unsafe fn dot_rows<const R: usize>(format: QuantFormat, w: &[u8], a: &QuantizedActs, rows: [usize; R]) -> [f32; R] {
         let groups = a.k / QK;
         let mut acc = Acc::new(a, rows);
         let wp = w.as_ptr();
@@ -389,6 +478,16 @@ mod x86 {
         _mm256_add_epi32(_mm512_castsi512_si256(z), _mm512_extracti64x4_epi64::<1>(z))
     }
 
+    /// [`halves`] of every row's sums.
+    #[inline(always)]
+    unsafe fn halves_all<const R: usize>(z: [__m512i; R]) -> [__m256i; R] {
+        let mut out = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            out[r] = halves(z[r]);
+        }
+        out
+    }
+
     /// Two 256-bit halves as one vector (`lo` first).
     #[inline(always)]
     unsafe fn join512(lo: __m256i, hi: __m256i) -> __m512i {
@@ -399,12 +498,9 @@ mod x86 {
     /// super-block's integer sums equal the AVX2 path's, so the results are
     /// the same bits.
     ///
-    /// # Safety
-    /// Requires AVX-512 F and BW, AVX2, FMA and F16C; `format` is Q4_K or
-    /// Q6_K; `w` holds the blocks of `a.k` values and every row is below
-    /// `a`'s row count.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows_512<const R: usize>(
+    /// Inlined into [`block_512`], whose features it needs.
+    #[inline(always)]
+    unsafe fn dot_rows_512<const R: usize>(
         format: QuantFormat,
         w: &[u8],
         a: &QuantizedActs,
@@ -413,7 +509,12 @@ mod x86 {
         let groups = a.k / QK;
         let mut acc = Acc::new(a, rows);
         // row r's 64 int8 activations of groups g and g + 1
-        let x2 = |r: usize, g: usize| _mm512_loadu_si512(a.qs.as_ptr().add((rows[r] * groups + g) * QK) as *const _);
+        // (no closures here: they would not inherit the caller's features)
+        macro_rules! x2 {
+            ($r:expr, $g:expr) => {
+                _mm512_loadu_si512(a.qs.as_ptr().add((rows[$r] * groups + $g) * QK) as *const _)
+            };
+        }
         if format == QuantFormat::Q4K {
             let mask = _mm256_set1_epi8(0x0F);
             for sb in 0..groups / 8 {
@@ -426,11 +527,11 @@ mod x86 {
                     let wv = join512(_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
                     let s16 = _mm512_shuffle_epi8(sc16, join512(pick_i16(2 * p), pick_i16(2 * p + 1)));
                     for (r, acc_r) in isum.iter_mut().enumerate() {
-                        let p16 = _mm512_maddubs_epi16(wv, x2(r, sb * 8 + 2 * p));
+                        let p16 = _mm512_maddubs_epi16(wv, x2!(r, sb * 8 + 2 * p));
                         *acc_r = _mm512_add_epi32(*acc_r, _mm512_madd_epi16(p16, s16));
                     }
                 }
-                acc.superblock(sb, isum.map(|z| halves(z)), f16_at(b, 0), -f16_at(b, 2), Some(widen_u8x8(&m)));
+                acc.superblock(sb, halves_all(isum), f16_at(b, 0), -f16_at(b, 2), Some(widen_u8x8(&m)));
             }
         } else {
             // Q6_K as unsigned 6-bit values: Σ sc·(q - 32)·x = Σ sc·q·x - 32·Σ sc·x
@@ -465,14 +566,14 @@ mod x86 {
                         let sc4 = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(four as i32));
                         let s16 = _mm512_permutexvar_epi16(spread, _mm512_castsi128_si512(sc4));
                         for (r, acc_r) in isum.iter_mut().enumerate() {
-                            let x = x2(r, sb * 8 + 4 * h + s);
+                            let x = x2!(r, sb * 8 + 4 * h + s);
                             let qx = _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), s16);
                             let ox = _mm512_madd_epi16(_mm512_maddubs_epi16(thirty_two, x), s16);
                             *acc_r = _mm512_add_epi32(*acc_r, _mm512_sub_epi32(qx, ox));
                         }
                     }
                 }
-                acc.superblock(sb, isum.map(|z| halves(z)), f16_at(b, 208), 0.0, None);
+                acc.superblock(sb, halves_all(isum), f16_at(b, 208), 0.0, None);
             }
         }
         acc.totals()
@@ -494,8 +595,14 @@ mod tests {
                 let x: Vec<f32> = (0..2 * k).map(|i| ((i * 7919 % 97) as f32 / 97.0) - 0.5).collect();
                 let mut a = QuantizedActs::default();
                 a.fill(&x, k, act_block(format));
-                let pair = dot_rows(format, &w, &a, [1, 0]);
-                assert_eq!(pair, [dot(format, &w, &a, 1), dot(format, &w, &a, 0)], "{format}: rows side by side");
+                // a row's result does not depend on the rows beside it
+                let mut alone = QuantizedActs::default();
+                alone.fill(&x[k..2 * k], k, act_block(format));
+                assert_eq!(
+                    dot(format, &w, &alone, 0).to_bits(),
+                    dot(format, &w, &a, 1).to_bits(),
+                    "{format}: row alone"
+                );
                 for row in 0..2 {
                     // the activations as quantized: the dot must equal the
                     // exact product of both dequantized operands
@@ -525,10 +632,18 @@ mod tests {
             let x: Vec<f32> = (0..8 * k).map(|i| ((i * 7919 % 193) as f32 / 193.0) - 0.45).collect();
             let mut a = QuantizedActs::default();
             a.fill(&x, k, act_block(format));
-            let rows: [usize; 8] = std::array::from_fn(|r| r);
-            // SAFETY: both feature sets checked above; shapes as dot_rows checks.
-            let (wide, narrow) =
-                unsafe { (x86::dot_rows_512(format, &w, &a, rows), x86::dot_rows(format, &w, &a, rows)) };
+            let (mut wide, mut narrow) = ([0f32; 8], [0f32; 8]);
+            // SAFETY: both feature sets checked above; 8 rows, one column.
+            unsafe {
+                x86::block_512(
+                    &Block { format, w: &w, row_bytes: w.len(), a: &a, m: 8, out: wide.as_mut_ptr(), n: 1 },
+                    0..1,
+                );
+                x86::block_avx2(
+                    &Block { format, w: &w, row_bytes: w.len(), a: &a, m: 8, out: narrow.as_mut_ptr(), n: 1 },
+                    0..1,
+                );
+            }
             assert_eq!(wide.map(f32::to_bits), narrow.map(f32::to_bits), "{format}");
         }
     }
