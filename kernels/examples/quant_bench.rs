@@ -2,7 +2,8 @@
 //! shapes of the 1.19B bench model: the integer path (`Kernel::Tiled`:
 //! activations quantized to int8 blocks) and the widening path
 //! (`Kernel::Gemm`: weight blocks widened to f32, then gemm), by row count.
-//! Prints microseconds (best of 5) and the weight bytes streamed per second.
+//! Prints microseconds (best of 5) and the weight bytes streamed per second,
+//! then how fast `Weight::quantize` (one thread) quantizes each matrix.
 //!
 //! `cargo run --release -p moe-kernels --example quant_bench [-- THREADS]`
 
@@ -31,6 +32,7 @@ fn time(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: Kernel) -> f64
 }
 
 fn run() {
+    let mut quantize_rates = Vec::new();
     println!("| n x k | format | rows | int path us | GB/s | widen+gemm us | bf16 (auto) us |");
     println!("|---|---|---:|---:|---:|---:|---:|");
     for (n, k) in [(5632, 1024), (1024, 2816)] {
@@ -40,7 +42,12 @@ fn run() {
         let f32w = Weight::from_f32(n, k, values).expect("weight");
         for format in [QuantFormat::Q8_0, QuantFormat::Q4K, QuantFormat::Q6K, QuantFormat::Q5_0] {
             let w = match format {
-                QuantFormat::Q8_0 | QuantFormat::Q4K => f32w.quantize(format).expect("quantize"),
+                QuantFormat::Q8_0 | QuantFormat::Q4K => {
+                    let t = Instant::now();
+                    let q = f32w.quantize(format).expect("quantize");
+                    quantize_rates.push((n, k, format, (n * k) as f64 / t.elapsed().as_secs_f64() / 1e6));
+                    q
+                }
                 // no quantizer: random blocks of the right size stand in
                 other => {
                     let bytes = (0..n * k / other.block_values() * other.block_bytes()).map(|i| (i * 31 % 251) as u8);
@@ -67,5 +74,9 @@ fn run() {
                 );
             }
         }
+    }
+    println!();
+    for (n, k, format, rate) in quantize_rates {
+        println!("quantizing {n} x {k} to {format}: {rate:.0} M values/s (one thread)");
     }
 }

@@ -96,7 +96,7 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: 
     };
     if let WeightData::Quant(q) = w.data() {
         if kernel == Kernel::Gemm {
-            quant_blocked(x, m, k, n, q, out, parallel, true);
+            quant_blocked(x, m, k, n, q, out, parallel);
         } else {
             quant_int(x, m, k, n, q, out, parallel);
         }
@@ -251,32 +251,16 @@ fn bf16_blocked(x: &[f32], m: usize, k: usize, n: usize, bits: &[u16], out: &mut
     }
 }
 
-/// Weight values widened per block on the quantized tiled path: 16 KiB of
-/// f32, so a block stays in L1 while every activation row passes over it.
-const QUANT_TILE_VALUES: usize = 4096;
-
-/// Quantized weights: a block of weight rows widened to f32 in thread-local
-/// scratch (bit-exact dequantization), then the f32 tiled kernel (`gemm`
-/// when `use_gemm`) over it. A row's result does not depend on the other
-/// rows of the call on the tiled path, as for float weights.
-#[allow(clippy::too_many_arguments)]
-fn quant_blocked(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    q: &QuantData,
-    out: &mut [f32],
-    parallel: bool,
-    use_gemm: bool,
-) {
+/// Quantized weights, many rows: a block of weight rows widened to f32 in
+/// thread-local scratch (bit-exact dequantization), then `gemm` over it with
+/// f32 activations.
+fn quant_blocked(x: &[f32], m: usize, k: usize, n: usize, q: &QuantData, out: &mut [f32], parallel: bool) {
     let row_bytes = q.bytes().len() / n;
-    let block_rows = if use_gemm { BF16_BLOCK_ROWS } else { (QUANT_TILE_VALUES / k).clamp(8, BF16_BLOCK_ROWS) / 8 * 8 };
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let blocks = n.div_ceil(block_rows);
+    let blocks = n.div_ceil(BF16_BLOCK_ROWS);
     let run = |b: usize| {
-        let r0 = b * block_rows;
-        let rows = block_rows.min(n - r0);
+        let r0 = b * BF16_BLOCK_ROWS;
+        let rows = BF16_BLOCK_ROWS.min(n - r0);
         SCRATCH.with(|s| {
             let mut wf = s.borrow_mut();
             wf.resize(rows * k, 0.0);
@@ -286,15 +270,7 @@ fn quant_blocked(
             // row (row stride n); blocks are disjoint and `out` outlives the
             // loop. `wf` holds the block's `rows` weight rows of `k` values.
             unsafe {
-                if use_gemm {
-                    gemm_f32(
-                        GemmArgs { m, n: rows, k, x, w: &wf, out: ptr.0.add(r0), out_rs: n },
-                        gemm::Parallelism::None,
-                    )
-                } else {
-                    let p = Product { x, m, k, w: &wf[..], n, out: ptr.0.add(r0) };
-                    crate::tile::tiled_cols(&p, 0..rows)
-                }
+                gemm_f32(GemmArgs { m, n: rows, k, x, w: &wf, out: ptr.0.add(r0), out_rs: n }, gemm::Parallelism::None)
             }
         });
     };
@@ -305,8 +281,8 @@ fn quant_blocked(
     }
 }
 
-/// Quantized weights, few rows: the activation rows quantized once to int8
-/// blocks, then one integer dot product per (row, weight row), weight rows
+/// Quantized weights, few rows (k-quants: any): the activation rows
+/// quantized once to int8 blocks, then integer dot products, weight rows
 /// split across threads (each read once while every row passes over it).
 /// A row's result does not depend on the other rows of the call.
 fn quant_int(x: &[f32], m: usize, k: usize, n: usize, q: &QuantData, out: &mut [f32], parallel: bool) {

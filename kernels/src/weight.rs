@@ -132,8 +132,9 @@ impl Weight {
 
     /// Stacks matrices with the same column count on top of each other
     /// (e.g. q, k and v projections into one qkv matrix). Quantized parts of
-    /// one format stay quantized; parts of mixed precisions are stored in
-    /// the first part's float precision (quantized ones widened to f32).
+    /// one format stay quantized; quantized parts mixed with anything else
+    /// are all widened to f32 (exact); float parts are stored in the first
+    /// part's precision.
     pub fn concat_rows(parts: &[Weight]) -> Result<Self, crate::KernelError> {
         let cols = parts.first().map_or(0, |p| p.cols);
         let rows = parts.iter().map(|p| p.rows).sum();
@@ -151,14 +152,16 @@ impl Weight {
                 .collect();
             return Self::from_quant(rows, cols, format, bytes);
         }
+        let any_quant = parts.iter().any(|p| p.quant_format().is_some());
         let data = match parts.first().map(|p| &p.data) {
+            _ if any_quant => WeightData::F32(parts.iter().flat_map(Weight::to_f32).collect()),
             Some(WeightData::Bf16(_)) => {
                 let mut out = Vec::with_capacity(rows * cols);
                 for p in parts {
                     match &p.data {
                         WeightData::Bf16(v) => out.extend_from_slice(v),
                         WeightData::F32(v) => out.extend(v.iter().map(|&x| bf16::from_f32(x).to_bits())),
-                        WeightData::Quant(_) => out.extend(p.to_f32().iter().map(|&x| bf16::from_f32(x).to_bits())),
+                        WeightData::Quant(_) => unreachable!("quantized parts are widened above"),
                     }
                 }
                 WeightData::Bf16(out)
@@ -169,7 +172,7 @@ impl Weight {
                     match &p.data {
                         WeightData::F32(v) => out.extend_from_slice(v),
                         WeightData::Bf16(v) => out.extend(v.iter().map(|&b| bf16::from_bits(b).to_f32())),
-                        WeightData::Quant(_) => out.extend(p.to_f32()),
+                        WeightData::Quant(_) => unreachable!("quantized parts are widened above"),
                     }
                 }
                 WeightData::F32(out)

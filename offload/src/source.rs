@@ -131,8 +131,10 @@ impl ExpertSource for DiskExperts {
 
 /// Experts of a float checkpoint quantized as they are read
 /// (`--quantize-experts` with an expert budget): the cache's slots and its
-/// budget hold quantized experts. Quantizing costs CPU on every load (Q8_0
-/// about a memory copy, Q4_K several times that).
+/// budget hold quantized experts. Quantizing costs CPU on every load
+/// (one thread, `examples/quant_bench.rs`: Q8_0 about 170 M values/s, Q4_K
+/// about 15 M), so
+/// a GGUF file, read as stored, is the better slow tier for Q4_K.
 pub struct QuantizingSource {
     inner: Box<dyn ExpertSource>,
     format: moe_kernels::QuantFormat,

@@ -161,7 +161,7 @@ serve_config! {
     predictor: moe_offload::PredictorChoice = moe_offload::PredictorChoice::Auto => "auto", env = "MOE_PREDICTOR";
     /// MoE layers ahead to forecast and prefetch.
     prefetch_depth: usize = 1 => "1", env = "MOE_PREFETCH_DEPTH";
-    /// Quantize the experts of a float checkpoint at load: none, q8_0 or q4_k (rows too short for q4_k blocks use q8_0); budgets then count quantized bytes.
+    /// Quantize the experts of a float checkpoint at load: none, q8_0 or q4_k (rows too short for q4_k blocks use q8_0); budgets then count quantized bytes, and with a budget below all each expert is quantized when read (q4_k about 15 M values/s per thread: prefer a GGUF file there).
     quantize_experts: moe_model::QuantTarget = moe_model::QuantTarget::None => "none", env = "MOE_QUANTIZE_EXPERTS";
     /// What quantize_experts applies to: experts, or all (attention, dense and shared MLPs, embedding and output head too).
     quantize: moe_model::QuantScope = moe_model::QuantScope::Experts => "experts", env = "MOE_QUANTIZE";

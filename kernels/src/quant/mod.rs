@@ -206,6 +206,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn stacking_keeps_one_format_and_widens_mixed_ones_exactly() {
+        let a = crate::Weight::from_quant(2, 256, QuantFormat::Q4K, random_blocks(QuantFormat::Q4K, 2, 1)).unwrap();
+        let b = crate::Weight::from_quant(1, 256, QuantFormat::Q6K, random_blocks(QuantFormat::Q6K, 1, 2)).unwrap();
+        let same = crate::Weight::concat_rows(&[a.clone(), a.clone()]).unwrap();
+        assert_eq!(same.quant_format(), Some(QuantFormat::Q4K));
+        assert_eq!(same.to_f32(), [a.to_f32(), a.to_f32()].concat());
+        let bf = crate::Weight::from_bf16_bits(1, 256, vec![0x3F80; 256]).unwrap();
+        for parts in [vec![a.clone(), b.clone()], vec![bf.clone(), a.clone()]] {
+            let mixed = crate::Weight::concat_rows(&parts).unwrap();
+            assert_eq!(mixed.quant_format(), None);
+            assert!(matches!(mixed.data(), crate::WeightData::F32(_)));
+            let want: Vec<f32> = parts.iter().flat_map(crate::Weight::to_f32).collect();
+            assert_eq!(mixed.to_f32(), want);
+        }
+    }
+
+    #[test]
     fn names_parse_back() {
         for q in QuantFormat::ALL {
             assert_eq!(q.name().parse::<QuantFormat>(), Ok(q));

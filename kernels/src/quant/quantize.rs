@@ -53,8 +53,13 @@ fn q4_k(x: &[f32], b: &mut [u8]) {
     for j in 0..8 {
         let xs = &x[32 * j..32 * j + 32];
         let av = (xs.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
-        let w: Vec<f32> = xs.iter().map(|v| av + v.abs()).collect();
-        let (s, m) = fit_scale_min(xs, &w, 15, &mut levels[32 * j..32 * j + 32]);
+        let w: [f32; 32] = std::array::from_fn(|l| av + xs[l].abs());
+        let (s, m) = fit_scale_min(
+            xs.try_into().expect("32 values"),
+            &w,
+            15,
+            (&mut levels[32 * j..32 * j + 32]).try_into().expect("32 levels"),
+        );
         scales[j] = s;
         mins[j] = m;
     }
@@ -65,8 +70,8 @@ fn q4_k(x: &[f32], b: &mut [u8]) {
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
     for j in 0..8 {
-        ls[j] = ((inv_scale * scales[j]).round() as i32).clamp(0, 63) as u8;
-        lm[j] = ((inv_min * mins[j]).round() as i32).clamp(0, 63) as u8;
+        ls[j] = nearest_int(inv_scale * scales[j]).clamp(0, 63) as u8;
+        lm[j] = nearest_int(inv_min * mins[j]).clamp(0, 63) as u8;
     }
     let packed = &mut b[4..16];
     for j in 0..4 {
@@ -88,7 +93,7 @@ fn q4_k(x: &[f32], b: &mut [u8]) {
         }
         let dm = dmin * m[j] as f32;
         for l in 0..32 {
-            levels[32 * j + l] = (((x[32 * j + l] + dm) / d1).round() as i32).clamp(0, 15) as u8;
+            levels[32 * j + l] = nearest_int((x[32 * j + l] + dm) / d1).clamp(0, 15) as u8;
         }
     }
     let qs = &mut b[16..144];
@@ -99,10 +104,24 @@ fn q4_k(x: &[f32], b: &mut [u8]) {
     }
 }
 
+/// `v` rounded to the nearest integer, ties to even, by ggml's float trick
+/// (adding 1.5 · 2^23 leaves the integer in the low mantissa bits): no
+/// library call, as `f32::round` is without SSE4.1 at compile time.
+/// Exact for |v| < 2^22; larger values (only from degenerate blocks) are
+/// clamped by every caller.
+#[inline(always)]
+fn nearest_int(v: f32) -> i32 {
+    if v.abs() >= 4_194_303.0 || v.is_nan() {
+        return if v > 0.0 { i32::MAX } else { i32::MIN };
+    }
+    let bits = (v + 12_582_912.0).to_bits() as i32;
+    (bits & 0x007F_FFFF) - 0x0040_0000
+}
+
 /// The scale `s` and (non-negative) min `m` with `x ≈ s * q - m`, `q` in
 /// `0..=nmax`, minimising `Σ w (s q + (-m) - x)²` over 21 candidate
 /// scales; writes the chosen levels.
-fn fit_scale_min(x: &[f32], w: &[f32], nmax: u8, levels: &mut [u8]) -> (f32, f32) {
+fn fit_scale_min(x: &[f32; 32], w: &[f32; 32], nmax: u8, levels: &mut [u8; 32]) -> (f32, f32) {
     let nmax_f = nmax as f32;
     let mut lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
     let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
@@ -113,9 +132,9 @@ fn fit_scale_min(x: &[f32], w: &[f32], nmax: u8, levels: &mut [u8]) -> (f32, f32
     }
     let sum_w: f32 = w.iter().sum();
     let sum_x: f32 = w.iter().zip(x).map(|(w, x)| w * x).sum();
-    let quantize = |iscale: f32, out: &mut [u8]| {
+    let quantize = |iscale: f32, out: &mut [u8; 32]| {
         for (o, &v) in out.iter_mut().zip(x) {
-            *o = ((iscale * (v - lo)).round() as i32).clamp(0, nmax as i32) as u8;
+            *o = nearest_int(iscale * (v - lo)).clamp(0, nmax as i32) as u8;
         }
     };
     let error = |s: f32, m: f32, l: &[u8]| -> f32 {
@@ -125,7 +144,7 @@ fn fit_scale_min(x: &[f32], w: &[f32], nmax: u8, levels: &mut [u8]) -> (f32, f32
     let mut min = lo;
     quantize(nmax_f / (hi - lo), levels);
     let mut best = error(scale, min, levels);
-    let mut aux = vec![0u8; x.len()];
+    let mut aux = [0u8; 32];
     for step in 0..=20 {
         let iscale = (-1.0 + 0.1 * step as f32 + nmax_f) / (hi - lo);
         quantize(iscale, &mut aux);
@@ -181,6 +200,15 @@ mod tests {
         let err: f32 = x.iter().zip(&back).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32;
         let sig: f32 = x.iter().map(|a| a * a).sum::<f32>() / x.len() as f32;
         (err / sig).sqrt()
+    }
+
+    #[test]
+    fn nearest_int_rounds_ties_to_even() {
+        for (v, want) in [(0.4, 0), (0.5, 0), (1.5, 2), (2.5, 2), (-1.5, -2), (14.7, 15), (-0.6, -1), (3.0, 3)] {
+            assert_eq!(nearest_int(v), want, "{v}");
+        }
+        assert_eq!(nearest_int(1e9), i32::MAX);
+        assert_eq!(nearest_int(f32::NAN), i32::MIN);
     }
 
     #[test]

@@ -102,7 +102,8 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
             o_bias: has("blk.0.attn_output.bias"),
             qk_norm,
             clip_qkv: float("attention.clamp_kqv").map(|c| c as f32).filter(|&c| c > 0.0),
-            sliding_window: uint("attention.sliding_window").filter(|&w| w > 0),
+            // as config.json is read: only Mixtral's window is applied
+            sliding_window: uint("attention.sliding_window").filter(|&w| w > 0 && arch == Arch::Mixtral),
             rope_theta: float("rope.freq_base").unwrap_or(10000.0),
             rope_scaling,
         },
