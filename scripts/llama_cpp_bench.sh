@@ -13,7 +13,8 @@
 # Environment: LLAMA_BIN (llama.cpp build's bin, default /work/llama/build/bin),
 # LLAMA_TREE (its source tree), CONVERT_PY (a Python with torch, transformers
 # and numpy for the converter), MOE_BIN (default target/release/moe-serve),
-# WORK, FILES (a space-separated subset of the file names below).
+# WORK, FILES (a space-separated subset of the file names below), LLAMA_ARGS (more
+# llama-bench flags, e.g. "--repack 0" to turn off its weight repacking).
 # Build llama.cpp as ../shared/PERFORMANCE.md shows.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -70,7 +71,8 @@ results=$work/results.txt
 for r in $(seq 1 "$rounds"); do
     for f in $files; do
         # llama.cpp: best sample of 3 for each test
-        "$bin/llama-bench" -m "$work/$f" -p 128 -n 64 -r 3 -t "$threads" -o json 2>/dev/null | python3 -c '
+        # shellcheck disable=SC2086 # LLAMA_ARGS is a list of flags
+        "$bin/llama-bench" -m "$work/$f" -p 128 -n 64 -r 3 -t "$threads" ${LLAMA_ARGS:-} -o json 2>/dev/null | python3 -c '
 import json, sys
 for row in json.load(sys.stdin):
     kind = "prefill" if row["n_prompt"] else "decode"
