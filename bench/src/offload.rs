@@ -156,7 +156,7 @@ fn run(
 impl OffloadBench {
     fn source(&self, cfg: &ModelConfig) -> crate::Result<Box<dyn ExpertSource>> {
         Ok(match &self.tier {
-            Tier::Disk(dir) => Box::new(DiskExperts::open(dir, cfg)?),
+            Tier::Disk(dir) => Box::new(DiskExperts::open(dir, cfg, moe_offload::DiskIo::Direct)?),
             Tier::Memory(w) => Box::new(MemoryExperts::new(w.clone())),
         })
     }
@@ -190,7 +190,8 @@ impl OffloadBench {
                 oracle: bounds::oracle_prefetch(&reference.accesses, cfg.moe.num_experts, slots, self.depth),
             });
             for (policy, predictor) in &self.configs {
-                let cc = CacheConfig { slots, policy: *policy, predictor: predictor.clone(), depth: self.depth };
+                let cc =
+                    CacheConfig { slots, policy: *policy, predictor: predictor.clone(), depth: self.depth, readers: 1 };
                 let cache = ExpertCache::new(&cfg, self.source(&cfg)?, cc)?;
                 eprintln!("  {:.0}% {} + {}", budget * 100.0, policy.name(), predictor.name());
                 let o = run(&self.model, Experts::Cached(cache), &self.prompts, self.decode_tokens, false)?;

@@ -64,8 +64,8 @@ impl RegroupBench {
         let cfg = self.model.config().clone();
         let total = cfg.moe_layers().count() * cfg.moe.num_experts;
         let slots = ((self.budget * total as f64).round() as usize).max(cfg.moe.num_experts);
-        let src = DiskExperts::open(&self.dir, &cfg)?;
-        let cc = CacheConfig { slots, policy: self.policy, predictor: self.predictor.clone(), depth: 1 };
+        let src = DiskExperts::open(&self.dir, &cfg, moe_offload::DiskIo::Direct)?;
+        let cc = CacheConfig { slots, policy: self.policy, predictor: self.predictor.clone(), depth: 1, readers: 1 };
         let experts = Experts::Cached(ExpertCache::new(&cfg, Box::new(src), cc)?);
         let n = self.prompts.len();
         let sched = SchedulerConfig { max_num_seqs: n, max_batched_tokens: 512 };

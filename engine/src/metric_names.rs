@@ -43,3 +43,9 @@ pub const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 /// Histogram bucket boundaries for batch sizes.
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
+/// Gauge: bytes of the weights kept resident outside the experts (attention,
+/// norms, routers, dense and shared MLPs, embeddings, output head).
+pub const NON_EXPERT_BYTES: &str = "moe_non_expert_weight_bytes";
+/// Gauge: the process's resident set size in bytes (from procfs, refreshed
+/// every second; the name Prometheus' process collectors use).
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";

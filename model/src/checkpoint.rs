@@ -63,6 +63,16 @@ pub struct Checkpoint {
     index: HashMap<String, Entry>,
 }
 
+/// Turns off the kernel's read-around for faults on `map` (up to the
+/// device's read-ahead, often megabytes, around every fault): indexing a file
+/// reads its header, not the expert bytes beside it, which a disk tier of
+/// experts would otherwise find in the page cache as a second copy. Tensors
+/// are read ahead one by one instead ([`Checkpoint`]'s `bytes`). Advice only:
+/// a refusal changes nothing but speed.
+pub(crate) fn no_read_around(map: &Mmap) {
+    let _ = map.advise(memmap2::Advice::Random);
+}
+
 impl Checkpoint {
     /// Maps the safetensors file(s) in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -74,6 +84,7 @@ impl Checkpoint {
             // SAFETY: the mapping is read-only; the model directory must not be
             // modified while the server runs (as with every mmap-based loader).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|cause| ModelError::Io { path: path.clone(), cause })?;
+            no_read_around(&mmap);
             let (header, meta) = SafeTensors::read_metadata(&mmap)
                 .map_err(|e| ModelError::Safetensors { path: path.clone(), message: e.to_string() })?;
             let base = 8 + header;
@@ -135,7 +146,11 @@ impl Checkpoint {
     }
 
     fn bytes(&self, e: &Entry) -> &[u8] {
-        &self.files[e.file].1[e.start..e.end]
+        let map = &self.files[e.file].1;
+        // read exactly this tensor ahead (the mapping has no read-around):
+        // the experts a disk tier streams never enter the page cache by it
+        let _ = map.advise_range(memmap2::Advice::WillNeed, e.start, e.end - e.start);
+        &map[e.start..e.end]
     }
 
     /// A `[rows, cols]` matrix, keeping bf16 as bf16 and quantized blocks

@@ -29,6 +29,10 @@ pub struct CacheConfig {
     pub predictor: PredictorKind,
     /// MoE layers ahead to forecast and prefetch.
     pub depth: usize,
+    /// Loader threads (reads in flight at once, at least 1). With more than
+    /// one, one of them is kept for demand loads: prefetches never occupy
+    /// every reader.
+    pub readers: usize,
 }
 
 /// What the mutex guards: the core, the weights in its slots, and what was
@@ -39,14 +43,28 @@ struct Inner {
     slots: Vec<Option<Arc<ExpertWeights>>>,
     published: Vec<LayerStats>,
     published_failures: u64,
-    /// The loader found nothing it can do now (cleared by every change).
+    /// The loaders found nothing they can do now and none is reading
+    /// (cleared by every change).
     settled: bool,
+    /// Loads being read now, and how many of them are prefetches.
+    reading: usize,
+    prefetching: usize,
+    /// Loader threads.
+    readers: usize,
+    /// Bytes of one expert in the fast tier.
+    expert_bytes: u64,
     shutdown: bool,
 }
 
 struct Shared {
     inner: Mutex<Inner>,
+    /// A load finished or the loaders settled (waited on by `get` and the
+    /// test helpers).
     changed: Condvar,
+    /// The core may have a command to issue (waited on by idle loaders; one
+    /// is woken at a time, and a loader that takes a command wakes the next,
+    /// so a change does not wake every reader).
+    work: Condvar,
     source: Box<dyn ExpertSource>,
     /// MoE index -> decoder layer.
     layer_of: Vec<LayerId>,
@@ -62,7 +80,7 @@ impl Shared {
 /// [`ExpertProvider`] for the forward pass and [`ExpertPlanner`] for the engine.
 pub struct ExpertCache {
     shared: Arc<Shared>,
-    loader: Option<JoinHandle<()>>,
+    loaders: Vec<JoinHandle<()>>,
     /// Decoder layer -> MoE index.
     moe_of: Vec<Option<MoeLayerId>>,
     lookahead: usize,
@@ -89,14 +107,14 @@ impl Drop for CacheGuard<'_> {
         inner.settled &= !released;
         drop(inner);
         if released {
-            self.cache.shared.changed.notify_all();
+            self.cache.shared.work.notify_one();
         }
     }
 }
 
 impl ExpertCache {
-    /// Starts a cache for `model` over `source` (the loader thread starts now;
-    /// the fast tier starts empty).
+    /// Starts a cache for `model` over `source` (the loader threads start
+    /// now; the fast tier starts empty).
     pub fn new(model: &ModelConfig, source: Box<dyn ExpertSource>, cfg: CacheConfig) -> Result<Self, OffloadError> {
         let moe_layers: Vec<usize> = model.moe_layers().collect();
         let core = ResidencyCore::new(ResidencyConfig {
@@ -109,6 +127,9 @@ impl ExpertCache {
             predictor: cfg.predictor,
             depth: cfg.depth,
         })?;
+        if cfg.readers == 0 {
+            return Err(OffloadError::Config("at least one expert reader is needed".into()));
+        }
         let lookahead = core.lookahead();
         let mut moe_of = vec![None; model.num_layers()];
         for (i, &l) in moe_layers.iter().enumerate() {
@@ -120,21 +141,44 @@ impl ExpertCache {
             published: vec![LayerStats::default(); moe_layers.len()],
             published_failures: 0,
             settled: false,
+            reading: 0,
+            prefetching: 0,
+            readers: cfg.readers,
+            expert_bytes: source.expert_bytes() as u64,
             core,
             shutdown: false,
         };
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             changed: Condvar::new(),
+            work: Condvar::new(),
             source,
             layer_of: moe_layers.iter().map(|&l| LayerId(l as u16)).collect(),
         });
-        let s = shared.clone();
-        let loader = std::thread::Builder::new()
-            .name("expert-loader".into())
-            .spawn(move || loader_loop(&s))
-            .map_err(|e| OffloadError::Config(format!("cannot start the loader thread: {e}")))?;
-        Ok(Self { shared, loader: Some(loader), moe_of, lookahead })
+        let mut cache = Self { shared, loaders: Vec::with_capacity(cfg.readers), moe_of, lookahead };
+        for i in 0..cfg.readers {
+            let s = cache.shared.clone();
+            let loader = std::thread::Builder::new()
+                .name(format!("expert-loader-{i}"))
+                .spawn(move || loader_loop(&s))
+                // dropping `cache` stops the loaders already started
+                .map_err(|e| OffloadError::Config(format!("cannot start a loader thread: {e}")))?;
+            cache.loaders.push(loader);
+        }
+        Ok(cache)
+    }
+
+    /// Bytes of the experts in the fast tier now (resident or being loaded).
+    pub fn resident_bytes(&self) -> u64 {
+        let inner = self.shared.lock();
+        inner.core.occupied() as u64 * inner.expert_bytes
+    }
+
+    /// The most expert bytes the fast tier holds: its slots times the bytes
+    /// of one expert.
+    pub fn budget_bytes(&self) -> u64 {
+        let inner = self.shared.lock();
+        inner.core.slots() as u64 * inner.expert_bytes
     }
 
     /// A snapshot of the counters.
@@ -158,7 +202,7 @@ impl ExpertCache {
         }
     }
 
-    /// Blocks until the loader can do nothing more now: no load in flight,
+    /// Blocks until the loaders can do nothing more now: no load in flight,
     /// and whatever is queued waits for a pin to be released (tests).
     pub fn wait_settled(&self) {
         let mut inner = self.shared.lock();
@@ -179,14 +223,14 @@ impl ExpertCache {
         Ok(ExpertKey { layer: self.moe(layer)?, expert })
     }
 
-    /// Runs `f` on the core, publishes the counters and wakes the loader.
+    /// Runs `f` on the core, publishes the counters and wakes a loader.
     fn update<T>(&self, f: impl FnOnce(&mut ResidencyCore) -> T) -> T {
         let mut inner = self.shared.lock();
         let out = f(&mut inner.core);
         inner.settled = false;
         inner.publish();
         drop(inner);
-        self.shared.changed.notify_all();
+        self.shared.work.notify_one();
         out
     }
 }
@@ -195,20 +239,25 @@ impl Drop for ExpertCache {
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
         self.shared.changed.notify_all();
-        if let Some(h) = self.loader.take() {
+        self.shared.work.notify_all();
+        for h in self.loaders.drain(..) {
             let _ = h.join();
         }
     }
 }
 
-/// The CPU mover: executes the core's commands until shut down.
+/// The CPU mover (one per reader thread): executes the core's commands
+/// until shut down. Evictions run under the lock; a load's read runs with the
+/// lock released, so several loads are read at once.
 fn loader_loop(shared: &Shared) {
     let mut inner = shared.lock();
     loop {
         if inner.shutdown {
             return;
         }
-        match inner.core.poll() {
+        // the last free reader is kept for demand loads
+        let prefetch_ok = inner.readers == 1 || inner.prefetching + 1 < inner.readers;
+        match inner.core.poll(prefetch_ok) {
             Some(Command::Evict { key, slot }) => {
                 // a guard keeps its own reference: the weights live on until it drops
                 inner.slots[slot.index()] = None;
@@ -217,10 +266,16 @@ fn loader_loop(shared: &Shared) {
                 }
             }
             Some(Command::Load { key, slot, prefetch }) => {
+                inner.reading += 1;
+                inner.prefetching += usize::from(prefetch);
                 inner.publish();
                 drop(inner);
+                // another reader may take the next command meanwhile
+                shared.work.notify_one();
                 let loaded = shared.source.load(shared.layer_of[key.layer.index()], key.expert);
                 inner = shared.lock();
+                inner.reading -= 1;
+                inner.prefetching -= usize::from(prefetch);
                 let report = match loaded {
                     Ok(w) => {
                         inner.slots[slot.index()] = Some(Arc::new(w));
@@ -238,10 +293,10 @@ fn loader_loop(shared: &Shared) {
                 shared.changed.notify_all();
             }
             None => {
-                inner.settled = true;
+                inner.settled = inner.reading == 0;
                 inner.publish();
                 shared.changed.notify_all();
-                inner = shared.changed.wait(inner).unwrap_or_else(|p| p.into_inner());
+                inner = shared.work.wait(inner).unwrap_or_else(|p| p.into_inner());
             }
         }
     }
@@ -278,6 +333,7 @@ impl Inner {
             self.published_failures = failures;
         }
         metrics::gauge!(m::RESIDENT).set(self.core.occupied() as f64);
+        metrics::gauge!(m::RESIDENT_BYTES).set((self.core.occupied() as u64 * self.expert_bytes) as f64);
     }
 }
 
@@ -346,7 +402,7 @@ impl ExpertProvider for ExpertCache {
                 Pin::Failed(message) => return Err(unavailable(layer, expert, message)),
                 Pin::Wait => {
                     inner.settled = false;
-                    self.shared.changed.notify_all();
+                    self.shared.work.notify_one();
                 }
             }
             waited.get_or_insert_with(Instant::now);

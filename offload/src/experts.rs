@@ -25,6 +25,24 @@ impl Experts {
             Self::Cached(c) => Some(c.stats()),
         }
     }
+
+    /// Bytes of expert weights in memory now.
+    pub fn resident_bytes(&self) -> u64 {
+        match self {
+            Self::Resident(r) => r.nbytes() as u64,
+            Self::Cached(c) => c.resident_bytes(),
+            Self::Sharded(s) => s.nbytes() as u64,
+        }
+    }
+
+    /// The most expert bytes the fast tier may hold (`None`: every expert
+    /// is resident).
+    pub fn budget_bytes(&self) -> Option<u64> {
+        match self {
+            Self::Resident(_) | Self::Sharded(_) => None,
+            Self::Cached(c) => Some(c.budget_bytes()),
+        }
+    }
 }
 
 /// The guard of either variant.

@@ -31,6 +31,7 @@
 pub mod bounds;
 mod budget;
 mod cache;
+mod disk_io;
 mod error;
 mod experts;
 pub mod metric_names;
@@ -43,6 +44,7 @@ mod stats;
 
 pub use budget::ExpertBudget;
 pub use cache::{CacheConfig, CacheGuard, ExpertCache};
+pub use disk_io::DiskIo;
 pub use error::OffloadError;
 pub use experts::{Experts, ExpertsGuard};
 pub use policy::PolicyKind;

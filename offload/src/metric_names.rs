@@ -30,3 +30,6 @@ pub const SHARD_CROSS_TOKENS: &str = "moe_shard_cross_tokens";
 pub const SHARD_TOKENS: &str = "moe_shard_tokens";
 /// Gauge: slots of the fast tier.
 pub const SLOTS: &str = "moe_expert_cache_slots";
+/// Gauge: bytes of expert weights in the fast tier (every expert when all are
+/// resident; with a budget, the slots in use times the bytes of one expert).
+pub const RESIDENT_BYTES: &str = "moe_expert_resident_bytes";

@@ -82,6 +82,11 @@ impl ShardedExperts {
         })
     }
 
+    /// Bytes of expert weights held over all shards.
+    pub fn nbytes(&self) -> usize {
+        self.shards.iter().flatten().flatten().flatten().map(ExpertWeights::nbytes).sum()
+    }
+
     /// Shards.
     pub fn num_shards(&self) -> usize {
         self.shards.len()

@@ -1,12 +1,11 @@
 //! The slow tier: where an expert's weights come from when it is not
 //! resident in the fast tier.
 
-use crate::OffloadError;
+use crate::{DiskIo, OffloadError};
 use moe_kernels::Weight;
 use moe_model::{locate_experts, Checkpoint, ExpertLocation, ExpertWeights, ModelConfig, StoredType, TensorLocation};
 use moe_types::{ExpertId, LayerId};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Produces an expert's weights on demand (called from the loader thread).
@@ -19,26 +18,55 @@ pub trait ExpertSource: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Experts read from the checkpoint's safetensors files with positioned
-/// reads, each time one is loaded: nothing of them is kept in memory by us.
+/// Experts read from the checkpoint's files (safetensors or GGUF) with
+/// positioned reads, each time one is loaded: nothing of them is kept in
+/// memory by us, nor, unless `io` is [`DiskIo::Cached`], by the page cache.
 /// The file is opened per load, so a shard that became unreadable fails only
-/// the loads that need it, with its name in the error.
+/// the loads that need it, with its name in the error. Loads may run on
+/// several threads at once.
 pub struct DiskExperts {
     /// `[layer][expert]`, empty for dense layers.
     locations: Vec<Vec<ExpertLocation>>,
     expert_bytes: usize,
     dir: PathBuf,
+    io: DiskIo,
 }
 
 impl DiskExperts {
     /// Indexes the experts of the model at `dir` (a safetensors directory or
     /// a GGUF model; shapes and dtypes are checked now; no expert data is
     /// read). GGUF experts are read as stored, quantized blocks included.
-    pub fn open(dir: &Path, cfg: &ModelConfig) -> Result<Self, OffloadError> {
+    /// `io`: how reads treat the page cache (`Direct` becomes `Release`
+    /// where the file system refuses `O_DIRECT`); unless `Cached`, what is in
+    /// the page cache of the files now (read by indexing them, or by loading
+    /// the non-expert weights) is dropped.
+    pub fn open(dir: &Path, cfg: &ModelConfig, io: DiskIo) -> Result<Self, OffloadError> {
         let ck = Checkpoint::open_model(dir, cfg)?;
         let locations = locate_experts(&ck, cfg)?;
-        let expert_bytes = locations.iter().flatten().next().map_or(0, resident_bytes);
-        Ok(Self { locations, expert_bytes, dir: dir.to_path_buf() })
+        drop(ck); // unmapped, so its pages can be released below
+        let first = locations.iter().flatten().next();
+        let expert_bytes = first.map_or(0, resident_bytes);
+        let io = match first {
+            Some(loc) => io.usable_for(&loc.gate.path)?,
+            None => io,
+        };
+        let mut files: Vec<&Path> = locations
+            .iter()
+            .flatten()
+            .flat_map(|l| [&l.gate.path, &l.up.path, &l.down.path])
+            .map(|p| p.as_path())
+            .collect();
+        files.sort_unstable();
+        files.dedup();
+        for f in files {
+            io.release_file(f).map_err(|e| OffloadError::Config(format!("cannot open {}: {e}", f.display())))?;
+        }
+        Ok(Self { locations, expert_bytes, dir: dir.to_path_buf(), io })
+    }
+
+    /// The page-cache mode in use.
+    pub fn io(&self) -> DiskIo {
+        self.io
     }
 }
 
@@ -54,16 +82,16 @@ fn resident_bytes(loc: &ExpertLocation) -> usize {
 /// The common case, bf16 matrices in one file on a little-endian host: read
 /// each matrix straight into the buffer it is computed from (gate and up into
 /// one stacked buffer), one copy per byte. `None` when the case does not apply.
-fn read_bf16_direct(loc: &ExpertLocation) -> Result<Option<ExpertWeights>, (&Path, String)> {
+fn read_bf16_direct(loc: &ExpertLocation, io: DiskIo) -> Result<Option<ExpertWeights>, (&Path, String)> {
     let parts = [&loc.gate, &loc.up, &loc.down];
     let same_file = parts.iter().all(|t| t.path == loc.gate.path);
     if cfg!(target_endian = "big") || !same_file || parts.iter().any(|t| t.dtype != StoredType::Bf16) {
         return Ok(None);
     }
     let path = loc.gate.path.as_path();
-    let file = File::open(path).map_err(|e| (path, e.to_string()))?;
+    let file = io.open(path).map_err(|e| (path, e.to_string()))?;
     let read = |t: &TensorLocation, dst: &mut [u16]| {
-        file.read_exact_at(bytemuck::cast_slice_mut(dst), t.offset)
+        io.read_into(&file, t.offset, bytemuck::cast_slice_mut(dst))
             .map_err(|e| (path, format!("reading tensor {}: {e}", t.name)))
     };
     let (g, u, d) = (loc.gate.len / 2, loc.up.len / 2, loc.down.len / 2);
@@ -79,9 +107,9 @@ fn read_bf16_direct(loc: &ExpertLocation) -> Result<Option<ExpertWeights>, (&Pat
     }))
 }
 
-fn read_tensor(file: &File, t: &TensorLocation) -> Result<Weight, String> {
+fn read_tensor(io: DiskIo, file: &File, t: &TensorLocation) -> Result<Weight, String> {
     let mut buf = vec![0u8; t.len];
-    file.read_exact_at(&mut buf, t.offset).map_err(|e| format!("reading tensor {}: {e}", t.name))?;
+    io.read_into(file, t.offset, &mut buf).map_err(|e| format!("reading tensor {}: {e}", t.name))?;
     t.to_weight(&buf).map_err(|e| e.to_string())
 }
 
@@ -101,18 +129,18 @@ impl ExpertSource for DiskExperts {
             path: path.to_path_buf(),
             message,
         };
-        if let Some(w) = read_bf16_direct(loc).map_err(|(path, m)| fail(path, m))? {
+        if let Some(w) = read_bf16_direct(loc, self.io).map_err(|(path, m)| fail(path, m))? {
             return Ok(w);
         }
         let mut parts = Vec::with_capacity(3);
         let mut open: Option<(&Path, File)> = None;
         for t in [&loc.gate, &loc.up, &loc.down] {
             if open.as_ref().is_none_or(|(p, _)| *p != t.path.as_path()) {
-                let f = File::open(&t.path).map_err(|e| fail(&t.path, e.to_string()))?;
+                let f = self.io.open(&t.path).map_err(|e| fail(&t.path, e.to_string()))?;
                 open = Some((t.path.as_path(), f));
             }
             let (_, f) = open.as_ref().expect("opened above");
-            parts.push(read_tensor(f, t).map_err(|m| fail(&t.path, m))?);
+            parts.push(read_tensor(self.io, f, t).map_err(|m| fail(&t.path, m))?);
         }
         let down = parts.pop().expect("three parts");
         let up = parts.pop().expect("three parts");
@@ -125,7 +153,7 @@ impl ExpertSource for DiskExperts {
     }
 
     fn describe(&self) -> String {
-        format!("checkpoint files in {} (read on demand)", self.dir.display())
+        format!("checkpoint files in {} (read on demand, --disk-io {})", self.dir.display(), self.io)
     }
 }
 

@@ -24,9 +24,13 @@ fn routing(layer: u16, experts: &[u16]) -> LayerRouting {
 
 fn cache(dir: &Path, slots: usize, policy: PolicyKind) -> ExpertCache {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let src = DiskExperts::open(dir, &cfg).unwrap();
-    ExpertCache::new(&cfg, Box::new(src), CacheConfig { slots, policy, predictor: PredictorKind::None, depth: 1 })
-        .unwrap()
+    let src = DiskExperts::open(dir, &cfg, moe_offload::DiskIo::Direct).unwrap();
+    ExpertCache::new(
+        &cfg,
+        Box::new(src),
+        CacheConfig { slots, policy, predictor: PredictorKind::None, depth: 1, readers: 1 },
+    )
+    .unwrap()
 }
 
 fn run_layer(c: &ExpertCache, layer: u16, experts: &[u16]) {
@@ -108,8 +112,8 @@ fn bad_configurations_are_refused() {
     let dir = fixture();
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let new = |slots, policy, predictor| {
-        let src = DiskExperts::open(&dir, &cfg).unwrap();
-        ExpertCache::new(&cfg, Box::new(src), CacheConfig { slots, policy, predictor, depth: 1 })
+        let src = DiskExperts::open(&dir, &cfg, moe_offload::DiskIo::Direct).unwrap();
+        ExpertCache::new(&cfg, Box::new(src), CacheConfig { slots, policy, predictor, depth: 1, readers: 3 })
             .err()
             .unwrap()
             .to_string()

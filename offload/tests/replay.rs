@@ -125,7 +125,7 @@ fn replay_cache(
     let cache = ExpertCache::new(
         cfg,
         Box::new(src),
-        CacheConfig { slots: c.0, policy: c.1, predictor: predictor(c.2), depth: 2 },
+        CacheConfig { slots: c.0, policy: c.1, predictor: predictor(c.2), depth: 2, readers: 1 },
     )
     .unwrap();
     replay(cfg, |ev| match ev {
@@ -170,7 +170,7 @@ fn replayed_counts_equal_the_previous_caches() {
 
 /// Executes every command at once, as a mover with an instant slow tier.
 fn drain(core: &mut ResidencyCore) {
-    while let Some(cmd) = core.poll() {
+    while let Some(cmd) = core.poll(true) {
         match cmd {
             Command::Evict { key, .. } => core.evicted(key).unwrap(),
             Command::Load { key, prefetch, .. } => core.loaded(key, prefetch, Ok(())).unwrap(),

@@ -11,7 +11,8 @@ use proptest::prelude::*;
 #[derive(Clone, Debug)]
 enum Op {
     /// Take the next command from the core.
-    Poll,
+    /// A mover polls; `false`: it only takes demand loads.
+    Poll(bool),
     /// Finish the n-th outstanding command (a load fails when `fail`).
     Complete { n: usize, fail: bool },
     /// Pin the n-th expert the running layer uses.
@@ -26,7 +27,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => Just(Op::Poll),
+        4 => Just(Op::Poll(true)),
+        1 => Just(Op::Poll(false)),
         3 => (any::<usize>(), prop::bool::weighted(0.1)).prop_map(|(n, fail)| Op::Complete { n, fail }),
         2 => any::<usize>().prop_map(Op::Pin),
         2 => any::<usize>().prop_map(Op::Unpin),
@@ -75,12 +77,12 @@ impl Harness {
     fn apply(&mut self, op: Op) {
         let (ne, k) = (self.s.experts, self.s.top_k);
         match op {
-            Op::Poll => {
+            Op::Poll(prefetch_ok) => {
                 let (pinned, running): (Vec<_>, Vec<_>) = (0..self.s.layers * ne)
                     .map(|i| ExpertKey::from_flat(i, ne))
                     .map(|key| (self.core.pins(key) > 0, self.core.in_use(key)))
                     .unzip();
-                let polled = self.core.poll();
+                let polled = self.core.poll(prefetch_ok);
                 let after_evict = matches!(polled, Some(Command::Evict { .. }));
                 if let Some(cmd) = polled {
                     match cmd {
@@ -95,6 +97,7 @@ impl Harness {
                             // (a load right after an eviction was issued with it, earlier)
                             if prefetch && !self.after_evict {
                                 assert_eq!(self.core.demand_queued(), 0, "a prefetch went before a demand load");
+                                assert!(prefetch_ok, "a prefetch issued to a demand-only poll");
                             }
                         }
                     }
@@ -215,7 +218,7 @@ proptest! {
         for _ in 0..10_000 {
             if !h.outstanding.is_empty() {
                 h.apply(Op::Complete { n: 0, fail: false });
-            } else if let Some(cmd) = h.core.poll() {
+            } else if let Some(cmd) = h.core.poll(true) {
                 h.outstanding.push(cmd);
             } else {
                 break;

@@ -165,6 +165,10 @@ serve_config! {
     quantize_experts: moe_model::QuantTarget = moe_model::QuantTarget::None => "none", env = "MOE_QUANTIZE_EXPERTS";
     /// What quantize_experts applies to: experts, or all (attention, dense and shared MLPs, embedding and output head too).
     quantize: moe_model::QuantScope = moe_model::QuantScope::Experts => "experts", env = "MOE_QUANTIZE";
+    /// How experts read from disk under a budget treat the page cache: direct (O_DIRECT, bypassed), release (read, then dropped from it) or cached (left there: the budget is then not the only copy).
+    disk_io: moe_offload::DiskIo = moe_offload::DiskIo::Direct => "direct", env = "MOE_DISK_IO";
+    /// Expert reads in flight at once (loader threads; one is kept for demand loads).
+    expert_readers: usize = 4 => "4", env = "MOE_EXPERT_READERS";
     /// Most sequences computed per step (a micro-batch); 0 computes every runnable sequence each step.
     micro_batch: usize = 0 => "0", env = "MOE_MICRO_BATCH";
     /// How a micro-batch is chosen when more sequences are runnable: fcfs (round robin), random, or regroup (ExpertFlow: sequences whose forecast experts overlap run together).
@@ -191,6 +195,7 @@ impl ServeConfig {
             self.predictor_file.clone(),
             self.prefetch_depth,
             crate::offload::Quantize::new(self.quantize_experts, self.quantize)?,
+            crate::offload::DiskTier::new(self.disk_io, self.expert_readers)?,
         )
     }
 

@@ -23,6 +23,8 @@ pub struct GenerateArgs {
     pub sampling: SamplingParams,
     /// RNG seed.
     pub seed: u64,
+    /// Generate `max_tokens` even past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// Counts reported on stderr after generating.
@@ -32,6 +34,10 @@ pub struct GenerateStats {
     pub prompt_tokens: usize,
     /// Generated tokens.
     pub generated: usize,
+    /// From the call to the first generated token (prefill and first sample).
+    pub first_token: std::time::Duration,
+    /// From the first generated token to the last.
+    pub decode: std::time::Duration,
 }
 
 /// Generates through the engine's step loop (one request in an
@@ -58,15 +64,18 @@ pub fn generate(m: ServedModel, args: &GenerateArgs, out: &mut dyn Write) -> any
         sampling: args.sampling.clone(),
         seed: args.seed,
         min_tokens: 0,
-        ignore_eos: false,
+        ignore_eos: args.ignore_eos,
     };
     let prompt_tokens = req.prompt.len();
+    let start = std::time::Instant::now();
+    let mut first: Option<std::time::Instant> = None;
     core.add(SEQ, req)?;
     let mut dec = IncrementalDecoder::new();
     let mut generated = 0;
     while !core.is_idle() {
         for o in core.step().map_err(|(_, e)| e)? {
             generated += 1;
+            first.get_or_insert_with(std::time::Instant::now);
             if eos.contains(&o.token.id) {
                 continue;
             }
@@ -80,5 +89,6 @@ pub fn generate(m: ServedModel, args: &GenerateArgs, out: &mut dyn Write) -> any
     out.write_all(dec.finish(&codec)?.as_bytes())?;
     out.write_all(b"\n")?;
     out.flush()?;
-    Ok(GenerateStats { prompt_tokens, generated })
+    let first = first.unwrap_or(start);
+    Ok(GenerateStats { prompt_tokens, generated, first_token: first - start, decode: first.elapsed() })
 }

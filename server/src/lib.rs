@@ -14,6 +14,7 @@ pub mod frontend;
 pub mod generate;
 pub mod grpc;
 pub mod http;
+pub mod memory;
 pub mod model_dir;
 pub mod offload;
 pub mod serve;

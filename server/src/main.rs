@@ -144,6 +144,9 @@ struct GenerateCmd {
     /// Device the model runs on: cpu, or cuda (needs a build with --features cuda and an NVIDIA GPU).
     #[arg(long, default_value_t = moe_server::device::Device::Cpu)]
     device: moe_server::device::Device,
+    /// Keep generating past end-of-sequence tokens, up to --max-tokens (benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
     #[command(flatten)]
     offload: OffloadArgs,
 }
@@ -380,7 +383,7 @@ fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
     let seed = g.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
     });
-    let args = GenerateArgs { prompt: g.prompt, max_tokens: g.max_tokens, sampling, seed };
+    let args = GenerateArgs { prompt: g.prompt, max_tokens: g.max_tokens, sampling, seed, ignore_eos: g.ignore_eos };
     let t = Instant::now();
     let stats = generate(m, &args, &mut std::io::stdout().lock())?;
     let secs = t.elapsed().as_secs_f64();
@@ -391,6 +394,12 @@ fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
         secs,
         stats.generated as f64 / secs,
         seed
+    );
+    let after_first = stats.generated.saturating_sub(1);
+    eprintln!(
+        "first token after {:.3}s; decode {:.3} tok/s over the {after_first} tokens after it",
+        stats.first_token.as_secs_f64(),
+        after_first as f64 / stats.decode.as_secs_f64().max(1e-9),
     );
     Ok(())
 }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use moe_model::{Model, QuantScope, QuantTarget, TextCodec};
 use moe_offload::{
-    CacheConfig, DiskExperts, ExpertBudget, ExpertCache, ExpertSource, Experts, MemoryExperts, PolicyKind,
+    CacheConfig, DiskExperts, DiskIo, ExpertBudget, ExpertCache, ExpertSource, Experts, MemoryExperts, PolicyKind,
     PredictorChoice, PredictorKind, QuantizingSource,
 };
 use std::path::{Path, PathBuf};
@@ -31,6 +31,30 @@ pub struct OffloadSettings {
     pub depth: usize,
     /// Quantization applied at load (`--quantize-experts`, `--quantize`).
     pub quantize: Quantize,
+    /// How experts are read from disk under a budget.
+    pub disk: DiskTier,
+}
+
+/// How the slow tier reads experts from the checkpoint files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskTier {
+    /// Page-cache handling (`--disk-io`).
+    pub io: DiskIo,
+    /// Reads in flight at once (`--expert-readers`, at least 1).
+    pub readers: usize,
+}
+
+impl DiskTier {
+    /// Checks the one rule the types do not carry (at least one reader).
+    pub fn new(io: DiskIo, readers: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(readers >= 1, "--expert-readers must be at least 1");
+        Ok(Self { io, readers })
+    }
+
+    /// The defaults: `O_DIRECT`, four readers.
+    pub fn default_tier() -> Self {
+        Self { io: DiskIo::Direct, readers: 4 }
+    }
 }
 
 /// What to quantize at load, checked: a scope of `all` needs a format.
@@ -67,9 +91,10 @@ impl OffloadSettings {
         predictor_file: Option<PathBuf>,
         depth: usize,
         quantize: Quantize,
+        disk: DiskTier,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(depth >= 1, "--prefetch-depth must be at least 1");
-        Ok(Self { budget, policy, predictor, predictor_file, depth, quantize })
+        Ok(Self { budget, policy, predictor, predictor_file, depth, quantize, disk })
     }
 
     /// Every expert resident.
@@ -81,6 +106,7 @@ impl OffloadSettings {
             predictor_file: None,
             depth: 1,
             quantize: Quantize::none(),
+            disk: DiskTier::default_tier(),
         }
     }
 
@@ -119,6 +145,14 @@ pub struct OffloadArgs {
     /// and shared MLPs, embedding and output head too).
     #[arg(long, default_value = "experts")]
     pub quantize: QuantScope,
+    /// How experts read from disk under a budget treat the page cache:
+    /// direct (O_DIRECT, bypassed), release (read, then dropped from it) or
+    /// cached (left there: the budget is then not the only copy).
+    #[arg(long, default_value = "direct")]
+    pub disk_io: DiskIo,
+    /// Expert reads in flight at once (loader threads; one is kept for demand loads).
+    #[arg(long, default_value_t = 4)]
+    pub expert_readers: usize,
 }
 
 impl OffloadArgs {
@@ -131,6 +165,7 @@ impl OffloadArgs {
             self.predictor_file.clone(),
             self.prefetch_depth,
             Quantize::new(self.quantize_experts, self.quantize)?,
+            DiskTier::new(self.disk_io, self.expert_readers)?,
         )
     }
 }
@@ -163,15 +198,38 @@ pub fn apply_placement(served: ServedModel, path: &Path) -> anyhow::Result<Serve
 
 /// Loads `dir` (random weights of its shape when `random_weights`) with the
 /// experts `settings` ask for. With a budget below the total, real weights
-/// are read from the checkpoint on demand; random weights are copied from
-/// host memory (to measure the cache's own overhead).
+/// are read from the checkpoint on demand (`settings.disk`); random weights
+/// are copied from host memory (to measure the cache's own overhead). Expert
+/// memory that the machine does not have available is refused before it is
+/// allocated; the memory held is logged and published as metrics.
 pub fn load_served(dir: &Path, random_weights: bool, settings: &OffloadSettings) -> anyhow::Result<ServedModel> {
+    let served = load_experts(dir, random_weights, settings)?;
+    let non_expert = served.model.nbytes() as u64;
+    let experts = served.experts.resident_bytes();
+    metrics::gauge!(moe_engine::metric_names::NON_EXPERT_BYTES).set(non_expert as f64);
+    if served.experts.budget_bytes().is_none() {
+        // a cache publishes its own figure as it fills
+        metrics::gauge!(moe_offload::metric_names::RESIDENT_BYTES).set(experts as f64);
+    }
+    let rss = crate::memory::rss_bytes().unwrap_or(0);
+    tracing::info!(
+        non_expert = %crate::memory::gib(non_expert),
+        experts = %crate::memory::gib(experts),
+        expert_budget = %served.experts.budget_bytes().map_or("all".into(), crate::memory::gib),
+        process_rss = %crate::memory::gib(rss),
+        "memory"
+    );
+    Ok(served)
+}
+
+fn load_experts(dir: &Path, random_weights: bool, settings: &OffloadSettings) -> anyhow::Result<ServedModel> {
     let ctx = || format!("loading model from {}", dir.display());
     let (model, resident, codec) = if random_weights {
         tracing::warn!("serving RANDOM weights of {}'s shape (--random-weights)", dir.display());
         let m = moe_model::load_random(dir, 0).with_context(ctx)?;
         (m.model, Some(m.experts), m.codec)
     } else if settings.budget == ExpertBudget::All {
+        check_all_experts_fit(dir)?;
         let m = load_with_progress(dir).with_context(ctx)?;
         (m.model, Some(m.experts), m.codec)
     } else {
@@ -200,15 +258,21 @@ pub fn load_served(dir: &Path, random_weights: bool, settings: &OffloadSettings)
         }
         Some(r) => Box::new(MemoryExperts::new(r.into_weights())),
         None => {
-            let disk = Box::new(DiskExperts::open(dir, &cfg).with_context(ctx)?);
+            let disk = Box::new(DiskExperts::open(dir, &cfg, settings.disk.io).with_context(ctx)?);
             match format {
                 Some(f) => Box::new(QuantizingSource::new(disk, &cfg, f).with_context(ctx)?),
                 None => disk,
             }
         }
     };
+    let budget_bytes = |slots: usize| (slots * source.expert_bytes()) as u64;
     let Some(slots) = settings.budget.slots(total, source.expert_bytes()) else {
         // the budget holds every expert: read each once from the slow tier
+        crate::memory::check_fits(
+            budget_bytes(total),
+            &format!("--expert-cache {} holds every expert: they", settings.budget),
+            "pass a smaller --expert-cache",
+        )?;
         let mut weights = Vec::with_capacity(cfg.num_layers());
         for (l, kind) in cfg.layers.iter().enumerate() {
             let n = if *kind == moe_model::FfnKind::Moe { cfg.moe.num_experts } else { 0 };
@@ -218,9 +282,20 @@ pub fn load_served(dir: &Path, random_weights: bool, settings: &OffloadSettings)
         let experts = Experts::Resident(moe_model::ResidentExperts::from_weights(weights));
         return Ok(ServedModel { model, experts, codec });
     };
+    crate::memory::check_fits(
+        budget_bytes(slots),
+        &format!("--expert-cache {} ({slots} experts)", settings.budget),
+        "choose a smaller budget",
+    )?;
     let predictor = settings.predictor_kind(dir);
     let describe = source.describe();
-    let cache_cfg = CacheConfig { slots, policy: settings.policy, predictor: predictor.clone(), depth: settings.depth };
+    let cache_cfg = CacheConfig {
+        slots,
+        policy: settings.policy,
+        predictor: predictor.clone(),
+        depth: settings.depth,
+        readers: settings.disk.readers,
+    };
     let cache = ExpertCache::new(&cfg, source, cache_cfg).context("starting the expert cache")?;
     tracing::info!(
         slots,
@@ -228,8 +303,25 @@ pub fn load_served(dir: &Path, random_weights: bool, settings: &OffloadSettings)
         policy = settings.policy.name(),
         predictor = predictor.name(),
         depth = settings.depth,
+        readers = settings.disk.readers,
         slow_tier = %describe,
         "expert cache"
     );
     Ok(ServedModel { model, experts: Experts::Cached(cache), codec })
+}
+
+/// With no budget every expert is loaded: refused up front (from the
+/// checkpoint's index, before reading any weight) when they cannot fit.
+fn check_all_experts_fit(dir: &Path) -> anyhow::Result<()> {
+    let Ok(cfg) = moe_model::read_config(dir) else {
+        return Ok(()); // the loader reports an unreadable model itself
+    };
+    let Ok(index) = DiskExperts::open(dir, &cfg, DiskIo::Cached) else { return Ok(()) };
+    let total = cfg.moe_layers().count() * cfg.moe.num_experts;
+    // (quantizing at load holds the float experts first: their size counts)
+    crate::memory::check_fits(
+        (total * index.expert_bytes()) as u64,
+        &format!("all {total} experts of {}", dir.display()),
+        "pass --expert-cache with a budget (for example --expert-cache 50%) to stream the rest from disk",
+    )
 }

@@ -38,6 +38,9 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .spawn(move || loop {
             std::thread::sleep(METRICS_UPKEEP);
             upkeep.run_upkeep();
+            if let Some(rss) = crate::memory::rss_bytes() {
+                metrics::gauge!(m::PROCESS_RSS).set(rss as f64);
+            }
         })
         .context("starting the metrics upkeep thread")?;
     *h = Some(handle.clone());

@@ -290,12 +290,12 @@ fn quantized_experts_read_on_demand_give_the_resident_tokens() -> Result<()> {
         .collect::<Result<_, _>>()?;
     let want = greedy(&mut engine(&path, Experts::Resident(m.experts))?, &prompts, 16)?;
     for slots in [8, 11, 20] {
-        let src = DiskExperts::open(&path, &cfg)?;
+        let src = DiskExperts::open(&path, &cfg, moe_offload::DiskIo::Direct)?;
         let policy = PolicyKind::Lru;
         let cache = ExpertCache::new(
             &cfg,
             Box::new(src),
-            CacheConfig { slots, policy, predictor: PredictorKind::None, depth: 1 },
+            CacheConfig { slots, policy, predictor: PredictorKind::None, depth: 1, readers: 2 },
         )?;
         let got = greedy(&mut engine(&path, Experts::Cached(cache))?, &prompts, 16)?;
         ensure!(got == want, "{slots} slots: tokens differ from the resident run");
@@ -316,8 +316,18 @@ fn experts_quantized_at_load_give_the_same_tokens_at_every_budget() -> Result<()
         ensure!(resident.nbytes() * 3 < full * 2, "{format}: {} of {full} bytes", resident.nbytes());
         let want = greedy(&mut engine(&dir, Experts::Resident(resident))?, &prompts, 16)?;
         for slots in [8, 16] {
-            let src = QuantizingSource::new(Box::new(DiskExperts::open(&dir, &cfg)?), &cfg, format)?;
-            let cc = CacheConfig { slots, policy: PolicyKind::Lfu, predictor: PredictorKind::PreviousToken, depth: 1 };
+            let src = QuantizingSource::new(
+                Box::new(DiskExperts::open(&dir, &cfg, moe_offload::DiskIo::Direct)?),
+                &cfg,
+                format,
+            )?;
+            let cc = CacheConfig {
+                slots,
+                policy: PolicyKind::Lfu,
+                predictor: PredictorKind::PreviousToken,
+                depth: 1,
+                readers: 1,
+            };
             let cache = ExpertCache::new(&cfg, Box::new(src), cc)?;
             let got = greedy(&mut engine(&dir, Experts::Cached(cache))?, &prompts, 16)?;
             ensure!(got == want, "{format}, {slots} slots: tokens differ from the resident quantized run");

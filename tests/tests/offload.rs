@@ -54,8 +54,10 @@ fn run(core: &mut EngineCore<Experts>, reqs: &[GenerationRequest]) -> BTreeMap<u
 
 fn cached(dir: &Path, slots: usize, policy: PolicyKind, predictor: PredictorKind, depth: usize) -> Experts {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let src = DiskExperts::open(dir, &cfg).unwrap();
-    Experts::Cached(ExpertCache::new(&cfg, Box::new(src), CacheConfig { slots, policy, predictor, depth }).unwrap())
+    let src = DiskExperts::open(dir, &cfg, moe_offload::DiskIo::Direct).unwrap();
+    Experts::Cached(
+        ExpertCache::new(&cfg, Box::new(src), CacheConfig { slots, policy, predictor, depth, readers: 1 }).unwrap(),
+    )
 }
 
 #[test]

@@ -169,6 +169,7 @@ impl GgufFile {
         // SAFETY: the mapping is read-only; model files must not be modified
         // while the server runs (as with every mmap-based loader).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|cause| ModelError::Io { path: path.into(), cause })?;
+        crate::checkpoint::no_read_around(&mmap);
         let bad = |message: String| ModelError::Gguf { path: path.into(), message };
         let mut r = Reader { b: &mmap, pos: 0 };
         if r.take(4).map_err(&bad)? != MAGIC {
@@ -228,6 +229,7 @@ impl GgufFile {
     /// A tensor's bytes (`None` for types of unknown size).
     pub fn data(&self, t: &TensorInfo) -> Option<&[u8]> {
         let len = t.len?;
+        let _ = self.mmap.advise_range(memmap2::Advice::WillNeed, t.offset as usize, len as usize);
         Some(&self.mmap[t.offset as usize..(t.offset + len) as usize])
     }
 }

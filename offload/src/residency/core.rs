@@ -425,15 +425,17 @@ impl ResidencyCore {
     /// The next command for the mover, if any: commands already issued
     /// first, then a demand load, then the most urgent prefetch the policy
     /// admits. `None` when nothing is queued or no slot can be freed now
-    /// (every slot pinned or in use by the running layer).
-    pub fn poll(&mut self) -> Option<Command> {
+    /// (every slot pinned or in use by the running layer). With
+    /// `prefetch_ok` false only demand loads are issued (a mover keeping
+    /// capacity for them); commands already issued are returned either way.
+    pub fn poll(&mut self, prefetch_ok: bool) -> Option<Command> {
         if self.pending.is_empty() {
-            self.issue();
+            self.issue(prefetch_ok);
         }
         self.pending.pop_front()
     }
 
-    fn issue(&mut self) {
+    fn issue(&mut self, prefetch_ok: bool) {
         while let Some(&idx) = self.demand_q.front() {
             match self.entries[idx].state {
                 State::Home => {}
@@ -447,6 +449,9 @@ impl ResidencyCore {
             let Some(slot) = self.reserve(None) else { return };
             self.demand_q.pop_front();
             self.start_load(idx, slot, false);
+            return;
+        }
+        if !prefetch_ok {
             return;
         }
         loop {

@@ -43,7 +43,7 @@ impl CudaMover {
     /// Issues every command the core has now. A copy that cannot be queued
     /// is reported to the core as a failed load.
     pub fn pump(&mut self, core: &mut ResidencyCore) -> Result<(), CudaError> {
-        while let Some(cmd) = core.poll() {
+        while let Some(cmd) = core.poll(true) {
             match cmd {
                 Command::Evict { key, .. } => {
                     self.pool.evict(key)?;
