@@ -21,8 +21,12 @@ for them on a cold start), bytes read from disk (the block-device reads of
 RSS (`ru_maxrss`, which counts a memory-mapped file's resident pages). The
 runs alternate between the engines, `--rounds` times.
 
+`--expert-cache` values can also be given as they are (`--as-given 50%,all`:
+percentages of all experts, `all` for the fully resident run), for a model
+that fits in memory.
+
 usage: disk_bench.py --model FILE.gguf [--tokens 64] [--threads 2] [--rounds 1]
-                     [--budgets 0.25,0.5,0.75] [--configs lru:none,predictive:lookahead]
+                     [--budgets 0.25,0.5,0.75 | --as-given 50%,all] [--configs lru:none,predictive:lookahead]
                      [--moe target/release/moe-serve] [--llama-bin DIR] [--extra "--disk-io release"]
 needs: Linux, root (for drop_caches), numpy and the gguf package (for the
 non-expert size), a llama.cpp build (../shared/PERFORMANCE.md) unless --no-llama
@@ -68,7 +72,7 @@ def run_measured(cmd):
     import tempfile
 
     drop_caches()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+", errors="replace") as out, tempfile.TemporaryFile("w+", errors="replace") as err:
         t = time.monotonic()
         p = subprocess.Popen(cmd, stdout=out, stderr=err)
         _, status, ru = os.wait4(p.pid, 0)
@@ -82,10 +86,10 @@ def run_measured(cmd):
     return stdout, stderr, wall, ru
 
 
-def ours(a, budget_bytes, policy, predictor):
+def ours(a, budget, policy, predictor):
     cmd = [a.moe, "--threads", str(a.threads), "generate", "--model", a.model, "--prompt", PROMPT,
            "--max-tokens", str(a.tokens), "--temperature", "0", "--ignore-eos",
-           "--expert-cache", f"{budget_bytes}B", "--expert-policy", policy, "--predictor", predictor]
+           "--expert-cache", budget, "--expert-policy", policy, "--predictor", predictor]
     cmd += a.extra.split()
     stdout, text, wall, ru = run_measured(cmd)
     m = re.search(r"first token after ([\d.]+)s; decode ([\d.]+) tok/s over the (\d+) tokens", text)
@@ -112,7 +116,7 @@ def row(name, config, budget, r, base):
     gb = 1e9
     read = r["ru"].ru_inblock * 512
     rss = r["ru"].ru_maxrss * 1024
-    ratio = f"{r['decode'] / base:.2f}x" if base else "1.00x"
+    ratio = f"{r['decode'] / base:.2f}x" if base else "-"
     return (f"| {name} | {config} | {budget} | {r['decode']:.2f} | {ratio} | {r['ttft']:.1f} | "
             f"{read / gb:.1f} | {read / r['tokens'] / gb:.2f} | {rss / gb:.1f} |")
 
@@ -124,6 +128,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--budgets", default="0.25,0.5,0.75", help="fractions of what fits in memory")
+    ap.add_argument("--as-given", default=None, help="--expert-cache values passed as they are (50%%,all)")
     ap.add_argument("--configs", default="lru:none,predictive:lookahead,predictive:previous")
     ap.add_argument("--moe", default=str(ROOT / "target/release/moe-serve"))
     ap.add_argument("--llama-bin", default=os.environ.get("LLAMA_BIN", "/work/llama/build/bin"))
@@ -134,14 +139,19 @@ def main():
         sys.exit("needs root: each run starts from a dropped page cache")
     print("WARNING: this benchmark drops the kernel's page cache (sync; echo 3 > /proc/sys/vm/drop_caches) "
           "before every run", file=sys.stderr)
-    size = os.path.getsize(a.model)
+    path = Path(a.model)
+    size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
     drop_caches()
     avail = mem_available()
-    fits = avail - non_expert_bytes(a.model) - 2**30
-    print(f"{a.model}: {size / 1e9:.1f} GB; MemAvailable after dropping the page cache {avail / 1e9:.1f} GB; "
-          f"expert bytes that fit {fits / 1e9:.1f} GB", file=sys.stderr)
+    fits = None if a.as_given else avail - non_expert_bytes(a.model) - 2**30
+    print(f"{a.model}: {size / 1e9:.1f} GB; MemAvailable after dropping the page cache {avail / 1e9:.1f} GB"
+          + (f"; expert bytes that fit {fits / 1e9:.1f} GB" if fits else ""), file=sys.stderr)
     configs = [c.split(":") for c in a.configs.split(",")]
-    budgets = [float(b) for b in a.budgets.split(",")]
+    if a.as_given:
+        budgets = [(b, b) for b in a.as_given.split(",")]
+    else:
+        budgets = [(f"{int(fits * float(f))}B", f"{float(f):.0%} ({fits * float(f) / 1e9:.1f} GB)")
+                   for f in a.budgets.split(",")]
     rows, texts = [], []
     for rnd in range(a.rounds):
         base = None
@@ -150,15 +160,16 @@ def main():
             r = llama(a)
             base = r["decode"]
             rows.append(row("llama.cpp", "mmap (default)", "page cache", r, None))
-        for frac in budgets:
+        for budget, label in budgets:
             for policy, predictor in configs:
-                b = int(fits * frac)
-                print(f"round {rnd + 1}: moe-serve {policy}+{predictor} at {frac:.0%} ({b / 1e9:.1f} GB)",
-                      file=sys.stderr)
-                r = ours(a, b, policy, predictor)
+                if budget == "all" and (policy, predictor) != tuple(configs[0]):
+                    continue  # nothing to offload: one resident run
+                print(f"round {rnd + 1}: moe-serve {policy}+{predictor} at {label}", file=sys.stderr)
+                r = ours(a, budget, policy, predictor)
                 texts.append(r["text"])
-                rows.append(row("moe-serve", f"{policy} + {predictor}", f"{frac:.0%} ({b / 1e9:.1f} GB)", r, base))
-    print(f"\n{os.path.basename(a.model)} ({size / 1e9:.1f} GB), {a.threads} threads, {a.tokens} tokens from a "
+                config = "resident" if budget == "all" else f"{policy} + {predictor}"
+                rows.append(row("moe-serve", config, label, r, base))
+    print(f"\n{path.name} ({size / 1e9:.1f} GB), {a.threads} threads, {a.tokens} tokens from a "
           f"cold page cache, MemAvailable {avail / 1e9:.1f} GB\n")
     print("| engine | policy + predictor | expert budget | decode tok/s | vs llama.cpp | time to first token s "
           "| GB read | GB read per token | peak RSS GB |")

@@ -190,8 +190,14 @@ impl OffloadBench {
                 oracle: bounds::oracle_prefetch(&reference.accesses, cfg.moe.num_experts, slots, self.depth),
             });
             for (policy, predictor) in &self.configs {
-                let cc =
-                    CacheConfig { slots, policy: *policy, predictor: predictor.clone(), depth: self.depth, readers: 1 };
+                let cc = CacheConfig {
+                    slots,
+                    policy: *policy,
+                    predictor: predictor.clone(),
+                    depth: self.depth,
+                    min_precision: 0.0,
+                    readers: 1,
+                };
                 let cache = ExpertCache::new(&cfg, self.source(&cfg)?, cc)?;
                 eprintln!("  {:.0}% {} + {}", budget * 100.0, policy.name(), predictor.name());
                 let o = run(&self.model, Experts::Cached(cache), &self.prompts, self.decode_tokens, false)?;

@@ -65,7 +65,14 @@ impl RegroupBench {
         let total = cfg.moe_layers().count() * cfg.moe.num_experts;
         let slots = ((self.budget * total as f64).round() as usize).max(cfg.moe.num_experts);
         let src = DiskExperts::open(&self.dir, &cfg, moe_offload::DiskIo::Direct)?;
-        let cc = CacheConfig { slots, policy: self.policy, predictor: self.predictor.clone(), depth: 1, readers: 1 };
+        let cc = CacheConfig {
+            slots,
+            policy: self.policy,
+            predictor: self.predictor.clone(),
+            depth: 1,
+            min_precision: 0.0,
+            readers: 1,
+        };
         let experts = Experts::Cached(ExpertCache::new(&cfg, Box::new(src), cc)?);
         let n = self.prompts.len();
         let sched = SchedulerConfig { max_num_seqs: n, max_batched_tokens: 512 };

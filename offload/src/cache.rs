@@ -29,6 +29,9 @@ pub struct CacheConfig {
     pub predictor: PredictorKind,
     /// MoE layers ahead to forecast and prefetch.
     pub depth: usize,
+    /// Forecasts from a distance whose measured precision for the layer is
+    /// below this are not prefetched (0: every forecast is).
+    pub min_precision: f64,
     /// Loader threads (reads in flight at once, at least 1). With more than
     /// one, one of them is kept for demand loads: prefetches never occupy
     /// every reader.
@@ -126,6 +129,7 @@ impl ExpertCache {
             policy: cfg.policy,
             predictor: cfg.predictor,
             depth: cfg.depth,
+            min_precision: cfg.min_precision,
         })?;
         if cfg.readers == 0 {
             return Err(OffloadError::Config("at least one expert reader is needed".into()));

@@ -28,7 +28,7 @@ fn cache(dir: &Path, slots: usize, policy: PolicyKind) -> ExpertCache {
     ExpertCache::new(
         &cfg,
         Box::new(src),
-        CacheConfig { slots, policy, predictor: PredictorKind::None, depth: 1, readers: 1 },
+        CacheConfig { slots, policy, predictor: PredictorKind::None, depth: 1, min_precision: 0.0, readers: 1 },
     )
     .unwrap()
 }
@@ -113,10 +113,14 @@ fn bad_configurations_are_refused() {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let new = |slots, policy, predictor| {
         let src = DiskExperts::open(&dir, &cfg, moe_offload::DiskIo::Direct).unwrap();
-        ExpertCache::new(&cfg, Box::new(src), CacheConfig { slots, policy, predictor, depth: 1, readers: 3 })
-            .err()
-            .unwrap()
-            .to_string()
+        ExpertCache::new(
+            &cfg,
+            Box::new(src),
+            CacheConfig { slots, policy, predictor, depth: 1, min_precision: 0.0, readers: 3 },
+        )
+        .err()
+        .unwrap()
+        .to_string()
     };
     assert!(new(3, PolicyKind::Lru, PredictorKind::None).contains("at least one layer's 4 experts"));
     assert!(new(4, PolicyKind::Predictive, PredictorKind::None).contains("needs a predictor"));

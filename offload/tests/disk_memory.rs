@@ -84,7 +84,14 @@ fn stream_every_expert(dir: &Path, io: DiskIo, slots: usize, readers: usize) -> 
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let src = DiskExperts::open(dir, &cfg, io).unwrap();
     assert_eq!(moe_offload::ExpertSource::expert_bytes(&src), EXPERT_BYTES);
-    let cc = CacheConfig { slots, policy: PolicyKind::Lru, predictor: PredictorKind::None, depth: 1, readers };
+    let cc = CacheConfig {
+        slots,
+        policy: PolicyKind::Lru,
+        predictor: PredictorKind::None,
+        depth: 1,
+        min_precision: 0.0,
+        readers,
+    };
     let cache = ExpertCache::new(&cfg, Box::new(src), cc).unwrap();
     let mut peak = 0;
     for round in 0..2 {

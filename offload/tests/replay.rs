@@ -125,7 +125,7 @@ fn replay_cache(
     let cache = ExpertCache::new(
         cfg,
         Box::new(src),
-        CacheConfig { slots: c.0, policy: c.1, predictor: predictor(c.2), depth: 2, readers: 1 },
+        CacheConfig { slots: c.0, policy: c.1, predictor: predictor(c.2), depth: 2, min_precision: 0.0, readers: 1 },
     )
     .unwrap();
     replay(cfg, |ev| match ev {
@@ -198,6 +198,7 @@ fn the_bare_core_replays_to_the_same_counts() {
             policy: c.1,
             predictor: predictor(c.2),
             depth: 2,
+            min_precision: 0.0,
         })
         .unwrap();
         replay(&cfg, |ev| match ev {

@@ -190,6 +190,7 @@ proptest! {
             policy: s.policy,
             predictor: s.predictor.clone(),
             depth: 2,
+            min_precision: 0.0,
         })
         .unwrap();
         let mut h = Harness {

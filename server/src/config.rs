@@ -161,6 +161,8 @@ serve_config! {
     predictor: moe_offload::PredictorChoice = moe_offload::PredictorChoice::Auto => "auto", env = "MOE_PREDICTOR";
     /// MoE layers ahead to forecast and prefetch.
     prefetch_depth: usize = 1 => "1", env = "MOE_PREFETCH_DEPTH";
+    /// Prefetch a layer's forecasts from a distance only while their measured precision there is at least this (0: always; 3 right in 4 assumed until measured).
+    prefetch_min_precision: f64 = 0.5 => "0.5", env = "MOE_PREFETCH_MIN_PRECISION";
     /// Quantize the experts of a float checkpoint at load: none, q8_0 or q4_k (rows too short for q4_k blocks use q8_0); budgets then count quantized bytes, and with a budget below all each expert is quantized when read (q4_k about 15 M values/s per thread: prefer a GGUF file there).
     quantize_experts: moe_model::QuantTarget = moe_model::QuantTarget::None => "none", env = "MOE_QUANTIZE_EXPERTS";
     /// What quantize_experts applies to: experts, or all (attention, dense and shared MLPs, embedding and output head too).
@@ -188,15 +190,15 @@ fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
 impl ServeConfig {
     /// The expert offloading settings.
     pub fn offload(&self) -> anyhow::Result<crate::offload::OffloadSettings> {
-        crate::offload::OffloadSettings::new(
+        Ok(crate::offload::OffloadSettings::new(
             self.expert_cache,
             self.expert_policy,
             self.predictor,
             self.predictor_file.clone(),
-            self.prefetch_depth,
+            crate::offload::Prefetch::new(self.prefetch_depth, self.prefetch_min_precision)?,
             crate::offload::Quantize::new(self.quantize_experts, self.quantize)?,
             crate::offload::DiskTier::new(self.disk_io, self.expert_readers)?,
-        )
+        ))
     }
 
     /// The micro-batching settings.

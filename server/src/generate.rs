@@ -28,7 +28,7 @@ pub struct GenerateArgs {
 }
 
 /// Counts reported on stderr after generating.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct GenerateStats {
     /// Prompt tokens.
     pub prompt_tokens: usize,
@@ -38,6 +38,9 @@ pub struct GenerateStats {
     pub first_token: std::time::Duration,
     /// From the first generated token to the last.
     pub decode: std::time::Duration,
+    /// The expert cache's counters over the run, all layers summed (`None`
+    /// without a budget).
+    pub cache: Option<moe_offload::LayerStats>,
 }
 
 /// Generates through the engine's step loop (one request in an
@@ -90,5 +93,6 @@ pub fn generate(m: ServedModel, args: &GenerateArgs, out: &mut dyn Write) -> any
     out.write_all(b"\n")?;
     out.flush()?;
     let first = first.unwrap_or(start);
-    Ok(GenerateStats { prompt_tokens, generated, first_token: first - start, decode: first.elapsed() })
+    let cache = core.experts().cache_stats().map(|s| s.total());
+    Ok(GenerateStats { prompt_tokens, generated, first_token: first - start, decode: first.elapsed(), cache })
 }

@@ -401,6 +401,20 @@ fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
         stats.first_token.as_secs_f64(),
         after_first as f64 / stats.decode.as_secs_f64().max(1e-9),
     );
+    if let Some(c) = &stats.cache {
+        eprintln!(
+            "expert cache: hit ratio {:.3}, {} loads ({:.2} GB), prefetches {} issued / {} used / {} wasted, \
+             predictor precision {:.3}, {:.2}s waiting for experts",
+            c.hit_ratio(),
+            c.loads,
+            c.bytes_loaded as f64 / 1e9,
+            c.prefetch_issued,
+            c.prefetch_used,
+            c.prefetch_wasted,
+            c.precision(),
+            c.stall_ns as f64 / 1e9
+        );
+    }
     Ok(())
 }
 

@@ -27,12 +27,34 @@ pub struct OffloadSettings {
     pub predictor: PredictorChoice,
     /// Learned predictor file (default: the model directory's).
     pub predictor_file: Option<PathBuf>,
-    /// MoE layers ahead to forecast (at least 1).
-    pub depth: usize,
+    /// How far ahead to prefetch.
+    pub prefetch: Prefetch,
     /// Quantization applied at load (`--quantize-experts`, `--quantize`).
     pub quantize: Quantize,
     /// How experts are read from disk under a budget.
     pub disk: DiskTier,
+}
+
+/// How far ahead forecasts are prefetched.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prefetch {
+    /// MoE layers ahead to forecast (`--prefetch-depth`, at least 1).
+    pub depth: usize,
+    /// Forecasts from a distance whose measured precision for the layer is
+    /// below this are not prefetched (`--prefetch-min-precision`, in [0, 1]).
+    pub min_precision: f64,
+}
+
+impl Prefetch {
+    /// Checks the rules the types do not carry.
+    pub fn new(depth: usize, min_precision: f64) -> anyhow::Result<Self> {
+        anyhow::ensure!(depth >= 1, "--prefetch-depth must be at least 1");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&min_precision),
+            "--prefetch-min-precision must be between 0 and 1 (got {min_precision})"
+        );
+        Ok(Self { depth, min_precision })
+    }
 }
 
 /// How the slow tier reads experts from the checkpoint files.
@@ -83,18 +105,17 @@ impl Quantize {
 }
 
 impl OffloadSettings {
-    /// Checks the one rule the types do not carry (a depth of at least 1).
+    /// Settings from their checked parts.
     pub fn new(
         budget: ExpertBudget,
         policy: PolicyKind,
         predictor: PredictorChoice,
         predictor_file: Option<PathBuf>,
-        depth: usize,
+        prefetch: Prefetch,
         quantize: Quantize,
         disk: DiskTier,
-    ) -> anyhow::Result<Self> {
-        anyhow::ensure!(depth >= 1, "--prefetch-depth must be at least 1");
-        Ok(Self { budget, policy, predictor, predictor_file, depth, quantize, disk })
+    ) -> Self {
+        Self { budget, policy, predictor, predictor_file, prefetch, quantize, disk }
     }
 
     /// Every expert resident.
@@ -104,7 +125,7 @@ impl OffloadSettings {
             policy: PolicyKind::Lru,
             predictor: PredictorChoice::None,
             predictor_file: None,
-            depth: 1,
+            prefetch: Prefetch { depth: 1, min_precision: 0.0 },
             quantize: Quantize::none(),
             disk: DiskTier::default_tier(),
         }
@@ -137,6 +158,11 @@ pub struct OffloadArgs {
     /// MoE layers ahead to forecast and prefetch.
     #[arg(long, default_value_t = 1)]
     pub prefetch_depth: usize,
+    /// Prefetch a layer's forecasts from a distance only while their measured
+    /// precision there is at least this (0: always; 3 right in 4 assumed
+    /// until measured).
+    #[arg(long, default_value_t = 0.5)]
+    pub prefetch_min_precision: f64,
     /// Quantize the experts of a float checkpoint at load: none, q8_0 or
     /// q4_k (rows too short for q4_k blocks use q8_0).
     #[arg(long, default_value = "none")]
@@ -158,15 +184,15 @@ pub struct OffloadArgs {
 impl OffloadArgs {
     /// The resolved settings.
     pub fn settings(&self) -> anyhow::Result<OffloadSettings> {
-        OffloadSettings::new(
+        Ok(OffloadSettings::new(
             self.expert_cache,
             self.expert_policy,
             self.predictor,
             self.predictor_file.clone(),
-            self.prefetch_depth,
+            Prefetch::new(self.prefetch_depth, self.prefetch_min_precision)?,
             Quantize::new(self.quantize_experts, self.quantize)?,
             DiskTier::new(self.disk_io, self.expert_readers)?,
-        )
+        ))
     }
 }
 
@@ -293,7 +319,8 @@ fn load_experts(dir: &Path, random_weights: bool, settings: &OffloadSettings) ->
         slots,
         policy: settings.policy,
         predictor: predictor.clone(),
-        depth: settings.depth,
+        depth: settings.prefetch.depth,
+        min_precision: settings.prefetch.min_precision,
         readers: settings.disk.readers,
     };
     let cache = ExpertCache::new(&cfg, source, cache_cfg).context("starting the expert cache")?;
@@ -302,7 +329,8 @@ fn load_experts(dir: &Path, random_weights: bool, settings: &OffloadSettings) ->
         of = total,
         policy = settings.policy.name(),
         predictor = predictor.name(),
-        depth = settings.depth,
+        depth = settings.prefetch.depth,
+        min_precision = settings.prefetch.min_precision,
         readers = settings.disk.readers,
         slow_tier = %describe,
         "expert cache"

@@ -295,7 +295,7 @@ fn quantized_experts_read_on_demand_give_the_resident_tokens() -> Result<()> {
         let cache = ExpertCache::new(
             &cfg,
             Box::new(src),
-            CacheConfig { slots, policy, predictor: PredictorKind::None, depth: 1, readers: 2 },
+            CacheConfig { slots, policy, predictor: PredictorKind::None, depth: 1, min_precision: 0.0, readers: 2 },
         )?;
         let got = greedy(&mut engine(&path, Experts::Cached(cache))?, &prompts, 16)?;
         ensure!(got == want, "{slots} slots: tokens differ from the resident run");
@@ -326,6 +326,7 @@ fn experts_quantized_at_load_give_the_same_tokens_at_every_budget() -> Result<()
                 policy: PolicyKind::Lfu,
                 predictor: PredictorKind::PreviousToken,
                 depth: 1,
+                min_precision: 0.0,
                 readers: 1,
             };
             let cache = ExpertCache::new(&cfg, Box::new(src), cc)?;
