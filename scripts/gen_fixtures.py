@@ -22,7 +22,8 @@ Fixtures: mixtral (f32; config.json rewritten to the old hub form with top-level
 rope_theta), mixtral_bf16 (bf16 weights, reference computed with weights upcast to f32),
 qwen2_moe (shared expert, layer 2 dense, sharded checkpoint), qwen3_moe (q/k norm,
 explicit head_dim != hidden/heads, norm_topk_prob), olmoe (q/k norm over the full
-projection, norm_topk_prob False).
+projection, norm_topk_prob False), qwen3_moe_yarn and mixtral_yarn (YaRN RoPE, bounds
+truncated and not).
 
 No near ties: for every position of the final greedy forward (which covers the input
 and the generated tokens) and every MoE layer the gap between the K-th and (K+1)-th
@@ -101,6 +102,28 @@ FIXTURES = {
         dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32,
              rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
              rms_norm_eps=1e-5, sliding_window=5),
+        dict(save_dtype=torch.float32),
+    ),
+    # YaRN RoPE as Qwen3 configs enable it (bounds of the ramp truncated to whole
+    # dimensions; attention factor 0.1 ln 4 + 1), the ramp over dimensions 5..12 of 16
+    "qwen3_moe_yarn": (
+        Qwen3MoeForCausalLM, Qwen3MoeConfig,
+        dict(num_hidden_layers=2, num_experts=8, moe_intermediate_size=32, intermediate_size=64,
+             head_dim=32, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+             attention_bias=False, use_sliding_window=False, max_position_embeddings=16384,
+             rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+                              "rope_theta": 10000.0},
+             rms_norm_eps=1e-6),
+        dict(save_dtype=torch.float32),
+    ),
+    # YaRN as gpt-oss configures it: bounds not truncated, factor 32
+    "mixtral_yarn": (
+        MixtralForCausalLM, MixtralConfig,
+        dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32, max_position_embeddings=131072, head_dim=16,
+             rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                              "truncate": False, "original_max_position_embeddings": 4096,
+                              "rope_theta": 150000.0},
+             rms_norm_eps=1e-5, sliding_window=None),
         dict(save_dtype=torch.float32),
     ),
     "qwen2_moe": (
@@ -243,7 +266,7 @@ def build_fixture(name, spec, seed, out_dir, args):
     model_cls, cfg_cls, cfg_kwargs, opts = spec
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    cfg = cfg_cls(**COMMON, **cfg_kwargs)
+    cfg = cfg_cls(**{**COMMON, **cfg_kwargs})
     model = model_cls(cfg).float().eval()
     randomize_small_params(model, args.router_std, gen)
     input_ids = torch.randint(3, VOCAB, (SEQ_LEN,), generator=gen, dtype=torch.int64)

@@ -14,6 +14,7 @@ Exit status 0 when every fixture matches (logits within --atol).
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -51,6 +52,9 @@ class Cfg:
         # Rope base: new form {"rope_parameters": {"rope_theta": ..}}, old form top-level.
         rp = c.get("rope_parameters") or {}
         self.theta = rp.get("rope_theta", c.get("rope_theta", 10000.0))
+        self.rope_params = rp or (c.get("rope_scaling") or {})
+        self.max_pos = c.get("max_position_embeddings", 4096)
+        self.window = c.get("sliding_window") if self.arch == "mixtral" else None
         self.n_experts = c.get("num_local_experts") or c.get("num_experts")
         self.top_k = c["num_experts_per_tok"]
         # Mixtral always renormalises the top-k weights; the others only if norm_topk_prob.
@@ -72,13 +76,39 @@ def linear(x, w, b=None):
     return y + b if b is not None else y
 
 
-def rope(x, pos, theta):
-    """Rotate-half RoPE on [T, heads, d]: pairs (i, i + d/2), inv_freq = theta^(-2i/d)."""
-    d = x.shape[-1]
+def inv_freq_and_scale(d, theta, params, max_pos):
+    """RoPE inverse frequencies and cos/sin scale for the config's scaling: none,
+    linear (positions / factor) or YaRN (arXiv 2309.00071, section 3: frequencies of
+    dimensions with fewer than beta_slow rotations over the original context are
+    divided by the factor, those with more than beta_fast kept, a linear ramp between;
+    cos/sin scaled by 0.1 ln(factor) + 1)."""
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "linear":
+        return inv / params["factor"], 1.0
+    if kind != "yarn":
+        return inv, 1.0
+    orig = params.get("original_max_position_embeddings", max_pos)
+    factor = params.get("factor") or max_pos / orig
+    # the dimension index whose wavelength fits `rotations` times in the original context
+    dim_for = lambda rotations: d * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    lo, hi = dim_for(params.get("beta_fast") or 32), dim_for(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+    scale = params.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    return inv / factor * ramp + inv * (1 - ramp), scale
+
+
+def rope(x, pos, theta, params=None, max_pos=4096):
+    """Rotate-half RoPE on [T, heads, d]: pairs (i, i + d/2), inv_freq = theta^(-2i/d),
+    rescaled as the config asks."""
+    d = x.shape[-1]
+    inv, scale = inv_freq_and_scale(d, theta, params or {}, max_pos)
     ang = pos[:, None].float() * inv[None, :]  # [T, d/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, :]
-    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None, :]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, :] * scale
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None, :] * scale
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -103,12 +133,15 @@ def attention(cfg, w, p, h):
         q = rms_norm(q, g("q_norm.weight"), cfg.eps)
         k = rms_norm(k, g("k_norm.weight"), cfg.eps)
     pos = torch.arange(T)
-    q, k = rope(q, pos, cfg.theta), rope(k, pos, cfg.theta)
+    q, k = (rope(t, pos, cfg.theta, cfg.rope_params, cfg.max_pos) for t in (q, k))
     rep = cfg.heads // cfg.kv_heads  # query head j uses kv head j // rep
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) / cfg.head_dim ** 0.5
     mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+    if cfg.window:
+        # keys more than window - 1 positions back are masked
+        mask |= torch.tril(torch.ones(T, T, dtype=torch.bool), -cfg.window)
     probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
     out = torch.einsum("hqk,khd->qhd", probs, v).reshape(T, cfg.heads * cfg.head_dim)
     return linear(out, g("o_proj.weight"), g("o_proj.bias"))

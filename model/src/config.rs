@@ -62,6 +62,27 @@ pub enum RopeScaling {
         /// The divisor.
         factor: f64,
     },
+    /// YaRN (arXiv 2309.00071), as transformers computes it: the
+    /// frequencies of a band of dimensions ramp from extrapolated to
+    /// interpolated, and cosines and sines are scaled by `attention_factor`.
+    Yarn(Yarn),
+}
+
+/// YaRN's parameters, resolved (transformers' defaults filled in).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    /// Context extension factor.
+    pub factor: f64,
+    /// The context the model was pretrained with.
+    pub original_max_position_embeddings: usize,
+    /// Rotations bounding the ramp (defaults 32 and 1).
+    pub beta_fast: f64,
+    /// See `beta_fast`.
+    pub beta_slow: f64,
+    /// Scale of the cosines and sines.
+    pub attention_factor: f64,
+    /// Round the ramp's bounds outwards to whole dimensions (default true).
+    pub truncate: bool,
 }
 
 /// Attention shape and options.
@@ -163,6 +184,7 @@ struct RawConfig {
     rope_scaling: Option<Value>,
     rope_parameters: Option<Value>,
     max_position_embeddings: Option<usize>,
+    original_max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     qkv_bias: Option<bool>,
@@ -215,7 +237,8 @@ impl ModelConfig {
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {head_dim} must be positive and even")));
         }
-        let (rope_theta, rope_scaling) = resolve_rope(&raw).map_err(bad)?;
+        let (rope_theta, rope_scaling) =
+            resolve_rope(&raw, raw.max_position_embeddings.unwrap_or(4096)).map_err(bad)?;
 
         // hub configs name the count by family; transformers 5 writes
         // `num_local_experts` for qwen3_moe too, so accept either
@@ -289,7 +312,7 @@ impl ModelConfig {
 
 /// RoPE base and scaling from either the hub form (top-level `rope_theta`,
 /// `rope_scaling`) or the transformers 5 form (`rope_parameters`).
-fn resolve_rope(raw: &RawConfig) -> std::result::Result<(f64, RopeScaling), String> {
+fn resolve_rope(raw: &RawConfig, max_positions: usize) -> std::result::Result<(f64, RopeScaling), String> {
     let params = raw.rope_parameters.as_ref().filter(|v| !v.is_null());
     let theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(raw.rope_theta).unwrap_or(10000.0);
     let scaling = params.or(raw.rope_scaling.as_ref().filter(|v| !v.is_null()));
@@ -301,8 +324,47 @@ fn resolve_rope(raw: &RawConfig) -> std::result::Result<(f64, RopeScaling), Stri
             let factor = s.get("factor").and_then(Value::as_f64).ok_or("linear rope scaling without `factor`")?;
             Ok((theta, RopeScaling::Linear { factor }))
         }
-        other => Err(format!("unsupported rope type {other:?} (supported: default, linear)")),
+        "yarn" => Ok((theta, RopeScaling::Yarn(resolve_yarn(s, raw, max_positions)?))),
+        other => Err(format!("unsupported rope type {other:?} (supported: default, linear, yarn)")),
     }
+}
+
+/// YaRN's parameters with transformers' defaults: the original context from
+/// the parameters, else a top-level `original_max_position_embeddings`, else
+/// `max_position_embeddings`; a missing factor is their ratio; the attention
+/// factor, unless given, `0.1 ln(factor) + 1`, or with `mscale` and
+/// `mscale_all_dim` the ratio of two such terms.
+fn resolve_yarn(s: &Value, raw: &RawConfig, max_positions: usize) -> std::result::Result<Yarn, String> {
+    let num = |k: &str| s.get(k).and_then(Value::as_f64);
+    let original = s
+        .get("original_max_position_embeddings")
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .or(raw.original_max_position_embeddings)
+        .unwrap_or(max_positions);
+    if original == 0 {
+        return Err("yarn rope scaling with original_max_position_embeddings 0".into());
+    }
+    let factor = num("factor").unwrap_or(max_positions as f64 / original as f64);
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(format!("yarn rope scaling factor {factor} must be positive"));
+    }
+    let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+    let attention_factor = match (num("attention_factor"), num("mscale"), num("mscale_all_dim")) {
+        (Some(a), _, _) => a,
+        (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(factor, m) / mscale(factor, all),
+        _ => mscale(factor, 1.0),
+    };
+    // transformers treats 0 like a missing value here (`or 32`)
+    let beta = |k: &str, default: f64| num(k).filter(|&b| b != 0.0).unwrap_or(default);
+    Ok(Yarn {
+        factor,
+        original_max_position_embeddings: original,
+        beta_fast: beta("beta_fast", 32.0),
+        beta_slow: beta("beta_slow", 1.0),
+        attention_factor,
+        truncate: s.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+    })
 }
 
 fn resolve_layers(arch: Arch, raw: &RawConfig, n: usize) -> std::result::Result<Vec<FfnKind>, String> {
@@ -388,9 +450,42 @@ mod tests {
         let e = ModelConfig::from_json("{not json").unwrap_err();
         assert!(e.to_string().contains("malformed config"), "{e}");
         let e = ModelConfig::from_json(
-            &MIXTRAL.replace(r#""rope_scaling":null"#, r#""rope_scaling":{"type":"yarn","factor":4}"#),
+            &MIXTRAL.replace(r#""rope_scaling":null"#, r#""rope_scaling":{"type":"longrope","factor":4}"#),
         )
         .unwrap_err();
-        assert!(e.to_string().contains("yarn"), "{e}");
+        assert!(e.to_string().contains("longrope") && e.to_string().contains("yarn"), "{e}");
+    }
+
+    #[test]
+    fn yarn_defaults_as_transformers_fills_them() {
+        let yarn = |scaling: &str| {
+            let c = ModelConfig::from_json(&MIXTRAL.replace(r#""rope_scaling":null"#, scaling)).unwrap();
+            match c.attention.rope_scaling {
+                RopeScaling::Yarn(y) => y,
+                other => panic!("{other:?}"),
+            }
+        };
+        let y = yarn(r#""rope_scaling":{"type":"yarn","factor":4,"original_max_position_embeddings":32768}"#);
+        assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 32768));
+        assert_eq!((y.beta_fast, y.beta_slow, y.truncate), (32.0, 1.0, true));
+        assert!((y.attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+        // DeepSeek's form: mscale terms, the factor from the two contexts
+        let y = yarn(
+            r#""max_position_embeddings":163840,"rope_scaling":{"type":"yarn","original_max_position_embeddings":4096,
+            "mscale":1.0,"mscale_all_dim":1.0,"beta_fast":32,"beta_slow":1}"#,
+        );
+        assert_eq!(y.factor, 40.0);
+        assert_eq!(y.attention_factor, 1.0);
+        // gpt-oss's form
+        let y = yarn(
+            r#""rope_scaling":{"rope_type":"yarn","factor":32.0,"beta_fast":32.0,"beta_slow":1.0,"truncate":false,
+            "original_max_position_embeddings":4096}"#,
+        );
+        assert!(!y.truncate);
+        let e = ModelConfig::from_json(
+            &MIXTRAL.replace(r#""rope_scaling":null"#, r#""rope_scaling":{"type":"yarn","factor":-1}"#),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("must be positive"), "{e}");
     }
 }
