@@ -15,6 +15,9 @@ disk:
   topk_weights.{l}   float32 [T, K]    routing weights HF applied to those experts
   greedy_ids         int64   [16]      16 greedy tokens continuing input_ids
                                        (full forward + argmax per step; eos ignored)
+  decode_logits      float32 [15, V]   logits after greedy tokens 1..15 (the decode steps)
+  decode_topk_ids.{l}     int64   [15, K]   experts chosen for those 15 positions
+  decode_topk_weights.{l} float32 [15, K]   their routing weights
 
 The metadata of reference.safetensors records the generator seed and library versions.
 
@@ -307,6 +310,14 @@ def build_fixture(name, spec, seed, out_dir, args):
         tensors[f"router_logits.{layer}"] = rl.contiguous()
         tensors[f"topk_ids.{layer}"] = ids.to(torch.int64).contiguous()
         tensors[f"topk_weights.{layer}"] = w.contiguous()
+    # decode steps 1..15 (step 0 is the prompt's last row of `logits`): the logits
+    # after each greedy token, and the routing of those tokens' positions (the
+    # last full forward's rows T..T+14: causal, so equal to each step's own)
+    t = input_ids.shape[0]
+    tensors["decode_logits"] = torch.stack(step_logits[1:]).contiguous()
+    for layer, (_, w, ids) in sorted(final_routers.items()):
+        tensors[f"decode_topk_ids.{layer}"] = ids[t:].to(torch.int64).contiguous()
+        tensors[f"decode_topk_weights.{layer}"] = w[t:].contiguous()
     meta = {"seed": str(seed), "fixture": name, "architecture": model_cls.__name__,
             "checkpoint_dtype": str(opts["save_dtype"]).replace("torch.", ""),
             "reference_dtype": "float32", "moe_layers": json.dumps(sorted(routers)),

@@ -4,7 +4,7 @@
 Reads each fixture's config.json and raw safetensors checkpoint (single file or shards),
 re-implements the forward math of Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE in plain torch
 (float32), and compares with reference.safetensors: logits, router logits, top-k expert
-ids and weights, and the 16 greedy tokens. It serves both as a check of the fixtures and
+ids and weights, the 16 greedy tokens, and each decode step's logits and routing. It serves both as a check of the fixtures and
 as an executable description of the math a Rust implementation must reproduce.
 
 How to run:
@@ -208,9 +208,18 @@ def check(d, atol):
         ref_layers = sorted(int(k.split(".")[1]) for k in ref if k.startswith("router_logits."))
         same_layers = ref_layers == sorted(routers)
         seq = ids.clone()
-        for _ in range(len(ref["greedy_ids"])):
-            nxt = forward(cfg, w, seq)[0][-1].argmax()
-            seq = torch.cat([seq, nxt[None]])
+        for step in range(len(ref["greedy_ids"])):
+            step_logits, step_routers = forward(cfg, w, seq)
+            if step > 0:
+                # decode step `step`: the logits after greedy token `step`, the routing of its position
+                errs["decode_logits"] = max(errs.get("decode_logits", 0.0),
+                                            float((step_logits[-1] - ref["decode_logits"][step - 1]).abs().max()))
+                for l, (_, ti, tw) in step_routers.items():
+                    errs[f"decode_topk_weights.{l}"] = max(
+                        errs.get(f"decode_topk_weights.{l}", 0.0),
+                        float((tw[-1] - ref[f"decode_topk_weights.{l}"][step - 1]).abs().max()))
+                    same_ids &= torch.equal(ti[-1], ref[f"decode_topk_ids.{l}"][step - 1])
+            seq = torch.cat([seq, step_logits[-1].argmax()[None]])
         same_greedy = torch.equal(seq[len(ids):], ref["greedy_ids"])
     worst = max(errs.values())
     ok = worst <= atol and same_ids and same_greedy and same_layers

@@ -1,8 +1,10 @@
 //! Numerical fidelity against HuggingFace transformers: each fixture under
 //! `tests/fixtures/` is a tiny random checkpoint plus the logits, routing and
 //! greedy continuation transformers computed for it (see
-//! `scripts/gen_fixtures.py`). Logits must agree within 1e-4, routing and
-//! greedy tokens exactly, whether the sequence runs alone or batched.
+//! `scripts/gen_fixtures.py`), with the logits and routing of each decode
+//! step. Logits must agree within 1e-4, routing and greedy tokens exactly,
+//! for the prompt and for every decode step through the KV cache, whether
+//! the sequence runs alone or batched.
 
 use anyhow::{ensure, Context, Result};
 use moe_model::{load_weights, ExpertProvider, KvCache, LogitsRequest, Model, ModelConfig, SeqChunk, Workspace};
@@ -18,6 +20,10 @@ struct Reference {
     /// (layer, top-k ids, top-k weights)
     routing: Vec<(usize, Vec<u16>, Vec<f32>)>,
     greedy: Vec<u32>,
+    /// Logits after greedy tokens 1.. (one row per decode step).
+    decode_logits: Vec<f32>,
+    /// The decode steps' routing, as `routing`, one row per step.
+    decode_routing: Vec<(usize, Vec<u16>, Vec<f32>)>,
 }
 
 fn fixture_dir(name: &str) -> PathBuf {
@@ -40,18 +46,22 @@ fn read_reference(dir: &Path) -> Result<Reference> {
     let mut layers: Vec<usize> =
         st.names().iter().filter_map(|n| n.strip_prefix("topk_ids.")).map(|l| l.parse().unwrap()).collect();
     layers.sort_unstable();
-    let routing = layers
-        .into_iter()
-        .map(|l| {
-            let ids = ints(&format!("topk_ids.{l}"))?.into_iter().map(|x| x as u16).collect();
-            Ok((l, ids, floats(&format!("topk_weights.{l}"))?))
-        })
-        .collect::<Result<_>>()?;
+    let routing_of = |prefix: &str| {
+        layers
+            .iter()
+            .map(|&l| {
+                let ids = ints(&format!("{prefix}topk_ids.{l}"))?.into_iter().map(|x| x as u16).collect();
+                Ok((l, ids, floats(&format!("{prefix}topk_weights.{l}"))?))
+            })
+            .collect::<Result<Vec<_>>>()
+    };
     Ok(Reference {
         input_ids: ints("input_ids")?.into_iter().map(|x| x as u32).collect(),
         logits: floats("logits")?,
-        routing,
+        routing: routing_of("")?,
         greedy: ints("greedy_ids")?.into_iter().map(|x| x as u32).collect(),
+        decode_logits: floats("decode_logits")?,
+        decode_routing: routing_of("decode_")?,
     })
 }
 
@@ -139,10 +149,15 @@ fn check_fixture(name: &str) -> Result<()> {
         ensure!(wd < 1e-5, "{name}: layer {layer} routing weights differ by {wd}");
     }
 
-    // 2. greedy continuation through the KV cache, one decode step at a time
+    // 2. greedy continuation through the KV cache, one decode step at a time:
+    // each step's logits and routing against transformers'
     let mut next = argmax(&out.logits[(t - 1) * v..]);
     let mut generated = vec![next];
-    for pos in t..t + r.greedy.len() - 1 {
+    let k = h.cfg.moe.top_k;
+    let steps = r.greedy.len() - 1;
+    ensure!(r.decode_logits.len() == steps * v, "{name}: the reference has no logits for {steps} decode steps");
+    ensure!(r.decode_routing.len() == r.routing.len(), "{name}: decode routing covers other layers");
+    for (step, pos) in (t..t + r.greedy.len() - 1).enumerate() {
         table.grow_to(&mut h.alloc, pos + 1)?;
         let tok = [next];
         let out = h.model.forward(
@@ -151,6 +166,19 @@ fn check_fixture(name: &str) -> Result<()> {
             &h.experts,
             &mut h.ws,
         )?;
+        ensure!(out.routing.layers.len() == r.decode_routing.len(), "{name}: decode step {step} routed other layers");
+        let want = &r.decode_logits[step * v..(step + 1) * v];
+        let diff = max_abs_diff(out.row(0), want);
+        ensure!(diff < LOGIT_TOL, "{name}: decode step {step} (position {pos}): max |logit diff| {diff}");
+        for (got, (layer, ids, weights)) in out.routing.layers.iter().zip(&r.decode_routing) {
+            let got_ids: Vec<u16> = got.ids.iter().map(|e| e.0).collect();
+            ensure!(
+                got_ids == ids[step * k..(step + 1) * k],
+                "{name}: decode step {step} layer {layer} top-k ids differ"
+            );
+            let wd = max_abs_diff(&got.weights, &weights[step * k..(step + 1) * k]);
+            ensure!(wd < 1e-5, "{name}: decode step {step} layer {layer} routing weights differ by {wd}");
+        }
         next = argmax(out.row(0));
         generated.push(next);
     }
