@@ -26,7 +26,8 @@ rope_theta), mixtral_bf16 (bf16 weights, reference computed with weights upcast 
 qwen2_moe (shared expert, layer 2 dense, sharded checkpoint), qwen3_moe (q/k norm,
 explicit head_dim != hidden/heads, norm_topk_prob), olmoe (q/k norm over the full
 projection, norm_topk_prob False), qwen3_moe_yarn and mixtral_yarn (YaRN RoPE, bounds
-truncated and not).
+truncated and not), gpt_oss (attention sinks and biases, sliding and full layers, YaRN,
+biased top-k-softmax router, biased experts with interleaved gate/up, clamped SwiGLU).
 
 No near ties: for every position of the final greedy forward (which covers the input
 and the generated tokens) and every MoE layer the gap between the K-th and (K+1)-th
@@ -56,6 +57,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -129,6 +132,20 @@ FIXTURES = {
              rms_norm_eps=1e-5, sliding_window=None),
         dict(save_dtype=torch.float32),
     ),
+    # gpt-oss: sinks, q/k/v/o biases, a sliding layer (window 5 < SEQ_LEN) then a full
+    # one, YaRN as released, a biased router (top-k of the logits, softmax over them),
+    # biased experts with interleaved gate/up and a SwiGLU clamp low enough to bite
+    "gpt_oss": (
+        GptOssForCausalLM, GptOssConfig,
+        dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32, head_dim=16,
+             sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+             attention_bias=True, swiglu_limit=0.2, max_position_embeddings=131072,
+             rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                              "truncate": False, "original_max_position_embeddings": 4096,
+                              "rope_theta": 150000.0},
+             rms_norm_eps=1e-5),
+        dict(save_dtype=torch.float32),
+    ),
     "qwen2_moe": (
         Qwen2MoeForCausalLM, Qwen2MoeConfig,
         dict(num_hidden_layers=4, num_experts=4, moe_intermediate_size=32,
@@ -183,6 +200,12 @@ def randomize_small_params(model, router_std: float, gen: torch.Generator):
     for name, mod in model.named_modules():
         if is_router(mod):
             mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * router_std)
+    for name, p in model.named_parameters():
+        # gpt-oss: attention sinks and the experts' 2-D biases
+        if name.endswith("sinks"):
+            p.copy_(torch.randn(p.shape, generator=gen))
+        elif name.endswith("proj_bias"):
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     for name, p in model.named_parameters():
         if p.dim() != 1:
             continue

@@ -21,15 +21,21 @@ pub struct KvRows<'a> {
 /// One KV head's share of a token's attention: each of the query heads in
 /// `q` (`group * d` values, `d = kv.head_dim`) attends over `kv`'s rows,
 /// scores scaled by `scale` and softmax-weighted; head `h` writes
-/// `out[h * d..(h + 1) * d]`. `scores` is scratch.
+/// `out[h * d..(h + 1) * d]`. With `sinks` (one logit per head of `q`), head
+/// `h`'s sink logit joins its softmax's denominator and is then dropped
+/// (gpt-oss), so the weights sum to less than one. `scores` is scratch.
 ///
 /// # Panics
 /// If `q` is not whole heads of `d`, an offset in `kv.rows` leaves fewer
-/// than `d` values in the keys or values, or `out` is shorter than `q`.
-pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// than `d` values in the keys or values, `out` is shorter than `q`, or
+/// `sinks` does not hold one value per head.
+pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, sinks: Option<&[f32]>, scores: &mut Vec<f32>, out: &mut [f32]) {
     let KvRows { keys: k, values: v, rows, head_dim: d } = kv;
     assert!(d > 0 && q.len().is_multiple_of(d), "attention query of {} values is not whole heads of {d}", q.len());
     assert!(out.len() >= q.len(), "attention output holds {} values, needs {}", out.len(), q.len());
+    if let Some(s) = sinks {
+        assert_eq!(s.len(), q.len() / d, "one attention sink per query head");
+    }
     if let Some(&r) = rows.iter().max() {
         assert!(r + d <= k.len() && r + d <= v.len(), "attention row offset {r} out of range");
     }
@@ -43,13 +49,14 @@ pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, scores: &mut Vec<f32>, out:
             // call gets whole heads of q and out with scores sized to match.
             unsafe {
                 match group {
-                    2 => avx2::attend_group::<2>(q, k, v, rows, scale, scores, out),
-                    4 => avx2::attend_group::<4>(q, k, v, rows, scale, scores, out),
-                    8 => avx2::attend_group::<8>(q, k, v, rows, scale, scores, out),
+                    2 => avx2::attend_group::<2>(q, k, v, rows, scale, sinks, scores, out),
+                    4 => avx2::attend_group::<4>(q, k, v, rows, scale, sinks, scores, out),
+                    8 => avx2::attend_group::<8>(q, k, v, rows, scale, sinks, scores, out),
                     // one head at a time (no group sharing for other sizes)
                     _ => {
-                        for (qh, oh) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-                            avx2::attend_group::<1>(qh, k, v, rows, scale, scores, oh);
+                        for (h, (qh, oh)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+                            let sink = sinks.map(|s| &s[h..h + 1]);
+                            avx2::attend_group::<1>(qh, k, v, rows, scale, sink, scores, oh);
                         }
                     }
                 }
@@ -58,15 +65,23 @@ pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, scores: &mut Vec<f32>, out:
         }
     }
     scores.resize(n, 0.0);
-    for (qh, o) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+    for (h, (qh, o)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
         for (s, &r) in scores.iter_mut().zip(rows) {
             *s = crate::simd::dot_f32(qh, &k[r..r + d]) * scale;
         }
-        crate::ops::softmax_inplace(scores);
+        softmax(scores, sinks.map(|s| s[h]));
         o.fill(0.0);
         for (&p, &r) in scores.iter().zip(rows) {
             crate::ops::axpy(o, p, &v[r..r + d]);
         }
+    }
+}
+
+/// Softmax of one head's scores, with its sink logit in the denominator.
+fn softmax(scores: &mut [f32], sink: Option<f32>) {
+    match sink {
+        None => crate::ops::softmax_inplace(scores),
+        Some(s) => crate::ops::softmax_with_sink(scores, s),
     }
 }
 
@@ -88,14 +103,15 @@ mod avx2 {
         v: &[f32],
         rows: &[usize],
         scale: f32,
+        sinks: Option<&[f32]>,
         scores: &mut Vec<f32>,
         o: &mut [f32],
     ) {
         let n = rows.len();
         scores.resize(G * n, 0.0);
         scores_group::<G>(q, k, rows, scale, scores);
-        for h in scores.chunks_exact_mut(n.max(1)).take(G) {
-            crate::ops::softmax_inplace(h);
+        for (i, h) in scores.chunks_exact_mut(n.max(1)).take(G).enumerate() {
+            super::softmax(h, sinks.map(|s| s[i]));
         }
         weighted_group::<G>(scores, v, rows, o);
     }
@@ -214,7 +230,8 @@ mod tests {
     #[test]
     fn grouped_heads_match_naive_attention() {
         for group in [2usize, 4, 8, 3] {
-            check_group(group, &[8, 32, 40, 64, 7]);
+            check_group(group, &[8, 32, 40, 64, 7], false);
+            check_group(group, &[8, 32, 40, 64, 7], true);
         }
     }
 
@@ -225,11 +242,15 @@ mod tests {
     }
 
     fn check_against_naive() {
-        check_group(2, &[8, 32, 40, 64, 7]);
-        check_group(1, &[8, 32, 40, 64, 7]);
+        for sinks in [false, true] {
+            check_group(2, &[8, 32, 40, 64, 7], sinks);
+            check_group(1, &[8, 32, 40, 64, 7], sinks);
+        }
     }
 
-    fn check_group(group: usize, dims: &[usize]) {
+    /// Against an f64 softmax; with `sinks`, a sink logit per head (one of
+    /// them far above the scores, so most of the weight goes to it).
+    fn check_group(group: usize, dims: &[usize], sinks: bool) {
         for &d in dims {
             let rows_n = 13;
             let k: Vec<f32> = (0..rows_n * d * 2).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.05).collect();
@@ -240,20 +261,22 @@ mod tests {
             let scale = 1.0 / (d as f32).sqrt();
             let mut out = vec![0.0; group * d];
             let kv = KvRows { keys: &k, values: &v, rows: &rows, head_dim: d };
-            attend(&q, kv, scale, &mut Vec::new(), &mut out);
+            let sink: Vec<f32> = (0..group).map(|h| if h == 0 { 6.0 } else { 0.3 * h as f32 - 0.5 }).collect();
+            attend(&q, kv, scale, sinks.then_some(&sink[..]), &mut Vec::new(), &mut out);
             for h in 0..group {
                 let qh = &q[h * d..(h + 1) * d];
                 let s: Vec<f64> = rows
                     .iter()
                     .map(|&r| qh.iter().zip(&k[r..r + d]).map(|(a, b)| (*a * *b) as f64).sum::<f64>() * scale as f64)
                     .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sink_h = sinks.then(|| sink[h] as f64);
+                let m = s.iter().cloned().chain(sink_h).fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = e.iter().sum();
+                let z: f64 = e.iter().sum::<f64>() + sink_h.map_or(0.0, |x| (x - m).exp());
                 for i in 0..d {
                     let want: f64 = e.iter().zip(&rows).map(|(p, &r)| p / z * v[r + i] as f64).sum();
                     let got = out[h * d + i] as f64;
-                    assert!((got - want).abs() < 1e-5, "d={d} h={h} i={i}: {got} vs {want}");
+                    assert!((got - want).abs() < 1e-5, "d={d} h={h} i={i} sinks={sinks}: {got} vs {want}");
                 }
             }
         }

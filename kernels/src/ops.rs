@@ -83,6 +83,35 @@ pub fn softmax_inplace(x: &mut [f32]) {
     }
 }
 
+/// gpt-oss's clamped SwiGLU over rows of `[gate (f); up (f)]`: the gate
+/// clamped above at `limit`, the up to `[-limit, limit]`, then
+/// `(up + 1) * gate * sigmoid(alpha * gate)` into rows of `f`.
+pub fn clamped_swiglu(gate_up: &[f32], f: usize, alpha: f32, limit: f32, out: &mut [f32]) {
+    for (gu, o) in gate_up.chunks_exact(2 * f).zip(out.chunks_exact_mut(f)) {
+        let (g, u) = gu.split_at(f);
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            let g = g.min(limit);
+            let u = u.clamp(-limit, limit);
+            *o = (u + 1.0) * (g * sigmoid(g * alpha));
+        }
+    }
+}
+
+/// Softmax of `x` with an extra logit `sink` in the denominator, dropped
+/// from the result (attention sinks): `exp(x_i - m) / (sum_j exp(x_j - m) +
+/// exp(sink - m))` with `m` the largest of `x` and `sink`.
+#[inline]
+pub fn softmax_with_sink(x: &mut [f32], sink: f32) {
+    let max = x.iter().copied().fold(sink, f32::max);
+    let sum = crate::exp::exp_shifted_inplace(x, max);
+    let mut s = [sink];
+    let sink_term = crate::exp::exp_shifted_inplace(&mut s, max);
+    let inv = 1.0 / (sum + sink_term);
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
 /// Indices of the `k` largest values of `x`, largest first; ties go to the
 /// lower index (as `torch.topk` does on CPU for distinct values).
 /// `out` is cleared and filled.

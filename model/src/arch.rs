@@ -21,13 +21,21 @@ impl LayerNames {
     fn moe_prefix(&self) -> &'static str {
         match self.arch {
             Arch::Mixtral => "block_sparse_moe",
-            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe => "mlp",
+            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe | Arch::GptOss => "mlp",
         }
     }
 
     /// The router (gate) matrix `[experts, hidden]`.
     pub(crate) fn router(&self) -> String {
-        self.get(&format!("{}.gate.weight", self.moe_prefix()))
+        match self.arch {
+            Arch::GptOss => self.get("mlp.router.weight"),
+            _ => self.get(&format!("{}.gate.weight", self.moe_prefix())),
+        }
+    }
+
+    /// The router's bias `[experts]` (gpt-oss).
+    pub(crate) fn router_bias(&self) -> String {
+        self.get("mlp.router.bias")
     }
 
     /// An expert's `[gate, up, down]` matrices.

@@ -63,7 +63,8 @@ impl Model {
         let (kc, vc) = kv.layer(l);
         let scale = 1.0 / (d as f32).sqrt();
         let group = nh / nkv;
-        let window = a.sliding_window;
+        let window = a.window(l);
+        let sinks = w.sinks.as_deref();
         let qkv = &ws.qkv;
         let tok = &ws.tok;
         let (kv_rows, kv_rows_at) = (&ws.kv_rows, &ws.kv_rows_at);
@@ -80,7 +81,8 @@ impl Model {
                 for g in 0..nkv {
                     let hs = g * group * d..(g + 1) * group * d;
                     let kv = ops::KvRows { keys: &kc[g * d..], values: &vc[g * d..], rows, head_dim: d };
-                    ops::attend(&q_all[hs.clone()], kv, scale, scores, &mut out[hs]);
+                    let sink = sinks.map(|s| &s[g * group..(g + 1) * group]);
+                    ops::attend(&q_all[hs.clone()], kv, scale, sink, scores, &mut out[hs]);
                 }
             });
         };

@@ -204,6 +204,26 @@ impl Checkpoint {
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         self.f32_tensor(name, &[len])
     }
+
+    /// Slice `i` of a `[n, rows, cols]` float tensor of merged experts, as a
+    /// `[rows, cols]` matrix (the expert-major layout gpt-oss stores).
+    pub(crate) fn slice_weight(&self, name: &str, i: usize, n: usize, rows: usize, cols: usize) -> Result<Weight> {
+        let e = self.entry(name, &[n, rows, cols])?;
+        let size = match &e.dtype {
+            StoredType::F32 => 4,
+            StoredType::Bf16 | StoredType::F16 => 2,
+            other => return Err(ModelError::Dtype { name: display_name(name, e), dtype: type_name(other) }),
+        };
+        let b = self.bytes(e);
+        let one = rows * cols * size;
+        weight_from_bytes(&display_name(name, e), &e.dtype, rows, cols, &b[i * one..(i + 1) * one])
+    }
+
+    /// Row `i` of a `[n, len]` float tensor, widened to f32.
+    pub(crate) fn slice_vector(&self, name: &str, i: usize, n: usize, len: usize) -> Result<Vec<f32>> {
+        let all = self.f32_tensor(name, &[n, len])?;
+        Ok(all[i * len..(i + 1) * len].to_vec())
+    }
 }
 
 /// The name to show for an entry: the file's own name when it differs.

@@ -17,6 +17,11 @@ pub enum Arch {
     Qwen3Moe,
     /// `olmoe`: full-width q/k RMSNorm, optional `clip_qkv`.
     Olmoe,
+    /// `gpt_oss`: attention with biases and a learned sink logit per head,
+    /// sliding and full attention by layer, YaRN RoPE; a biased router whose
+    /// top-k logits are softmaxed; experts with biases, gate and up
+    /// interleaved in one tensor, and a clamped SwiGLU.
+    GptOss,
 }
 
 impl Arch {
@@ -26,6 +31,7 @@ impl Arch {
             "qwen2_moe" => Ok(Arch::Qwen2Moe),
             "qwen3_moe" => Ok(Arch::Qwen3Moe),
             "olmoe" => Ok(Arch::Olmoe),
+            "gpt_oss" => Ok(Arch::GptOss),
             other => Err(ModelError::UnsupportedArch(other.to_string())),
         }
     }
@@ -37,6 +43,7 @@ impl Arch {
             Arch::Qwen2Moe => "qwen2_moe",
             Arch::Qwen3Moe => "qwen3_moe",
             Arch::Olmoe => "olmoe",
+            Arch::GptOss => "gpt_oss",
         }
     }
 }
@@ -102,12 +109,27 @@ pub struct AttentionConfig {
     pub qk_norm: QkNorm,
     /// Clamp of q, k, v to `[-c, c]` (OLMoE).
     pub clip_qkv: Option<f32>,
-    /// Keys further back than this many positions are masked (Mixtral).
+    /// Keys further back than this many positions are masked (Mixtral; in
+    /// gpt-oss only the layers `sliding_layers` marks).
     pub sliding_window: Option<usize>,
+    /// Per layer: whether `sliding_window` applies (`None`: every layer).
+    pub sliding_layers: Option<Vec<bool>>,
+    /// A learned logit per query head joins each softmax's denominator (gpt-oss).
+    pub sinks: bool,
     /// RoPE base.
     pub rope_theta: f64,
     /// RoPE scaling.
     pub rope_scaling: RopeScaling,
+}
+
+impl AttentionConfig {
+    /// The sliding window of decoder layer `l`, if it has one.
+    pub fn window(&self, l: usize) -> Option<usize> {
+        match &self.sliding_layers {
+            Some(layers) if !layers.get(l).copied().unwrap_or(false) => None,
+            _ => self.sliding_window,
+        }
+    }
 }
 
 /// What follows attention in a layer.
@@ -132,6 +154,39 @@ pub struct MoeConfig {
     pub norm_topk_prob: bool,
     /// Width of an always-on shared expert, gated by a sigmoid (Qwen2-MoE).
     pub shared_expert_ffn: Option<usize>,
+    /// How router logits become expert weights.
+    pub routing: Routing,
+    /// The router has a bias (gpt-oss).
+    pub router_bias: bool,
+    /// The experts' FFN.
+    pub expert_act: ExpertAct,
+    /// The experts' gate/up and down projections have biases (gpt-oss).
+    pub expert_bias: bool,
+}
+
+/// How router logits become the chosen experts' weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// Softmax over all experts, keep the top k (renormalised when
+    /// `norm_topk_prob`).
+    SoftmaxTopK,
+    /// Keep the top k logits, softmax over them (gpt-oss).
+    TopKSoftmax,
+}
+
+/// An expert's gated activation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ExpertAct {
+    /// `silu(gate) * up`.
+    Swiglu,
+    /// gpt-oss: gate clamped above at `limit`, up to `[-limit, limit]`,
+    /// `(up + 1) * gate * sigmoid(alpha * gate)`.
+    ClampedSwiglu {
+        /// Slope inside the sigmoid.
+        alpha: f32,
+        /// The clamp.
+        limit: f32,
+    },
 }
 
 /// A checkpoint's network, typed and checked.
@@ -192,6 +247,10 @@ struct RawConfig {
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     hidden_act: Option<String>,
+    layer_types: Option<Vec<String>>,
+    experts_per_token: Option<usize>,
+    swiglu_limit: Option<f64>,
+    swiglu_alpha: Option<f64>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
 }
@@ -243,12 +302,12 @@ impl ModelConfig {
         // hub configs name the count by family; transformers 5 writes
         // `num_local_experts` for qwen3_moe too, so accept either
         let num_experts = need(raw.num_experts.or(raw.num_local_experts), "num_local_experts` or `num_experts")?;
-        let top_k = need(raw.num_experts_per_tok, "num_experts_per_tok")?;
+        let top_k = need(raw.num_experts_per_tok.or(raw.experts_per_token), "num_experts_per_tok")?;
         if top_k == 0 || top_k > num_experts {
             return Err(bad(format!("num_experts_per_tok {top_k} must be in 1..={num_experts}")));
         }
         let expert_ffn = match arch {
-            Arch::Mixtral | Arch::Olmoe => need(raw.intermediate_size, "intermediate_size")?,
+            Arch::Mixtral | Arch::Olmoe | Arch::GptOss => need(raw.intermediate_size, "intermediate_size")?,
             Arch::Qwen2Moe | Arch::Qwen3Moe => need(raw.moe_intermediate_size, "moe_intermediate_size")?,
         };
         let layers = resolve_layers(arch, &raw, num_layers).map_err(bad)?;
@@ -261,6 +320,28 @@ impl ModelConfig {
             Arch::Mixtral => true,
             Arch::Qwen3Moe => raw.norm_topk_prob.unwrap_or(true),
             Arch::Qwen2Moe | Arch::Olmoe => raw.norm_topk_prob.unwrap_or(false),
+            Arch::GptOss => false, // the softmax is over the chosen k already
+        };
+        let gpt_oss = arch == Arch::GptOss;
+        let sliding_layers = if gpt_oss {
+            let types = raw.layer_types.as_ref().ok_or_else(|| bad("missing field `layer_types`".into()))?;
+            if types.len() != num_layers {
+                return Err(bad(format!("layer_types has {} entries for {num_layers} layers", types.len())));
+            }
+            let slides = types.iter().map(|t| match t.as_str() {
+                "sliding_attention" => Ok(true),
+                "full_attention" => Ok(false),
+                other => Err(bad(format!("unknown layer type {other:?} (sliding_attention or full_attention)"))),
+            });
+            Some(slides.collect::<Result<Vec<bool>>>()?)
+        } else {
+            None
+        };
+        let expert_act = if gpt_oss {
+            let limit = raw.swiglu_limit.unwrap_or(7.0) as f32;
+            ExpertAct::ClampedSwiglu { alpha: raw.swiglu_alpha.unwrap_or(1.702) as f32, limit }
+        } else {
+            ExpertAct::Swiglu
         };
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let attention = AttentionConfig {
@@ -270,12 +351,18 @@ impl ModelConfig {
             qkv_bias: raw.qkv_bias.unwrap_or(arch == Arch::Qwen2Moe) || attention_bias,
             o_bias: arch != Arch::Qwen2Moe && attention_bias,
             qk_norm: match arch {
-                Arch::Mixtral | Arch::Qwen2Moe => QkNorm::None,
+                Arch::Mixtral | Arch::Qwen2Moe | Arch::GptOss => QkNorm::None,
                 Arch::Qwen3Moe => QkNorm::PerHead,
                 Arch::Olmoe => QkNorm::Full,
             },
             clip_qkv: if arch == Arch::Olmoe { raw.clip_qkv.map(|c| c as f32) } else { None },
-            sliding_window: if arch == Arch::Mixtral { raw.sliding_window.filter(|&w| w > 0) } else { None },
+            sliding_window: if matches!(arch, Arch::Mixtral | Arch::GptOss) {
+                raw.sliding_window.filter(|&w| w > 0)
+            } else {
+                None
+            },
+            sliding_layers,
+            sinks: gpt_oss,
             rope_theta,
             rope_scaling,
         };
@@ -285,7 +372,17 @@ impl ModelConfig {
             hidden_size,
             attention,
             layers,
-            moe: MoeConfig { num_experts, top_k, expert_ffn, norm_topk_prob, shared_expert_ffn },
+            moe: MoeConfig {
+                num_experts,
+                top_k,
+                expert_ffn,
+                norm_topk_prob,
+                shared_expert_ffn,
+                routing: if gpt_oss { Routing::TopKSoftmax } else { Routing::SoftmaxTopK },
+                router_bias: gpt_oss,
+                expert_act,
+                expert_bias: gpt_oss,
+            },
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
@@ -369,7 +466,7 @@ fn resolve_yarn(s: &Value, raw: &RawConfig, max_positions: usize) -> std::result
 
 fn resolve_layers(arch: Arch, raw: &RawConfig, n: usize) -> std::result::Result<Vec<FfnKind>, String> {
     match arch {
-        Arch::Mixtral | Arch::Olmoe => Ok(vec![FfnKind::Moe; n]),
+        Arch::Mixtral | Arch::Olmoe | Arch::GptOss => Ok(vec![FfnKind::Moe; n]),
         Arch::Qwen2Moe | Arch::Qwen3Moe => {
             let step = raw.decoder_sparse_step.unwrap_or(1);
             if step == 0 {
@@ -487,5 +584,36 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("must be positive"), "{e}");
+    }
+
+    #[test]
+    fn gpt_oss_as_released() {
+        // the fields of gpt-oss-20b's config.json that matter here
+        let text = r#"{"model_type":"gpt_oss","vocab_size":201088,"hidden_size":2880,"num_hidden_layers":4,
+            "num_attention_heads":64,"num_key_value_heads":8,"head_dim":64,"intermediate_size":2880,
+            "num_local_experts":32,"experts_per_token":4,"sliding_window":128,"swiglu_limit":7.0,
+            "layer_types":["sliding_attention","full_attention","sliding_attention","full_attention"],
+            "attention_bias":true,"hidden_act":"silu","max_position_embeddings":131072,"rms_norm_eps":1e-05,
+            "rope_theta":150000,"rope_scaling":{"beta_fast":32.0,"beta_slow":1.0,"factor":32.0,
+            "original_max_position_embeddings":4096,"rope_type":"yarn","truncate":false},
+            "quantization_config":{"quant_method":"mxfp4"},"eos_token_id":200002}"#;
+        let c = ModelConfig::from_json(text).unwrap();
+        assert_eq!(c.arch, Arch::GptOss);
+        assert_eq!((c.moe.top_k, c.moe.expert_ffn, c.moe.routing), (4, 2880, Routing::TopKSoftmax));
+        assert!(c.moe.router_bias && c.moe.expert_bias && c.attention.sinks);
+        assert!(c.attention.qkv_bias && c.attention.o_bias);
+        assert_eq!(c.moe.expert_act, ExpertAct::ClampedSwiglu { alpha: 1.702, limit: 7.0 });
+        assert_eq!((c.attention.window(0), c.attention.window(1), c.attention.window(2)), (Some(128), None, Some(128)));
+        assert!(matches!(c.attention.rope_scaling, RopeScaling::Yarn(y) if !y.truncate && y.factor == 32.0));
+        let e = ModelConfig::from_json(
+            &text.replace(r#""full_attention","sliding_attention","full_attention""#, r#""full_attention""#),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("layer_types has 2 entries for 4 layers"), "{e}");
+        let e = ModelConfig::from_json(&text.replace("full_attention", "chunked_attention")).unwrap_err();
+        assert!(e.to_string().contains("chunked_attention"), "{e}");
+        // the other architectures: every layer slides when a window is set
+        let m = ModelConfig::from_json(&MIXTRAL.replace(r#""rope_scaling":null"#, r#""sliding_window":7"#)).unwrap();
+        assert_eq!((m.attention.window(0), m.attention.window(1)), (Some(7), Some(7)));
     }
 }

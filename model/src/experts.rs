@@ -8,13 +8,25 @@ use moe_types::{ExpertId, ExpertSet, LayerId, LayerRouting, SeqId, TokenId};
 use std::ops::Deref;
 
 /// One SwiGLU FFN: `down(silu(gate(x)) * up(x))`, with gate and up stacked
-/// into one `[2 * ffn, hidden]` matrix so one product computes both.
+/// into one `[2 * ffn, hidden]` matrix so one product computes both (the
+/// activation is the model's `ExpertAct`; gpt-oss experts add biases).
 #[derive(Clone, Debug)]
 pub struct ExpertWeights {
     /// `[gate; up]`, `[2 * ffn, hidden]`.
     pub gate_up: Weight,
     /// `[hidden, ffn]`.
     pub down: Weight,
+    /// Biases added after the two products (gpt-oss).
+    pub bias: Option<ExpertBias>,
+}
+
+/// The biases of a gpt-oss expert.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpertBias {
+    /// `[gate; up]`, `2 * ffn`.
+    pub gate_up: Vec<f32>,
+    /// `hidden`.
+    pub down: Vec<f32>,
 }
 
 impl ExpertWeights {
@@ -28,7 +40,35 @@ impl ExpertWeights {
 
     /// Stacks `gate` (`[ffn, hidden]`) and `up` and keeps `down` (`[hidden, ffn]`).
     pub fn from_parts(gate: Weight, up: Weight, down: Weight) -> Result<Self> {
-        Ok(Self { gate_up: Weight::concat_rows(&[gate, up])?, down })
+        Ok(Self { gate_up: Weight::concat_rows(&[gate, up])?, down, bias: None })
+    }
+
+    /// Expert `e` of a gpt-oss layer (`names`: the layer's): `gate_up_proj`
+    /// is `[experts, hidden, 2 * ffn]` with gate and up interleaved by column
+    /// (`x @ W`), `down_proj` `[experts, ffn, hidden]`, and their biases; here
+    /// transposed to rows of outputs and de-interleaved into `[gate; up]`.
+    pub(crate) fn load_gpt_oss(ck: &Checkpoint, names: &LayerNames, e: usize, cfg: &ModelConfig) -> Result<Self> {
+        let (n, h, f) = (cfg.moe.num_experts, cfg.hidden_size, cfg.moe.expert_ffn);
+        let p = |s: &str| names.get(&format!("mlp.experts.{s}"));
+        if ck.contains(&p("gate_up_proj_blocks")) {
+            return Err(ModelError::Unsupported(
+                "gpt_oss experts in MXFP4 (`*_blocks` / `*_scales`): not yet; a checkpoint with bf16 experts loads"
+                    .into(),
+            ));
+        }
+        let gate_up = transposed(&ck.slice_weight(&p("gate_up_proj"), e, n, h, 2 * f)?)?;
+        let down = transposed(&ck.slice_weight(&p("down_proj"), e, n, f, h)?)?;
+        // column 2j is gate j, 2j + 1 is up j: gates first, then ups
+        let order: Vec<usize> = (0..f).map(|j| 2 * j).chain((0..f).map(|j| 2 * j + 1)).collect();
+        let gu_bias = ck.slice_vector(&p("gate_up_proj_bias"), e, n, 2 * f)?;
+        Ok(Self {
+            gate_up: gate_up.select_rows(&order)?,
+            down,
+            bias: Some(ExpertBias {
+                gate_up: order.iter().map(|&r| gu_bias[r]).collect(),
+                down: ck.slice_vector(&p("down_proj_bias"), e, n, h)?,
+            }),
+        })
     }
 
     /// FFN width.
@@ -36,10 +76,22 @@ impl ExpertWeights {
         self.down.cols()
     }
 
-    /// Bytes of the three matrices.
+    /// Bytes of the three matrices (and biases).
     pub fn nbytes(&self) -> usize {
-        self.gate_up.nbytes() + self.down.nbytes()
+        let bias = self.bias.as_ref().map_or(0, |b| 4 * (b.gate_up.len() + b.down.len()));
+        self.gate_up.nbytes() + self.down.nbytes() + bias
     }
+}
+
+/// `w` transposed (float weights only: f32 or bf16, kept in their type).
+fn transposed(w: &Weight) -> Result<Weight> {
+    let (r, c) = (w.rows(), w.cols());
+    let t = |i: usize| (i % r) * c + i / r; // element i of the result, row-major [c, r]
+    Ok(match w.data() {
+        moe_kernels::WeightData::F32(v) => Weight::from_f32(c, r, (0..r * c).map(|i| v[t(i)]).collect())?,
+        moe_kernels::WeightData::Bf16(v) => Weight::from_bf16_bits(c, r, (0..r * c).map(|i| v[t(i)]).collect())?,
+        _ => return Err(ModelError::Unsupported("transposing a quantized matrix".into())),
+    })
 }
 
 /// Where one expert's three matrices live on disk.
@@ -64,6 +116,13 @@ impl ExpertLocation {
 /// no entries); shapes and dtypes are checked here, so that a later read can
 /// only fail on IO.
 pub fn locate_experts(ck: &Checkpoint, cfg: &ModelConfig) -> Result<Vec<Vec<ExpertLocation>>> {
+    if cfg.arch == crate::Arch::GptOss {
+        return Err(ModelError::Unsupported(
+            "an expert budget for gpt_oss (its experts are stored merged and interleaved): not yet; \
+             load every expert (--expert-cache all)"
+                .into(),
+        ));
+    }
     let (h, f) = (cfg.hidden_size, cfg.moe.expert_ffn);
     let mut out = Vec::with_capacity(cfg.num_layers());
     for (l, kind) in cfg.layers.iter().enumerate() {
@@ -175,7 +234,11 @@ impl ResidentExperts {
             if *kind == crate::FfnKind::Moe {
                 let names = LayerNames::new(cfg.arch, l);
                 for e in 0..cfg.moe.num_experts {
-                    let w = ExpertWeights::load(ck, &names.expert(e), cfg.hidden_size, cfg.moe.expert_ffn)?;
+                    let w = if cfg.arch == crate::Arch::GptOss {
+                        ExpertWeights::load_gpt_oss(ck, &names, e, cfg)?
+                    } else {
+                        ExpertWeights::load(ck, &names.expert(e), cfg.hidden_size, cfg.moe.expert_ffn)?
+                    };
                     on_expert(w.nbytes());
                     layer.push(w);
                 }

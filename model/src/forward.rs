@@ -1,6 +1,7 @@
 //! The forward pass over a batch of sequence chunks (prefill and decode
 //! mixed), writing keys and values into the paged KV cache.
 
+use crate::config::ExpertAct;
 use crate::experts::ExpertProvider;
 use crate::kv_cache::KvCache;
 use crate::weights::{FfnWeights, Model};
@@ -135,9 +136,11 @@ impl Model {
             ops::add_inplace(&mut ws.h, &ws.out);
             ops::rms_norm(&ws.h, &layer.post_attn_norm, cfg.rms_norm_eps, &mut ws.xn);
             match &layer.ffn {
-                FfnWeights::Dense(mlp) => crate::moe::mlp(mlp, &ws.xn, t, ws.moe.ffn_mut(), &mut ws.out)?,
-                FfnWeights::Moe { router, shared } => {
-                    let r = self.moe_block(l, router, shared.as_ref(), experts, ws)?;
+                FfnWeights::Dense(mlp) => {
+                    crate::moe::mlp(mlp, ExpertAct::Swiglu, &ws.xn, t, ws.moe.ffn_mut(), &mut ws.out)?
+                }
+                FfnWeights::Moe { router, router_bias, shared } => {
+                    let r = self.moe_block(l, (router, router_bias.as_deref()), shared.as_ref(), experts, ws)?;
                     routing.layers.push(r);
                 }
             }

@@ -39,7 +39,9 @@ mod tokenizer;
 mod weights;
 
 pub use checkpoint::{Checkpoint, StoredType, TensorLocation};
-pub use config::{Arch, AttentionConfig, FfnKind, ModelConfig, MoeConfig, QkNorm, RopeScaling, Yarn};
+pub use config::{
+    Arch, AttentionConfig, ExpertAct, FfnKind, ModelConfig, MoeConfig, QkNorm, RopeScaling, Routing, Yarn,
+};
 pub use error::ModelError;
 pub use experts::{
     locate_experts, ExpertLocation, ExpertPlanner, ExpertProvider, ExpertWeights, ResidentExperts, StepToken,

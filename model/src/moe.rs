@@ -4,6 +4,7 @@
 //! runs each chosen expert once over its group, and scatter-adds the
 //! weighted outputs. Experts are reached only through an `ExpertProvider`.
 
+use crate::config::{ExpertAct, Routing};
 use crate::experts::{ExpertProvider, ExpertWeights};
 use crate::forward::Workspace;
 use crate::weights::{Model, SharedExpert};
@@ -51,14 +52,31 @@ pub(crate) struct FfnScratch {
     act: Vec<f32>,
 }
 
-/// `out[t] = mlp(x[t])` for `t` rows of `x`.
-pub(crate) fn mlp(w: &ExpertWeights, x: &[f32], t: usize, s: &mut FfnScratch, out: &mut [f32]) -> Result<()> {
+/// `out[t] = mlp(x[t])` for `t` rows of `x`, with activation `act` (and the
+/// expert's biases after each product, where it has them).
+pub(crate) fn mlp(
+    w: &ExpertWeights,
+    act: ExpertAct,
+    x: &[f32],
+    t: usize,
+    s: &mut FfnScratch,
+    out: &mut [f32],
+) -> Result<()> {
     let f = w.ffn();
     s.gate_up.resize(t * 2 * f, 0.0);
     s.act.resize(t * f, 0.0);
     matmul_nt(x, t, &w.gate_up, &mut s.gate_up)?;
-    ops::silu_mul(&s.gate_up, f, &mut s.act);
+    if let Some(b) = &w.bias {
+        s.gate_up.chunks_exact_mut(2 * f).for_each(|r| ops::add_inplace(r, &b.gate_up));
+    }
+    match act {
+        ExpertAct::Swiglu => ops::silu_mul(&s.gate_up, f, &mut s.act),
+        ExpertAct::ClampedSwiglu { alpha, limit } => ops::clamped_swiglu(&s.gate_up, f, alpha, limit, &mut s.act),
+    }
     matmul_nt(&s.act, t, &w.down, out)?;
+    if let Some(b) = &w.bias {
+        out[..t * b.down.len()].chunks_exact_mut(b.down.len()).for_each(|r| ops::add_inplace(r, &b.down));
+    }
     Ok(())
 }
 
@@ -77,16 +95,22 @@ impl Model {
         let t = ws.tok.len();
         let s = &mut ws.moe;
         let later = self.layers.iter().enumerate().skip(l + 1).filter_map(|(j, layer)| match &layer.ffn {
-            crate::weights::FfnWeights::Moe { router, .. } => Some((j, &layer.post_attn_norm, router)),
+            crate::weights::FfnWeights::Moe { router, router_bias, .. } => {
+                Some((j, &layer.post_attn_norm, router, router_bias))
+            }
             crate::weights::FfnWeights::Dense(_) => None,
         });
-        for (j, norm, router) in later.take(depth) {
+        for (j, norm, router, bias) in later.take(depth) {
             s.ahead_x.resize(ws.h.len(), 0.0);
             ops::rms_norm(&ws.h, norm, self.cfg.rms_norm_eps, &mut s.ahead_x);
             s.ahead_probs.resize(t * ne, 0.0);
             matmul_nt(&s.ahead_x, t, router, &mut s.ahead_probs)?;
             s.ahead_ids.clear();
             for probs in s.ahead_probs.chunks_exact_mut(ne) {
+                // the top k of the logits are the top k of any monotone map of them
+                if let Some(b) = bias {
+                    ops::add_inplace(probs, b);
+                }
                 ops::top_k(probs, k, &mut s.topk);
                 s.ahead_ids.extend(s.topk.iter().map(|&e| ExpertId(e as u16)));
             }
@@ -100,7 +124,7 @@ impl Model {
     pub(crate) fn moe_block<E: ExpertProvider + Sync>(
         &self,
         l: usize,
-        router: &Weight,
+        (router, router_bias): (&Weight, Option<&[f32]>),
         shared: Option<&SharedExpert>,
         experts: &E,
         ws: &mut Workspace,
@@ -111,24 +135,40 @@ impl Model {
         let s = &mut ws.moe;
         let layer = LayerId(l as u16);
 
-        // route: softmax over all experts, keep the top k, optionally renormalise
+        // route: softmax over all experts, keep the top k, optionally
+        // renormalise; or (gpt-oss) keep the top k logits, softmax over them
         s.router.resize(t * ne, 0.0);
         matmul_nt(&ws.xn, t, router, &mut s.router)?;
         s.groups.resize_with(ne, Vec::new);
         s.groups.iter_mut().for_each(Vec::clear);
         let mut routing =
             LayerRouting { layer, top_k: k, ids: Vec::with_capacity(t * k), weights: Vec::with_capacity(t * k) };
+        let mut chosen = Vec::with_capacity(k);
         for (i, probs) in s.router.chunks_exact_mut(ne).enumerate() {
-            ops::softmax_inplace(probs);
-            ops::top_k(probs, k, &mut s.topk);
-            let norm = if m.norm_topk_prob { s.topk.iter().map(|&e| probs[e]).sum::<f32>() } else { 1.0 };
-            for &e in &s.topk {
-                let wgt = probs[e] / norm;
+            if let Some(b) = router_bias {
+                ops::add_inplace(probs, b);
+            }
+            chosen.clear();
+            match m.routing {
+                Routing::SoftmaxTopK => {
+                    ops::softmax_inplace(probs);
+                    ops::top_k(probs, k, &mut s.topk);
+                    let norm = if m.norm_topk_prob { s.topk.iter().map(|&e| probs[e]).sum::<f32>() } else { 1.0 };
+                    chosen.extend(s.topk.iter().map(|&e| probs[e] / norm));
+                }
+                Routing::TopKSoftmax => {
+                    ops::top_k(probs, k, &mut s.topk);
+                    chosen.extend(s.topk.iter().map(|&e| probs[e]));
+                    ops::softmax_inplace(&mut chosen);
+                }
+            }
+            for (&e, &wgt) in s.topk.iter().zip(&chosen) {
                 routing.ids.push(ExpertId(e as u16));
                 routing.weights.push(wgt);
                 s.groups[e].push((i, wgt));
             }
         }
+        let act = m.expert_act;
         s.used.clear();
         s.used.extend((0..ne).filter(|&e| !s.groups[e].is_empty()).map(|e| ExpertId(e as u16)));
         experts.prepare(&routing, &s.used)?;
@@ -155,7 +195,7 @@ impl Model {
                         }
                         let w = experts.get(layer, e)?;
                         let mut y = vec![0.0; group.len() * hsz];
-                        FFN.with(|f| mlp(&w, &gather, group.len(), &mut f.borrow_mut(), &mut y))?;
+                        FFN.with(|f| mlp(&w, act, &gather, group.len(), &mut f.borrow_mut(), &mut y))?;
                         Ok(y)
                     })
                 })
@@ -176,7 +216,7 @@ impl Model {
                 }
                 let w = experts.get(layer, e)?;
                 s.y.resize(n * hsz, 0.0);
-                mlp(&w, &s.gather, n, &mut s.ffn, &mut s.y)?;
+                mlp(&w, act, &s.gather, n, &mut s.ffn, &mut s.y)?;
                 for (r, &(tok, wgt)) in group.iter().enumerate() {
                     ops::axpy(&mut ws.out[tok * hsz..(tok + 1) * hsz], wgt, &s.y[r * hsz..(r + 1) * hsz]);
                 }
@@ -185,7 +225,7 @@ impl Model {
 
         if let Some(sh) = shared {
             s.shared.resize(t * hsz, 0.0);
-            mlp(&sh.mlp, &ws.xn, t, &mut s.ffn, &mut s.shared)?;
+            mlp(&sh.mlp, ExpertAct::Swiglu, &ws.xn, t, &mut s.ffn, &mut s.shared)?;
             let mut g = [0.0f32];
             for (tok, yr) in s.shared.chunks_exact(hsz).enumerate() {
                 matmul_nt(&ws.xn[tok * hsz..(tok + 1) * hsz], 1, &sh.gate, &mut g)?;

@@ -111,7 +111,11 @@ pub fn quantize_weight(w: &Weight, format: QuantFormat) -> Result<Weight> {
 impl ExpertWeights {
     /// The same FFN with its matrices quantized ([`quantize_weight`]).
     pub fn quantized(&self, format: QuantFormat) -> Result<Self> {
-        Ok(Self { gate_up: quantize_weight(&self.gate_up, format)?, down: quantize_weight(&self.down, format)? })
+        Ok(Self {
+            gate_up: quantize_weight(&self.gate_up, format)?,
+            down: quantize_weight(&self.down, format)?,
+            bias: self.bias.clone(),
+        })
     }
 }
 

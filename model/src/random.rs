@@ -21,7 +21,17 @@ impl Gen {
     }
 
     fn mlp(&mut self, hidden: usize, ffn: usize) -> Result<ExpertWeights> {
-        Ok(ExpertWeights { gate_up: self.weight(2 * ffn, hidden)?, down: self.weight(hidden, ffn)? })
+        Ok(ExpertWeights { gate_up: self.weight(2 * ffn, hidden)?, down: self.weight(hidden, ffn)?, bias: None })
+    }
+
+    /// An expert of `cfg` (with zero biases where the architecture has them).
+    fn expert(&mut self, cfg: &ModelConfig) -> Result<ExpertWeights> {
+        let mut w = self.mlp(cfg.hidden_size, cfg.moe.expert_ffn)?;
+        if cfg.moe.expert_bias {
+            let gate_up = vec![0.0; 2 * cfg.moe.expert_ffn];
+            w.bias = Some(crate::experts::ExpertBias { gate_up, down: vec![0.0; cfg.hidden_size] });
+        }
+        Ok(w)
     }
 }
 
@@ -44,16 +54,18 @@ pub fn random_model(cfg: &ModelConfig, seed: u64) -> Result<(Model, ResidentExpe
             o_bias: a.o_bias.then(|| vec![0.0; h]),
             q_norm: has_norm.then(|| vec![1.0; norm_len(qw)]),
             k_norm: has_norm.then(|| vec![1.0; norm_len(kvw)]),
+            sinks: a.sinks.then(|| vec![0.0; a.num_heads]),
         };
         let (ffn, layer_experts) = match kind {
             FfnKind::Dense(w) => (FfnWeights::Dense(g.mlp(h, *w)?), Vec::new()),
             FfnKind::Moe => {
-                let ex = (0..cfg.moe.num_experts).map(|_| g.mlp(h, cfg.moe.expert_ffn)).collect::<Result<Vec<_>>>()?;
+                let ex = (0..cfg.moe.num_experts).map(|_| g.expert(cfg)).collect::<Result<Vec<_>>>()?;
                 let shared = match cfg.moe.shared_expert_ffn {
                     Some(w) => Some(crate::weights::SharedExpert { mlp: g.mlp(h, w)?, gate: g.weight(1, h)? }),
                     None => None,
                 };
-                (FfnWeights::Moe { router: g.weight(cfg.moe.num_experts, h)?, shared }, ex)
+                let router_bias = cfg.moe.router_bias.then(|| vec![0.0; cfg.moe.num_experts]);
+                (FfnWeights::Moe { router: g.weight(cfg.moe.num_experts, h)?, router_bias, shared }, ex)
             }
         };
         layers.push(LayerWeights { input_norm: vec![1.0; h], post_attn_norm: vec![1.0; h], attn, ffn });

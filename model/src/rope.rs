@@ -95,6 +95,8 @@ mod tests {
             qk_norm: QkNorm::None,
             clip_qkv: None,
             sliding_window: None,
+            sliding_layers: None,
+            sinks: false,
             rope_theta: 10000.0,
             rope_scaling: scaling,
         }

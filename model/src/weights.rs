@@ -19,6 +19,8 @@ pub(crate) struct AttentionWeights {
     pub(crate) o_bias: Option<Vec<f32>>,
     pub(crate) q_norm: Option<Vec<f32>>,
     pub(crate) k_norm: Option<Vec<f32>>,
+    /// A sink logit per query head (gpt-oss).
+    pub(crate) sinks: Option<Vec<f32>>,
 }
 
 /// The always-on shared expert of Qwen2-MoE and its sigmoid gate.
@@ -36,6 +38,8 @@ pub(crate) enum FfnWeights {
     Moe {
         /// `[experts, hidden]`.
         router: Weight,
+        /// Added to the router's logits (gpt-oss).
+        router_bias: Option<Vec<f32>>,
         shared: Option<SharedExpert>,
     },
 }
@@ -81,7 +85,7 @@ impl Model {
                 let a = l.attn.qkv.nbytes() + l.attn.o.nbytes();
                 let f = match &l.ffn {
                     FfnWeights::Dense(m) => m.nbytes(),
-                    FfnWeights::Moe { router, shared } => {
+                    FfnWeights::Moe { router, shared, .. } => {
                         router.nbytes() + shared.as_ref().map_or(0, |s| s.mlp.nbytes() + s.gate.nbytes())
                     }
                 };
@@ -117,6 +121,10 @@ impl Model {
                     FfnKind::Dense(width) => FfnWeights::Dense(ExpertWeights::load(ck, &n.mlp(None), h, *width)?),
                     FfnKind::Moe => FfnWeights::Moe {
                         router: ck.weight(&n.router(), cfg.moe.num_experts, h)?,
+                        router_bias: match cfg.moe.router_bias {
+                            true => Some(ck.vector(&n.router_bias(), cfg.moe.num_experts)?),
+                            false => None,
+                        },
                         shared: match cfg.moe.shared_expert_ffn {
                             Some(w) => Some(SharedExpert {
                                 mlp: ExpertWeights::load(ck, &n.mlp(Some("shared_expert")), h, w)?,
@@ -173,5 +181,6 @@ fn load_attention(ck: &Checkpoint, cfg: &ModelConfig, n: &LayerNames) -> Result<
         o_bias: if a.o_bias { Some(ck.vector(&n.get("self_attn.o_proj.bias"), h)?) } else { None },
         q_norm,
         k_norm,
+        sinks: if a.sinks { Some(ck.vector(&n.get("self_attn.sinks"), a.num_heads)?) } else { None },
     })
 }

@@ -104,6 +104,7 @@ fn read_bf16_direct(loc: &ExpertLocation, io: DiskIo) -> Result<Option<ExpertWei
     Ok(Some(ExpertWeights {
         gate_up: w(loc.gate.rows + loc.up.rows, loc.gate.cols, gate_up)?,
         down: w(loc.down.rows, loc.down.cols, down)?,
+        bias: None,
     }))
 }
 

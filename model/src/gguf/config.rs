@@ -3,7 +3,7 @@
 //! `llama` with experts (Mixtral), `qwen2moe`, `qwen3moe`, `olmoe`.
 
 use super::file::{GgufFile, MetaValue};
-use crate::config::{Arch, AttentionConfig, FfnKind, MoeConfig, QkNorm, RopeScaling};
+use crate::config::{Arch, AttentionConfig, ExpertAct, FfnKind, MoeConfig, QkNorm, RopeScaling, Routing};
 use crate::{ModelConfig, ModelError, Result};
 
 /// Reads the config of the model in `files` (metadata from the first, tensor
@@ -104,6 +104,8 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
             clip_qkv: float("attention.clamp_kqv").map(|c| c as f32).filter(|&c| c > 0.0),
             // as config.json is read: only Mixtral's window is applied
             sliding_window: uint("attention.sliding_window").filter(|&w| w > 0 && arch == Arch::Mixtral),
+            sliding_layers: None,
+            sinks: false,
             rope_theta: float("rope.freq_base").unwrap_or(10000.0),
             rope_scaling,
         },
@@ -115,6 +117,10 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
             // as llama.cpp computes each architecture
             norm_topk_prob: matches!(arch, Arch::Mixtral | Arch::Qwen3Moe),
             shared_expert_ffn: uint("expert_shared_feed_forward_length").filter(|&w| w > 0),
+            routing: Routing::SoftmaxTopK,
+            router_bias: false,
+            expert_act: ExpertAct::Swiglu,
+            expert_bias: false,
         },
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
         max_position_embeddings: uint("context_length").unwrap_or(4096),
