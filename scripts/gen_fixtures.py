@@ -146,6 +146,19 @@ FIXTURES = {
              rms_norm_eps=1e-5),
         dict(save_dtype=torch.float32),
     ),
+    # the same, with the experts stored in MXFP4 as the releases are (the reference
+    # computes with transformers' dequantization of those blocks)
+    "gpt_oss_mxfp4": (
+        GptOssForCausalLM, GptOssConfig,
+        dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32, head_dim=16,
+             sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+             attention_bias=True, swiglu_limit=0.2, max_position_embeddings=131072,
+             rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                              "truncate": False, "original_max_position_embeddings": 4096,
+                              "rope_theta": 150000.0},
+             rms_norm_eps=1e-5),
+        dict(save_dtype=torch.float32, mxfp4=True),
+    ),
     "qwen2_moe": (
         Qwen2MoeForCausalLM, Qwen2MoeConfig,
         dict(num_hidden_layers=4, num_experts=4, moe_intermediate_size=32,
@@ -233,6 +246,63 @@ def rewrite_config_old_rope_form(path: str):
         f.write("\n")
 
 
+# ------------------------------------------------------------------------ MXFP4
+
+
+def quantize_experts_mxfp4(model):
+    """gpt-oss experts to MXFP4 as the releases store them: per output row, blocks
+    of 32 input values share an e8m0 exponent e (2^e with the block's largest
+    magnitude in [4, 8)); each value is the nearest e2m1 code. The float weights
+    are replaced by transformers' own dequantization of those codes
+    (`convert_moe_packed_tensors`), so the reference computes with exactly the
+    weights the MXFP4 checkpoint holds. Returns {parameter name: (blocks, scales)}."""
+    from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
+
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    packed = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                continue
+            wt = p.detach().transpose(1, 2).contiguous()  # [E, out, in]
+            e_, out, inn = wt.shape
+            blk = wt.reshape(e_, out, inn // 32, 32)
+            amax = blk.abs().amax(-1, keepdim=True)
+            exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(1e-30))) - 2, torch.full_like(amax, -127))
+            exp = exp.clamp(-127, 127)
+            scaled = blk / torch.pow(2.0, exp)
+            idx = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)  # [E, out, G, 32]
+            blocks = (idx[..., 0::2] | (idx[..., 1::2] << 4)).contiguous()  # [E, out, G, 16]
+            scales = (exp[..., 0] + 127).to(torch.uint8).contiguous()  # [E, out, G]
+            deq = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]
+            p.copy_(deq)
+            packed[name] = (blocks, scales)
+    return packed
+
+
+def write_mxfp4_checkpoint(out_dir, packed):
+    """Replaces the saved float expert tensors by their `_blocks` / `_scales` and
+    marks the config as MXFP4-quantized, as the gpt-oss releases are."""
+    from safetensors.torch import load_file as load_st
+
+    path = os.path.join(out_dir, "model.safetensors")
+    state = load_st(path)
+    for name, (blocks, scales) in packed.items():
+        del state[name]
+        state[name + "_blocks"] = blocks
+        state[name + "_scales"] = scales
+    save_file(state, path, metadata={"format": "pt"})
+    cfg_path = os.path.join(out_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "mxfp4",
+                                  "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                             "model.embed_tokens", "lm_head"]}
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 # -------------------------------------------------------------------- references
 
 
@@ -296,6 +366,7 @@ def build_fixture(name, spec, seed, out_dir, args):
     model = model_cls(cfg).float().eval()
     randomize_small_params(model, args.router_std, gen)
     input_ids = torch.randint(3, VOCAB, (SEQ_LEN,), generator=gen, dtype=torch.int64)
+    packed = quantize_experts_mxfp4(model) if opts.get("mxfp4") else None
 
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
@@ -328,6 +399,8 @@ def build_fixture(name, spec, seed, out_dir, args):
     if not ok:
         return None, stats
 
+    if packed is not None:
+        write_mxfp4_checkpoint(out_dir, packed)
     tensors = {"input_ids": input_ids, "logits": logits.contiguous(), "greedy_ids": greedy}
     for layer, (rl, w, ids) in sorted(routers.items()):
         tensors[f"router_logits.{layer}"] = rl.contiguous()

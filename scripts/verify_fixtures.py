@@ -34,7 +34,16 @@ def load_checkpoint(d):
         files = ["model.safetensors"]
     w = {}
     for fn in files:
-        w.update({k: v.float() for k, v in load_file(os.path.join(d, fn)).items()})
+        for k, v in load_file(os.path.join(d, fn)).items():
+            w[k] = v if v.dtype == torch.uint8 else v.float()
+    # MXFP4 experts (gpt-oss): decoded here from the OCP microscaling spec, not by
+    # transformers: e2m1 codes, two per byte (low nibble first), times 2^(e8m0 - 127)
+    e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    for k in [k for k in w if k.endswith("_blocks")]:
+        blocks, scales = w.pop(k), w.pop(k[: -len("_blocks")] + "_scales")
+        codes = torch.stack([blocks & 0x0F, blocks >> 4], -1).flatten(-2).long()  # [E, out, G, 32]
+        vals = e2m1[codes] * torch.pow(2.0, scales.float() - 127)[..., None]
+        w[k[: -len("_blocks")]] = vals.flatten(-2).transpose(1, 2).contiguous()  # [E, in, out], x @ W
     return w
 
 
@@ -54,7 +63,11 @@ class Cfg:
         self.theta = rp.get("rope_theta", c.get("rope_theta", 10000.0))
         self.rope_params = rp or (c.get("rope_scaling") or {})
         self.max_pos = c.get("max_position_embeddings", 4096)
-        self.window = c.get("sliding_window") if self.arch == "mixtral" else None
+        self.window = c.get("sliding_window") if self.arch in ("mixtral", "gpt_oss") else None
+        # gpt-oss: the window only on sliding layers
+        self.layer_types = c.get("layer_types")
+        self.swiglu_limit = c.get("swiglu_limit", 7.0)
+        self.swiglu_alpha = c.get("swiglu_alpha", 1.702)
         self.n_experts = c.get("num_local_experts") or c.get("num_experts")
         self.top_k = c["num_experts_per_tok"]
         # Mixtral always renormalises the top-k weights; the others only if norm_topk_prob.
@@ -113,7 +126,7 @@ def rope(x, pos, theta, params=None, max_pos=4096):
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
-def attention(cfg, w, p, h):
+def attention(cfg, w, p, h, l):
     T = h.shape[0]
     g = lambda n: w.get(f"{p}.{n}")
     q = linear(h, g("q_proj.weight"), g("q_proj.bias"))
@@ -139,10 +152,17 @@ def attention(cfg, w, p, h):
     v = v.repeat_interleave(rep, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) / cfg.head_dim ** 0.5
     mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
-    if cfg.window:
+    sliding = cfg.layer_types is None or cfg.layer_types[l] == "sliding_attention"
+    if cfg.window and sliding:
         # keys more than window - 1 positions back are masked
         mask |= torch.tril(torch.ones(T, T, dtype=torch.bool), -cfg.window)
-    probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+    scores = scores.masked_fill(mask, float("-inf"))
+    if g("sinks") is not None:
+        # gpt-oss: one more logit per head in each softmax, dropped after it
+        sink = g("sinks")[:, None, None].expand(-1, T, 1)
+        probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+    else:
+        probs = scores.softmax(-1)
     out = torch.einsum("hqk,khd->qhd", probs, v).reshape(T, cfg.heads * cfg.head_dim)
     return linear(out, g("o_proj.weight"), g("o_proj.bias"))
 
@@ -151,8 +171,30 @@ def swiglu(h, wg, wu, wd):
     return linear(torch.nn.functional.silu(linear(h, wg)) * linear(h, wu), wd)
 
 
+def gpt_oss_moe(cfg, w, p, h):
+    """gpt-oss: top-k of the biased router logits, softmax over those k; experts
+    from merged [E, in, out] tensors (gate and up interleaved by column) with
+    biases and a clamped SwiGLU."""
+    logits = linear(h, w[f"{p}.router.weight"], w[f"{p}.router.bias"])
+    top_l, top_i = torch.topk(logits, cfg.top_k, dim=-1)
+    top_w = top_l.softmax(-1)
+    out = torch.zeros_like(h)
+    lim, alpha = cfg.swiglu_limit, cfg.swiglu_alpha
+    for t in range(h.shape[0]):
+        for j in range(cfg.top_k):
+            e = int(top_i[t, j])
+            gu = h[t] @ w[f"{p}.experts.gate_up_proj"][e] + w[f"{p}.experts.gate_up_proj_bias"][e]
+            gate, up = gu[0::2].clamp(max=lim), gu[1::2].clamp(-lim, lim)
+            act = (up + 1) * gate * torch.sigmoid(alpha * gate)
+            y = act @ w[f"{p}.experts.down_proj"][e] + w[f"{p}.experts.down_proj_bias"][e]
+            out[t] += top_w[t, j] * y
+    return out, logits, top_i, top_w
+
+
 def moe(cfg, w, p, h):
     """Returns (output, router_logits, topk_ids, topk_weights)."""
+    if cfg.arch == "gpt_oss":
+        return gpt_oss_moe(cfg, w, p, h)
     logits = linear(h, w[f"{p}.gate.weight"])
     probs = logits.softmax(-1)  # softmax over all experts first, then top-k
     top_w, top_i = torch.topk(probs, cfg.top_k, dim=-1)
@@ -178,7 +220,7 @@ def forward(cfg, w, ids):
     routers = {}
     for l in range(cfg.layers):
         p = f"model.layers.{l}"
-        x = x + attention(cfg, w, f"{p}.self_attn", rms_norm(x, w[f"{p}.input_layernorm.weight"], cfg.eps))
+        x = x + attention(cfg, w, f"{p}.self_attn", rms_norm(x, w[f"{p}.input_layernorm.weight"], cfg.eps), l)
         h = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], cfg.eps)
         if cfg.is_moe(l):
             mp = f"{p}.block_sparse_moe" if cfg.arch == "mixtral" else f"{p}.mlp"

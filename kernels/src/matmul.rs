@@ -81,11 +81,13 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: 
     }
     // inside a pool task (e.g. experts run side by side) stay on this thread
     let parallel = m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get());
-    let kernel = match (kernel, w.quant_format()) {
+    let kernel = match (kernel, w.data()) {
+        // exact: f32 activations at every row count
+        (Kernel::Auto, WeightData::Quant(q)) if q.f32_activations() => Kernel::Gemm,
         // k-quants: the integer path at every row count (measured faster than
         // widening plus gemm at 128 rows, and a row's result then never
         // depends on its batch)
-        (Kernel::Auto, Some(f)) if crate::quant::dot::act_block(f) == 256 => Kernel::Tiled,
+        (Kernel::Auto, WeightData::Quant(q)) if crate::quant::dot::act_block(q.format()) == 256 => Kernel::Tiled,
         (kernel, _) => kernel,
     };
     let kernel = match kernel {
@@ -481,6 +483,30 @@ mod tests {
                 let mut alone = vec![0.0; n];
                 matmul_nt_with(&x[..k], 1, &w, &mut alone, Kernel::Auto).unwrap();
                 assert_eq!(&all[..n], &alone[..], "{format} batch invariance");
+            }
+        }
+    }
+
+    #[test]
+    fn f32_activation_weights_compute_in_float_at_every_row_count() {
+        use crate::quant::QuantFormat;
+        let (n, k) = (12, 256);
+        let bytes = crate::quant::tests::random_blocks(QuantFormat::Mxfp4, n * k / 32, 5);
+        let w = Weight::from_quant(n, k, QuantFormat::Mxfp4, bytes).unwrap().with_f32_activations();
+        // kept through row selection and stacking
+        let w = Weight::concat_rows(&[w.select_rows(&(0..n).rev().collect::<Vec<_>>()).unwrap(), w]).unwrap();
+        let WeightData::Quant(q) = w.data() else { panic!("still quantized") };
+        assert!(q.f32_activations());
+        let wf = w.to_f32();
+        for m in [1, 3, 40] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 97) as f32 / 97.0) - 0.5).collect();
+            let want = reference(&x, m, &wf, 2 * n, k);
+            let mut out = vec![f32::NAN; m * 2 * n];
+            matmul_nt(&x, m, &w, &mut out).unwrap();
+            let scale = wf.iter().fold(0f32, |a, v| a.max(v.abs())) * k as f32;
+            for (a, b) in out.iter().zip(&want) {
+                // float rounding only: far below an int8 step of the activations
+                assert!((a - b).abs() <= 1e-6 * scale, "m={m}: {a} vs {b}");
             }
         }
     }

@@ -20,6 +20,11 @@ pub enum WeightData {
 pub struct QuantData {
     format: QuantFormat,
     bytes: Vec<u8>,
+    /// Products keep the activations in f32 at every row count (weights
+    /// widened bit-exactly), for formats whose reference computes in float
+    /// (gpt-oss's MXFP4 in transformers); otherwise few activation rows are
+    /// quantized to int8 blocks as llama.cpp does.
+    f32_acts: bool,
 }
 
 impl QuantData {
@@ -31,6 +36,11 @@ impl QuantData {
     /// The raw blocks, row after row.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// Whether products keep f32 activations (see [`Weight::with_f32_activations`]).
+    pub fn f32_activations(&self) -> bool {
+        self.f32_acts
     }
 }
 
@@ -70,7 +80,18 @@ impl Weight {
             cols,
         })?;
         check_len("quantized weight bytes", rows * row, bytes.len())?;
-        Ok(Self { rows, cols, data: WeightData::Quant(QuantData { format, bytes }) })
+        Ok(Self { rows, cols, data: WeightData::Quant(QuantData { format, bytes, f32_acts: false }) })
+    }
+
+    /// A quantized matrix whose products keep the activations in f32 at
+    /// every row count (weights widened bit-exactly, then a float product):
+    /// exact against a reference that dequantizes and computes in float,
+    /// slower than the int8 path for few rows. No effect on float weights.
+    pub fn with_f32_activations(mut self) -> Self {
+        if let WeightData::Quant(q) = &mut self.data {
+            q.f32_acts = true;
+        }
+        self
     }
 
     /// Quantizes this matrix to `format` (from its values widened to f32).
@@ -109,7 +130,7 @@ impl Weight {
             WeightData::Quant(q) => {
                 let rb = q.bytes.len() / self.rows.max(1);
                 let bytes = order.iter().flat_map(|&r| q.bytes[r * rb..(r + 1) * rb].iter().copied()).collect();
-                WeightData::Quant(QuantData { format: q.format, bytes })
+                WeightData::Quant(QuantData { format: q.format, bytes, f32_acts: q.f32_acts })
             }
         };
         Ok(Self { rows: self.rows, cols: self.cols, data })
@@ -150,7 +171,9 @@ impl Weight {
                     _ => unreachable!("every part is quantized"),
                 })
                 .collect();
-            return Self::from_quant(rows, cols, format, bytes);
+            let exact = parts.iter().all(|p| matches!(&p.data, WeightData::Quant(q) if q.f32_acts));
+            let w = Self::from_quant(rows, cols, format, bytes)?;
+            return Ok(if exact { w.with_f32_activations() } else { w });
         }
         let any_quant = parts.iter().any(|p| p.quant_format().is_some());
         let data = match parts.first().map(|p| &p.data) {

@@ -219,6 +219,18 @@ impl Checkpoint {
         weight_from_bytes(&display_name(name, e), &e.dtype, rows, cols, &b[i * one..(i + 1) * one])
     }
 
+    /// Slice `i` of a byte tensor (safetensors `U8`) of shape `shape`
+    /// (`shape[0]` slices).
+    pub(crate) fn u8_slice(&self, name: &str, i: usize, shape: &[usize]) -> Result<&[u8]> {
+        let e = self.entry(name, shape)?;
+        if !matches!(&e.dtype, StoredType::Unsupported(d) if d == "U8") {
+            return Err(ModelError::Dtype { name: display_name(name, e), dtype: type_name(&e.dtype) });
+        }
+        let b = self.bytes(e);
+        let one = b.len() / shape[0].max(1);
+        Ok(&b[i * one..(i + 1) * one])
+    }
+
     /// Row `i` of a `[n, len]` float tensor, widened to f32.
     pub(crate) fn slice_vector(&self, name: &str, i: usize, n: usize, len: usize) -> Result<Vec<f32>> {
         let all = self.f32_tensor(name, &[n, len])?;

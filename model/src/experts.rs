@@ -43,34 +43,6 @@ impl ExpertWeights {
         Ok(Self { gate_up: Weight::concat_rows(&[gate, up])?, down, bias: None })
     }
 
-    /// Expert `e` of a gpt-oss layer (`names`: the layer's): `gate_up_proj`
-    /// is `[experts, hidden, 2 * ffn]` with gate and up interleaved by column
-    /// (`x @ W`), `down_proj` `[experts, ffn, hidden]`, and their biases; here
-    /// transposed to rows of outputs and de-interleaved into `[gate; up]`.
-    pub(crate) fn load_gpt_oss(ck: &Checkpoint, names: &LayerNames, e: usize, cfg: &ModelConfig) -> Result<Self> {
-        let (n, h, f) = (cfg.moe.num_experts, cfg.hidden_size, cfg.moe.expert_ffn);
-        let p = |s: &str| names.get(&format!("mlp.experts.{s}"));
-        if ck.contains(&p("gate_up_proj_blocks")) {
-            return Err(ModelError::Unsupported(
-                "gpt_oss experts in MXFP4 (`*_blocks` / `*_scales`): not yet; a checkpoint with bf16 experts loads"
-                    .into(),
-            ));
-        }
-        let gate_up = transposed(&ck.slice_weight(&p("gate_up_proj"), e, n, h, 2 * f)?)?;
-        let down = transposed(&ck.slice_weight(&p("down_proj"), e, n, f, h)?)?;
-        // column 2j is gate j, 2j + 1 is up j: gates first, then ups
-        let order: Vec<usize> = (0..f).map(|j| 2 * j).chain((0..f).map(|j| 2 * j + 1)).collect();
-        let gu_bias = ck.slice_vector(&p("gate_up_proj_bias"), e, n, 2 * f)?;
-        Ok(Self {
-            gate_up: gate_up.select_rows(&order)?,
-            down,
-            bias: Some(ExpertBias {
-                gate_up: order.iter().map(|&r| gu_bias[r]).collect(),
-                down: ck.slice_vector(&p("down_proj_bias"), e, n, h)?,
-            }),
-        })
-    }
-
     /// FFN width.
     pub fn ffn(&self) -> usize {
         self.down.cols()
@@ -81,17 +53,6 @@ impl ExpertWeights {
         let bias = self.bias.as_ref().map_or(0, |b| 4 * (b.gate_up.len() + b.down.len()));
         self.gate_up.nbytes() + self.down.nbytes() + bias
     }
-}
-
-/// `w` transposed (float weights only: f32 or bf16, kept in their type).
-fn transposed(w: &Weight) -> Result<Weight> {
-    let (r, c) = (w.rows(), w.cols());
-    let t = |i: usize| (i % r) * c + i / r; // element i of the result, row-major [c, r]
-    Ok(match w.data() {
-        moe_kernels::WeightData::F32(v) => Weight::from_f32(c, r, (0..r * c).map(|i| v[t(i)]).collect())?,
-        moe_kernels::WeightData::Bf16(v) => Weight::from_bf16_bits(c, r, (0..r * c).map(|i| v[t(i)]).collect())?,
-        _ => return Err(ModelError::Unsupported("transposing a quantized matrix".into())),
-    })
 }
 
 /// Where one expert's three matrices live on disk.
@@ -235,7 +196,7 @@ impl ResidentExperts {
                 let names = LayerNames::new(cfg.arch, l);
                 for e in 0..cfg.moe.num_experts {
                     let w = if cfg.arch == crate::Arch::GptOss {
-                        ExpertWeights::load_gpt_oss(ck, &names, e, cfg)?
+                        crate::gpt_oss::load_expert(ck, &names, e, cfg)?
                     } else {
                         ExpertWeights::load(ck, &names.expert(e), cfg.hidden_size, cfg.moe.expert_ffn)?
                     };

@@ -28,6 +28,7 @@ mod error;
 mod experts;
 mod forward;
 pub mod gguf;
+mod gpt_oss;
 mod kv_cache;
 mod loader;
 mod moe;

@@ -248,7 +248,18 @@ macro_rules! fidelity {
     )*};
 }
 
-fidelity!(mixtral, mixtral_bf16, mixtral_window, mixtral_yarn, qwen2_moe, qwen3_moe, qwen3_moe_yarn, olmoe, gpt_oss);
+fidelity!(
+    mixtral,
+    mixtral_bf16,
+    mixtral_window,
+    mixtral_yarn,
+    qwen2_moe,
+    qwen3_moe,
+    qwen3_moe_yarn,
+    olmoe,
+    gpt_oss,
+    gpt_oss_mxfp4
+);
 
 /// The harness must notice a wrong weight: perturb one expert weight and the
 /// comparison has to fail.

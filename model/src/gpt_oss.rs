@@ -1,0 +1,111 @@
+//! gpt-oss experts as transformers stores them: per layer, merged tensors
+//! `mlp.experts.gate_up_proj` `[experts, hidden, 2 * ffn]` (`x @ W`, gate and
+//! up interleaved by column) and `down_proj` `[experts, ffn, hidden]`, with
+//! biases; or, as released, in MXFP4: `*_blocks` `[experts, out, in / 32,
+//! 16]` bytes of two e2m1 values each and `*_scales` `[experts, out, in / 32]`
+//! e8m0 exponents. Both become the `[gate; up]` / `down` rows of outputs the
+//! kernels compute with; MXFP4 stays 4.25 bits per weight (GGUF's block
+//! layout, type 39), with f32 activations as transformers computes.
+
+use crate::arch::LayerNames;
+use crate::checkpoint::Checkpoint;
+use crate::experts::{ExpertBias, ExpertWeights};
+use crate::{ModelConfig, ModelError, Result};
+use moe_kernels::{QuantFormat, Weight, WeightData};
+
+/// Expert `e` of a gpt-oss layer (`names`: the layer's).
+pub(crate) fn load_expert(ck: &Checkpoint, names: &LayerNames, e: usize, cfg: &ModelConfig) -> Result<ExpertWeights> {
+    let (n, h, f) = (cfg.moe.num_experts, cfg.hidden_size, cfg.moe.expert_ffn);
+    let p = |s: &str| names.get(&format!("mlp.experts.{s}"));
+    let (gate_up, down) = if ck.contains(&p("gate_up_proj_blocks")) {
+        (mxfp4(ck, &p("gate_up_proj"), e, n, 2 * f, h)?, mxfp4(ck, &p("down_proj"), e, n, h, f)?)
+    } else {
+        (
+            transposed(&ck.slice_weight(&p("gate_up_proj"), e, n, h, 2 * f)?)?,
+            transposed(&ck.slice_weight(&p("down_proj"), e, n, f, h)?)?,
+        )
+    };
+    // row 2j is gate j, 2j + 1 is up j: gates first, then ups
+    let order: Vec<usize> = (0..f).map(|j| 2 * j).chain((0..f).map(|j| 2 * j + 1)).collect();
+    let gu_bias = ck.slice_vector(&p("gate_up_proj_bias"), e, n, 2 * f)?;
+    Ok(ExpertWeights {
+        gate_up: gate_up.select_rows(&order)?,
+        down,
+        bias: Some(ExpertBias {
+            gate_up: order.iter().map(|&r| gu_bias[r]).collect(),
+            down: ck.slice_vector(&p("down_proj_bias"), e, n, h)?,
+        }),
+    })
+}
+
+/// Expert `e`'s `[rows, cols]` MXFP4 matrix from `{name}_blocks` and
+/// `{name}_scales`, in GGUF's block layout.
+fn mxfp4(ck: &Checkpoint, name: &str, e: usize, n: usize, rows: usize, cols: usize) -> Result<Weight> {
+    if !cols.is_multiple_of(32) {
+        return Err(ModelError::Unsupported(format!("{name}: MXFP4 rows of {cols} values (not whole blocks of 32)")));
+    }
+    let g = cols / 32;
+    let blocks = ck.u8_slice(&format!("{name}_blocks"), e, &[n, rows, g, 16])?;
+    let scales = ck.u8_slice(&format!("{name}_scales"), e, &[n, rows, g])?;
+    let bytes = repack_mxfp4(blocks, scales);
+    Ok(Weight::from_quant(rows, cols, QuantFormat::Mxfp4, bytes)?.with_f32_activations())
+}
+
+/// transformers' MXFP4 blocks (byte `i` holds values `2i` (low nibble) and
+/// `2i + 1`) with their scales, as GGUF blocks: the scale byte, then byte `i`
+/// holding values `i` (low nibble) and `i + 16`. Values and scales are the
+/// same e2m1 codes and e8m0 exponents, so dequantization gives the same
+/// values (bit for bit, but for transformers' -0.0, which is +0.0 here).
+fn repack_mxfp4(blocks: &[u8], scales: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(scales.len() * 17);
+    for (b, &s) in blocks.chunks_exact(16).zip(scales) {
+        let code = |j: usize| if j % 2 == 0 { b[j / 2] & 0x0F } else { b[j / 2] >> 4 };
+        out.push(s);
+        out.extend((0..16).map(|i| code(i) | (code(i + 16) << 4)));
+    }
+    out
+}
+
+/// `w` transposed (float weights only: f32 or bf16, kept in their type).
+fn transposed(w: &Weight) -> Result<Weight> {
+    let (r, c) = (w.rows(), w.cols());
+    let t = |i: usize| (i % r) * c + i / r; // element i of the result, row-major [c, r]
+    Ok(match w.data() {
+        WeightData::F32(v) => Weight::from_f32(c, r, (0..r * c).map(|i| v[t(i)]).collect())?,
+        WeightData::Bf16(v) => Weight::from_bf16_bits(c, r, (0..r * c).map(|i| v[t(i)]).collect())?,
+        WeightData::Quant(_) => return Err(ModelError::Unsupported("transposing a quantized matrix".into())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repacked_blocks_dequantize_to_transformers_values() {
+        // transformers: value 2i = lut[low(b_i)], 2i + 1 = lut[high(b_i)], times 2^(s - 127)
+        const LUT: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+        let blocks: Vec<u8> = (0..32u32).map(|i| (i * 37 + 11) as u8).collect();
+        let scales = [120u8, 131];
+        let mut got = vec![0f32; 64];
+        QuantFormat::Mxfp4.dequantize(&repack_mxfp4(&blocks, &scales), &mut got);
+        for (blk, (b, &s)) in blocks.chunks_exact(16).zip(&scales).enumerate() {
+            for j in 0..32 {
+                let code = if j % 2 == 0 { b[j / 2] & 0x0F } else { b[j / 2] >> 4 };
+                let want = LUT[code as usize] * 2f32.powi(s as i32 - 127);
+                // equal values; code 8 is -0.0 in transformers and +0.0 in GGUF's
+                // integer table, a sign no product can see
+                assert_eq!(got[blk * 32 + j], want, "block {blk} value {j}");
+                if want != 0.0 {
+                    assert_eq!(got[blk * 32 + j].to_bits(), want.to_bits(), "block {blk} value {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transposes_float_matrices() {
+        let w = Weight::from_f32(2, 3, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        assert_eq!(transposed(&w).unwrap().to_f32(), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
+}
