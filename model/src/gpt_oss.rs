@@ -59,7 +59,7 @@ fn mxfp4(ck: &Checkpoint, name: &str, e: usize, n: usize, rows: usize, cols: usi
 fn repack_mxfp4(blocks: &[u8], scales: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(scales.len() * 17);
     for (b, &s) in blocks.chunks_exact(16).zip(scales) {
-        let code = |j: usize| if j % 2 == 0 { b[j / 2] & 0x0F } else { b[j / 2] >> 4 };
+        let code = |j: usize| if j.is_multiple_of(2) { b[j / 2] & 0x0F } else { b[j / 2] >> 4 };
         out.push(s);
         out.extend((0..16).map(|i| code(i) | (code(i + 16) << 4)));
     }
@@ -91,7 +91,7 @@ mod tests {
         QuantFormat::Mxfp4.dequantize(&repack_mxfp4(&blocks, &scales), &mut got);
         for (blk, (b, &s)) in blocks.chunks_exact(16).zip(&scales).enumerate() {
             for j in 0..32 {
-                let code = if j % 2 == 0 { b[j / 2] & 0x0F } else { b[j / 2] >> 4 };
+                let code = if j.is_multiple_of(2) { b[j / 2] & 0x0F } else { b[j / 2] >> 4 };
                 let want = LUT[code as usize] * 2f32.powi(s as i32 - 127);
                 // equal values; code 8 is -0.0 in transformers and +0.0 in GGUF's
                 // integer table, a sign no product can see
