@@ -90,7 +90,7 @@ mod tests {
         let mut got = vec![0f32; 64];
         QuantFormat::Mxfp4.dequantize(&repack_mxfp4(&blocks, &scales), &mut got);
         for (blk, (b, &s)) in blocks.chunks_exact(16).zip(&scales).enumerate() {
-            for j in 0..32 {
+            for j in 0..32usize {
                 let code = if j.is_multiple_of(2) { b[j / 2] & 0x0F } else { b[j / 2] >> 4 };
                 let want = LUT[code as usize] * 2f32.powi(s as i32 - 127);
                 // equal values; code 8 is -0.0 in transformers and +0.0 in GGUF's
