@@ -205,36 +205,31 @@ impl Checkpoint {
         self.f32_tensor(name, &[len])
     }
 
-    /// Slice `i` of a `[n, rows, cols]` float tensor of merged experts, as a
-    /// `[rows, cols]` matrix (the expert-major layout gpt-oss stores).
-    pub(crate) fn slice_weight(&self, name: &str, i: usize, n: usize, rows: usize, cols: usize) -> Result<Weight> {
-        let e = self.entry(name, &[n, rows, cols])?;
-        let size = match &e.dtype {
-            StoredType::F32 => 4,
-            StoredType::Bf16 | StoredType::F16 => 2,
-            other => return Err(ModelError::Dtype { name: display_name(name, e), dtype: type_name(other) }),
-        };
-        let b = self.bytes(e);
-        let one = rows * cols * size;
-        weight_from_bytes(&display_name(name, e), &e.dtype, rows, cols, &b[i * one..(i + 1) * one])
-    }
-
-    /// Slice `i` of a byte tensor (safetensors `U8`) of shape `shape`
-    /// (`shape[0]` slices).
-    pub(crate) fn u8_slice(&self, name: &str, i: usize, shape: &[usize]) -> Result<&[u8]> {
+    /// Where slice `i` of a tensor of `shape` lives (`shape[0]` slices,
+    /// each a `[shape[1], prod(shape[2..])]` matrix): one expert of a merged
+    /// expert tensor (gpt-oss). Byte tensors (MXFP4 blocks and scales) are
+    /// located too; their bytes are parsed by their reader.
+    pub(crate) fn locate_slice(&self, name: &str, i: usize, shape: &[usize]) -> Result<TensorLocation> {
         let e = self.entry(name, shape)?;
-        if !matches!(&e.dtype, StoredType::Unsupported(d) if d == "U8") {
-            return Err(ModelError::Dtype { name: display_name(name, e), dtype: type_name(&e.dtype) });
-        }
-        let b = self.bytes(e);
-        let one = b.len() / shape[0].max(1);
-        Ok(&b[i * one..(i + 1) * one])
+        let one = (e.end - e.start) / shape[0].max(1);
+        Ok(TensorLocation {
+            name: display_name(name, e),
+            path: self.files[e.file].0.clone(),
+            offset: (e.start + i * one) as u64,
+            len: one,
+            dtype: e.dtype.clone(),
+            rows: shape.get(1).copied().unwrap_or(1),
+            cols: shape.iter().skip(2).product(),
+        })
     }
 
-    /// Row `i` of a `[n, len]` float tensor, widened to f32.
-    pub(crate) fn slice_vector(&self, name: &str, i: usize, n: usize, len: usize) -> Result<Vec<f32>> {
-        let all = self.f32_tensor(name, &[n, len])?;
-        Ok(all[i * len..(i + 1) * len].to_vec())
+    /// The bytes at `loc`, a location in this checkpoint, read ahead.
+    pub(crate) fn bytes_at(&self, loc: &TensorLocation) -> &[u8] {
+        let (start, len) = (loc.offset as usize, loc.len);
+        let map =
+            self.files.iter().find(|(p, _)| *p == loc.path).map(|(_, m)| m).expect("a location in this checkpoint");
+        let _ = map.advise_range(memmap2::Advice::WillNeed, start, len);
+        &map[start..start + len]
     }
 }
 

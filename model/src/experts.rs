@@ -55,21 +55,71 @@ impl ExpertWeights {
     }
 }
 
-/// Where one expert's three matrices live on disk.
+/// Where one expert's bytes live on disk: the parts to read, and how they
+/// become its weights ([`ExpertLocation::assemble`]), so a slow tier can read
+/// an expert without the mapping.
 #[derive(Clone, Debug)]
 pub struct ExpertLocation {
-    /// `[ffn, hidden]`.
-    pub gate: TensorLocation,
-    /// `[ffn, hidden]`.
-    pub up: TensorLocation,
-    /// `[hidden, ffn]`.
-    pub down: TensorLocation,
+    /// Every byte range of the expert, in the order `assemble` takes them.
+    pub parts: Vec<TensorLocation>,
+    layout: Layout,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// gate `[ffn, hidden]`, up, down `[hidden, ffn]`, each a whole tensor.
+    Split,
+    /// gpt-oss's slices of its merged tensors (`gpt_oss.rs`).
+    GptOss(crate::gpt_oss::Stored),
 }
 
 impl ExpertLocation {
-    /// Bytes on disk of the three matrices.
+    pub(crate) fn split(gate: TensorLocation, up: TensorLocation, down: TensorLocation) -> Self {
+        Self { parts: vec![gate, up, down], layout: Layout::Split }
+    }
+
+    pub(crate) fn gpt_oss(parts: Vec<TensorLocation>, stored: crate::gpt_oss::Stored) -> Self {
+        Self { parts, layout: Layout::GptOss(stored) }
+    }
+
+    /// Bytes on disk.
     pub fn nbytes(&self) -> usize {
-        self.gate.len + self.up.len + self.down.len
+        self.parts.iter().map(|p| p.len).sum()
+    }
+
+    /// The gate, up and down matrices when they are whole tensors (the
+    /// layout a reader may fill buffers from directly).
+    pub fn gate_up_down(&self) -> Option<[&TensorLocation; 3]> {
+        match (self.layout, &self.parts[..]) {
+            (Layout::Split, [g, u, d]) => Some([g, u, d]),
+            _ => None,
+        }
+    }
+
+    /// Bytes in memory once loaded (f16 is widened to f32, biases are f32).
+    pub fn resident_bytes(&self) -> usize {
+        let widened = |t: &TensorLocation| match t.dtype {
+            crate::StoredType::F16 => t.len * 2,
+            _ => t.len,
+        };
+        match self.layout {
+            Layout::Split => self.parts.iter().map(widened).sum(),
+            Layout::GptOss(stored) => crate::gpt_oss::resident_bytes(stored, &self.parts),
+        }
+    }
+
+    /// The expert from the bytes of its parts (`bytes[i]` read at `parts[i]`).
+    pub fn assemble(&self, bytes: &[&[u8]]) -> Result<ExpertWeights> {
+        if bytes.len() != self.parts.len() {
+            return Err(ModelError::Unsupported(format!("{} parts read, {} expected", bytes.len(), self.parts.len())));
+        }
+        match self.layout {
+            Layout::Split => {
+                let w = |i: usize| self.parts[i].to_weight(bytes[i]);
+                ExpertWeights::from_parts(w(0)?, w(1)?, w(2)?)
+            }
+            Layout::GptOss(stored) => crate::gpt_oss::assemble(stored, &self.parts, bytes),
+        }
     }
 }
 
@@ -77,13 +127,6 @@ impl ExpertLocation {
 /// no entries); shapes and dtypes are checked here, so that a later read can
 /// only fail on IO.
 pub fn locate_experts(ck: &Checkpoint, cfg: &ModelConfig) -> Result<Vec<Vec<ExpertLocation>>> {
-    if cfg.arch == crate::Arch::GptOss {
-        return Err(ModelError::Unsupported(
-            "an expert budget for gpt_oss (its experts are stored merged and interleaved): not yet; \
-             load every expert (--expert-cache all)"
-                .into(),
-        ));
-    }
     let (h, f) = (cfg.hidden_size, cfg.moe.expert_ffn);
     let mut out = Vec::with_capacity(cfg.num_layers());
     for (l, kind) in cfg.layers.iter().enumerate() {
@@ -91,12 +134,16 @@ pub fn locate_experts(ck: &Checkpoint, cfg: &ModelConfig) -> Result<Vec<Vec<Expe
         if *kind == crate::FfnKind::Moe {
             let names = LayerNames::new(cfg.arch, l);
             for e in 0..cfg.moe.num_experts {
+                if cfg.arch == crate::Arch::GptOss {
+                    layer.push(crate::gpt_oss::locate(ck, &names, e, cfg)?);
+                    continue;
+                }
                 let n = names.expert(e);
-                layer.push(ExpertLocation {
-                    gate: ck.locate(&n[0], f, h)?,
-                    up: ck.locate(&n[1], f, h)?,
-                    down: ck.locate(&n[2], h, f)?,
-                });
+                layer.push(ExpertLocation::split(
+                    ck.locate(&n[0], f, h)?,
+                    ck.locate(&n[1], f, h)?,
+                    ck.locate(&n[2], h, f)?,
+                ));
             }
         }
         out.push(layer);
@@ -196,7 +243,9 @@ impl ResidentExperts {
                 let names = LayerNames::new(cfg.arch, l);
                 for e in 0..cfg.moe.num_experts {
                     let w = if cfg.arch == crate::Arch::GptOss {
-                        crate::gpt_oss::load_expert(ck, &names, e, cfg)?
+                        let loc = crate::gpt_oss::locate(ck, &names, e, cfg)?;
+                        let bytes: Vec<&[u8]> = loc.parts.iter().map(|p| ck.bytes_at(p)).collect();
+                        loc.assemble(&bytes)?
                     } else {
                         ExpertWeights::load(ck, &names.expert(e), cfg.hidden_size, cfg.moe.expert_ffn)?
                     };

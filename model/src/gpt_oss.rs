@@ -8,47 +8,80 @@
 //! layout, type 39), with f32 activations as transformers computes.
 
 use crate::arch::LayerNames;
-use crate::checkpoint::Checkpoint;
-use crate::experts::{ExpertBias, ExpertWeights};
+use crate::checkpoint::{Checkpoint, StoredType, TensorLocation};
+use crate::experts::{ExpertBias, ExpertLocation, ExpertWeights};
 use crate::{ModelConfig, ModelError, Result};
 use moe_kernels::{QuantFormat, Weight, WeightData};
 
-/// Expert `e` of a gpt-oss layer (`names`: the layer's).
-pub(crate) fn load_expert(ck: &Checkpoint, names: &LayerNames, e: usize, cfg: &ModelConfig) -> Result<ExpertWeights> {
+/// How a gpt-oss checkpoint stores its experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Stored {
+    /// MXFP4 blocks and scales (else float matrices).
+    mxfp4: bool,
+    hidden: usize,
+    ffn: usize,
+}
+
+/// Where expert `e` of a gpt-oss layer (`names`: the layer's) lives: its
+/// slices of the merged tensors, in the order [`assemble`] takes them
+/// (MXFP4: gate/up blocks, scales, down blocks, scales; float: gate/up,
+/// down; then the two biases).
+pub(crate) fn locate(ck: &Checkpoint, names: &LayerNames, e: usize, cfg: &ModelConfig) -> Result<ExpertLocation> {
     let (n, h, f) = (cfg.moe.num_experts, cfg.hidden_size, cfg.moe.expert_ffn);
     let p = |s: &str| names.get(&format!("mlp.experts.{s}"));
-    let (gate_up, down) = if ck.contains(&p("gate_up_proj_blocks")) {
-        (mxfp4(ck, &p("gate_up_proj"), e, n, 2 * f, h)?, mxfp4(ck, &p("down_proj"), e, n, h, f)?)
+    let mxfp4 = ck.contains(&p("gate_up_proj_blocks"));
+    let mut parts = Vec::with_capacity(6);
+    if mxfp4 {
+        for (name, rows, cols) in [("gate_up_proj", 2 * f, h), ("down_proj", h, f)] {
+            if !cols.is_multiple_of(32) {
+                return Err(ModelError::Unsupported(format!(
+                    "{name}: MXFP4 rows of {cols} values (not whole blocks of 32)"
+                )));
+            }
+            parts.push(ck.locate_slice(&p(&format!("{name}_blocks")), e, &[n, rows, cols / 32, 16])?);
+            parts.push(ck.locate_slice(&p(&format!("{name}_scales")), e, &[n, rows, cols / 32])?);
+        }
     } else {
-        (
-            transposed(&ck.slice_weight(&p("gate_up_proj"), e, n, h, 2 * f)?)?,
-            transposed(&ck.slice_weight(&p("down_proj"), e, n, f, h)?)?,
-        )
+        parts.push(ck.locate_slice(&p("gate_up_proj"), e, &[n, h, 2 * f])?);
+        parts.push(ck.locate_slice(&p("down_proj"), e, &[n, f, h])?);
+    }
+    parts.push(ck.locate_slice(&p("gate_up_proj_bias"), e, &[n, 2 * f])?);
+    parts.push(ck.locate_slice(&p("down_proj_bias"), e, &[n, h])?);
+    Ok(ExpertLocation::gpt_oss(parts, Stored { mxfp4, hidden: h, ffn: f }))
+}
+
+/// Bytes in memory of an expert stored as `parts` describe.
+pub(crate) fn resident_bytes(stored: Stored, parts: &[TensorLocation]) -> usize {
+    let (h, f) = (stored.hidden, stored.ffn);
+    let matrices: usize = match stored.mxfp4 {
+        true => parts[..4].iter().map(|p| p.len).sum(), // 16 + 1 bytes a block either way
+        false => parts[..2].iter().map(|p| if p.dtype == StoredType::F16 { 2 * p.len } else { p.len }).sum(),
     };
+    matrices + 4 * (2 * f + h)
+}
+
+/// The expert from its parts' bytes: matrices as rows of outputs (float:
+/// transposed; MXFP4: repacked, f32 activations), gate and up
+/// de-interleaved into `[gate; up]`, biases widened to f32.
+pub(crate) fn assemble(stored: Stored, parts: &[TensorLocation], bytes: &[&[u8]]) -> Result<ExpertWeights> {
+    let (h, f) = (stored.hidden, stored.ffn);
+    let (gate_up, down, rest) = if stored.mxfp4 {
+        let q = |rows: usize, cols: usize, blocks: &[u8], scales: &[u8]| -> Result<Weight> {
+            Ok(Weight::from_quant(rows, cols, QuantFormat::Mxfp4, repack_mxfp4(blocks, scales))?.with_f32_activations())
+        };
+        (q(2 * f, h, bytes[0], bytes[1])?, q(h, f, bytes[2], bytes[3])?, 4)
+    } else {
+        (transposed(&parts[0].to_weight(bytes[0])?)?, transposed(&parts[1].to_weight(bytes[1])?)?, 2)
+    };
+    let vector = |i: usize| -> Result<Vec<f32>> { Ok(parts[i].to_weight(bytes[i])?.to_f32()) };
+    let gu_bias = vector(rest)?;
     // row 2j is gate j, 2j + 1 is up j: gates first, then ups
     let order: Vec<usize> = (0..f).map(|j| 2 * j).chain((0..f).map(|j| 2 * j + 1)).collect();
-    let gu_bias = ck.slice_vector(&p("gate_up_proj_bias"), e, n, 2 * f)?;
     Ok(ExpertWeights {
         gate_up: gate_up.select_rows(&order)?,
         down,
-        bias: Some(ExpertBias {
-            gate_up: order.iter().map(|&r| gu_bias[r]).collect(),
-            down: ck.slice_vector(&p("down_proj_bias"), e, n, h)?,
-        }),
+        bias: Some(ExpertBias { gate_up: order.iter().map(|&r| gu_bias[r]).collect(), down: vector(rest + 1)? }),
     })
-}
-
-/// Expert `e`'s `[rows, cols]` MXFP4 matrix from `{name}_blocks` and
-/// `{name}_scales`, in GGUF's block layout.
-fn mxfp4(ck: &Checkpoint, name: &str, e: usize, n: usize, rows: usize, cols: usize) -> Result<Weight> {
-    if !cols.is_multiple_of(32) {
-        return Err(ModelError::Unsupported(format!("{name}: MXFP4 rows of {cols} values (not whole blocks of 32)")));
-    }
-    let g = cols / 32;
-    let blocks = ck.u8_slice(&format!("{name}_blocks"), e, &[n, rows, g, 16])?;
-    let scales = ck.u8_slice(&format!("{name}_scales"), e, &[n, rows, g])?;
-    let bytes = repack_mxfp4(blocks, scales);
-    Ok(Weight::from_quant(rows, cols, QuantFormat::Mxfp4, bytes)?.with_f32_activations())
 }
 
 /// transformers' MXFP4 blocks (byte `i` holds values `2i` (low nibble) and

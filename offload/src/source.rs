@@ -45,17 +45,13 @@ impl DiskExperts {
         let locations = locate_experts(&ck, cfg)?;
         drop(ck); // unmapped, so its pages can be released below
         let first = locations.iter().flatten().next();
-        let expert_bytes = first.map_or(0, resident_bytes);
-        let io = match first {
-            Some(loc) => io.usable_for(&loc.gate.path)?,
+        let expert_bytes = first.map_or(0, ExpertLocation::resident_bytes);
+        let io = match first.and_then(|loc| loc.parts.first()) {
+            Some(part) => io.usable_for(&part.path)?,
             None => io,
         };
-        let mut files: Vec<&Path> = locations
-            .iter()
-            .flatten()
-            .flat_map(|l| [&l.gate.path, &l.up.path, &l.down.path])
-            .map(|p| p.as_path())
-            .collect();
+        let mut files: Vec<&Path> =
+            locations.iter().flatten().flat_map(|l| l.parts.iter()).map(|p| p.path.as_path()).collect();
         files.sort_unstable();
         files.dedup();
         for f in files {
@@ -70,48 +66,40 @@ impl DiskExperts {
     }
 }
 
-/// Bytes in memory of an expert (f16 is widened to f32 at load).
-fn resident_bytes(loc: &ExpertLocation) -> usize {
-    let one = |t: &TensorLocation| match t.dtype {
-        StoredType::F16 => t.len * 2,
-        _ => t.len,
-    };
-    one(&loc.gate) + one(&loc.up) + one(&loc.down)
-}
-
 /// The common case, bf16 matrices in one file on a little-endian host: read
 /// each matrix straight into the buffer it is computed from (gate and up into
 /// one stacked buffer), one copy per byte. `None` when the case does not apply.
 fn read_bf16_direct(loc: &ExpertLocation, io: DiskIo) -> Result<Option<ExpertWeights>, (&Path, String)> {
-    let parts = [&loc.gate, &loc.up, &loc.down];
-    let same_file = parts.iter().all(|t| t.path == loc.gate.path);
+    let Some(parts) = loc.gate_up_down() else { return Ok(None) };
+    let same_file = parts.iter().all(|t| t.path == parts[0].path);
     if cfg!(target_endian = "big") || !same_file || parts.iter().any(|t| t.dtype != StoredType::Bf16) {
         return Ok(None);
     }
-    let path = loc.gate.path.as_path();
+    let [gate, up, down] = parts;
+    let path = gate.path.as_path();
     let file = io.open(path).map_err(|e| (path, e.to_string()))?;
     let read = |t: &TensorLocation, dst: &mut [u16]| {
         io.read_into(&file, t.offset, bytemuck::cast_slice_mut(dst))
             .map_err(|e| (path, format!("reading tensor {}: {e}", t.name)))
     };
-    let (g, u, d) = (loc.gate.len / 2, loc.up.len / 2, loc.down.len / 2);
+    let (g, u, d) = (gate.len / 2, up.len / 2, down.len / 2);
     let mut gate_up = vec![0u16; g + u];
-    read(&loc.gate, &mut gate_up[..g])?;
-    read(&loc.up, &mut gate_up[g..])?;
-    let mut down = vec![0u16; d];
-    read(&loc.down, &mut down)?;
+    read(gate, &mut gate_up[..g])?;
+    read(up, &mut gate_up[g..])?;
+    let mut down_bits = vec![0u16; d];
+    read(down, &mut down_bits)?;
     let w = |rows, cols, bits| Weight::from_bf16_bits(rows, cols, bits).map_err(|e| (path, e.to_string()));
     Ok(Some(ExpertWeights {
-        gate_up: w(loc.gate.rows + loc.up.rows, loc.gate.cols, gate_up)?,
-        down: w(loc.down.rows, loc.down.cols, down)?,
+        gate_up: w(gate.rows + up.rows, gate.cols, gate_up)?,
+        down: w(down.rows, down.cols, down_bits)?,
         bias: None,
     }))
 }
 
-fn read_tensor(io: DiskIo, file: &File, t: &TensorLocation) -> Result<Weight, String> {
+fn read_part(io: DiskIo, file: &File, t: &TensorLocation) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; t.len];
     io.read_into(file, t.offset, &mut buf).map_err(|e| format!("reading tensor {}: {e}", t.name))?;
-    t.to_weight(&buf).map_err(|e| e.to_string())
+    Ok(buf)
 }
 
 impl ExpertSource for DiskExperts {
@@ -133,20 +121,18 @@ impl ExpertSource for DiskExperts {
         if let Some(w) = read_bf16_direct(loc, self.io).map_err(|(path, m)| fail(path, m))? {
             return Ok(w);
         }
-        let mut parts = Vec::with_capacity(3);
+        let mut bytes = Vec::with_capacity(loc.parts.len());
         let mut open: Option<(&Path, File)> = None;
-        for t in [&loc.gate, &loc.up, &loc.down] {
+        for t in &loc.parts {
             if open.as_ref().is_none_or(|(p, _)| *p != t.path.as_path()) {
                 let f = self.io.open(&t.path).map_err(|e| fail(&t.path, e.to_string()))?;
                 open = Some((t.path.as_path(), f));
             }
             let (_, f) = open.as_ref().expect("opened above");
-            parts.push(read_tensor(self.io, f, t).map_err(|m| fail(&t.path, m))?);
+            bytes.push(read_part(self.io, f, t).map_err(|m| fail(&t.path, m))?);
         }
-        let down = parts.pop().expect("three parts");
-        let up = parts.pop().expect("three parts");
-        let gate = parts.pop().expect("three parts");
-        ExpertWeights::from_parts(gate, up, down).map_err(|e| fail(&loc.gate.path, e.to_string()))
+        let views: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+        loc.assemble(&views).map_err(|e| fail(&loc.parts[0].path, e.to_string()))
     }
 
     fn expert_bytes(&self) -> usize {
