@@ -180,6 +180,12 @@ impl TextCodec {
         &self.specials
     }
 
+    /// The id of the token whose text is exactly `text` (special tokens
+    /// included), if the vocabulary has one.
+    pub fn token_id(&self, text: &str) -> Option<TokenId> {
+        self.tokenizer.token_to_id(text)
+    }
+
     /// Text of `ids`, without special tokens when `skip_special_tokens`.
     pub fn decode(&self, ids: &[TokenId], skip_special_tokens: bool) -> Result<String> {
         self.tokenizer.decode(ids, skip_special_tokens).map_err(|e| ModelError::Tokenizer(e.to_string()))

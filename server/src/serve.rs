@@ -77,8 +77,10 @@ pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
     let engine =
         spawn_engine(core, EngineLimits { max_in_flight: cfg.max_num_seqs + cfg.max_waiting, inbox: 1024 }, sink);
     tracing::info!(model = %name, arch = model_cfg.arch.name(), kv_blocks = blocks, "model ready");
+    let harmony = crate::frontend::harmony::HarmonyTokens::from_codec(&loaded.codec);
     Ok(Ready {
         engine,
+        harmony,
         codec: Arc::new(loaded.codec),
         template,
         model_name: name,

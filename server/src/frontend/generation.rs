@@ -2,6 +2,7 @@
 //! events into text pieces, shared by completions and chat completions.
 
 use super::error::ApiError;
+use super::harmony::{HarmonyRouter, Route};
 use super::state::Ready;
 use super::text::TextAssembler;
 use moe_engine::metric_names as m;
@@ -30,6 +31,9 @@ pub struct Job {
     pub min_tokens: usize,
     /// Ignore eos.
     pub ignore_eos: bool,
+    /// Split harmony channels into reasoning and content (chat completions
+    /// of a harmony model).
+    pub harmony: Option<super::harmony::HarmonyTokens>,
 }
 
 impl Job {
@@ -45,6 +49,7 @@ impl Job {
             stop: p.stop.clone(),
             min_tokens: p.min_tokens,
             ignore_eos: p.ignore_eos,
+            harmony: None,
         }
     }
 }
@@ -56,6 +61,8 @@ pub struct Piece {
     pub index: usize,
     /// Text to append (may be empty while a stop string or character is pending).
     pub text: String,
+    /// Reasoning text to append (harmony models' non-final channels).
+    pub reasoning: String,
     /// The token and its logprobs (when asked for).
     pub token: Option<SampledToken>,
     /// Set on the last piece of a choice.
@@ -67,6 +74,8 @@ pub struct Choice {
     index: usize,
     stream: Option<RequestStream>,
     text: TextAssembler,
+    /// Harmony: where each token goes, and the reasoning's own text.
+    harmony: Option<(HarmonyRouter, TextAssembler)>,
     codec: Arc<TextCodec>,
     /// Tokens generated so far.
     pub tokens: usize,
@@ -94,6 +103,7 @@ pub fn submit(ready: &Ready, job: Job, started: Instant) -> Result<Vec<Choice>, 
                 index: p * job.n + i,
                 stream: Some(stream),
                 text: TextAssembler::new(job.stop.clone()),
+                harmony: job.harmony.map(|t| (HarmonyRouter::new(t), TextAssembler::new(Vec::new()))),
                 codec: ready.codec.clone(),
                 tokens: 0,
                 started,
@@ -128,19 +138,32 @@ impl Choice {
                 self.last = Some(now);
                 self.tokens += 1;
                 metrics::counter!(m::GENERATED_TOKENS).increment(1);
-                let text = match self.text.push(&self.codec, tok.id) {
+                let route = match &mut self.harmony {
+                    Some((router, _)) => router.push(&self.codec, tok.id),
+                    None => Route::Content,
+                };
+                let pushed = match (route, &mut self.harmony) {
+                    (Route::Content, _) => self.text.push(&self.codec, tok.id).map(|t| (t, String::new())),
+                    (Route::Reasoning, Some((_, r))) => r.push(&self.codec, tok.id).map(|t| (String::new(), t)),
+                    _ => Ok((String::new(), String::new())),
+                };
+                let (text, reasoning) = match pushed {
                     Ok(t) => t,
                     Err(e) => return Some(Err(self.fail(ApiError::internal(format!("detokenizing failed: {e}"))))),
                 };
                 let finish = self.text.stopped().then_some(FinishReason::Stop);
-                Piece { index: self.index, text, token: Some(tok), finish }
+                Piece { index: self.index, text, reasoning, token: Some(tok), finish }
             }
             Some(EngineEvent::Finished(reason)) => {
-                let text = match self.text.finish(&self.codec) {
+                let reasoning = match &mut self.harmony {
+                    Some((_, r)) => r.finish(&self.codec),
+                    None => Ok(String::new()),
+                };
+                let (text, reasoning) = match self.text.finish(&self.codec).and_then(|t| Ok((t, reasoning?))) {
                     Ok(t) => t,
                     Err(e) => return Some(Err(self.fail(ApiError::internal(format!("detokenizing failed: {e}"))))),
                 };
-                Piece { index: self.index, text, token: None, finish: Some(reason) }
+                Piece { index: self.index, text, reasoning, token: None, finish: Some(reason) }
             }
             // the engine's cause, mapped once (frontend/error.rs): a refused
             // request is a 400, an unreadable expert a 503, a failed step a 500
@@ -173,6 +196,8 @@ pub struct Collected {
     pub index: usize,
     /// Text, stop strings removed.
     pub text: String,
+    /// Reasoning text (harmony models).
+    pub reasoning: String,
     /// The tokens, with logprobs when asked for.
     pub tokens: Vec<SampledToken>,
     /// Why it ended.
@@ -182,11 +207,17 @@ pub struct Collected {
 /// Runs every choice to the end.
 pub async fn collect(choices: Vec<Choice>) -> Result<Vec<Collected>, ApiError> {
     let runs = choices.into_iter().map(|mut c| async move {
-        let mut out =
-            Collected { index: c.index(), text: String::new(), tokens: Vec::new(), finish: FinishReason::Length };
+        let mut out = Collected {
+            index: c.index(),
+            text: String::new(),
+            reasoning: String::new(),
+            tokens: Vec::new(),
+            finish: FinishReason::Length,
+        };
         while let Some(p) = c.next().await {
             let p = p?;
             out.text.push_str(&p.text);
+            out.reasoning.push_str(&p.reasoning);
             out.tokens.extend(p.token);
             if let Some(f) = p.finish {
                 out.finish = f;

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod error;
 pub mod generation;
+pub mod harmony;
 pub mod params;
 pub mod state;
 pub mod text;

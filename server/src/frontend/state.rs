@@ -24,6 +24,9 @@ pub struct Ready {
     pub created: u64,
     /// Model vocabulary size.
     pub engine_vocab: usize,
+    /// The harmony markup, when the tokenizer has it (gpt-oss): chat
+    /// completions then split reasoning from the answer.
+    pub harmony: Option<super::harmony::HarmonyTokens>,
     /// The model's configuration.
     pub model_config: moe_model::ModelConfig,
     /// Bounds how many tokenizations run at once (each costs memory in

@@ -47,7 +47,8 @@ pub(super) async fn handle(
     }
     let prompt_tokens = prompt.len() * common.n;
     let room = r.engine.max_model_len().saturating_sub(prompt.len()).clamp(1, state.cfg.max_tokens_limit);
-    let job = Job::new(vec![prompt], &common, room);
+    let mut job = Job::new(vec![prompt], &common, room);
+    job.harmony = r.harmony;
     tracing::debug!(user = common.user.as_deref().unwrap_or(""), choices = common.n, "chat completion");
     let choices = generation::submit(&r, job, started)?;
     let (id, created, model) = (new_id("chatcmpl"), unix_now(), r.model_name.clone());
@@ -61,7 +62,14 @@ pub(super) async fn handle(
                 (Some(t), true) => chat_logprobs(&codec, std::slice::from_ref(t)),
                 _ => Value::Null,
             };
-            let delta = if p.finish.is_some() && p.text.is_empty() { json!({}) } else { json!({"content": p.text}) };
+            let mut delta = serde_json::Map::new();
+            if !p.reasoning.is_empty() {
+                delta.insert("reasoning_content".into(), json!(p.reasoning));
+            }
+            if !p.text.is_empty() || (p.finish.is_none() && p.reasoning.is_empty()) {
+                delta.insert("content".into(), json!(p.text));
+            }
+            let delta = Value::Object(delta);
             chunk(&id2, created, &model2, p.index, delta, lp, p.finish)
         });
         let usage = opts.include_usage.then(|| {
@@ -79,7 +87,11 @@ pub(super) async fn handle(
         .into_iter()
         .map(|c| {
             let lp = if logprobs { chat_logprobs(&r.codec, &c.tokens) } else { Value::Null };
-            json!({"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp, "finish_reason": super::finish_reason(c.finish)})
+            let mut message = json!({"role": "assistant", "content": c.text});
+            if r.harmony.is_some() {
+                message["reasoning_content"] = json!(c.reasoning);
+            }
+            json!({"index": c.index, "message": message, "logprobs": lp, "finish_reason": super::finish_reason(c.finish)})
         })
         .collect();
     Ok(Json(json!({
