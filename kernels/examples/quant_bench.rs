@@ -75,6 +75,21 @@ fn run() {
             }
         }
     }
+    // gpt-oss's MXFP4 experts from a transformers checkpoint keep f32
+    // activations (exact: widened, then gemm) where GGUF's use the int8 path
+    println!("\n| gpt-oss-20b expert 2880 x 2880, MXFP4 | rows | int8 path (GGUF) us | f32 activations (transformers checkpoint) us |");
+    println!("|---|---:|---:|---:|");
+    let (n, k) = (2880, 2880);
+    let bytes = (0..n * k / 32 * 17).map(|i| if i % 17 == 0 { 120 } else { (i * 31 % 251) as u8 }).collect();
+    let plain = Weight::from_quant(n, k, QuantFormat::Mxfp4, bytes).expect("weight");
+    let exact = plain.clone().with_f32_activations();
+    for m in [1usize, 4, 16] {
+        let x: Vec<f32> = (0..m * k).map(|i| (i * 31 % 17) as f32 / 17.0 - 0.5).collect();
+        let mut out = vec![0f32; m * n];
+        let int = time(&x, m, &plain, &mut out, Kernel::Auto);
+        let f32_acts = time(&x, m, &exact, &mut out, Kernel::Auto);
+        println!("| | {m} | {:.1} | {:.1} |", int * 1e6, f32_acts * 1e6);
+    }
     println!();
     for (n, k, format, rate) in quantize_rates {
         println!("quantizing {n} x {k} to {format}: {rate:.0} M values/s (one thread)");
