@@ -94,6 +94,15 @@ impl Weight {
         self
     }
 
+    /// This matrix with products that quantize few activation rows to int8
+    /// (the default for quantized weights; undoes [`Self::with_f32_activations`]).
+    pub fn with_int8_activations(mut self) -> Self {
+        if let WeightData::Quant(q) = &mut self.data {
+            q.f32_acts = false;
+        }
+        self
+    }
+
     /// Quantizes this matrix to `format` (from its values widened to f32).
     pub fn quantize(&self, format: QuantFormat) -> Result<Self, crate::KernelError> {
         let values = self.to_f32();

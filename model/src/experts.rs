@@ -43,6 +43,14 @@ impl ExpertWeights {
         Ok(Self { gate_up: Weight::concat_rows(&[gate, up])?, down, bias: None })
     }
 
+    /// These weights with products that quantize few activation rows to
+    /// int8, as llama.cpp computes (faster; no longer exact against a float
+    /// reference): for gpt-oss's MXFP4 experts, which keep f32 activations by
+    /// default. Float weights are unaffected.
+    pub fn with_int8_activations(self) -> Self {
+        Self { gate_up: self.gate_up.with_int8_activations(), down: self.down.with_int8_activations(), bias: self.bias }
+    }
+
     /// FFN width.
     pub fn ffn(&self) -> usize {
         self.down.cols()
@@ -283,6 +291,13 @@ impl ResidentExperts {
     /// The weights, `[layer][expert]`.
     pub fn into_weights(self) -> Vec<Vec<ExpertWeights>> {
         self.experts
+    }
+
+    /// Every expert with int8 activation products (see
+    /// [`ExpertWeights::with_int8_activations`]).
+    pub fn with_int8_activations(self) -> Self {
+        let experts = self.experts.into_iter().map(|l| l.into_iter().map(|e| e.with_int8_activations()).collect());
+        Self { experts: experts.collect() }
     }
 }
 

@@ -159,6 +159,53 @@ impl std::fmt::Display for DiskIo {
     }
 }
 
+/// How products with quantized experts that a checkpoint marks for f32
+/// activations (gpt-oss's MXFP4 from transformers) treat the activations
+/// (`--expert-activations`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum ExpertActivations {
+    /// f32, as the checkpoint's reference computes (exact).
+    F32,
+    /// Quantized to int8 blocks, as llama.cpp computes (faster).
+    Int8,
+}
+
+impl ExpertActivations {
+    /// The flag's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Int8 => "int8",
+        }
+    }
+}
+
+impl FromStr for ExpertActivations {
+    type Err = OffloadError;
+
+    fn from_str(s: &str) -> Result<Self, OffloadError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(Self::F32),
+            "int8" => Ok(Self::Int8),
+            _ => Err(OffloadError::Config(format!("unknown expert activations {s:?}: expected f32 or int8"))),
+        }
+    }
+}
+
+impl TryFrom<String> for ExpertActivations {
+    type Error = OffloadError;
+    fn try_from(s: String) -> Result<Self, OffloadError> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for ExpertActivations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +235,10 @@ mod tests {
         for m in [DiskIo::Direct, DiskIo::Release, DiskIo::Cached] {
             assert_eq!(m.name().parse::<DiskIo>().expect("parse"), m);
         }
+        for a in [ExpertActivations::F32, ExpertActivations::Int8] {
+            assert_eq!(a.to_string().parse::<ExpertActivations>().expect("parse"), a);
+        }
+        assert!("fp16".parse::<ExpertActivations>().is_err());
         let err = "mmap".parse::<DiskIo>().expect_err("unknown");
         assert!(err.to_string().contains("direct, release or cached"), "{err}");
     }

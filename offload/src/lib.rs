@@ -44,11 +44,11 @@ mod stats;
 
 pub use budget::ExpertBudget;
 pub use cache::{CacheConfig, CacheGuard, ExpertCache};
-pub use disk_io::DiskIo;
+pub use disk_io::{DiskIo, ExpertActivations};
 pub use error::OffloadError;
 pub use experts::{Experts, ExpertsGuard};
 pub use policy::PolicyKind;
 pub use predictor::{PredictorChoice, PredictorKind};
 pub use sharded::{ShardStats, ShardedExperts};
-pub use source::{DiskExperts, ExpertSource, MemoryExperts, QuantizingSource};
+pub use source::{DiskExperts, ExpertSource, Int8ActivationSource, MemoryExperts, QuantizingSource};
 pub use stats::{CacheStats, LayerStats};

@@ -186,6 +186,33 @@ impl ExpertSource for QuantizingSource {
     }
 }
 
+/// Experts of `inner` with int8 activation products (`--expert-activations
+/// int8`: gpt-oss's MXFP4 experts computed as llama.cpp computes them).
+pub struct Int8ActivationSource {
+    inner: Box<dyn ExpertSource>,
+}
+
+impl Int8ActivationSource {
+    /// Wraps `inner`.
+    pub fn new(inner: Box<dyn ExpertSource>) -> Self {
+        Self { inner }
+    }
+}
+
+impl ExpertSource for Int8ActivationSource {
+    fn load(&self, layer: LayerId, expert: ExpertId) -> Result<ExpertWeights, OffloadError> {
+        Ok(self.inner.load(layer, expert)?.with_int8_activations())
+    }
+
+    fn expert_bytes(&self) -> usize {
+        self.inner.expert_bytes()
+    }
+
+    fn describe(&self) -> String {
+        format!("{}, int8 activations", self.inner.describe())
+    }
+}
+
 /// Experts held in host memory and copied into the fast tier on load: the
 /// slow tier of a GPU deployment, and on CPU a way to measure the cache's
 /// own overhead (random-weight models have no files).

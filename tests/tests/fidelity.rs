@@ -284,6 +284,28 @@ fn gpt_oss_experts_stream_from_disk_through_a_half_size_cache() {
     }
 }
 
+/// `--expert-activations int8`: the MXFP4 experts' products quantize the
+/// activations as llama.cpp does: no longer exact, close, and it does change
+/// the computation (so the exact default is what the fidelity tests check).
+#[test]
+fn int8_activations_are_close_but_not_exact() {
+    let dir = fixture_dir("gpt_oss_mxfp4");
+    let r = read_reference(&dir).unwrap();
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let (model, experts) = load_weights(&dir, &cfg, &mut ()).unwrap();
+    let experts = experts.with_int8_activations();
+    let (mut kv, mut alloc, mut ws) = (KvCache::new(&cfg, 64, 4), BlockAllocator::new(64, 4), Workspace::new());
+    let mut table = BlockTable::new();
+    table.grow_to(&mut alloc, r.input_ids.len()).unwrap();
+    let chunk = SeqChunk { tokens: &r.input_ids, start_pos: 0, blocks: table.blocks(), logits: LogitsRequest::All };
+    let out = model.forward(&[chunk], &mut kv, &experts, &mut ws).unwrap();
+    let diff = max_abs_diff(&out.logits, &r.logits);
+    let scale = r.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    eprintln!("int8 activations: max |logit diff| {diff:e} (largest logit {scale})");
+    assert!(diff > LOGIT_TOL / 100.0, "int8 activations changed nothing: {diff}");
+    assert!(diff < 0.05 * scale, "int8 activations are far off: {diff} of {scale}");
+}
+
 macro_rules! fidelity {
     ($($name:ident),*) => {$(
         mod $name {
