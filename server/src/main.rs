@@ -192,6 +192,9 @@ struct BenchCmd {
     /// Skip the concurrent-sequence throughput rows (batch 1 only, as llama-bench measures).
     #[arg(long)]
     no_batches: bool,
+    /// Activations of products with MXFP4 experts from a transformers checkpoint: f32 (exact) or int8.
+    #[arg(long, default_value = "f32")]
+    expert_activations: moe_offload::ExpertActivations,
 }
 
 fn main() {
@@ -451,7 +454,10 @@ fn run_bench_in_pool(b: BenchCmd) -> anyhow::Result<()> {
     eprintln!("measuring read bandwidth...");
     let bw = bench::read_bandwidth();
     let dir = b.model.unwrap_or_else(default_model_dir);
-    let m = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    let mut m = load_with_progress(&dir).with_context(|| format!("loading model from {}", dir.display()))?;
+    if b.expert_activations == moe_offload::ExpertActivations::Int8 {
+        m.experts = m.experts.with_int8_activations();
+    }
     let cfg = m.model.config().clone();
     let expert_bytes = m.experts.nbytes() / (cfg.moe_layers().count() * cfg.moe.num_experts).max(1);
     let name = model_name(&dir);
