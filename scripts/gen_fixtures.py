@@ -89,6 +89,16 @@ COMMON = dict(
 )
 
 # name -> (model class, config class, config kwargs, options)
+# gpt-oss, tiny: a sliding layer (window 5 < SEQ_LEN) then a full one, YaRN as released,
+# a SwiGLU clamp low enough to bite
+GPT_OSS = dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32, head_dim=16,
+               sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+               attention_bias=True, swiglu_limit=0.2, max_position_embeddings=131072,
+               rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                "truncate": False, "original_max_position_embeddings": 4096,
+                                "rope_theta": 150000.0},
+               rms_norm_eps=1e-5)
+
 FIXTURES = {
     "mixtral": (
         MixtralForCausalLM, MixtralConfig,
@@ -135,30 +145,10 @@ FIXTURES = {
     # gpt-oss: sinks, q/k/v/o biases, a sliding layer (window 5 < SEQ_LEN) then a full
     # one, YaRN as released, a biased router (top-k of the logits, softmax over them),
     # biased experts with interleaved gate/up and a SwiGLU clamp low enough to bite
-    "gpt_oss": (
-        GptOssForCausalLM, GptOssConfig,
-        dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32, head_dim=16,
-             sliding_window=5, layer_types=["sliding_attention", "full_attention"],
-             attention_bias=True, swiglu_limit=0.2, max_position_embeddings=131072,
-             rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                              "truncate": False, "original_max_position_embeddings": 4096,
-                              "rope_theta": 150000.0},
-             rms_norm_eps=1e-5),
-        dict(save_dtype=torch.float32),
-    ),
+    "gpt_oss": (GptOssForCausalLM, GptOssConfig, GPT_OSS, dict(save_dtype=torch.float32)),
     # the same, with the experts stored in MXFP4 as the releases are (the reference
     # computes with transformers' dequantization of those blocks)
-    "gpt_oss_mxfp4": (
-        GptOssForCausalLM, GptOssConfig,
-        dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32, head_dim=16,
-             sliding_window=5, layer_types=["sliding_attention", "full_attention"],
-             attention_bias=True, swiglu_limit=0.2, max_position_embeddings=131072,
-             rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                              "truncate": False, "original_max_position_embeddings": 4096,
-                              "rope_theta": 150000.0},
-             rms_norm_eps=1e-5),
-        dict(save_dtype=torch.float32, mxfp4=True),
-    ),
+    "gpt_oss_mxfp4": (GptOssForCausalLM, GptOssConfig, GPT_OSS, dict(save_dtype=torch.float32, mxfp4=True)),
     "qwen2_moe": (
         Qwen2MoeForCausalLM, Qwen2MoeConfig,
         dict(num_hidden_layers=4, num_experts=4, moe_intermediate_size=32,
