@@ -27,7 +27,8 @@ qwen2_moe (shared expert, layer 2 dense, sharded checkpoint), qwen3_moe (q/k nor
 explicit head_dim != hidden/heads, norm_topk_prob), olmoe (q/k norm over the full
 projection, norm_topk_prob False), qwen3_moe_yarn and mixtral_yarn (YaRN RoPE, bounds
 truncated and not), gpt_oss (attention sinks and biases, sliding and full layers, YaRN,
-biased top-k-softmax router, biased experts with interleaved gate/up, clamped SwiGLU).
+biased top-k-softmax router, biased experts with interleaved gate/up, clamped SwiGLU), and
+the same with bf16 weights (gpt_oss_bf16) and with MXFP4 experts (gpt_oss_mxfp4).
 
 No near ties: for every position of the final greedy forward (which covers the input
 and the generated tokens) and every MoE layer the gap between the K-th and (K+1)-th
@@ -146,6 +147,8 @@ FIXTURES = {
     # one, YaRN as released, a biased router (top-k of the logits, softmax over them),
     # biased experts with interleaved gate/up and a SwiGLU clamp low enough to bite
     "gpt_oss": (GptOssForCausalLM, GptOssConfig, GPT_OSS, dict(save_dtype=torch.float32)),
+    # bf16 experts (and everything else), reference computed with them upcast to f32
+    "gpt_oss_bf16": (GptOssForCausalLM, GptOssConfig, GPT_OSS, dict(save_dtype=torch.bfloat16)),
     # the same, with the experts stored in MXFP4 as the releases are (the reference
     # computes with transformers' dequantization of those blocks)
     "gpt_oss_mxfp4": (GptOssForCausalLM, GptOssConfig, GPT_OSS, dict(save_dtype=torch.float32, mxfp4=True)),

@@ -279,7 +279,7 @@ fn check_cached(name: &str) -> Result<()> {
 
 #[test]
 fn gpt_oss_experts_stream_from_disk_through_a_half_size_cache() {
-    for name in ["gpt_oss", "gpt_oss_mxfp4", "mixtral"] {
+    for name in ["gpt_oss", "gpt_oss_bf16", "gpt_oss_mxfp4", "mixtral"] {
         check_cached(name).unwrap();
     }
 }
@@ -331,6 +331,7 @@ fidelity!(
     qwen3_moe_yarn,
     olmoe,
     gpt_oss,
+    gpt_oss_bf16,
     gpt_oss_mxfp4
 );
 
