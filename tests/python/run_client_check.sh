@@ -3,8 +3,11 @@
 # GET /health to answer 200, runs one client check against it, stops the server and
 # exits with the check's status.
 #
-# Usage: tests/python/run_client_check.sh openai|grpc|reflection PATH/TO/moe-serve [extra `serve` arguments...]
+# Usage: tests/python/run_client_check.sh openai|harmony|grpc|reflection PATH/TO/moe-serve [extra `serve` arguments...]
 #   openai: openai_client_check.py (the official openai package) against the REST API
+#   harmony: harmony_client_check.py (the official openai package): content and
+#           reasoning_content of harmony chat completions (serve the model its
+#           --make-model writes)
 #   grpc:   grpc_client_check.py (grpcio stubs generated from proto/moe/v1/moe.proto at
 #           run time into a temporary directory) against the gRPC API
 #   reflection: grpc_reflection_check.py (grpcio-reflection, v1alpha) discovers moe.v1 and
@@ -20,7 +23,7 @@
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-    echo "usage: $0 openai|grpc|reflection PATH/TO/moe-serve [extra serve arguments...]" >&2
+    echo "usage: $0 openai|harmony|grpc|reflection PATH/TO/moe-serve [extra serve arguments...]" >&2
     exit 2
 fi
 KIND=$1
@@ -28,6 +31,7 @@ BIN=$2
 shift 2
 case "$KIND" in
     openai) IMPORTS='import openai'; CHECK=openai_client_check.py ;;
+    harmony) IMPORTS='import openai'; CHECK=harmony_client_check.py ;;
     grpc) IMPORTS='import grpc, grpc_tools, grpc_health.v1.health_pb2'; CHECK=grpc_client_check.py ;;
     reflection) IMPORTS='import grpc, grpc_reflection.v1alpha.proto_reflection_descriptor_database'; CHECK=grpc_reflection_check.py ;;
     *) echo "error: unknown check $KIND (openai, grpc or reflection)" >&2; exit 2 ;;
@@ -63,7 +67,7 @@ TARGET="127.0.0.1:$GRPC_PORT"
 
 SERVE_ARGS=(serve --port "$PORT" --grpc-port "$GRPC_PORT" "$@")
 case "$KIND" in
-    openai) CHECK_ARGS=(--base-url "$BASE/v1" --model "$MODEL") ;;
+    openai | harmony) CHECK_ARGS=(--base-url "$BASE/v1" --model "$MODEL") ;;
     grpc | reflection) CHECK_ARGS=(--target "$TARGET" --model "$MODEL") ;;
 esac
 if [[ -n "${MOE_SERVE_API_KEY:-}" ]]; then
