@@ -86,7 +86,7 @@ async fn final_channel_is_content_and_the_others_reasoning() {
     let bias: serde_json::Map<String, Value> =
         ids.iter().zip([3.0, 3.0, 7.0, 7.0]).map(|(id, b)| (id.to_string(), json!(b))).collect();
     let (mut both, mut tried) = (0, 0);
-    for seed in 0..16 {
+    for seed in 0..32 {
         let body = json!({"messages": [{"role": "user", "content": "Speak, what is the question?"}],
             "max_tokens": 48, "temperature": 1.0, "seed": seed, "logit_bias": bias, "logprobs": true});
         let (st, out) = s.post("/v1/chat/completions", body.clone()).await;

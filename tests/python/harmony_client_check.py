@@ -68,7 +68,7 @@ def check(base_url, model, api_key):
     vocab_size = 2048
     bias = {str(i): b for i, b in zip(range(vocab_size - 4, vocab_size), [3, 3, 7, 7])}
     both = 0
-    for seed in range(16):
+    for seed in range(32):
         kw = dict(model=model, messages=[{"role": "user", "content": "Speak, what is the question?"}],
                   max_tokens=48, temperature=1.0, seed=seed, logit_bias=bias)
         r = client.chat.completions.create(logprobs=True, **kw)
@@ -87,7 +87,7 @@ def check(base_url, model, api_key):
         assert (sc, sr) == (content, reasoning), f"seed {seed}: streamed ({sc!r}, {sr!r})"
         both += bool(content) and bool(reasoning)
     assert both > 0, "no completion had both channels: the check proves nothing"
-    print(f"PASS harmony: content and reasoning_content split as the harmony rules give ({both} of 16 with both)")
+    print(f"PASS harmony: content and reasoning_content split as the harmony rules give ({both} of 32 with both)")
 
 
 def main():
