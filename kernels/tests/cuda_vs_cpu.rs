@@ -38,7 +38,7 @@ macro_rules! gpu_or_skip {
         match gpu() {
             Some(g) => g,
             None => {
-                eprintln!("{}: skipped, no usable GPU", $name);
+                moe_types::testing::skip($name, "no usable GPU");
                 return;
             }
         }

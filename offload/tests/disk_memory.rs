@@ -119,7 +119,10 @@ fn the_budget_is_the_only_copy_of_an_expert_in_memory() {
     write_checkpoint(dir);
     let file = dir.join("model.safetensors");
     if cached_fraction(&file) > 0.5 {
-        eprintln!("skipped: this file system keeps the file in the page cache after POSIX_FADV_DONTNEED (tmpfs?)");
+        moe_types::testing::skip(
+            "disk_memory::the_budget_is_the_only_copy",
+            "this file system keeps the file in the page cache after POSIX_FADV_DONTNEED (tmpfs?)",
+        );
         return;
     }
     let slots = EXPERTS;

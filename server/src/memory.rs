@@ -43,7 +43,7 @@ mod tests {
     #[test]
     fn procfs_figures_are_read_where_procfs_exists() {
         if !std::path::Path::new("/proc/self/statm").exists() {
-            eprintln!("skipped: no procfs");
+            moe_types::testing::skip("memory::procfs_figures", "no procfs");
             return;
         }
         let rss = rss_bytes().expect("rss");

@@ -352,8 +352,9 @@ fn run_unprivileged(mode: Mode, model: &Path) -> Option<Output> {
         match probe.status() {
             Ok(s) if s.success() => {}
             other => {
-                eprintln!(
-                    "SKIPPED: running as root and uid 65534 cannot run {BIN} ({other:?}); mode 000 does not stop root"
+                moe_types::testing::skip(
+                    "startup_faults (permission cases)",
+                    &format!("running as root and uid 65534 cannot run {BIN} ({other:?}); mode 000 does not stop root"),
                 );
                 return None;
             }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 mod expert_set;
 pub mod placement;
 pub mod slots;
+pub mod testing;
 pub mod trace;
 
 pub use expert_set::ExpertSet;

@@ -623,7 +623,7 @@ mod tests {
     #[test]
     fn avx512_k_quant_dots_equal_the_avx2_ones_bit_for_bit() {
         if !crate::simd::has_avx512bw() {
-            eprintln!("skipped: no AVX-512 BW on this CPU");
+            moe_types::testing::skip("quant::avx512_k_quant_dots", "no AVX-512 BW on this CPU");
             return;
         }
         for format in [QuantFormat::Q4K, QuantFormat::Q6K] {
