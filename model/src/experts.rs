@@ -242,26 +242,19 @@ pub struct ResidentExperts {
 }
 
 impl ResidentExperts {
-    /// Reads every expert of the checkpoint, calling `on_expert` after each.
+    /// Reads every expert of the checkpoint (through the same locations a
+    /// disk tier reads), calling `on_expert` after each.
     pub fn load(ck: &Checkpoint, cfg: &ModelConfig, mut on_expert: impl FnMut(usize)) -> Result<Self> {
         let mut experts = Vec::with_capacity(cfg.num_layers());
-        for (l, kind) in cfg.layers.iter().enumerate() {
-            let mut layer = Vec::new();
-            if *kind == crate::FfnKind::Moe {
-                let names = LayerNames::new(cfg.arch, l);
-                for e in 0..cfg.moe.num_experts {
-                    let w = if cfg.arch == crate::Arch::GptOss {
-                        let loc = crate::gpt_oss::locate(ck, &names, e, cfg)?;
-                        let bytes: Vec<&[u8]> = loc.parts.iter().map(|p| ck.bytes_at(p)).collect();
-                        loc.assemble(&bytes)?
-                    } else {
-                        ExpertWeights::load(ck, &names.expert(e), cfg.hidden_size, cfg.moe.expert_ffn)?
-                    };
-                    on_expert(w.nbytes());
-                    layer.push(w);
-                }
+        for layer in locate_experts(ck, cfg)? {
+            let mut weights = Vec::with_capacity(layer.len());
+            for loc in &layer {
+                let bytes: Vec<&[u8]> = loc.parts.iter().map(|p| ck.bytes_at(p)).collect();
+                let w = loc.assemble(&bytes)?;
+                on_expert(w.nbytes());
+                weights.push(w);
             }
-            experts.push(layer);
+            experts.push(weights);
         }
         Ok(Self { experts })
     }

@@ -24,7 +24,7 @@ impl Rope {
                 Self { inv_freq: pos_freqs.map(|p| 1.0 / p / factor as f32).collect(), scale: 1.0 }
             }
             RopeScaling::Yarn(y) => {
-                Self { inv_freq: yarn_inv_freq(&y, a.rope_theta, d), scale: y.attention_factor as f32 }
+                Self { inv_freq: yarn_inv_freq(&y, a.rope_theta, d, pos_freqs), scale: y.attention_factor as f32 }
             }
         }
     }
@@ -52,8 +52,8 @@ impl Rope {
 /// dimensions below the ramp keep their frequency (extrapolation), those
 /// above it are divided by the factor (interpolation), and those inside mix
 /// the two linearly. The ramp's bounds are in f64 (Python floats), the
-/// frequencies and the mix in f32 (torch).
-fn yarn_inv_freq(y: &Yarn, base: f64, dim: usize) -> Vec<f32> {
+/// frequencies and the mix in f32 (torch); `pos_freqs` are `base^(2j/dim)`.
+fn yarn_inv_freq(y: &Yarn, base: f64, dim: usize, pos_freqs: impl Iterator<Item = f32>) -> Vec<f32> {
     let correction_dim = |rotations: f64| {
         dim as f64 * (y.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
             / (2.0 * base.ln())
@@ -67,10 +67,9 @@ fn yarn_inv_freq(y: &Yarn, base: f64, dim: usize) -> Vec<f32> {
     if low == high {
         high += 0.001; // as transformers avoids the singularity
     }
-    let base = base as f32;
-    (0..dim / 2)
-        .map(|j| {
-            let pos_freq = base.powf((2 * j) as f32 / dim as f32);
+    pos_freqs
+        .enumerate()
+        .map(|(j, pos_freq)| {
             let extrapolation = 1.0 / pos_freq;
             let interpolation = 1.0 / (y.factor as f32 * pos_freq);
             let ramp = ((j as f32 - low) / (high - low)).clamp(0.0, 1.0);

@@ -54,8 +54,6 @@ struct Inner {
     prefetching: usize,
     /// Loader threads.
     readers: usize,
-    /// Bytes of one expert in the fast tier.
-    expert_bytes: u64,
     shutdown: bool,
 }
 
@@ -148,7 +146,6 @@ impl ExpertCache {
             reading: 0,
             prefetching: 0,
             readers: cfg.readers,
-            expert_bytes: source.expert_bytes() as u64,
             core,
             shutdown: false,
         };
@@ -174,15 +171,13 @@ impl ExpertCache {
 
     /// Bytes of the experts in the fast tier now (resident or being loaded).
     pub fn resident_bytes(&self) -> u64 {
-        let inner = self.shared.lock();
-        inner.core.occupied() as u64 * inner.expert_bytes
+        self.shared.lock().core.occupied_bytes()
     }
 
     /// The most expert bytes the fast tier holds: its slots times the bytes
     /// of one expert.
     pub fn budget_bytes(&self) -> u64 {
-        let inner = self.shared.lock();
-        inner.core.slots() as u64 * inner.expert_bytes
+        self.shared.lock().core.capacity_bytes()
     }
 
     /// A snapshot of the counters.
@@ -337,7 +332,7 @@ impl Inner {
             self.published_failures = failures;
         }
         metrics::gauge!(m::RESIDENT).set(self.core.occupied() as f64);
-        metrics::gauge!(m::RESIDENT_BYTES).set((self.core.occupied() as u64 * self.expert_bytes) as f64);
+        metrics::gauge!(m::RESIDENT_BYTES).set(self.core.occupied_bytes() as f64);
     }
 }
 

@@ -91,8 +91,7 @@ impl DiskIo {
             Self::Cached => file.read_exact_at(dst, offset),
             Self::Release => {
                 file.read_exact_at(dst, offset)?;
-                let start = offset / ALIGN * ALIGN;
-                let end = (offset + dst.len() as u64).div_ceil(ALIGN) * ALIGN;
+                let (start, end) = aligned(offset, dst.len());
                 // whole pages around the range: the neighbours' bytes are
                 // other experts', not needed in the page cache either
                 if let Some(len) = NonZeroU64::new(end - start) {
@@ -105,11 +104,15 @@ impl DiskIo {
     }
 }
 
+/// The whole `ALIGN` blocks covering `len` bytes at `offset`: `(start, end)`.
+fn aligned(offset: u64, len: usize) -> (u64, u64) {
+    (offset / ALIGN * ALIGN, (offset + len as u64).div_ceil(ALIGN) * ALIGN)
+}
+
 /// An `O_DIRECT` read of `dst.len()` bytes at `offset` through an aligned
 /// bounce buffer (the file's end may fall inside the last block).
 fn read_direct(file: &File, offset: u64, dst: &mut [u8]) -> std::io::Result<()> {
-    let start = offset / ALIGN * ALIGN;
-    let end = (offset + dst.len() as u64).div_ceil(ALIGN) * ALIGN;
+    let (start, end) = aligned(offset, dst.len());
     let span = (end - start) as usize;
     let mut bounce = vec![0u8; span + ALIGN as usize];
     let pad = bounce.as_ptr().align_offset(ALIGN as usize);
@@ -146,65 +149,7 @@ impl FromStr for DiskIo {
     }
 }
 
-impl TryFrom<String> for DiskIo {
-    type Error = OffloadError;
-    fn try_from(s: String) -> Result<Self, OffloadError> {
-        s.parse()
-    }
-}
-
-impl std::fmt::Display for DiskIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// How products with quantized experts that a checkpoint marks for f32
-/// activations (gpt-oss's MXFP4 from transformers) treat the activations
-/// (`--expert-activations`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(try_from = "String")]
-pub enum ExpertActivations {
-    /// f32, as the checkpoint's reference computes (exact).
-    F32,
-    /// Quantized to int8 blocks, as llama.cpp computes (faster).
-    Int8,
-}
-
-impl ExpertActivations {
-    /// The flag's spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::Int8 => "int8",
-        }
-    }
-}
-
-impl FromStr for ExpertActivations {
-    type Err = OffloadError;
-
-    fn from_str(s: &str) -> Result<Self, OffloadError> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "f32" => Ok(Self::F32),
-            "int8" => Ok(Self::Int8),
-            _ => Err(OffloadError::Config(format!("unknown expert activations {s:?}: expected f32 or int8"))),
-        }
-    }
-}
-
-impl TryFrom<String> for ExpertActivations {
-    type Error = OffloadError;
-    fn try_from(s: String) -> Result<Self, OffloadError> {
-        s.parse()
-    }
-}
-
-impl std::fmt::Display for ExpertActivations {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+moe_types::setting_from_str!(named DiskIo);
 
 #[cfg(test)]
 mod tests {
@@ -235,10 +180,6 @@ mod tests {
         for m in [DiskIo::Direct, DiskIo::Release, DiskIo::Cached] {
             assert_eq!(m.name().parse::<DiskIo>().expect("parse"), m);
         }
-        for a in [ExpertActivations::F32, ExpertActivations::Int8] {
-            assert_eq!(a.to_string().parse::<ExpertActivations>().expect("parse"), a);
-        }
-        assert!("fp16".parse::<ExpertActivations>().is_err());
         let err = "mmap".parse::<DiskIo>().expect_err("unknown");
         assert!(err.to_string().contains("direct, release or cached"), "{err}");
     }

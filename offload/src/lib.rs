@@ -28,6 +28,7 @@
 //! stall accounting reads the clock. The residency core owns these invariants
 //! (`ResidencyCore::check`, property-tested).
 
+mod activations;
 pub mod bounds;
 mod budget;
 mod cache;
@@ -42,13 +43,14 @@ mod sharded;
 mod source;
 mod stats;
 
+pub use activations::{ExpertActivations, Int8ActivationSource};
 pub use budget::ExpertBudget;
 pub use cache::{CacheConfig, CacheGuard, ExpertCache};
-pub use disk_io::{DiskIo, ExpertActivations};
+pub use disk_io::DiskIo;
 pub use error::OffloadError;
 pub use experts::{Experts, ExpertsGuard};
 pub use policy::PolicyKind;
 pub use predictor::{PredictorChoice, PredictorKind};
 pub use sharded::{ShardStats, ShardedExperts};
-pub use source::{DiskExperts, ExpertSource, Int8ActivationSource, MemoryExperts, QuantizingSource};
+pub use source::{DiskExperts, ExpertSource, MemoryExperts, QuantizingSource};
 pub use stats::{CacheStats, LayerStats};

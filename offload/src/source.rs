@@ -59,11 +59,6 @@ impl DiskExperts {
         }
         Ok(Self { locations, expert_bytes, dir: dir.to_path_buf(), io })
     }
-
-    /// The page-cache mode in use.
-    pub fn io(&self) -> DiskIo {
-        self.io
-    }
 }
 
 /// The common case, bf16 matrices in one file on a little-endian host: read
@@ -183,33 +178,6 @@ impl ExpertSource for QuantizingSource {
 
     fn describe(&self) -> String {
         format!("{}, quantized to {} as read", self.inner.describe(), self.format)
-    }
-}
-
-/// Experts of `inner` with int8 activation products (`--expert-activations
-/// int8`: gpt-oss's MXFP4 experts computed as llama.cpp computes them).
-pub struct Int8ActivationSource {
-    inner: Box<dyn ExpertSource>,
-}
-
-impl Int8ActivationSource {
-    /// Wraps `inner`.
-    pub fn new(inner: Box<dyn ExpertSource>) -> Self {
-        Self { inner }
-    }
-}
-
-impl ExpertSource for Int8ActivationSource {
-    fn load(&self, layer: LayerId, expert: ExpertId) -> Result<ExpertWeights, OffloadError> {
-        Ok(self.inner.load(layer, expert)?.with_int8_activations())
-    }
-
-    fn expert_bytes(&self) -> usize {
-        self.inner.expert_bytes()
-    }
-
-    fn describe(&self) -> String {
-        format!("{}, int8 activations", self.inner.describe())
     }
 }
 

@@ -294,13 +294,18 @@ fn load_experts(dir: &Path, random_weights: bool, settings: &OffloadSettings) ->
         Some(r) => Box::new(MemoryExperts::new(r.into_weights())),
         None => {
             let disk = Box::new(DiskExperts::open(dir, &cfg, settings.disk.io).with_context(ctx)?);
-            match format {
+            let read: Box<dyn ExpertSource> = match format {
                 Some(f) => Box::new(QuantizingSource::new(disk, &cfg, f).with_context(ctx)?),
                 None => disk,
+            };
+            // experts already in memory were converted above
+            if int8 {
+                Box::new(Int8ActivationSource::new(read))
+            } else {
+                read
             }
         }
     };
-    let source: Box<dyn ExpertSource> = if int8 { Box::new(Int8ActivationSource::new(source)) } else { source };
     let budget_bytes = |slots: usize| (slots * source.expert_bytes()) as u64;
     let Some(slots) = settings.budget.slots(total, source.expert_bytes()) else {
         // the budget holds every expert: read each once from the slow tier
@@ -354,11 +359,14 @@ fn check_all_experts_fit(dir: &Path) -> anyhow::Result<()> {
     let Ok(cfg) = moe_model::read_config(dir) else {
         return Ok(()); // the loader reports an unreadable model itself
     };
-    let Ok(index) = DiskExperts::open(dir, &cfg, DiskIo::Cached) else { return Ok(()) };
+    let Ok(experts) = moe_model::Checkpoint::open_model(dir, &cfg).and_then(|ck| moe_model::locate_experts(&ck, &cfg))
+    else {
+        return Ok(());
+    };
     let total = cfg.moe_layers().count() * cfg.moe.num_experts;
     // (quantizing at load holds the float experts first: their size counts)
     crate::memory::check_fits(
-        (total * index.expert_bytes()) as u64,
+        experts.iter().flatten().map(|e| e.resident_bytes() as u64).sum(),
         &format!("all {total} experts of {}", dir.display()),
         "pass --expert-cache with a budget (for example --expert-cache 50%) to stream the rest from disk",
     )

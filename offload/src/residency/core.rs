@@ -231,6 +231,16 @@ impl ResidencyCore {
         self.table.slots()
     }
 
+    /// Bytes of the experts in slots now (resident or loading).
+    pub fn occupied_bytes(&self) -> u64 {
+        self.occupied() as u64 * self.expert_bytes
+    }
+
+    /// Bytes every slot full would hold.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.slots() as u64 * self.expert_bytes
+    }
+
     /// Slots holding a resident or loading expert.
     pub fn occupied(&self) -> usize {
         self.table.slots() - self.table.free_slots()
