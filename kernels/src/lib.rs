@@ -29,7 +29,7 @@ mod simd;
 mod tile;
 mod weight;
 
-pub use matmul::{matmul_nt, matmul_nt_with, serial, Kernel};
+pub use matmul::{batch_invariant, matmul_nt, matmul_nt_with, serial, set_batch_invariant, Kernel};
 pub use quant::QuantFormat;
 pub use weight::{QuantData, Weight, WeightData};
 

@@ -1,15 +1,21 @@
 //! `out = x · Wᵀ`: activations `[m, k]` times a `[n, k]` weight.
 //!
-//! Three regimes ([`Kernel`]), output features split across threads in each:
-//! - one row against weight rows of `STREAM_MIN_K`+ values (decode of a
-//!   single sequence on a large model): each weight row streamed once, in
-//!   order, through a SIMD dot product;
-//! - up to `TILE_M` rows (decode batches, expert groups): register-tiled
-//!   AVX2 kernels ([`crate::tile`]) read each weight row in place (bf16
-//!   widened in registers);
-//! - more rows (prefill, big expert groups): the `gemm` crate; bf16 weights
-//!   are widened block by block into thread-local scratch first, amortised
-//!   over the `m` rows.
+//! **Batch-invariant by default**: a row's results are bit-identical
+//! whatever other rows share the call, so a sequence's logits do not change
+//! with what else runs in its step (seeded sampling repeats under load).
+//! Every float product sums each element in one order ([`crate::tile`]), and
+//! quantized weights take one path at every row count. The kernels below
+//! differ only in speed:
+//! - one row, or a few rows against a weight too big for the caches
+//!   (decode on a large model): each weight row streamed once, in order,
+//!   through the SIMD dot product ([`Kernel::Stream`]);
+//! - otherwise the register-tiled kernel ([`Kernel::Tiled`]), bf16 widened
+//!   in registers.
+//!
+//! [`set_batch_invariant`]`(false)` trades that for prefill speed: more than
+//! `TILE_M` rows then go to the `gemm` crate ([`Kernel::Gemm`]; bf16 and
+//! quantized weights widened block by block into thread-local scratch,
+//! amortised over the `m` rows), whose summation order depends on the shape.
 
 use crate::quant::acts::QuantizedActs;
 use crate::quant::dot::dot_block;
@@ -18,11 +24,26 @@ use crate::weight::{bf16_to_f32, QuantData, Weight, WeightData};
 use crate::KernelError;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MACS: usize = 1 << 19;
 /// Weight rows widened per block on the bf16 gemm path.
 const BF16_BLOCK_ROWS: usize = 64;
+
+/// Whether [`Kernel::Auto`] keeps every row's result independent of its
+/// batch (the default). One process-wide setting, made once at start-up.
+static BATCH_INVARIANT: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether [`Kernel::Auto`] is batch-invariant (see the module doc).
+pub fn set_batch_invariant(on: bool) {
+    BATCH_INVARIANT.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`Kernel::Auto`] is batch-invariant.
+pub fn batch_invariant() -> bool {
+    BATCH_INVARIANT.load(Ordering::Relaxed)
+}
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -44,17 +65,20 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
 /// Which kernel computes a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// By the shape: a single row against long weight rows streams, up to
-    /// `TILE_M` rows are tiled, more go to `gemm`.
+    /// By the shape (see the module doc); batch-invariant unless
+    /// [`set_batch_invariant`]`(false)`.
     Auto,
-    /// The register-tiled kernel, whatever the row count.
+    /// The register-tiled kernel, whatever the row count (quantized
+    /// weights: the integer path, or with f32 activations the tiled kernel
+    /// over dequantized blocks).
     Tiled,
-    /// The `gemm` crate (bf16 widened block by block), whatever the row count.
+    /// The `gemm` crate (bf16 and quantized weights widened block by
+    /// block), whatever the row count. Not batch-invariant.
     Gemm,
     /// One dot product per (row, weight row), each weight row read start to
-    /// end: the fastest way to stream a large weight from DRAM for a single
-    /// row, where tiles (several weight rows side by side) read DRAM pages
-    /// out of order.
+    /// end: the fastest way to stream a large weight from DRAM for a few
+    /// rows, where tiles (several weight rows side by side) read DRAM pages
+    /// out of order. The same sums as [`Kernel::Tiled`].
     Stream,
 }
 
@@ -81,57 +105,68 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: 
     }
     // inside a pool task (e.g. experts run side by side) stay on this thread
     let parallel = m * n * k >= PARALLEL_MACS && rayon::current_num_threads() > 1 && !SERIAL.with(|s| s.get());
-    let kernel = match (kernel, w.data()) {
-        // exact: f32 activations at every row count
-        (Kernel::Auto, WeightData::Quant(q)) if q.f32_activations() => Kernel::Gemm,
-        // k-quants: the integer path at every row count (measured faster than
-        // widening plus gemm at 128 rows, and a row's result then never
-        // depends on its batch)
-        (Kernel::Auto, WeightData::Quant(q)) if crate::quant::dot::act_block(q.format()) == 256 => Kernel::Tiled,
-        (kernel, _) => kernel,
-    };
-    let kernel = match kernel {
-        Kernel::Auto if m == 1 && k >= STREAM_MIN_K => Kernel::Stream,
-        Kernel::Auto if m <= TILE_M => Kernel::Tiled,
-        Kernel::Auto => Kernel::Gemm,
-        chosen => chosen,
-    };
-    if let WeightData::Quant(q) = w.data() {
-        if kernel == Kernel::Gemm {
-            quant_blocked(x, m, k, n, q, out, parallel);
-        } else {
-            quant_int(x, m, k, n, q, out, parallel);
+    let kernel = if kernel == Kernel::Auto { auto_kernel(m, w) } else { kernel };
+    match (w.data(), kernel) {
+        (WeightData::Quant(q), Kernel::Gemm) => quant_blocked(x, m, k, n, q, out, parallel, Widened::Gemm),
+        (WeightData::Quant(q), _) if q.f32_activations() => quant_blocked(x, m, k, n, q, out, parallel, Widened::Tiled),
+        (WeightData::Quant(q), _) => quant_int(x, m, k, n, q, out, parallel),
+        (WeightData::F32(v), Kernel::Stream) => stream(x, m, v, k, out, parallel),
+        (WeightData::Bf16(v), Kernel::Stream) => stream(x, m, v, k, out, parallel),
+        (WeightData::F32(v), Kernel::Gemm) => {
+            let par = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+            // SAFETY: shapes were checked above; `v` is `[n, k]` row-major,
+            // read as the `[k, n]` matrix Wᵀ (row stride 1, column stride k).
+            unsafe { gemm_f32(GemmArgs { m, n, k, x, w: v, out: out.as_mut_ptr(), out_rs: n }, par) }
         }
-    } else if kernel == Kernel::Stream {
-        match w.data() {
-            WeightData::F32(v) => stream(x, m, v, k, out, parallel),
-            WeightData::Bf16(v) => stream(x, m, v, k, out, parallel),
-            WeightData::Quant(_) => unreachable!("handled above"),
-        }
-    } else if kernel == Kernel::Tiled {
-        match w.data() {
-            WeightData::F32(v) => tiled(x, m, v, k, out, parallel),
-            WeightData::Bf16(v) => tiled(x, m, v, k, out, parallel),
-            WeightData::Quant(_) => unreachable!("handled above"),
-        }
-    } else {
-        match w.data() {
-            WeightData::F32(v) => {
-                let par = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-                // SAFETY: shapes were checked above; `v` is `[n, k]` row-major,
-                // read as the `[k, n]` matrix Wᵀ (row stride 1, column stride k).
-                unsafe { gemm_f32(GemmArgs { m, n, k, x, w: v, out: out.as_mut_ptr(), out_rs: n }, par) }
-            }
-            WeightData::Bf16(bits) => bf16_blocked(x, m, k, n, bits, out, parallel),
-            WeightData::Quant(_) => unreachable!("handled above"),
-        }
+        (WeightData::Bf16(bits), Kernel::Gemm) => bf16_blocked(x, m, k, n, bits, out, parallel),
+        (WeightData::F32(v), _) => tiled(x, m, v, k, out, parallel),
+        (WeightData::Bf16(v), _) => tiled(x, m, v, k, out, parallel),
     }
     Ok(())
 }
 
-/// Up to this many activation rows use the register-tiled kernel (measured
-/// with `cargo run --release -p moe-kernels --example matmul_bench`: faster
-/// than widening plus `gemm` up to 32 rows, slower at 64).
+/// The kernel [`Kernel::Auto`] picks for `m` rows against `w`.
+fn auto_kernel(m: usize, w: &Weight) -> Kernel {
+    let invariant = batch_invariant();
+    match w.data() {
+        // k-quants: the integer path at every row count (measured faster than
+        // widening plus gemm at 128 rows)
+        WeightData::Quant(q) if crate::quant::dot::act_block(q.format()) == 256 => Kernel::Tiled,
+        // exact (f32 activations): dequantized blocks, tiled
+        WeightData::Quant(q) if q.f32_activations() => {
+            if invariant {
+                Kernel::Tiled
+            } else {
+                Kernel::Gemm
+            }
+        }
+        // the integer path, or (not invariant) widening plus gemm for many rows
+        WeightData::Quant(_) => {
+            if invariant || m <= TILE_M {
+                Kernel::Tiled
+            } else {
+                Kernel::Gemm
+            }
+        }
+        _ if m == 1 && w.cols() >= STREAM_MIN_K => Kernel::Stream,
+        _ if m <= STREAM_MAX_M && w.nbytes() >= STREAM_MIN_BYTES => Kernel::Stream,
+        _ if m <= TILE_M || invariant => Kernel::Tiled,
+        _ => Kernel::Gemm,
+    }
+}
+
+/// Up to this many rows, a weight of `STREAM_MIN_BYTES`+ streams: measured
+/// with `LARGE=1 ROWS=1,2,4,8 cargo run --release -p moe-kernels --example
+/// matmul_bench` on the 65 MB output head read from DRAM, streaming 2 and 4
+/// rows took 0.6x and 0.7-0.9x the tiled kernel's time, 8 rows about 1.0x.
+const STREAM_MAX_M: usize = 4;
+/// Weights of at least this many bytes are assumed to come from DRAM.
+const STREAM_MIN_BYTES: usize = 16 << 20;
+
+/// Without batch invariance, up to this many activation rows use the
+/// register-tiled kernel (measured with `cargo run --release -p moe-kernels
+/// --example matmul_bench`: faster than widening plus `gemm` up to 32 rows,
+/// slower at 64).
 const TILE_M: usize = 32;
 
 /// The register-tiled path: output features (weight rows) split across
@@ -253,10 +288,29 @@ fn bf16_blocked(x: &[f32], m: usize, k: usize, n: usize, bits: &[u16], out: &mut
     }
 }
 
-/// Quantized weights, many rows: a block of weight rows widened to f32 in
-/// thread-local scratch (bit-exact dequantization), then `gemm` over it with
-/// f32 activations.
-fn quant_blocked(x: &[f32], m: usize, k: usize, n: usize, q: &QuantData, out: &mut [f32], parallel: bool) {
+/// What multiplies a block of dequantized weight rows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Widened {
+    /// The `gemm` crate (fastest for many rows, order depends on the shape).
+    Gemm,
+    /// The tiled kernel (batch-invariant).
+    Tiled,
+}
+
+/// Quantized weights with f32 activations: a block of weight rows widened
+/// to f32 in thread-local scratch (bit-exact dequantization), then `how`
+/// multiplies every activation row with it.
+#[allow(clippy::too_many_arguments)]
+fn quant_blocked(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    q: &QuantData,
+    out: &mut [f32],
+    parallel: bool,
+    how: Widened,
+) {
     let row_bytes = q.bytes().len() / n;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let blocks = n.div_ceil(BF16_BLOCK_ROWS);
@@ -268,11 +322,21 @@ fn quant_blocked(x: &[f32], m: usize, k: usize, n: usize, q: &QuantData, out: &m
             wf.resize(rows * k, 0.0);
             q.format().dequantize(&q.bytes()[r0 * row_bytes..(r0 + rows) * row_bytes], &mut wf);
             let ptr = out_ptr;
-            // SAFETY: block b writes only columns r0..r0+rows of every output
-            // row (row stride n); blocks are disjoint and `out` outlives the
-            // loop. `wf` holds the block's `rows` weight rows of `k` values.
-            unsafe {
-                gemm_f32(GemmArgs { m, n: rows, k, x, w: &wf, out: ptr.0.add(r0), out_rs: n }, gemm::Parallelism::None)
+            // SAFETY (both arms): block b writes only columns r0..r0+rows of
+            // every output row (row stride n); blocks are disjoint and `out`
+            // outlives the loop. `wf` holds the block's `rows` weight rows of
+            // `k` values.
+            match how {
+                Widened::Gemm => unsafe {
+                    gemm_f32(
+                        GemmArgs { m, n: rows, k, x, w: &wf, out: ptr.0.add(r0), out_rs: n },
+                        gemm::Parallelism::None,
+                    )
+                },
+                Widened::Tiled => unsafe {
+                    let p = Product { x, m, k, w: &wf[..], n, out: ptr.0.add(r0) };
+                    crate::tile::tiled_cols(&p, 0..rows)
+                },
             }
         });
     };
@@ -430,27 +494,56 @@ mod tests {
         });
     }
 
-    #[test]
-    fn tiled_rows_do_not_depend_on_the_batch() {
-        // every tile shape (4x2, 3x3, 2x4, 1x8 and the 1-wide column tails)
-        // computes a row exactly as the row alone would
-        let (n, k) = (37, 200);
-        let w = Weight::from_bf16_bits(
-            n,
-            k,
-            (0..n * k).map(|i| bf16::from_f32((i % 13) as f32 * 0.1 - 0.6).to_bits()).collect(),
-        )
-        .unwrap();
-        let x: Vec<f32> = (0..32 * k).map(|i| ((i * 7919 % 101) as f32 / 101.0) - 0.5).collect();
-        let mut alone = vec![0.0; n];
-        for m in [1, 2, 3, 5, 6, 7, 32] {
-            let mut out = vec![0.0; m * n];
-            matmul_nt_with(&x[..m * k], m, &w, &mut out, Kernel::Tiled).unwrap();
-            for i in 0..m {
-                matmul_nt_with(&x[i * k..(i + 1) * k], 1, &w, &mut alone, Kernel::Tiled).unwrap();
-                assert_eq!(&out[i * n..(i + 1) * n], &alone[..], "row {i} of {m}");
+    /// Every batch-invariant kernel gives each row of a batch exactly the
+    /// bits the row gets alone, for every weight type and tile shape.
+    fn check_rows_alone(k: usize) {
+        use crate::quant::QuantFormat;
+        let n = 37;
+        let vals: Vec<f32> =
+            (0..n * k).map(|i| bf16::from_f32((i * 104729 % 89) as f32 / 89.0 - 0.5).to_f32()).collect();
+        let mut weights = vec![
+            Weight::from_f32(n, k, vals.clone()).unwrap(),
+            Weight::from_bf16_bits(n, k, vals.iter().map(|&v| bf16::from_f32(v).to_bits()).collect()).unwrap(),
+        ];
+        for format in QuantFormat::ALL {
+            if k.is_multiple_of(format.block_values()) {
+                let bytes = crate::quant::tests::random_blocks(format, n * k / format.block_values(), k as u64);
+                let w = Weight::from_quant(n, k, format, bytes).unwrap();
+                weights.push(w.clone().with_f32_activations());
+                weights.push(w);
             }
         }
+        let x: Vec<f32> = (0..70 * k).map(|i| ((i * 7919 % 101) as f32 / 101.0) - 0.5).collect();
+        let mut alone = vec![0.0; n];
+        for w in &weights {
+            for m in [1, 2, 3, 4, 5, 6, 7, 8, 13, 32, 33, 64, 70] {
+                for kernel in [Kernel::Auto, Kernel::Tiled, Kernel::Stream] {
+                    let mut out = vec![f32::NAN; m * n];
+                    matmul_nt_with(&x[..m * k], m, w, &mut out, kernel).unwrap();
+                    for i in 0..m {
+                        matmul_nt_with(&x[i * k..(i + 1) * k], 1, w, &mut alone, Kernel::Auto).unwrap();
+                        let same = out[i * n..(i + 1) * n].iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{:?} {kernel:?} k={k}: row {i} of {m} differs from the row alone",
+                            w.quant_format()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        for k in [7, 40, 200, 256, 520, 1024] {
+            check_rows_alone(k);
+        }
+    }
+
+    #[test]
+    fn portable_rows_do_not_depend_on_the_batch() {
+        crate::simd::portable(|| serial(|| check_rows_alone(256)));
     }
 
     #[test]

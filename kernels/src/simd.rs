@@ -116,6 +116,18 @@ pub(crate) fn has_avx512bw() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
 }
 
+/// Whether the CPU has AVX-512 F and VL (besides AVX2, FMA and F16C): 32
+/// vector registers for 8-lane arithmetic.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512vl() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    if !has_avx2_fma() {
+        return false;
+    }
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl"))
+}
+
 #[cfg(test)]
 thread_local! {
     static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

@@ -17,6 +17,12 @@ struct Cli {
     /// Worker threads for compute (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Keep each sequence's logits bit-identical whatever else shares its
+    /// step (seeded sampling then repeats under load); false runs products of
+    /// more than 32 rows through the gemm crate instead (faster prefill, but
+    /// a sequence's numbers then depend on its batch).
+    #[arg(long, global = true, env = "MOE_BATCH_INVARIANT", default_value_t = true, action = clap::ArgAction::Set)]
+    batch_invariant: bool,
     #[command(subcommand)]
     cmd: Option<Command>,
 }
@@ -213,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring threads")?;
     }
+    moe_kernels::set_batch_invariant(cli.batch_invariant);
     match cli.cmd.unwrap_or_default() {
         Command::Serve(a) => {
             let cfg = a.resolve()?;

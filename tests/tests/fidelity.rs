@@ -233,6 +233,74 @@ fn check_batched(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Batch invariance: a sequence's logits are bit-identical whether it runs
+/// alone or beside another sequence, its prompt in one step or in two
+/// chunks, its decode step alone or beside another decode. The stranger's
+/// 40-token chunk makes every product of the first step more than 32 rows.
+fn check_batch_invariant(name: &str) -> Result<()> {
+    let (mut h, r) = Harness::load(name)?;
+    let (t, v) = (r.input_ids.len(), h.cfg.vocab_size);
+    let ids = &r.input_ids;
+    let mut alone = BlockTable::new();
+    alone.grow_to(&mut h.alloc, t + 1)?;
+    let chunk = SeqChunk { tokens: ids, start_pos: 0, blocks: alone.blocks(), logits: LogitsRequest::All };
+    let prompt = h.model.forward(&[chunk], &mut h.kv, &h.experts, &mut h.ws)?.logits;
+    let next = [argmax(&prompt[(t - 1) * v..])];
+    let chunk = SeqChunk { tokens: &next, start_pos: t, blocks: alone.blocks(), logits: LogitsRequest::Last };
+    let decode = h.model.forward(&[chunk], &mut h.kv, &h.experts, &mut h.ws)?.logits;
+    alone.release(&mut h.alloc);
+
+    let stranger: Vec<u32> = (0..60u32).map(|i| (i * 7 + 3) % v as u32).collect();
+    let (mut b, mut s) = (BlockTable::new(), BlockTable::new());
+    s.grow_to(&mut h.alloc, stranger.len() + 1)?;
+    b.grow_to(&mut h.alloc, t + 1)?;
+    let split = t / 2;
+    let step1 = h.model.forward(
+        &[
+            SeqChunk { tokens: &stranger[..40], start_pos: 0, blocks: s.blocks(), logits: LogitsRequest::None },
+            SeqChunk { tokens: &ids[..split], start_pos: 0, blocks: b.blocks(), logits: LogitsRequest::All },
+        ],
+        &mut h.kv,
+        &h.experts,
+        &mut h.ws,
+    )?;
+    let step2 = h.model.forward(
+        &[
+            SeqChunk { tokens: &ids[split..], start_pos: split, blocks: b.blocks(), logits: LogitsRequest::All },
+            SeqChunk { tokens: &stranger[40..], start_pos: 40, blocks: s.blocks(), logits: LogitsRequest::Last },
+        ],
+        &mut h.kv,
+        &h.experts,
+        &mut h.ws,
+    )?;
+    let stranger_next = [argmax(step2.row(t - split))];
+    let step3 = h.model.forward(
+        &[
+            SeqChunk { tokens: &stranger_next, start_pos: 60, blocks: s.blocks(), logits: LogitsRequest::Last },
+            SeqChunk { tokens: &next, start_pos: t, blocks: b.blocks(), logits: LogitsRequest::Last },
+        ],
+        &mut h.kv,
+        &h.experts,
+        &mut h.ws,
+    )?;
+    let same = |what: &str, got: &[f32], want: &[f32]| -> Result<()> {
+        let first = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits());
+        ensure!(
+            got.len() == want.len() && first.is_none(),
+            "{name}: {what} logits differ from the sequence alone (first at {first:?}: {:?} vs {:?})",
+            first.map(|i| got[i]),
+            first.map(|i| want[i])
+        );
+        Ok(())
+    };
+    same("first prompt chunk", &step1.logits, &prompt[..split * v])?;
+    same("second prompt chunk", &step2.logits[..(t - split) * v], &prompt[split * v..])?;
+    same("decode step", step3.row(1), &decode)?;
+    b.release(&mut h.alloc);
+    s.release(&mut h.alloc);
+    Ok(())
+}
+
 /// Greedy decoding with the experts behind a half-size cache read from the
 /// checkpoint (`DiskExperts`, `O_DIRECT`, two readers): the same logits and
 /// tokens as transformers. Exercises each architecture's on-disk expert
@@ -316,6 +384,10 @@ macro_rules! fidelity {
             #[test]
             fn batched_and_chunked_match() {
                 super::check_batched(stringify!($name)).unwrap();
+            }
+            #[test]
+            fn logits_do_not_depend_on_the_batch() {
+                super::check_batch_invariant(stringify!($name)).unwrap();
             }
         }
     )*};
