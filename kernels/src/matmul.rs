@@ -7,10 +7,11 @@
 //! quantized weights take one path at every row count. The kernels below
 //! differ only in speed:
 //! - one row, or a few rows against a weight too big for the caches
-//!   (decode on a large model): each weight row streamed once, in order,
-//!   through the SIMD dot product ([`Kernel::Stream`]);
-//! - otherwise the register-tiled kernel ([`Kernel::Tiled`]), bf16 widened
-//!   in registers.
+//!   (decode on a large model), with weight rows of 512+ values: each weight
+//!   row streamed once, in order, through the SIMD dot product
+//!   ([`Kernel::Stream`]);
+//! - otherwise the register-tiled kernels ([`crate::tile`]), bf16 widened in
+//!   registers.
 //!
 //! [`set_batch_invariant`]`(false)` trades that for prefill speed: more than
 //! `TILE_M` rows then go to the `gemm` crate ([`Kernel::Gemm`]; bf16 and
@@ -20,6 +21,7 @@
 use crate::quant::acts::QuantizedActs;
 use crate::quant::dot::dot_block;
 use crate::simd::WeightRow;
+use crate::tile::LONG_K;
 use crate::weight::{bf16_to_f32, QuantData, Weight, WeightData};
 use crate::KernelError;
 use rayon::prelude::*;
@@ -78,7 +80,9 @@ pub enum Kernel {
     /// One dot product per (row, weight row), each weight row read start to
     /// end: the fastest way to stream a large weight from DRAM for a few
     /// rows, where tiles (several weight rows side by side) read DRAM pages
-    /// out of order. The same sums as [`Kernel::Tiled`].
+    /// out of order. The same sums as [`Kernel::Tiled`]; weight rows shorter
+    /// than `LONG_K` (512) values are tiled instead (their sums are in
+    /// the tiles' order).
     Stream,
 }
 
@@ -110,8 +114,9 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: 
         (WeightData::Quant(q), Kernel::Gemm) => quant_blocked(x, m, k, n, q, out, parallel, Widened::Gemm),
         (WeightData::Quant(q), _) if q.f32_activations() => quant_blocked(x, m, k, n, q, out, parallel, Widened::Tiled),
         (WeightData::Quant(q), _) => quant_int(x, m, k, n, q, out, parallel),
-        (WeightData::F32(v), Kernel::Stream) => stream(x, m, v, k, out, parallel),
-        (WeightData::Bf16(v), Kernel::Stream) => stream(x, m, v, k, out, parallel),
+        // short rows are summed in the tiles' order, which a dot product lacks
+        (WeightData::F32(v), Kernel::Stream) if k >= LONG_K => stream(x, m, v, k, out, parallel),
+        (WeightData::Bf16(v), Kernel::Stream) if k >= LONG_K => stream(x, m, v, k, out, parallel),
         (WeightData::F32(v), Kernel::Gemm) => {
             let par = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
             // SAFETY: shapes were checked above; `v` is `[n, k]` row-major,
@@ -148,8 +153,8 @@ fn auto_kernel(m: usize, w: &Weight) -> Kernel {
                 Kernel::Gemm
             }
         }
-        _ if m == 1 && w.cols() >= STREAM_MIN_K => Kernel::Stream,
-        _ if m <= STREAM_MAX_M && w.nbytes() >= STREAM_MIN_BYTES => Kernel::Stream,
+        _ if m == 1 && w.cols() >= LONG_K => Kernel::Stream,
+        _ if m <= STREAM_MAX_M && w.cols() >= LONG_K && w.nbytes() >= STREAM_MIN_BYTES => Kernel::Stream,
         _ if m <= TILE_M || invariant => Kernel::Tiled,
         _ => Kernel::Gemm,
     }
@@ -160,8 +165,10 @@ fn auto_kernel(m: usize, w: &Weight) -> Kernel {
 /// matmul_bench` on the 65 MB output head read from DRAM, streaming 2 and 4
 /// rows took 0.6x and 0.7-0.9x the tiled kernel's time, 8 rows about 1.0x.
 const STREAM_MAX_M: usize = 4;
-/// Weights of at least this many bytes are assumed to come from DRAM.
-const STREAM_MIN_BYTES: usize = 16 << 20;
+/// Weights of at least this many bytes (more than a core's L2) are assumed
+/// to come from DRAM when a few rows meet them (a large model's experts and
+/// output head at decode).
+const STREAM_MIN_BYTES: usize = 2 << 20;
 
 /// Without batch invariance, up to this many activation rows use the
 /// register-tiled kernel (measured with `cargo run --release -p moe-kernels
@@ -190,13 +197,6 @@ fn tiled<W: WeightRow + Sync>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut 
         (0..chunks).for_each(run);
     }
 }
-
-/// A single activation row (decode of one sequence) against weight rows of
-/// at least this many values streams them ([`Kernel::Stream`]): measured
-/// with `LARGE=1 cargo run --release -p moe-kernels --example matmul_bench`,
-/// 1.5-2x the tiled kernel on a 65 MB output head read from DRAM, equal on
-/// warm 1024-wide weights; shorter rows stay tiled (2x faster at 128-256).
-const STREAM_MIN_K: usize = 512;
 
 /// The streaming path: one dot product per output, weight rows read in
 /// order, output features split across threads.
@@ -539,6 +539,11 @@ mod tests {
         for k in [7, 40, 200, 256, 520, 1024] {
             check_rows_alone(k);
         }
+    }
+
+    #[test]
+    fn avx2_rows_do_not_depend_on_the_batch() {
+        crate::simd::avx2_only(|| serial(|| [40, 520].into_iter().for_each(check_rows_alone)));
     }
 
     #[test]

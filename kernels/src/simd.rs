@@ -122,6 +122,10 @@ pub(crate) fn has_avx512bw() -> bool {
 pub(crate) fn has_avx512vl() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
+    #[cfg(test)]
+    if AVX2_ONLY.with(|p| p.get()) {
+        return false;
+    }
     if !has_avx2_fma() {
         return false;
     }
@@ -131,6 +135,17 @@ pub(crate) fn has_avx512vl() -> bool {
 #[cfg(test)]
 thread_local! {
     static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static AVX2_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's tiles on their AVX2 builds, as on a CPU
+/// without AVX-512 (tests of those paths on machines that have it).
+#[cfg(test)]
+pub(crate) fn avx2_only<R>(f: impl FnOnce() -> R) -> R {
+    AVX2_ONLY.with(|p| p.set(true));
+    let r = f();
+    AVX2_ONLY.with(|p| p.set(false));
+    r
 }
 
 /// Runs `f` with this thread's kernels on their portable paths, as on a CPU

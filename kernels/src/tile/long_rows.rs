@@ -1,87 +1,34 @@
-//! Register-tiled `out = x · Wᵀ` for two or more activation rows (decode
-//! batches, expert groups, prefill), reading bf16 or f32 weight rows in
-//! place: no widened copy of the weight, no packing.
-//!
-//! **Every output element is the same sum in the same order, whatever tile
-//! or kernel computed it**: the order of [`crate::simd`]'s dot product (four
-//! 8-lane accumulators over 32-value chunks, the 8-value chunks after them
-//! into the first, `(a0 + a1) + (a2 + a3)`, the lanes summed, then the
-//! scalar tail in order). So a row's results never depend on which other
-//! rows share the call, and a single row streamed through the dot product
-//! gives the same bits (batch invariance: a sequence's logits do not change
-//! with what else is in its step).
+//! Tiles for weight rows of [`super::LONG_K`]+ values: every output element
+//! summed in the order of [`crate::simd`]'s dot product (four 8-lane chains
+//! over 32-value chunks, the 8-value chunks after them into the first,
+//! `(a0 + a1) + (a2 + a3)`, the lanes summed, then the scalar tail), so the
+//! streaming kernel (one dot product per output, the fastest way to read a
+//! weight from DRAM for one row) gives the same bits as a tile.
 //!
 //! Each tile keeps `MR` activation rows by `NR` weight rows of four
 //! accumulators in registers and walks `k` once, so every weight vector
 //! loaded (and widened) feeds `MR` multiply-adds. With AVX-512 VL the 32
 //! vector registers hold 3x2 tiles (24 accumulators); with AVX2 only, 2x1.
 
-use crate::matmul::Product;
-use crate::simd::WeightRow;
-
-/// Computes the product's output columns (weight rows) `cols`, writing only
-/// those columns of `out`.
-///
-/// # Safety
-/// `out` must be valid for writes of every `[i, j]` element, `i < m`,
-/// `j` in `cols`, with row stride `n`; `x` holds `m * k` values and `w` at
-/// least `cols.end * k`. No other thread may write those elements meanwhile.
-pub(crate) unsafe fn tiled_cols<W: WeightRow>(p: &Product<'_, W>, cols: std::ops::Range<usize>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if crate::simd::has_avx512vl() {
-            // SAFETY: AVX-512 F+VL (and AVX2+FMA) checked at run time; bounds
-            // as the caller promised.
-            unsafe { avx2::tiled_cols_wide(p, cols) };
-            return;
-        }
-        if crate::simd::has_avx2_fma() {
-            // SAFETY: AVX2+FMA checked at run time; bounds as the caller promised.
-            unsafe { avx2::tiled_cols(p, cols) };
-            return;
-        }
-    }
-    // SAFETY: the same contract.
-    unsafe { crate::matmul::dot_cols(p, cols) }
-}
-
-/// Activation rows a tile sweep keeps together: a block of this many bytes
-/// of `x` stays in L2 while the weight rows pass over it.
-const X_BLOCK_BYTES: usize = 256 << 10;
-
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use crate::matmul::Product;
     use crate::simd::avx2::hsum;
     use crate::simd::WeightRow;
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// Requires AVX2+FMA, and the contract of [`super::tiled_cols`].
+    /// Requires AVX2+FMA, and the contract of [`crate::tile::tiled_cols`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tiled_cols<W: WeightRow>(a: &Product<'_, W>, cols: std::ops::Range<usize>) {
-        blocks(a, |rows| sweep::<W, 2, 1>(a, rows, cols.clone()));
+    pub(in crate::tile) unsafe fn tiled_cols<W: WeightRow>(a: &Product<'_, W>, cols: std::ops::Range<usize>) {
+        crate::tile::row_blocks(a.m, a.k, 6, |rows| sweep::<W, 2, 1>(a, rows, cols.clone()));
     }
 
     /// # Safety
-    /// Requires AVX-512 F+VL, and the contract of [`super::tiled_cols`].
+    /// Requires AVX-512 F+VL, and the contract of [`crate::tile::tiled_cols`].
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    pub(super) unsafe fn tiled_cols_wide<W: WeightRow>(a: &Product<'_, W>, cols: std::ops::Range<usize>) {
-        blocks(a, |rows| sweep::<W, 3, 2>(a, rows, cols.clone()));
-    }
-
-    /// Calls `f` on consecutive blocks of activation rows, each small enough
-    /// to stay in L2 while every weight row of the call passes over it.
-    #[inline(always)]
-    fn blocks<W>(a: &Product<'_, W>, mut f: impl FnMut(std::ops::Range<usize>)) {
-        // a multiple of the 2- and 3-row tiles
-        let per = (super::X_BLOCK_BYTES / (a.k * 4)).max(6) / 6 * 6;
-        let mut i = 0;
-        while i < a.m {
-            let end = (i + per).min(a.m);
-            f(i..end);
-            i = end;
-        }
+    pub(in crate::tile) unsafe fn tiled_cols_wide<W: WeightRow>(a: &Product<'_, W>, cols: std::ops::Range<usize>) {
+        crate::tile::row_blocks(a.m, a.k, 6, |rows| sweep::<W, 3, 2>(a, rows, cols.clone()));
     }
 
     /// Rows `rows` against weight rows `cols`, `NR` weight rows at a time
