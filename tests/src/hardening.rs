@@ -14,6 +14,9 @@
 //! - **Special tokens in chat content** are tokenized as text.
 //! - **gRPC responses are bounded** by the message-size setting: a
 //!   `Detokenize` whose text would exceed it is OUT_OF_RANGE.
+//! - **Seeded sampling repeats under load**: 8 seeded requests (n = 4,
+//!   200 tokens, temperature 0.8) give the same text alone and while 24
+//!   other long requests share their steps (batch-invariant numerics).
 
 use moe_proto::v1 as pb;
 use moe_proto::v1::generation_client::GenerationClient;
@@ -55,6 +58,13 @@ fn check(report: String, failure: Option<String>) -> Check {
 pub const BIG_PROMPT_RSS_BOUND_MIB: u64 = 512;
 /// Concurrent big prompts.
 pub const BIG_PROMPTS: usize = 64;
+/// Seeded requests compared alone and under load.
+pub const SEEDS: u64 = 8;
+/// Other requests running beside them.
+pub const LOAD_REQUESTS: usize = 24;
+/// Choices per seeded request, and tokens per choice.
+const SEEDED_N: usize = 4;
+const SEEDED_TOKENS: usize = 200;
 /// Stalled connections opened.
 pub const STALLED: usize = 200;
 
@@ -72,6 +82,7 @@ pub async fn run(t: &Target) -> Vec<Check> {
         auth_details(t).await,
         special_tokens_in_chat(t).await,
         grpc_response_bound(t).await,
+        seeded_under_load(t).await,
     ]
 }
 
@@ -245,4 +256,67 @@ async fn grpc_response_bound(t: &Target) -> Check {
     };
     let ok = matches!(&got, Err(s) if s.code() == tonic::Code::OutOfRange);
     check(report.clone(), (!ok).then_some(report))
+}
+
+/// The choices of a seeded completion request (`None` on failure): each
+/// choice's text, and its log-probabilities as the server printed them (the
+/// 5 most likely tokens at every step: any change in the numbers shows,
+/// not only one large enough to change a sampled token).
+async fn sampled(c: &reqwest::Client, t: &Target, prompt: &str, seed: u64) -> Option<Vec<(String, String)>> {
+    let body = json!({
+        "prompt": prompt, "max_tokens": SEEDED_TOKENS, "n": SEEDED_N, "temperature": 0.8, "top_p": 0.95,
+        "seed": seed, "ignore_eos": true, "logprobs": 5,
+    });
+    let r =
+        c.post(format!("http://{}/v1/completions", t.http)).bearer_auth(&t.api_key).json(&body).send().await.ok()?;
+    if r.status().as_u16() != 200 {
+        return None;
+    }
+    let v: Value = r.json().await.ok()?;
+    let mut choices = vec![(String::new(), String::new()); SEEDED_N];
+    for ch in v["choices"].as_array()? {
+        choices[ch["index"].as_u64()? as usize] = (ch["text"].as_str()?.to_string(), ch["logprobs"].to_string());
+    }
+    Some(choices)
+}
+
+async fn seeded_under_load(t: &Target) -> Check {
+    let c = client();
+    let prompts = ["ROMEO:", "JULIET:\nO Romeo, Romeo", "HAMLET:\nTo be, or not to be", "LADY CAPULET:"];
+    let prompt = |s: u64| prompts[s as usize % prompts.len()];
+    let mut alone = Vec::new();
+    for s in 0..SEEDS {
+        alone.push(sampled(&c, t, prompt(s), 1000 + s).await);
+    }
+    let others = (0..LOAD_REQUESTS).map(|i| {
+        let body = json!({
+            "prompt": prompts[i % prompts.len()], "max_tokens": SEEDED_TOKENS, "temperature": 1.0,
+            "seed": 7 * i, "ignore_eos": true, "stream": true,
+        });
+        let req = c.post(format!("http://{}/v1/completions", t.http)).bearer_auth(&t.api_key).json(&body).send();
+        async move {
+            match req.await {
+                Ok(r) => r.status().as_u16() == 200 && r.text().await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    });
+    let seeded = (0..SEEDS).map(|s| sampled(&c, t, prompt(s), 1000 + s));
+    let (loaded, others) =
+        futures_util::future::join(futures_util::future::join_all(seeded), futures_util::future::join_all(others))
+            .await;
+    let failed = alone.iter().chain(&loaded).filter(|r| r.is_none()).count() + others.iter().filter(|ok| !**ok).count();
+    let pairs: Vec<_> =
+        alone.iter().zip(&loaded).filter_map(|(a, b)| Some(a.as_ref()?.iter().zip(b.as_ref()?))).flatten().collect();
+    let texts = pairs.iter().filter(|(a, b)| a.0 != b.0).count();
+    let numbers = pairs.iter().filter(|(a, b)| a.1 != b.1).count();
+    let no_numbers = pairs.iter().filter(|(a, _)| a.1 == "null").count();
+    let choices = SEEDS as usize * SEEDED_N;
+    let report = format!(
+        "seeded sampling: {SEEDS} seeds x {SEEDED_N} choices x {SEEDED_TOKENS} tokens (temperature 0.8) alone and \
+         beside {LOAD_REQUESTS} other requests: {texts} of {choices} texts and {numbers} choices' log-probabilities \
+         changed; {failed} requests failed"
+    );
+    let failure = (texts > 0 || numbers > 0 || failed > 0 || no_numbers > 0).then(|| report.clone());
+    check(report, failure)
 }
