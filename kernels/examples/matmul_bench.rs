@@ -7,7 +7,11 @@
 //! (a register-only loop of independent multiply-adds), against which the
 //! kernels' GFLOP/s can be read as a fraction of what the core can do.
 //!
-//! `[LARGE=1] cargo run --release -p moe-kernels --example matmul_bench [-- THREADS]`
+//! Weight rows shorter than 512 values never stream (their sums are in the
+//! tiles' order; see `kernels/src/tile/mod.rs`): their stream column shows
+//! `-`. `gemm` is what `--batch-invariant false` runs beyond 32 rows.
+//!
+//! `[LARGE=1] [ROWS=1,4,...] cargo run --release -p moe-kernels --example matmul_bench [-- THREADS]`
 
 use moe_kernels::{matmul_nt_with, Kernel, Weight};
 use std::time::Instant;
@@ -26,7 +30,11 @@ fn run() {
     for (n, k) in shapes() {
         let bits = (0..n * k).map(|i| half::bf16::from_f32((i * 7919 % 97) as f32 / 97.0 - 0.5).to_bits()).collect();
         let w = Weight::from_bf16_bits(n, k, bits).expect("weight");
-        for m in [1usize, 4, 8, 16, 32, 64] {
+        let rows: Vec<usize> = match std::env::var("ROWS") {
+            Ok(r) => r.split(',').map(|v| v.trim().parse().expect("ROWS: comma-separated row counts")).collect(),
+            Err(_) => vec![1, 4, 8, 16, 32, 64],
+        };
+        for m in rows {
             let x: Vec<f32> = (0..m * k).map(|i| (i * 31 % 17) as f32 / 17.0 - 0.5).collect();
             let mut out = vec![0f32; m * n];
             let iters = (8_000_000 / (m * n * k)).max(3);
@@ -44,13 +52,16 @@ fn run() {
                 }
             }
             let gflops = 2.0 * (m * n * k) as f64 / best[1] / 1e9;
+            let stream = if k >= 512 {
+                format!("{:.2} | {:.2}x", best[2] * 1e6, best[2] / best[1])
+            } else {
+                "- | -".to_string()
+            };
             println!(
-                "| {n} x {k} | {m} | {:.2} | {:.2} | {gflops:.1} | {:.2}x | {:.2} | {:.2}x |",
+                "| {n} x {k} | {m} | {:.2} | {:.2} | {gflops:.1} | {:.2}x | {stream} |",
                 best[0] * 1e6,
                 best[1] * 1e6,
                 best[0] / best[1],
-                best[2] * 1e6,
-                best[2] / best[1]
             );
         }
     }
