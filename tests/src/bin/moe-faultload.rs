@@ -1483,7 +1483,7 @@ async fn grace_cut(args: &Args) -> Result<CutResult> {
         let (grpc, started) = (server.grpc, started.clone());
         tasks.push(tokio::spawn(async move {
             let mut g = GenerationClient::new(grpc_channel(grpc).map_err(|e| e.to_string())?);
-            let mut req = grpc_request(PROMPTS[i], MAX_TOKENS_LIMIT as u32);
+            let mut req = grpc_request(PROMPTS[i % PROMPTS.len()], MAX_TOKENS_LIMIT as u32);
             req.ignore_eos = true;
             let s = g.generate_stream(with_auth(req, Some(API_KEY))).await;
             let mut s = match s {
