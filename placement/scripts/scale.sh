@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Scale runs of moe-place (issue 7), not part of the test suite:
 #   Mixtral shape (32 MoE layers x 8 experts, top-2) on 4 and 8 GPUs (one node), 60 s limit;
-#   DeepSeek-V3 shape (58 MoE layers x 256 experts, top-8) on 32 and 64 GPUs (nodes of 8), 9 min limit.
+#   DeepSeek-V3 shape (58 MoE layers x 256 experts, top-8) on 32 and 64 GPUs (nodes of 8):
+#   moetuner+ls 300 s limit, the others moe-place's default 60 s (about 25 minutes in all).
 # Synthetic traces (moe-place synth): a training trace and a held-out one of the same
 # synthetic "model" (same --seed, another --sample-seed). Every plan is scored on the
 # held-out trace. Usage: placement/scripts/scale.sh [mixtral|deepseek|all]; OUT=dir to

@@ -8,6 +8,12 @@
 //! - **Stalled connections**: 200 connections send half a request head; the
 //!   server answers `/health` throughout and closes them within its
 //!   header-read timeout (plus slack).
+//! - **Connection limit**: `--max-connections` + 64 half-sent heads; at least
+//!   64 of them get an immediate 503 with `Retry-After`, a keep-alive
+//!   connection opened before keeps working, and `/health` answers on a new
+//!   connection once they are gone.
+//! - **Slow body**: a body slower than its `Content-Length` gets 408 within
+//!   the body-read timeout (plus slack).
 //! - **No cleartext HTTP/2** on the REST port (prior knowledge gets no response).
 //! - **Auth details**: a lowercase `bearer` scheme is accepted; a 401 carries
 //!   `WWW-Authenticate: Bearer`.
@@ -40,6 +46,10 @@ pub struct Target {
     pub max_body: usize,
     /// Its `--header-timeout-secs`.
     pub header_timeout: Duration,
+    /// Its `--body-timeout-secs`.
+    pub body_timeout: Duration,
+    /// Its `--max-connections`.
+    pub max_connections: usize,
 }
 
 /// One check's outcome: a report line, and a failure if it failed.
@@ -65,6 +75,8 @@ pub const LOAD_REQUESTS: usize = 24;
 /// Choices per seeded request, and tokens per choice.
 const SEEDED_N: usize = 4;
 const SEEDED_TOKENS: usize = 200;
+/// Connections opened beyond `--max-connections` in the connection-limit check.
+pub const OVER_LIMIT: usize = 64;
 /// Stalled connections opened.
 pub const STALLED: usize = 200;
 
@@ -78,6 +90,8 @@ pub async fn run(t: &Target) -> Vec<Check> {
     vec![
         big_prompts(t).await,
         stalled_connections(t).await,
+        connection_limit(t).await,
+        slow_body(t).await,
         no_cleartext_http2(t).await,
         auth_details(t).await,
         special_tokens_in_chat(t).await,
@@ -183,6 +197,89 @@ async fn stalled_connections(t: &Target) -> Check {
         None
     };
     check(report, failure)
+}
+
+/// Sends `GET /health` on `c` and reads the status code of the answer.
+async fn health_on(c: &mut TcpStream) -> Option<u16> {
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.ok()?;
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await.ok()?.ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.get(9..12)?.parse().ok()
+}
+
+async fn connection_limit(t: &Target) -> Check {
+    let fail = |m: String| check(format!("connection limit: {m}"), Some(format!("connection limit: {m}")));
+    let Ok(mut kept) = TcpStream::connect(t.http).await else { return fail("cannot connect".into()) };
+    if health_on(&mut kept).await != Some(200) {
+        return fail("/health on a fresh connection failed".into());
+    }
+    let total = t.max_connections + OVER_LIMIT;
+    let mut conns = Vec::with_capacity(total);
+    for _ in 0..total {
+        match TcpStream::connect(t.http).await {
+            Ok(mut c) => {
+                let _ = c.write_all(b"GET /health HTTP/1.1\r\nHo").await;
+                conns.push(c);
+            }
+            Err(e) => return fail(format!("connect failed: {e}")),
+        }
+    }
+    // the server is full: the connection opened before still works
+    let kept_status = health_on(&mut kept).await;
+    // over the limit: an immediate 503 with Retry-After, then closed
+    let t0 = Instant::now();
+    let answers = futures_util::future::join_all(conns.iter_mut().map(|c| async move {
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_secs(1), c.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                text.starts_with("http/1.1 503") && text.contains("retry-after:")
+            }
+            _ => false,
+        }
+    }))
+    .await;
+    let refused = answers.iter().filter(|r| **r).count();
+    drop(conns);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = client().get(format!("http://{}/health", t.http)).send().await.map(|r| r.status().as_u16()).ok();
+    let report = format!(
+        "connection limit: {total} half-sent heads against --max-connections {}: {refused} refused with 503 + \
+         Retry-After within {:.2}s; the keep-alive connection opened before got {kept_status:?}; /health afterwards \
+         {after:?}",
+        t.max_connections,
+        t0.elapsed().as_secs_f64()
+    );
+    let ok = refused >= OVER_LIMIT && kept_status == Some(200) && after == Some(200);
+    check(report.clone(), (!ok).then_some(report))
+}
+
+async fn slow_body(t: &Target) -> Check {
+    let fail = |m: &str| check(format!("slow body: {m}"), Some(format!("slow body: {m}")));
+    let Ok(mut c) = TcpStream::connect(t.http).await else { return fail("cannot connect") };
+    let part = "{\"prompt\": ";
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: \
+         application/json\r\nContent-Length: 100\r\n\r\n{part}",
+        t.api_key
+    );
+    if c.write_all(head.as_bytes()).await.is_err() {
+        return fail("cannot send");
+    }
+    let t0 = Instant::now();
+    let mut buf = [0u8; 1024];
+    let limit = t.body_timeout + Duration::from_secs(5);
+    let status = match tokio::time::timeout(limit, c.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => String::from_utf8_lossy(&buf[..n]).get(9..12).map(str::to_string),
+        _ => None,
+    };
+    let report = format!(
+        "slow body: {} of 100 promised bytes sent, then nothing: {status:?} after {:.1}s (body timeout {}s)",
+        part.len(),
+        t0.elapsed().as_secs_f64(),
+        t.body_timeout.as_secs()
+    );
+    check(report.clone(), (status.as_deref() != Some("408")).then_some(report))
 }
 
 async fn no_cleartext_http2(t: &Target) -> Check {

@@ -21,10 +21,11 @@
 //!    is printed); unreadable or too few VmRSS samples fail.
 //! 4. **Hardening** (`moe_tests::hardening`): 64 concurrent prompts at the body limit are refused
 //!    with a bounded rise in VmRSS; 200 half-sent request heads are closed within the header
-//!    timeout while `/health` answers; no cleartext HTTP/2 on the REST port; a lowercase
-//!    `bearer` scheme works and a 401 carries `WWW-Authenticate`; special-token text in chat
-//!    content is tokenized as text; an oversized gRPC response is OUT_OF_RANGE; seeded
-//!    sampling (8 seeds, n = 4, 200 tokens) gives the same texts and log-probabilities alone
+//!    timeout while `/health` answers; 64 connections over `--max-connections` get an
+//!    immediate 503 while an open keep-alive connection keeps working; a slow body gets 408;
+//!    no cleartext HTTP/2 on the REST port; a lowercase `bearer` scheme works and a 401 carries
+//!    `WWW-Authenticate`; special-token text in chat content is tokenized as text; an oversized
+//!    gRPC response is OUT_OF_RANGE; seeded sampling (8 seeds, n = 4, 200 tokens) gives the same texts and log-probabilities alone
 //!    and beside 24 other long requests.
 //! 5. **SIGTERM under load**: with long requests in flight on every transport, sends SIGTERM; the
 //!    in-flight requests must finish with their reference text within `--shutdown-grace-secs`,
@@ -66,6 +67,10 @@ const MAX_PROMPT_TOKENS: usize = 256;
 const MAX_TOKENS_LIMIT: usize = 256;
 /// Header-read timeout the server is started with (`--header-timeout-secs`).
 const HEADER_TIMEOUT_SECS: u64 = 2;
+/// Body-read timeout the server is started with (`--body-timeout-secs`).
+const BODY_TIMEOUT_SECS: u64 = 2;
+/// Connection limit the server is started with (`--max-connections`).
+const MAX_CONNECTIONS: usize = 512;
 /// `max_tokens` of the valid load requests.
 const VALID_MAX_TOKENS: [u32; 2] = [8, 16];
 /// `max_tokens` of requests that will be disconnected or cancelled.
@@ -199,6 +204,8 @@ impl Server {
             .args(["--max-tokens-limit", &MAX_TOKENS_LIMIT.to_string()])
             .args(["--kv-cache-tokens", "32768"])
             .args(["--header-timeout-secs", &HEADER_TIMEOUT_SECS.to_string()])
+            .args(["--body-timeout-secs", &BODY_TIMEOUT_SECS.to_string()])
+            .args(["--max-connections", &MAX_CONNECTIONS.to_string()])
             .env_remove("MOE_CONFIG")
             .env("RUST_BACKTRACE", "1")
             .envs(args.cap_arenas.then_some(("MALLOC_ARENA_MAX", "2")))
@@ -1712,6 +1719,8 @@ async fn run(args: Args) -> Result<bool> {
         api_key: API_KEY.into(),
         max_body: MAX_BODY,
         header_timeout: Duration::from_secs(HEADER_TIMEOUT_SECS),
+        body_timeout: Duration::from_secs(BODY_TIMEOUT_SECS),
+        max_connections: MAX_CONNECTIONS,
     };
     println!("\nhardening:");
     for c in moe_tests::hardening::run(&target).await {
