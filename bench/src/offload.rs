@@ -24,8 +24,8 @@ use std::time::Instant;
 
 /// Where experts come from in the benchmark.
 pub enum Tier {
-    /// The checkpoint in this directory (the real slow tier).
-    Disk(PathBuf),
+    /// The checkpoint in this directory (the real slow tier), read this way.
+    Disk(PathBuf, moe_offload::DiskIo),
     /// Host memory (random-weight models): measures the machinery itself.
     Memory(Vec<Vec<moe_model::ExpertWeights>>),
 }
@@ -156,7 +156,7 @@ fn run(
 impl OffloadBench {
     fn source(&self, cfg: &ModelConfig) -> crate::Result<Box<dyn ExpertSource>> {
         Ok(match &self.tier {
-            Tier::Disk(dir) => Box::new(DiskExperts::open(dir, cfg, moe_offload::DiskIo::Direct)?),
+            Tier::Disk(dir, io) => Box::new(DiskExperts::open(dir, cfg, *io)?),
             Tier::Memory(w) => Box::new(MemoryExperts::new(w.clone())),
         })
     }
@@ -164,7 +164,7 @@ impl OffloadBench {
     fn resident(&self) -> crate::Result<Experts> {
         let cfg = self.model.config();
         Ok(Experts::Resident(match &self.tier {
-            Tier::Disk(dir) => moe_model::load_weights(dir, cfg, &mut ())?.1,
+            Tier::Disk(dir, _) => moe_model::load_weights(dir, cfg, &mut ())?.1,
             Tier::Memory(w) => moe_model::ResidentExperts::from_weights(w.clone()),
         }))
     }

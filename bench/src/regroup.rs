@@ -19,6 +19,8 @@ pub struct RegroupBench {
     pub model: Model,
     /// Model directory (the slow tier).
     pub dir: PathBuf,
+    /// How experts are read from it.
+    pub disk_io: moe_offload::DiskIo,
     /// Prompts with the kind of text each came from.
     pub prompts: Vec<(String, Vec<TokenId>)>,
     /// Tokens generated per sequence.
@@ -64,7 +66,7 @@ impl RegroupBench {
         let cfg = self.model.config().clone();
         let total = cfg.moe_layers().count() * cfg.moe.num_experts;
         let slots = ((self.budget * total as f64).round() as usize).max(cfg.moe.num_experts);
-        let src = DiskExperts::open(&self.dir, &cfg, moe_offload::DiskIo::Direct)?;
+        let src = DiskExperts::open(&self.dir, &cfg, self.disk_io)?;
         let cc = CacheConfig {
             slots,
             policy: self.policy,
@@ -166,7 +168,7 @@ impl RegroupBench {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\n{} sequences ({} prompt tokens each, from: {}), {} new tokens each, micro-batch {}, expert budget {:.0}%, {} + {}, deferral bound {}\n",
+            "\n{} sequences ({} prompt tokens each, from: {}), {} new tokens each, micro-batch {}, expert budget {:.0}%, {} + {}, deferral bound {}, experts read with --disk-io {}\n",
             self.prompts.len(),
             self.prompts.first().map_or(0, |p| p.1.len()),
             kinds.join(", "),
@@ -175,7 +177,8 @@ impl RegroupBench {
             self.budget * 100.0,
             self.policy.name(),
             self.predictor.name(),
-            self.max_deferral
+            self.max_deferral,
+            self.disk_io
         );
         let _ = writeln!(s, "| grouping | distinct experts / micro-batch / layer | loads / token | hit ratio | output tok/s | ITL p50 ms | ITL p99 ms | scheduler / step time | longest deferral | same tokens |");
         let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");

@@ -75,6 +75,10 @@ struct BenchRegroupCmd {
     /// Deferral bound.
     #[arg(long, default_value_t = 8)]
     max_deferral: u32,
+    /// How experts beyond the budget are read from the checkpoint: direct (O_DIRECT, as
+    /// `serve` does by default), release or cached (through the page cache).
+    #[arg(long, default_value = "direct")]
+    disk_io: moe_offload::DiskIo,
 }
 
 #[derive(Args)]
@@ -122,6 +126,10 @@ struct BenchOffloadCmd {
     /// Also run the larger random-weight config (experts copied from host memory).
     #[arg(long)]
     large: bool,
+    /// How experts beyond the budget are read from the checkpoint: direct (O_DIRECT, as
+    /// `serve` does by default), release or cached (through the page cache).
+    #[arg(long, default_value = "direct")]
+    disk_io: moe_offload::DiskIo,
 }
 
 #[derive(Args)]
@@ -288,6 +296,7 @@ fn run_bench_regroup(b: BenchRegroupCmd) -> anyhow::Result<()> {
         policy: moe_offload::PolicyKind::Predictive,
         predictor: moe_offload::PredictorKind::Learned(learned),
         max_deferral: b.max_deferral,
+        disk_io: b.disk_io,
     };
     eprintln!("benchmarking token regrouping on {}...", model_name(&dir));
     print!("{}", bench.run()?);
@@ -327,9 +336,9 @@ fn run_bench_offload(b: BenchOffloadCmd) -> anyhow::Result<()> {
     let name = model_name(&dir);
     eprintln!("benchmarking the expert cache on {name} ({} runs)...", configs.len() * b.budgets.len());
     let bench = OffloadBench {
-        name: name.clone(),
+        name: format!("{name} (experts read from the checkpoint, --disk-io {})", b.disk_io),
         model,
-        tier: Tier::Disk(dir.clone()),
+        tier: Tier::Disk(dir.clone(), b.disk_io),
         prompts,
         decode_tokens: b.decode_tokens,
         budgets: b.budgets.clone(),
