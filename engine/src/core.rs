@@ -6,6 +6,7 @@ use moe_model::{
     ExpertPlanner, ExpertProvider, KvCache, LogitsRequest, Model, SampledToken, Sampler, SeqChunk, StepToken, Workspace,
 };
 use moe_scheduler::{BlockAllocator, GroupingConfig, GroupingMode, PathHints, Scheduler, SchedulerConfig, StepPlan};
+use moe_types::hidden_trace::HiddenRecord;
 use moe_types::trace::{TraceHeader, TraceToken};
 use moe_types::{SeqId, TokenId};
 use rayon::prelude::*;
@@ -46,6 +47,8 @@ pub struct EngineCore<E> {
     steps: u64,
     /// Routing records of computed tokens, when recording.
     trace: Option<Vec<TraceToken>>,
+    /// Their hidden states, when recording those too (same order).
+    hidden: Option<Vec<HiddenRecord>>,
 }
 
 impl<E: ExpertProvider + ExpertPlanner + Sync> EngineCore<E> {
@@ -66,6 +69,7 @@ impl<E: ExpertProvider + ExpertPlanner + Sync> EngineCore<E> {
             step_tokens: Vec::new(),
             steps: 0,
             trace: None,
+            hidden: None,
         }
     }
 
@@ -83,6 +87,19 @@ impl<E: ExpertProvider + ExpertPlanner + Sync> EngineCore<E> {
     /// Starts or stops recording the routing of every computed token.
     pub fn set_recording(&mut self, on: bool) {
         self.trace = on.then(Vec::new);
+    }
+
+    /// Starts or stops recording, with the routing, the residual stream
+    /// entering each MoE layer of every computed token (needs recording on).
+    pub fn set_recording_hidden(&mut self, on: bool) {
+        self.ws.capture_hidden(on);
+        self.hidden = on.then(Vec::new);
+    }
+
+    /// Hidden-state records gathered since the last call, in the order of
+    /// [`take_trace`](Self::take_trace)'s records (empty when not recording).
+    pub fn take_hidden(&mut self) -> Vec<HiddenRecord> {
+        self.hidden.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Routing records gathered since the last call (empty when not recording).
@@ -236,6 +253,13 @@ impl<E: ExpertProvider + ExpertPlanner + Sync> EngineCore<E> {
             for c in &plan.chunks {
                 let tokens = self.sched.tokens(c.seq);
                 for (pos, &token) in tokens.iter().enumerate().skip(c.start).take(c.len) {
+                    if let Some(hidden) = &mut self.hidden {
+                        let hsz = self.model.config().hidden_size;
+                        let ne = self.model.config().moe.num_experts;
+                        let values = out.hidden.iter().flat_map(|h| &h[t * hsz..(t + 1) * hsz]).copied().collect();
+                        let logits = out.router_logits.iter().flat_map(|s| &s[t * ne..(t + 1) * ne]).copied().collect();
+                        hidden.push(HiddenRecord { seq: c.seq.0, pos: pos as u32, values, logits });
+                    }
                     trace.push(TraceToken {
                         step: self.steps,
                         seq: c.seq.0,

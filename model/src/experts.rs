@@ -196,6 +196,19 @@ pub trait ExpertProvider {
         let _ = (from, layer, ids);
     }
 
+    /// Whether the forward pass should show [`hidden`](Self::hidden) the
+    /// residual stream entering each MoE layer (hidden-state predictors).
+    fn wants_hidden(&self) -> bool {
+        false
+    }
+
+    /// The residual stream entering MoE layer `layer`, before its attention
+    /// (`tokens * hidden_size` values, batch order): a forecast made from it
+    /// is ready while the attention runs.
+    fn hidden(&self, layer: LayerId, h: &[f32]) {
+        let _ = (layer, h);
+    }
+
     /// Announces a layer about to run: its routing (per token) and the
     /// distinct experts it uses, ascending.
     fn prepare(&self, routing: &LayerRouting, used: &[ExpertId]) -> Result<()> {

@@ -7,7 +7,7 @@ use crate::kv_cache::KvCache;
 use crate::weights::{FfnWeights, Model};
 use crate::{ModelError, Result};
 use moe_kernels::{matmul_nt, ops};
-use moe_types::{BlockId, StepRouting, TokenId};
+use moe_types::{BlockId, LayerId, StepRouting, TokenId};
 
 /// Which positions of a chunk need logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +52,12 @@ pub struct ForwardOutput {
     /// Routing of every token of the step at every MoE layer, in batch
     /// token order (chunk by chunk).
     pub routing: StepRouting,
+    /// With [`Workspace::capture_hidden`]: per MoE layer, the residual
+    /// stream entering it (`tokens * hidden_size`, batch order); else empty.
+    pub hidden: Vec<Vec<f32>>,
+    /// With [`Workspace::capture_hidden`]: per MoE layer, the router's
+    /// selection scores (logits, plus its bias if any; `tokens * experts`).
+    pub router_logits: Vec<Vec<f32>>,
 }
 
 impl ForwardOutput {
@@ -80,12 +86,22 @@ pub struct Workspace {
     pub(crate) kv_rows: Vec<usize>,
     pub(crate) kv_rows_at: Vec<usize>,
     pub(crate) moe: crate::moe::MoeScratch,
+    /// Whether steps return the residual stream entering each MoE layer.
+    pub(crate) capture: bool,
+    pub(crate) captured_logits: Vec<Vec<f32>>,
 }
 
 impl Workspace {
     /// Empty buffers; they grow to the largest step seen.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether each step's [`ForwardOutput::hidden`] holds the residual
+    /// stream entering every MoE layer, and [`ForwardOutput::router_logits`]
+    /// the routers' scores (traces for hidden-state predictors).
+    pub fn capture_hidden(&mut self, on: bool) {
+        self.capture = on;
     }
 }
 
@@ -130,7 +146,18 @@ impl Model {
         ws.xn.resize(t * hsz, 0.0);
         ws.out.resize(t * hsz, 0.0);
         let mut routing = StepRouting::default();
+        let mut hidden = Vec::new();
+        ws.captured_logits.clear();
+        let show = experts.wants_hidden();
         for (l, layer) in self.layers.iter().enumerate() {
+            if matches!(layer.ffn, FfnWeights::Moe { .. }) {
+                if show {
+                    experts.hidden(LayerId(l as u16), &ws.h);
+                }
+                if ws.capture {
+                    hidden.push(ws.h.clone());
+                }
+            }
             ops::rms_norm(&ws.h, &layer.input_norm, cfg.rms_norm_eps, &mut ws.xn);
             self.attention(l, chunks, kv, ws)?;
             ops::add_inplace(&mut ws.h, &ws.out);
@@ -146,7 +173,10 @@ impl Model {
             }
             ops::add_inplace(&mut ws.h, &ws.out);
         }
-        self.logits(chunks, ws, routing)
+        let mut out = self.logits(chunks, ws, routing)?;
+        out.hidden = hidden;
+        out.router_logits = std::mem::take(&mut ws.captured_logits);
+        Ok(out)
     }
 
     fn logits(&self, chunks: &[SeqChunk<'_>], ws: &mut Workspace, routing: StepRouting) -> Result<ForwardOutput> {
@@ -171,7 +201,13 @@ impl Model {
         ops::rms_norm_inplace(&mut ws.xn[..n * hsz], &self.final_norm, self.cfg.rms_norm_eps);
         let mut logits = vec![0.0; n * self.cfg.vocab_size];
         matmul_nt(&ws.xn[..n * hsz], n, self.lm_head(), &mut logits)?;
-        Ok(ForwardOutput { logits, rows: rows.into_iter().map(|(_, r)| r).collect(), routing })
+        Ok(ForwardOutput {
+            logits,
+            rows: rows.into_iter().map(|(_, r)| r).collect(),
+            routing,
+            hidden: Vec::new(),
+            router_logits: Vec::new(),
+        })
     }
 
     fn validate(&self, chunks: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {

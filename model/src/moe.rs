@@ -139,6 +139,15 @@ impl Model {
         // renormalise; or (gpt-oss) keep the top k logits, softmax over them
         s.router.resize(t * ne, 0.0);
         matmul_nt(&ws.xn, t, router, &mut s.router)?;
+        if ws.capture {
+            // the selection scores (logits plus any bias), for traces
+            let mut scores = s.router.clone();
+            if let Some(b) = router_bias {
+                scores.chunks_exact_mut(ne).for_each(|p| ops::add_inplace(p, b));
+            }
+            ws.captured_logits.push(scores);
+        }
+        let s = &mut ws.moe;
         s.groups.resize_with(ne, Vec::new);
         s.groups.iter_mut().for_each(Vec::clear);
         let mut routing =

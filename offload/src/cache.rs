@@ -85,6 +85,8 @@ pub struct ExpertCache {
     /// Decoder layer -> MoE index.
     moe_of: Vec<Option<MoeLayerId>>,
     lookahead: usize,
+    /// Whether the predictor reads hidden states (fixed at construction).
+    wants_hidden: bool,
 }
 
 /// Keeps an expert pinned (not evictable) while alive.
@@ -133,6 +135,7 @@ impl ExpertCache {
             return Err(OffloadError::Config("at least one expert reader is needed".into()));
         }
         let lookahead = core.lookahead();
+        let wants_hidden = core.wants_hidden();
         let mut moe_of = vec![None; model.num_layers()];
         for (i, &l) in moe_layers.iter().enumerate() {
             moe_of[l] = Some(MoeLayerId(i as u16));
@@ -156,7 +159,7 @@ impl ExpertCache {
             source,
             layer_of: moe_layers.iter().map(|&l| LayerId(l as u16)).collect(),
         });
-        let mut cache = Self { shared, loaders: Vec::with_capacity(cfg.readers), moe_of, lookahead };
+        let mut cache = Self { shared, loaders: Vec::with_capacity(cfg.readers), moe_of, lookahead, wants_hidden };
         for i in 0..cfg.readers {
             let s = cache.shared.clone();
             let loader = std::thread::Builder::new()
@@ -375,6 +378,15 @@ impl ExpertProvider for ExpertCache {
     fn forecast(&self, from: LayerId, layer: LayerId, ids: &[ExpertId]) {
         let (Ok(from), Ok(layer)) = (self.moe(from), self.moe(layer)) else { return };
         self.update(|core| core.gating(from, layer, ids));
+    }
+
+    fn wants_hidden(&self) -> bool {
+        self.wants_hidden
+    }
+
+    fn hidden(&self, layer: LayerId, h: &[f32]) {
+        let Ok(layer) = self.moe(layer) else { return };
+        self.update(|core| core.hidden(layer, h));
     }
 
     fn prepare(&self, routing: &LayerRouting, used: &[ExpertId]) -> moe_model::Result<()> {

@@ -109,6 +109,16 @@ impl ExpertProvider for Experts {
         }
     }
 
+    fn wants_hidden(&self) -> bool {
+        matches!(self, Self::Cached(c) if c.wants_hidden())
+    }
+
+    fn hidden(&self, layer: LayerId, h: &[f32]) {
+        if let Self::Cached(c) = self {
+            c.hidden(layer, h);
+        }
+    }
+
     fn prepare(&self, routing: &LayerRouting, used: &[ExpertId]) -> moe_model::Result<()> {
         match self {
             Self::Resident(r) => r.prepare(routing, used),

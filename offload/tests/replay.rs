@@ -40,7 +40,9 @@ fn configs() -> Vec<(usize, PolicyKind, &'static str)> {
 }
 
 fn predictor(name: &str) -> PredictorKind {
-    name.parse::<PredictorChoice>().unwrap().resolve(model_dir().join("path_predictor.safetensors"))
+    name.parse::<PredictorChoice>()
+        .unwrap()
+        .resolve(model_dir().join("path_predictor.safetensors"), model_dir().join("hidden_predictor.safetensors"))
 }
 
 /// The recorded tokens replayed as decode steps: four sequences at a time,

@@ -37,8 +37,9 @@ macro_rules! serve_config {
             /// bf16 weights of config.json's shape (tokenizer files still needed).
             #[arg(long)]
             pub random_weights: bool,
-            /// Learned path-predictor file (default: path_predictor.safetensors
-            /// in the model directory).
+            /// Predictor file: the learned path predictor's, or with --predictor hidden
+            /// the hidden-state probes' (default: path_predictor.safetensors or
+            /// hidden_predictor.safetensors in the model directory).
             #[arg(long, env = "MOE_PREDICTOR_FILE")]
             pub predictor_file: Option<PathBuf>,
             /// Placement plan (moe-place's JSON, format v1): which shard holds
@@ -157,7 +158,7 @@ serve_config! {
     expert_cache: moe_offload::ExpertBudget = moe_offload::ExpertBudget::All => "all", env = "MOE_EXPERT_CACHE";
     /// Expert cache policy: lru, lfu or predictive (ExpertFlow: evict by predicted demand).
     expert_policy: moe_offload::PolicyKind = moe_offload::PolicyKind::Predictive => "predictive", env = "MOE_EXPERT_POLICY";
-    /// Routing-path predictor: auto (learned if the model directory has a trained one, else lookahead), learned, lookahead, previous or none.
+    /// Routing-path predictor: auto (learned if the model directory has a trained one, else hidden if it has hidden-state probes, else lookahead), hidden, learned, lookahead, previous or none.
     predictor: moe_offload::PredictorChoice = moe_offload::PredictorChoice::Auto => "auto", env = "MOE_PREDICTOR";
     /// MoE layers ahead to forecast and prefetch.
     prefetch_depth: usize = 1 => "1", env = "MOE_PREFETCH_DEPTH";

@@ -86,12 +86,20 @@ struct TrainPredictorCmd {
     /// Routing trace (format v1) recorded on training text.
     #[arg(long)]
     trace: PathBuf,
-    /// Predictor file to write (safetensors, format moe-path-predictor v1).
+    /// Predictor file to write (safetensors: format moe-path-predictor v1, or with
+    /// --hidden-states moe-hidden-predictor v1).
     #[arg(long)]
     output: PathBuf,
     /// Model directory the trace was recorded with; default: the built-in model.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Train the hidden-state predictor instead, from these hidden states (written
+    /// with the trace by `trace --hidden-states`).
+    #[arg(long)]
+    hidden_states: Option<PathBuf>,
+    /// With --hidden-states: MoE layers each probe set reaches (1: the layer itself).
+    #[arg(long, default_value_t = 2)]
+    distances: usize,
 }
 
 #[derive(Args)]
@@ -182,6 +190,11 @@ struct TraceCmd {
     /// Stop after this many windows (0: the whole file).
     #[arg(long, default_value_t = 0)]
     max_windows: usize,
+    /// Also write the residual stream entering each MoE layer of every token
+    /// here (moe_types::hidden_trace; 12 + 2 x MoE layers x hidden size bytes
+    /// per token), for `train-predictor --hidden-states`.
+    #[arg(long)]
+    hidden_states: Option<PathBuf>,
     #[command(flatten)]
     offload: OffloadArgs,
 }
@@ -250,6 +263,33 @@ fn run_train_predictor(t: TrainPredictorCmd) -> anyhow::Result<()> {
     let file = std::fs::File::open(&t.trace).with_context(|| format!("opening {}", t.trace.display()))?;
     let (header, records) = moe_types::trace::read_trace(std::io::BufReader::new(file))
         .with_context(|| format!("reading {}", t.trace.display()))?;
+    if let Some(hs) = &t.hidden_states {
+        let f = std::fs::File::open(hs).with_context(|| format!("opening {}", hs.display()))?;
+        let reader = moe_types::hidden_trace::HiddenReader::new(std::io::BufReader::new(f))
+            .with_context(|| format!("reading {}", hs.display()))?;
+        anyhow::ensure!(
+            reader.header().hidden_size == cfg.hidden_size,
+            "{} holds hidden states of width {}, the model's is {}",
+            hs.display(),
+            reader.header().hidden_size,
+            cfg.hidden_size
+        );
+        let (model, _) = moe_model::load_model_without_experts(&dir, &mut ())?;
+        let routers = model.router_maps();
+        let (probes, report) = moe_offload::predictor::train_hidden(&header, &records, reader, t.distances, &routers)?;
+        probes.save(&t.output)?;
+        eprintln!("trained on {} tokens, validated on {}", report.train_tokens, report.valid_tokens);
+        for d in 0..t.distances {
+            let cells: Vec<String> = report
+                .recall
+                .iter()
+                .map(|r| if r[d].is_nan() { "-".into() } else { format!("{:.1}%", r[d] * 100.0) })
+                .collect();
+            eprintln!("held-out recall per MoE layer, forecasting {d} layer(s) past the one read: {}", cells.join(" "));
+        }
+        eprintln!("wrote {}", t.output.display());
+        return Ok(());
+    }
     let (tables, report) = moe_offload::predictor::train(&header, &records, cfg.vocab_size)?;
     tables.save(&t.output)?;
     let pct = |v: &[f64]| v.iter().map(|a| format!("{:.1}%", a * 100.0)).collect::<Vec<_>>().join(" ");
@@ -323,6 +363,16 @@ fn run_bench_offload(b: BenchOffloadCmd) -> anyhow::Result<()> {
         predictors.push(PredictorKind::Learned(learned));
     } else {
         eprintln!("no learned predictor at {}: skipping it", learned.display());
+    }
+    let hidden = dir.join(moe_server::offload::HIDDEN_PREDICTOR_FILE);
+    if hidden.is_file() {
+        predictors.push(PredictorKind::Hidden(hidden.clone()));
+        if let Some(l @ PredictorKind::Learned(_)) = predictors.iter().find(|p| matches!(p, PredictorKind::Learned(_)))
+        {
+            predictors.push(PredictorKind::Combined(vec![PredictorKind::Hidden(hidden), l.clone()]));
+        }
+    } else {
+        eprintln!("no hidden-state predictor at {}: skipping it", hidden.display());
     }
     let mut configs = Vec::new();
     for p in [PolicyKind::Lru, PolicyKind::Lfu, PolicyKind::Predictive] {
@@ -445,8 +495,24 @@ fn run_trace(t: TraceCmd) -> anyhow::Result<()> {
     let file = std::fs::File::create(&t.output).with_context(|| format!("creating {}", t.output.display()))?;
     let mut out = std::io::BufWriter::new(file);
     let args = moe_server::trace::TraceArgs { window: t.window, max_windows: t.max_windows };
-    let n = moe_server::trace::record_text(m, &name, &text, &args, &mut out)?;
+    let mut hidden = match &t.hidden_states {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let n = moe_server::trace::record_text(
+        m,
+        &name,
+        &text,
+        &args,
+        &mut out,
+        hidden.as_mut().map(|w| w as &mut dyn std::io::Write),
+    )?;
     eprintln!("recorded the routing of {n} tokens to {}", t.output.display());
+    if let Some(p) = &t.hidden_states {
+        eprintln!("and their hidden states to {}", p.display());
+    }
     Ok(())
 }
 

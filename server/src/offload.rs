@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 /// The learned predictor's file name inside a model directory.
 pub const PREDICTOR_FILE: &str = "path_predictor.safetensors";
+/// The hidden-state predictor's file name in a model directory.
+pub const HIDDEN_PREDICTOR_FILE: &str = "hidden_predictor.safetensors";
 
 /// Resolved offloading settings: every value already parsed into its type
 /// at the edge (flag, environment variable or TOML).
@@ -134,9 +136,18 @@ impl OffloadSettings {
     }
 
     /// The predictor for a model in `dir`: `auto` is the learned one when the
-    /// directory has a trained predictor file, else look-ahead gating.
+    /// directory has a trained predictor file, else the hidden-state one when
+    /// it has its probes file, else look-ahead gating. A predictor file given
+    /// replaces the chosen predictor's default (with `auto`: the learned
+    /// one's).
     pub fn predictor_kind(&self, dir: &Path) -> PredictorKind {
-        self.predictor.resolve(self.predictor_file.clone().unwrap_or_else(|| dir.join(PREDICTOR_FILE)))
+        let (learned, hidden) = (dir.join(PREDICTOR_FILE), dir.join(HIDDEN_PREDICTOR_FILE));
+        let (learned, hidden) = match (&self.predictor_file, self.predictor) {
+            (Some(f), PredictorChoice::Hidden) => (learned, f.clone()),
+            (Some(f), _) => (f.clone(), hidden),
+            (None, _) => (learned, hidden),
+        };
+        self.predictor.resolve(learned, hidden)
     }
 }
 
@@ -151,7 +162,7 @@ pub struct OffloadArgs {
     /// Expert cache policy: lru, lfu or predictive.
     #[arg(long, default_value = "predictive")]
     pub expert_policy: PolicyKind,
-    /// Routing-path predictor: auto, learned, lookahead, previous or none.
+    /// Routing-path predictor: auto, hidden, learned, lookahead, previous or none.
     #[arg(long, default_value = "auto")]
     pub predictor: PredictorChoice,
     /// Learned predictor file (default: path_predictor.safetensors in the model directory).

@@ -7,6 +7,7 @@ use anyhow::Context;
 use moe_engine::{EngineCore, GenerationRequest, TraceSink};
 use moe_model::SamplingParams;
 use moe_scheduler::SchedulerConfig;
+use moe_types::hidden_trace;
 use moe_types::trace::{write_header, write_token, TraceHeader};
 use moe_types::SeqId;
 use std::io::{BufWriter, Write};
@@ -43,16 +44,20 @@ pub struct TraceArgs {
 }
 
 /// Runs `text` through the model in windows and writes every token's routing
-/// to `out`. Returns the number of tokens recorded.
+/// to `out`, and with `hidden` the residual stream entering each of its MoE
+/// layers (`moe_types::hidden_trace`, same token order). Returns the number
+/// of tokens recorded.
 pub fn record_text(
     m: ServedModel,
     name: &str,
     text: &str,
     args: &TraceArgs,
     out: &mut dyn Write,
+    mut hidden: Option<&mut dyn Write>,
 ) -> anyhow::Result<usize> {
     let ids = m.codec.encode(text, false)?;
     let max_len = m.model.config().max_position_embeddings;
+    let m_hidden = m.model.config().hidden_size;
     anyhow::ensure!(
         args.window >= 1 && args.window < max_len,
         "--window must be between 1 and {} (the context minus one)",
@@ -63,6 +68,11 @@ pub fn record_text(
     let mut core = EngineCore::new(m.model, m.experts, Vec::new(), sched, (blocks, 16));
     core.set_recording(true);
     write_header(out, &core.trace_header(name))?;
+    if let Some(h) = hidden.as_mut() {
+        core.set_recording_hidden(true);
+        let c = core.trace_header(name);
+        hidden_trace::write_header(*h, &hidden_trace::HiddenHeader::new(m_hidden, c.moe_layers.len(), c.num_experts))?;
+    }
     let mut windows = ids.chunks(args.window).filter(|w| !w.is_empty());
     let (mut next_id, mut recorded) = (0u64, 0usize);
     loop {
@@ -91,7 +101,15 @@ pub fn record_text(
             write_token(out, &t)?;
             recorded += 1;
         }
+        if let Some(h) = hidden.as_mut() {
+            for r in core.take_hidden() {
+                hidden_trace::write_record(*h, &r)?;
+            }
+        }
     }
     out.flush()?;
+    if let Some(h) = hidden.as_mut() {
+        h.flush()?;
+    }
     Ok(recorded)
 }

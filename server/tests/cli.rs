@@ -218,3 +218,55 @@ fn trace_command_records_every_token() {
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("reading /no/such/file"));
 }
+
+/// `trace --hidden-states` writes one hidden-state record per traced token,
+/// in the same order, and `train-predictor --hidden-states` fits probes from
+/// them that `--predictor hidden` can load.
+#[test]
+fn hidden_states_are_traced_and_train_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "First Citizen:\nBefore we proceed any further, hear me speak.\n".repeat(40)).unwrap();
+    let (trace, hidden, probes) =
+        (dir.path().join("t.jsonl"), dir.path().join("t.hidden"), dir.path().join("p.safetensors"));
+    let out = Command::new(BIN)
+        .args(["trace", "--window", "32", "--max-windows", "12", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&trace)
+        .arg("--hidden-states")
+        .arg(&hidden)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, tokens) =
+        moe_types::trace::read_trace(std::io::BufReader::new(std::fs::File::open(&trace).unwrap())).unwrap();
+    let f = std::io::BufReader::new(std::fs::File::open(&hidden).unwrap());
+    let mut r = moe_types::hidden_trace::HiddenReader::new(f).unwrap();
+    assert_eq!((r.header().hidden_size, r.header().moe_layers, r.header().experts), (128, 4, 8));
+    for t in &tokens {
+        let rec = r.next_record().unwrap().expect("a record per token");
+        assert_eq!((rec.seq, rec.pos), (t.seq, t.pos));
+        assert!(rec.values.iter().all(|v| v.is_finite()) && rec.values.iter().any(|&v| v != 0.0));
+        // the recorded router scores choose the traced experts
+        for (m, chosen) in t.experts.iter().enumerate() {
+            let s = &rec.logits[m * 8..(m + 1) * 8];
+            let best = (0..8).max_by(|&a, &b| s[a].total_cmp(&s[b])).unwrap();
+            assert_eq!(best as u16, chosen[0], "token {} layer {m}", t.pos);
+        }
+    }
+    assert!(r.next_record().unwrap().is_none());
+    let out = Command::new(BIN)
+        .args(["train-predictor", "--trace"])
+        .arg(&trace)
+        .arg("--hidden-states")
+        .arg(&hidden)
+        .arg("--output")
+        .arg(&probes)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("held-out recall per MoE layer"), "{err}");
+    let p = moe_offload::predictor::HiddenProbes::load(&probes).unwrap();
+    assert_eq!((p.layers, p.experts, p.hidden, p.distances), (4, 8, 128, 2));
+}

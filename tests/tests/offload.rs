@@ -70,7 +70,10 @@ fn greedy_tokens_are_identical_at_every_budget_policy_and_predictor() {
     let reference = run(&mut engine(&dir, resident), &reqs);
     assert_eq!(reference.len(), 4);
     let learned = PredictorKind::Learned(dir.join("path_predictor.safetensors"));
-    let predictors = [PredictorKind::None, PredictorKind::PreviousToken, PredictorKind::LookAhead, learned];
+    let hidden = PredictorKind::Hidden(dir.join("hidden_predictor.safetensors"));
+    let combined = PredictorKind::Combined(vec![hidden.clone(), learned.clone()]);
+    let predictors =
+        [PredictorKind::None, PredictorKind::PreviousToken, PredictorKind::LookAhead, learned, hidden, combined];
     // 8, 16 and 24 of the 32 experts: 25%, 50%, 75%; each with its own way
     // of reading the disk (several readers make load completion order vary)
     for (slots, tier) in [(8, (DiskIo::Direct, 3)), (16, (DiskIo::Release, 2)), (24, (DiskIo::Direct, 1))] {

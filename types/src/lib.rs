@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 mod expert_set;
+pub mod hidden_trace;
 pub mod placement;
 pub mod slots;
 pub mod testing;

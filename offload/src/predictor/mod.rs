@@ -6,10 +6,16 @@
 //! per token: `top_k` expert ids per token in batch order, [`NO_EXPERT`] where
 //! the predictor has nothing to say about a token.
 
+mod combined;
+mod hidden;
 mod learned;
 mod lookahead;
 mod previous;
 
+pub use combined::Combined;
+pub use hidden::{
+    train_hidden, HiddenPredictor, HiddenProbes, HiddenTrainReport, HIDDEN_PREDICTOR_FORMAT, HIDDEN_PREDICTOR_VERSION,
+};
 pub use learned::{train, LearnedPredictor, PathTables, TrainReport, PREDICTOR_FORMAT, PREDICTOR_VERSION};
 pub use lookahead::LookAhead;
 pub use previous::PreviousToken;
@@ -62,6 +68,15 @@ pub trait PathPredictor: Send {
     fn gating(&mut self, from: MoeLayerId, layer: MoeLayerId, ids: &[ExpertId], out: &mut Vec<Forecast>) {
         let _ = (from, layer, ids, out);
     }
+    /// Whether the predictor reads hidden states ([`hidden`](Self::hidden)).
+    fn wants_hidden(&self) -> bool {
+        false
+    }
+    /// The residual stream entering MoE layer `layer`, before its attention
+    /// (`tokens * hidden_size` values, batch order).
+    fn hidden(&mut self, layer: MoeLayerId, h: &[f32], out: &mut Vec<Forecast>) {
+        let _ = (layer, h, out);
+    }
     /// A sequence ended.
     fn end_sequence(&mut self, seq: SeqId) {
         let _ = seq;
@@ -85,6 +100,11 @@ pub enum PredictorKind {
     LookAhead,
     /// The learned path predictor in this file.
     Learned(PathBuf),
+    /// The hidden-state probes in this file.
+    Hidden(PathBuf),
+    /// These predictors side by side, each layer forecast by the one right
+    /// most often there so far ([`Combined`]).
+    Combined(Vec<PredictorKind>),
 }
 
 impl PredictorKind {
@@ -95,6 +115,9 @@ impl PredictorKind {
             Self::PreviousToken => "previous",
             Self::LookAhead => "lookahead",
             Self::Learned(_) => "learned",
+            Self::Hidden(_) => "hidden",
+            Self::Combined(m) if matches!(m.as_slice(), [Self::Hidden(_), Self::Learned(_)]) => "hidden+learned",
+            Self::Combined(_) => "combined",
         }
     }
 
@@ -109,6 +132,15 @@ impl PredictorKind {
                 tables.check_shape(shape, path)?;
                 Some(Box::new(LearnedPredictor::new(Arc::new(tables), shape)))
             }
+            Self::Hidden(path) => {
+                let probes = HiddenProbes::load(path)?;
+                probes.check_shape(shape, None, path)?;
+                Some(Box::new(HiddenPredictor::new(Arc::new(probes), shape)))
+            }
+            Self::Combined(members) => {
+                let built = members.iter().map(|m| m.build(shape)).collect::<Result<Vec<_>, _>>()?;
+                Some(Box::new(Combined::new(built.into_iter().flatten().collect(), shape)))
+            }
         })
     }
 }
@@ -118,7 +150,10 @@ impl PredictorKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(try_from = "String")]
 pub enum PredictorChoice {
-    /// The learned predictor when its file exists, else look-ahead gating.
+    /// The learned predictor when its file exists, else the hidden-state
+    /// probes when theirs does, else look-ahead gating. (The learned one
+    /// leads: its forecasts come a whole step early, and its hit ratio
+    /// measured highest; see BENCHMARKS.md.)
     #[default]
     Auto,
     /// No forecasts.
@@ -129,11 +164,14 @@ pub enum PredictorChoice {
     LookAhead,
     /// The learned predictor (its file must exist).
     Learned,
+    /// The hidden-state probes (their file must exist).
+    Hidden,
 }
 
 impl PredictorChoice {
     /// Every choice, in help order.
-    pub const ALL: [PredictorChoice; 5] = [Self::Auto, Self::Learned, Self::LookAhead, Self::Previous, Self::None];
+    pub const ALL: [PredictorChoice; 6] =
+        [Self::Auto, Self::Hidden, Self::Learned, Self::LookAhead, Self::Previous, Self::None];
 
     /// The flag value.
     pub fn name(self) -> &'static str {
@@ -143,13 +181,17 @@ impl PredictorChoice {
             Self::Previous => "previous",
             Self::LookAhead => "lookahead",
             Self::Learned => "learned",
+            Self::Hidden => "hidden",
         }
     }
 
-    /// The predictor for a model whose learned-predictor file is `learned_file`.
-    pub fn resolve(self, learned_file: PathBuf) -> PredictorKind {
+    /// The predictor for a model whose learned-predictor file is
+    /// `learned_file` and hidden-state probes file `hidden_file`.
+    pub fn resolve(self, learned_file: PathBuf, hidden_file: PathBuf) -> PredictorKind {
         match self {
             Self::Auto if learned_file.is_file() => PredictorKind::Learned(learned_file),
+            Self::Auto if hidden_file.is_file() => PredictorKind::Hidden(hidden_file),
+            Self::Hidden => PredictorKind::Hidden(hidden_file),
             Self::Auto | Self::LookAhead => PredictorKind::LookAhead,
             Self::None => PredictorKind::None,
             Self::Previous => PredictorKind::PreviousToken,
@@ -163,7 +205,7 @@ impl std::str::FromStr for PredictorChoice {
     fn from_str(s: &str) -> Result<Self, OffloadError> {
         Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
             OffloadError::Config(format!(
-                "unknown predictor {s:?} (expected auto, learned, lookahead, previous or none)"
+                "unknown predictor {s:?} (expected auto, hidden, learned, lookahead, previous or none)"
             ))
         })
     }

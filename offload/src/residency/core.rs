@@ -226,6 +226,20 @@ impl ResidencyCore {
         self.predictor.as_ref().map_or(0, |p| p.lookahead())
     }
 
+    /// Whether the predictor reads the hidden states entering MoE layers.
+    pub fn wants_hidden(&self) -> bool {
+        self.predictor.as_ref().is_some_and(|p| p.wants_hidden())
+    }
+
+    /// The residual stream entering MoE layer `layer` (before its attention)
+    /// for the step's tokens: forecasts from it are applied at once.
+    pub fn hidden(&mut self, layer: MoeLayerId, h: &[f32]) {
+        if let Some(p) = self.predictor.as_mut() {
+            p.hidden(layer, h, &mut self.scratch);
+            self.apply_forecasts();
+        }
+    }
+
     /// Slots of the fast tier.
     pub fn slots(&self) -> usize {
         self.table.slots()

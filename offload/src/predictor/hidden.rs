@@ -1,0 +1,597 @@
+//! The hidden-state predictor: linear probes that read the residual stream
+//! entering MoE layer `m` (before its attention, so the forecast is ready
+//! while the attention runs), with the token's path through the MoE layers
+//! before `m`, and score the experts of MoE layers `m`, `m + 1`, ...
+//! `m + D - 1`; the `top_k` best scores are the forecast.
+//!
+//! A probe's input for layer `m` is `[h / rms(h), path, 1]`: the hidden state
+//! divided by its root mean square (as every router's input is normalised),
+//! one indicator per expert of each earlier MoE layer (1 if the token chose
+//! it there), and a bias (width `hidden + m * experts + 1`). Each probe
+//! `W[m][d]` (`[experts, width]`) is fitted offline by ridge regression of
+//! the router's scores at layer `m + d` (its logits, as the hidden-state
+//! trace records them: a richer target than the chosen set alone) on that
+//! input, shrunk towards the router itself: layer `m + d`'s router applied
+//! to the normalised input (look-ahead gating from before the attention) is
+//! linear in it, so the fit is that map plus a ridge-regularised correction,
+//! `(XᵀX + λI) ΔW = Xᵀ(Y - X W₀)`, `W = W₀ + ΔW`, closed form, `(XᵀX + λI) W = XᵀY`, from sums over the
+//! training tokens (no pass over the data is kept in memory), λ chosen per
+//! probe by the recall on held-out sequences. Its cost at run time is
+//! `D * experts * width` multiply-adds per token and MoE layer.
+//!
+//! File format (`moe-hidden-predictor`, version 1): a safetensors file with f32
+//! tensors `probe.{m}.{d}` of shape `[experts, hidden + m * experts + 1]`, and string
+//! metadata `format`, `version`, `model`, `layers`, `experts`, `top_k`,
+//! `hidden`, `distances`, and per probe `recall.{m}.{d}` and `lambda.{m}.{d}`
+//! (held-out recall and the chosen λ).
+
+use super::{Forecast, PathPredictor, Shape};
+use crate::OffloadError;
+use moe_model::StepToken;
+use moe_types::hidden_trace::HiddenReader;
+use moe_types::trace::{TraceHeader, TraceToken};
+use moe_types::{ExpertId, MoeLayerId};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The `format` metadata value.
+pub const HIDDEN_PREDICTOR_FORMAT: &str = "moe-hidden-predictor";
+/// The version written and read.
+pub const HIDDEN_PREDICTOR_VERSION: u32 = 1;
+
+/// The trained probes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HiddenProbes {
+    /// Model name the traces came from.
+    pub model: String,
+    /// MoE layers.
+    pub layers: usize,
+    /// Experts per layer.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Values per hidden state.
+    pub hidden: usize,
+    /// Probes per layer: distances 0 (the layer itself) to `distances - 1`.
+    pub distances: usize,
+    /// `probe(m, d)` at `m * distances + d` (`experts * width(m)` values);
+    /// empty where `m + d` is past the last layer.
+    pub probes: Vec<Vec<f32>>,
+    /// Held-out recall of each probe (NaN where there is none).
+    pub recall: Vec<f64>,
+    /// The λ chosen for each probe.
+    pub lambda: Vec<f64>,
+}
+
+impl HiddenProbes {
+    fn at(&self, m: usize, d: usize) -> usize {
+        m * self.distances + d
+    }
+
+    /// Inputs of layer `m`'s probes: hidden values, earlier paths, bias.
+    pub fn width(&self, m: usize) -> usize {
+        width(self.hidden, self.experts, m)
+    }
+
+    /// Whether the probes were trained for a model of `shape` and width `hidden`.
+    pub fn check_shape(&self, shape: Shape, hidden: Option<usize>, path: &Path) -> Result<(), OffloadError> {
+        let wrong = (self.layers, self.experts, self.top_k) != (shape.layers, shape.experts, shape.top_k)
+            || hidden.is_some_and(|h| h != self.hidden);
+        if wrong {
+            let message = format!(
+                "trained for {} MoE layers x {} experts (top {}), width {}; this model has {} x {} (top {}), width {}",
+                self.layers,
+                self.experts,
+                self.top_k,
+                self.hidden,
+                shape.layers,
+                shape.experts,
+                shape.top_k,
+                hidden.map_or("?".into(), |h| h.to_string())
+            );
+            return Err(OffloadError::Predictor { path: path.into(), message });
+        }
+        Ok(())
+    }
+
+    /// Scores of MoE layer `m + d`'s experts for one token's probe input
+    /// `x` at MoE layer `m` ([`features`], `width(m)` values), into `out`
+    /// (`experts` values).
+    pub fn scores(&self, m: usize, d: usize, x: &[f32], out: &mut [f32]) {
+        dot_rows(&self.probes[self.at(m, d)], x, out);
+    }
+
+    /// Writes the probes as a safetensors file.
+    pub fn save(&self, path: &Path) -> Result<(), OffloadError> {
+        let err = |m: String| OffloadError::Predictor { path: path.into(), message: m };
+        let mut data = Vec::new();
+        for m in 0..self.layers {
+            for d in 0..self.distances {
+                let p = &self.probes[self.at(m, d)];
+                if !p.is_empty() {
+                    let b: Vec<u8> = p.iter().flat_map(|f| f.to_le_bytes()).collect();
+                    data.push((format!("probe.{m}.{d}"), b));
+                }
+            }
+        }
+        let mut views = Vec::new();
+        for (name, b) in &data {
+            let m: usize = name.split('.').nth(1).and_then(|v| v.parse().ok()).expect("probe.{m}.{d}");
+            let shape = vec![self.experts, self.width(m)];
+            views.push((name.as_str(), TensorView::new(Dtype::F32, shape, b).map_err(|x| err(x.to_string()))?));
+        }
+        let mut meta: HashMap<String, String> = [
+            ("format", HIDDEN_PREDICTOR_FORMAT.to_string()),
+            ("version", HIDDEN_PREDICTOR_VERSION.to_string()),
+            ("model", self.model.clone()),
+            ("layers", self.layers.to_string()),
+            ("experts", self.experts.to_string()),
+            ("top_k", self.top_k.to_string()),
+            ("hidden", self.hidden.to_string()),
+            ("distances", self.distances.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for m in 0..self.layers {
+            for d in 0..self.distances {
+                meta.insert(format!("recall.{m}.{d}"), self.recall[self.at(m, d)].to_string());
+                meta.insert(format!("lambda.{m}.{d}"), self.lambda[self.at(m, d)].to_string());
+            }
+        }
+        safetensors::serialize_to_file(views, Some(meta), path).map_err(|x| err(x.to_string()))
+    }
+
+    /// Reads a file written by [`save`](Self::save), checking format,
+    /// version and tensor shapes.
+    pub fn load(path: &Path) -> Result<Self, OffloadError> {
+        let err = |m: String| OffloadError::Predictor { path: path.into(), message: m };
+        let raw = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(&raw).map_err(|e| err(format!("not a safetensors file: {e}")))?;
+        let md = meta.metadata().clone().unwrap_or_default();
+        let get = |k: &str| md.get(k).cloned().ok_or_else(|| err(format!("metadata lacks {k:?}")));
+        let num = |k: &str| get(k)?.parse::<usize>().map_err(|_| err(format!("metadata {k:?} is not a count")));
+        let real = |k: &str| get(k)?.parse::<f64>().map_err(|_| err(format!("metadata {k:?} is not a number")));
+        if get("format")? != HIDDEN_PREDICTOR_FORMAT {
+            return Err(err(format!("format is not {HIDDEN_PREDICTOR_FORMAT:?}")));
+        }
+        if get("version")? != HIDDEN_PREDICTOR_VERSION.to_string() {
+            let v = get("version")?;
+            return Err(err(format!("unsupported version {v} (this build reads {HIDDEN_PREDICTOR_VERSION})")));
+        }
+        let (l, e, h, dist) = (num("layers")?, num("experts")?, num("hidden")?, num("distances")?);
+        if l == 0 || e == 0 || h == 0 || dist == 0 {
+            return Err(err("layers, experts, hidden and distances must be positive".into()));
+        }
+        let st = SafeTensors::deserialize(&raw).map_err(|x| err(x.to_string()))?;
+        let (mut probes, mut recall, mut lambda) = (Vec::new(), Vec::new(), Vec::new());
+        for m in 0..l {
+            for d in 0..dist {
+                recall.push(real(&format!("recall.{m}.{d}"))?);
+                lambda.push(real(&format!("lambda.{m}.{d}"))?);
+                if m + d >= l {
+                    probes.push(Vec::new());
+                    continue;
+                }
+                let name = format!("probe.{m}.{d}");
+                let t = st.tensor(&name).map_err(|x| err(format!("tensor {name}: {x}")))?;
+                let wd = width(h, e, m);
+                if t.dtype() != Dtype::F32 || t.shape() != [e, wd] {
+                    return Err(err(format!("tensor {name} must be f32 [{e}, {wd}]")));
+                }
+                probes.push(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+            }
+        }
+        Ok(Self {
+            model: get("model")?,
+            layers: l,
+            experts: e,
+            top_k: num("top_k")?,
+            hidden: h,
+            distances: dist,
+            probes,
+            recall,
+            lambda,
+        })
+    }
+}
+
+/// Inputs of layer `m`'s probes for a model of width `hidden`.
+fn width(hidden: usize, experts: usize, m: usize) -> usize {
+    hidden + m * experts + 1
+}
+
+/// One token's probe input at MoE layer `m` into `out`: `h / rms(h)`, an
+/// indicator per expert of each earlier MoE layer's choice (`path[j]` for
+/// layer `j < m`; an empty list leaves that layer's indicators 0), and 1.
+pub fn features(h: &[f32], path: &[&[ExpertId]], experts: usize, out: &mut Vec<f32>) {
+    let ms = h.iter().map(|v| v * v).sum::<f32>() / h.len().max(1) as f32;
+    let inv = 1.0 / (ms + 1e-6).sqrt();
+    out.clear();
+    out.extend(h.iter().map(|v| v * inv));
+    for ids in path {
+        let at = out.len();
+        out.resize(at + experts, 0.0);
+        for id in ids.iter().filter(|id| id.index() < experts) {
+            out[at + id.index()] = 1.0;
+        }
+    }
+    out.push(1.0);
+}
+
+/// `out[e] = w[e] · x` for the rows of `w` (`out.len()` rows of `x.len()`).
+fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len())) {
+        *o = row.iter().zip(x).map(|(a, b)| a * b).sum();
+    }
+}
+
+/// The `k` best of `scores`, strongest first (ties to the lower index),
+/// appended to `out`.
+fn top_k_into(scores: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<ExpertId>) {
+    order.clear();
+    order.extend(0..scores.len());
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    out.extend(order.iter().take(k).map(|&e| ExpertId(e as u16)));
+}
+
+/// Forecasts from the probes as each MoE layer's hidden state arrives.
+pub struct HiddenPredictor {
+    probes: Arc<HiddenProbes>,
+    shape: Shape,
+    /// This step's routing so far, per MoE layer (`tokens * top_k` ids).
+    path: Vec<Vec<ExpertId>>,
+    scores: Vec<f32>,
+    order: Vec<usize>,
+    x: Vec<f32>,
+}
+
+impl HiddenPredictor {
+    /// A predictor for `shape` (forecasts up to `shape.depth` layers ahead,
+    /// as far as the probes reach).
+    pub fn new(probes: Arc<HiddenProbes>, shape: Shape) -> Self {
+        let e = probes.experts;
+        Self {
+            path: vec![Vec::new(); probes.layers],
+            probes,
+            shape,
+            scores: vec![0.0; e],
+            order: Vec::with_capacity(e),
+            x: Vec::new(),
+        }
+    }
+}
+
+impl PathPredictor for HiddenPredictor {
+    fn wants_hidden(&self) -> bool {
+        true
+    }
+
+    fn begin_step(&mut self, _: &[StepToken], _: &mut Vec<Forecast>) {
+        self.path.iter_mut().for_each(Vec::clear);
+    }
+
+    fn observe(&mut self, layer: MoeLayerId, ids: &[ExpertId], _: &mut Vec<Forecast>) {
+        if let Some(p) = self.path.get_mut(layer.index()) {
+            p.clear();
+            p.extend_from_slice(ids);
+        }
+    }
+
+    fn hidden(&mut self, layer: MoeLayerId, h: &[f32], out: &mut Vec<Forecast>) {
+        let p = &*self.probes;
+        let (m, k) = (layer.index(), p.top_k);
+        if m >= p.layers || h.is_empty() || !h.len().is_multiple_of(p.hidden) {
+            return;
+        }
+        let tokens = h.len() / p.hidden;
+        let reach = self.shape.depth.min(p.distances).min(p.layers - m);
+        let mut ids: Vec<Vec<ExpertId>> = (0..reach).map(|_| Vec::with_capacity(tokens * k)).collect();
+        let mut path: Vec<&[ExpertId]> = Vec::with_capacity(m);
+        for (i, x) in h.chunks_exact(p.hidden).enumerate() {
+            path.clear();
+            path.extend(self.path[..m].iter().map(|l| l.get(i * k..(i + 1) * k).unwrap_or(&[])));
+            features(x, &path, p.experts, &mut self.x);
+            for (d, out) in ids.iter_mut().enumerate() {
+                p.scores(m, d, &self.x, &mut self.scores);
+                top_k_into(&self.scores, k, &mut self.order, out);
+            }
+        }
+        out.extend(ids.into_iter().enumerate().map(|(d, ids)| Forecast { layer: MoeLayerId((m + d) as u16), ids }));
+    }
+}
+
+/// What training measured on held-out sequences.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HiddenTrainReport {
+    /// Tokens fitted.
+    pub train_tokens: usize,
+    /// Tokens held out (every sequence whose id is a multiple of 5).
+    pub valid_tokens: usize,
+    /// Held-out recall per MoE layer and distance (`[m][d]`, NaN past the end).
+    pub recall: Vec<Vec<f64>>,
+}
+
+/// Relative ridge strengths tried for each probe (times the mean diagonal of XᵀX).
+const LAMBDAS: [f64; 7] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3];
+/// Held-out tokens kept in memory for choosing λ and measuring recall.
+const MAX_VALID_TOKENS: usize = 40_000;
+
+/// A token's probe inputs at every MoE layer (`features`, concatenated).
+fn token_features(values: &[f32], t: &TraceToken, hsz: usize, e: usize) -> Vec<Vec<f32>> {
+    let path: Vec<Vec<ExpertId>> = t.experts.iter().map(|l| l.iter().map(|&x| ExpertId(x)).collect()).collect();
+    let refs: Vec<&[ExpertId]> = path.iter().map(Vec::as_slice).collect();
+    let mut x = Vec::new();
+    (0..values.len() / hsz)
+        .map(|m| {
+            features(&values[m * hsz..(m + 1) * hsz], &refs[..m], e, &mut x);
+            x.clone()
+        })
+        .collect()
+}
+
+/// Fits probes for distances `0..distances` from a routing trace and its
+/// hidden-state trace (same token order), holding out every sequence whose
+/// id is a multiple of 5. `routers` (per MoE layer, `Model::router_maps`)
+/// are the baselines the fit corrects; empty: none (zero baseline).
+pub fn train_hidden<R: BufRead>(
+    header: &TraceHeader,
+    tokens: &[TraceToken],
+    mut hidden: HiddenReader<R>,
+    distances: usize,
+    routers: &[(Vec<f32>, Vec<f32>)],
+) -> Result<(HiddenProbes, HiddenTrainReport), OffloadError> {
+    let bad = |m: String| OffloadError::Trace(m);
+    let (l, e, k) = (header.moe_layers.len(), header.num_experts, header.top_k);
+    let hsz = hidden.header().hidden_size;
+    if (hidden.header().moe_layers, hidden.header().experts) != (l, e) {
+        let hh = hidden.header();
+        return Err(bad(format!(
+            "the hidden states cover {} MoE layers x {} experts, the trace {l} x {e}",
+            hh.moe_layers, hh.experts
+        )));
+    }
+    if l == 0 || e == 0 || k == 0 || distances == 0 {
+        return Err(bad("nothing to fit: no MoE layers, experts or distances".into()));
+    }
+    if !routers.is_empty() && (routers.len() != l || routers.iter().any(|(r, b)| r.len() != e * hsz || b.len() != e)) {
+        return Err(bad(format!("the model's routers do not match {l} MoE layers x {e} experts of width {hsz}")));
+    }
+    // per layer: XᵀX (shared by its distances), and XᵀY per distance
+    let mut xtx: Vec<Vec<f64>> = (0..l).map(|m| vec![0f64; width(hsz, e, m).pow(2)]).collect();
+    let mut xty: Vec<Vec<Vec<f64>>> = (0..l).map(|m| vec![vec![0f64; width(hsz, e, m) * e]; distances]).collect();
+    let mut valid: Vec<(Vec<Vec<f32>>, &TraceToken)> = Vec::new();
+    let (mut train_tokens, mut valid_tokens) = (0, 0);
+    for (i, t) in tokens.iter().enumerate() {
+        let r = hidden.next_record().map_err(|e| bad(e.to_string()))?;
+        let r = r.ok_or_else(|| bad(format!("the hidden states end at record {i} of {}", tokens.len())))?;
+        if (r.seq, r.pos) != (t.seq, t.pos) {
+            return Err(bad(format!(
+                "record {i} is seq {} pos {}, the trace has seq {} pos {}",
+                r.seq, r.pos, t.seq, t.pos
+            )));
+        }
+        let x = token_features(&r.values, t, hsz, e);
+        if t.seq % 5 == 0 {
+            valid_tokens += 1;
+            if valid.len() < MAX_VALID_TOKENS {
+                valid.push((x, t));
+            }
+            continue;
+        }
+        train_tokens += 1;
+        for (m, x) in x.iter().enumerate() {
+            let n = x.len();
+            let a = &mut xtx[m];
+            for (p, &xp) in x.iter().enumerate() {
+                // upper triangle only; mirrored before solving
+                for (q, &xq) in x.iter().enumerate().skip(p) {
+                    a[p * n + q] += (xp * xq) as f64;
+                }
+            }
+            for (d, b) in xty[m].iter_mut().enumerate().take(l - m) {
+                let y = &r.logits[(m + d) * e..(m + d + 1) * e];
+                for (p, &xp) in x.iter().enumerate() {
+                    for (bq, &yq) in b[p * e..(p + 1) * e].iter_mut().zip(y) {
+                        *bq += (xp * yq) as f64;
+                    }
+                }
+            }
+        }
+    }
+    if train_tokens == 0 || valid.is_empty() {
+        return Err(bad("the trace needs sequences for training and for validation (ids multiple of 5)".into()));
+    }
+    let cells = l * distances;
+    let mut probes = HiddenProbes {
+        model: header.model.clone(),
+        layers: l,
+        experts: e,
+        top_k: k,
+        hidden: hsz,
+        distances,
+        probes: vec![Vec::new(); cells],
+        recall: vec![f64::NAN; cells],
+        lambda: vec![f64::NAN; cells],
+    };
+    let mut report = HiddenTrainReport { train_tokens, valid_tokens, recall: vec![vec![f64::NAN; distances]; l] };
+    for m in 0..l {
+        let n = width(hsz, e, m);
+        let a = &mut xtx[m];
+        for p in 0..n {
+            for q in 0..p {
+                a[p * n + q] = a[q * n + p];
+            }
+        }
+        let scale = (0..n - 1).map(|p| a[p * n + p]).sum::<f64>() / (n - 1) as f64;
+        for (d, xty_d) in xty[m].iter().enumerate().take(l - m) {
+            // the baseline W₀ ([experts, n]): router m + d on the hidden part,
+            // its bias in the bias column; the right side becomes Xᵀ(Y - X W₀)
+            let mut w0 = vec![0f32; e * n];
+            if let Some((r, b)) = routers.get(m + d) {
+                for ex in 0..e {
+                    w0[ex * n..ex * n + hsz].copy_from_slice(&r[ex * hsz..(ex + 1) * hsz]);
+                    w0[ex * n + n - 1] = b[ex];
+                }
+            }
+            let mut rhs = xty_d.clone();
+            for p in 0..n {
+                for (ex, out) in rhs[p * e..(p + 1) * e].iter_mut().enumerate() {
+                    *out -= (0..n).map(|q| a[p * n + q] * w0[ex * n + q] as f64).sum::<f64>();
+                }
+            }
+            let mut best: Option<(f64, f64, Vec<f32>)> = None;
+            for rel in LAMBDAS {
+                let lambda = rel * scale.max(f64::MIN_POSITIVE);
+                let mut w = ridge(a, &rhs, n, e, lambda, n - 1)
+                    .ok_or_else(|| bad(format!("the ridge system of layer {m} distance {d} is singular")))?;
+                w.iter_mut().zip(&w0).for_each(|(v, b)| *v += b);
+                let recall = held_out_recall(&w, &valid, m, d, e, k);
+                if best.as_ref().is_none_or(|b| recall > b.0) {
+                    best = Some((recall, lambda, w));
+                }
+            }
+            let (recall, lambda, w) = best.expect("at least one λ");
+            let at = m * distances + d;
+            (probes.probes[at], probes.recall[at], probes.lambda[at]) = (w, recall, lambda);
+            report.recall[m][d] = recall;
+        }
+    }
+    Ok((probes, report))
+}
+
+/// Solves `(A + λI') W = B` (`A` `[n, n]` symmetric positive semi-definite,
+/// `B` `[n, e]`, `I'` the identity without the bias entry `bias`) by
+/// Cholesky; returns `W` transposed as `[e, n]` f32, `None` if singular.
+fn ridge(a: &[f64], b: &[f64], n: usize, e: usize, lambda: f64, bias: usize) -> Option<Vec<f32>> {
+    let mut c = a.to_vec();
+    for p in 0..n {
+        if p != bias {
+            c[p * n + p] += lambda;
+        }
+    }
+    // in place: lower triangle L with L Lᵀ = c
+    for j in 0..n {
+        let mut s = c[j * n + j] - (0..j).map(|q| c[j * n + q] * c[j * n + q]).sum::<f64>();
+        if s <= 0.0 {
+            // the bias row of a constant-free problem: nudge, as ridge would
+            s = 1e-12;
+        }
+        let d = s.sqrt();
+        c[j * n + j] = d;
+        for i in j + 1..n {
+            let s = c[i * n + j] - (0..j).map(|q| c[i * n + q] * c[j * n + q]).sum::<f64>();
+            c[i * n + j] = s / d;
+        }
+    }
+    let mut w = vec![0f32; e * n];
+    let mut y = vec![0f64; n];
+    for col in 0..e {
+        // L y = b, then Lᵀ x = y
+        for i in 0..n {
+            let s = b[i * e + col] - (0..i).map(|q| c[i * n + q] * y[q]).sum::<f64>();
+            y[i] = s / c[i * n + i];
+        }
+        for i in (0..n).rev() {
+            let s = y[i] - (i + 1..n).map(|q| c[q * n + i] * w[col * n + q] as f64).sum::<f64>();
+            let v = s / c[i * n + i];
+            if !v.is_finite() {
+                return None;
+            }
+            w[col * n + i] = v as f32;
+        }
+    }
+    Some(w)
+}
+
+/// Mean share of the actual top-k set of layer `m + d` found in the top k
+/// of probe `w` applied to the held-out tokens' inputs at layer `m`.
+fn held_out_recall(w: &[f32], valid: &[(Vec<Vec<f32>>, &TraceToken)], m: usize, d: usize, e: usize, k: usize) -> f64 {
+    let (mut scores, mut order, mut ids) = (vec![0f32; e], Vec::new(), Vec::new());
+    let mut right = 0usize;
+    for (x, t) in valid {
+        dot_rows(w, &x[m], &mut scores);
+        ids.clear();
+        top_k_into(&scores, k, &mut order, &mut ids);
+        right += ids.iter().filter(|id| t.experts[m + d].contains(&id.0)).count();
+    }
+    right as f64 / (valid.len() * k) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_types::hidden_trace::{write_header, write_record, HiddenHeader, HiddenRecord};
+
+    /// Tokens whose router scores at layer j are a linear function of their
+    /// hidden state there: the probes must find it.
+    fn synthetic(tokens: usize) -> (TraceHeader, Vec<TraceToken>, Vec<u8>) {
+        let (l, e, k, hsz) = (2, 4, 2, 6);
+        let header = TraceHeader::new("synthetic", 2, vec![0, 1], e, k);
+        let mut buf = Vec::new();
+        write_header(&mut buf, &HiddenHeader::new(hsz, l, e)).unwrap();
+        let mut toks = Vec::new();
+        let mut state = 12345u64;
+        let mut rnd = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for i in 0..tokens {
+            let values: Vec<f32> = (0..l * hsz).map(|_| rnd()).collect();
+            // layer j's experts: the top 2 of (h0[e] + h0[e + 1]) for layer 0,
+            // of -h1[e] for layer 1
+            let (mut experts, mut logits) = (Vec::new(), Vec::new());
+            for j in 0..l {
+                let s: Vec<f32> =
+                    (0..e).map(|x| if j == 0 { values[x] + values[x + 1] } else { -values[hsz + x] }).collect();
+                let mut o: Vec<usize> = (0..e).collect();
+                o.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
+                experts.push(o[..k].iter().map(|&x| x as u16).collect());
+                logits.extend(s);
+            }
+            let (seq, pos) = ((i / 10) as u64, (i % 10) as u32);
+            write_record(&mut buf, &HiddenRecord { seq, pos, values, logits }).unwrap();
+            toks.push(TraceToken { step: 0, seq, pos, token: 0, experts, weights: vec![vec![0.5, 0.5]; l] });
+        }
+        (header, toks, buf)
+    }
+
+    #[test]
+    fn probes_learn_a_linear_routing_rule_and_round_trip() {
+        let (header, toks, buf) = synthetic(3000);
+        let (probes, report) = train_hidden(&header, &toks, HiddenReader::new(&buf[..]).unwrap(), 2, &[]).unwrap();
+        assert!(report.recall[0][0] > 0.9, "{report:?}");
+        assert!(report.recall[1][0] > 0.9, "{report:?}");
+        assert!(report.recall[1][1].is_nan(), "no layer 2 to forecast");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.safetensors");
+        probes.save(&path).unwrap();
+        let back = HiddenProbes::load(&path).unwrap();
+        assert_eq!(back.probes, probes.probes);
+        assert_eq!(back.hidden, 6);
+        // the predictor forecasts the layer itself and the next from layer 0
+        let shape = Shape { layers: 2, experts: 4, top_k: 2, depth: 2 };
+        let mut p = HiddenPredictor::new(Arc::new(back), shape);
+        let mut out = Vec::new();
+        let h: Vec<f32> = (0..12).map(|i| i as f32 * 0.1 - 0.5).collect();
+        p.hidden(MoeLayerId(0), &h, &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].layer, out[0].ids.len()), (MoeLayerId(0), 4));
+        assert_eq!(out[1].layer, MoeLayerId(1));
+        // a wrong shape is refused with both shapes named
+        let other = Shape { layers: 3, ..shape };
+        assert!(probes.check_shape(other, Some(6), &path).unwrap_err().to_string().contains("3 x 4"));
+    }
+
+    #[test]
+    fn a_trace_and_hidden_states_out_of_step_are_refused() {
+        let (header, mut toks, buf) = synthetic(100);
+        toks[3].pos = 99;
+        let e = train_hidden(&header, &toks, HiddenReader::new(&buf[..]).unwrap(), 1, &[]).unwrap_err();
+        assert!(e.to_string().contains("record 3"), "{e}");
+    }
+}
