@@ -242,9 +242,13 @@ fn top_k_into(scores: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<Ex
 /// Forecasts from the probes as each MoE layer's hidden state arrives.
 pub struct HiddenPredictor {
     probes: Arc<HiddenProbes>,
+    /// The probes as product weights (`None` past the last layer).
+    weights: Vec<Option<moe_kernels::Weight>>,
     shape: Shape,
     /// This step's routing so far, per MoE layer (`tokens * top_k` ids).
     path: Vec<Vec<ExpertId>>,
+    /// The step's probe inputs (`tokens * width`) and scores (`tokens * experts`).
+    xs: Vec<f32>,
     scores: Vec<f32>,
     order: Vec<usize>,
     x: Vec<f32>,
@@ -255,11 +259,20 @@ impl HiddenPredictor {
     /// as far as the probes reach).
     pub fn new(probes: Arc<HiddenProbes>, shape: Shape) -> Self {
         let e = probes.experts;
+        let weights = (0..probes.layers * probes.distances)
+            .map(|at| {
+                let w = &probes.probes[at];
+                let width = probes.width(at / probes.distances);
+                (!w.is_empty()).then(|| moe_kernels::Weight::from_f32(e, width, w.clone()).expect("probe shape"))
+            })
+            .collect();
         Self {
             path: vec![Vec::new(); probes.layers],
+            weights,
             probes,
             shape,
-            scores: vec![0.0; e],
+            xs: Vec::new(),
+            scores: Vec::new(),
             order: Vec::with_capacity(e),
             x: Vec::new(),
         }
@@ -288,20 +301,28 @@ impl PathPredictor for HiddenPredictor {
         if m >= p.layers || h.is_empty() || !h.len().is_multiple_of(p.hidden) {
             return;
         }
-        let tokens = h.len() / p.hidden;
+        let (tokens, e) = (h.len() / p.hidden, p.experts);
         let reach = self.shape.depth.min(p.distances).min(p.layers - m);
-        let mut ids: Vec<Vec<ExpertId>> = (0..reach).map(|_| Vec::with_capacity(tokens * k)).collect();
         let mut path: Vec<&[ExpertId]> = Vec::with_capacity(m);
+        self.xs.clear();
         for (i, x) in h.chunks_exact(p.hidden).enumerate() {
             path.clear();
             path.extend(self.path[..m].iter().map(|l| l.get(i * k..(i + 1) * k).unwrap_or(&[])));
-            features(x, &path, p.experts, &mut self.x);
-            for (d, out) in ids.iter_mut().enumerate() {
-                p.scores(m, d, &self.x, &mut self.scores);
-                top_k_into(&self.scores, k, &mut self.order, out);
-            }
+            features(x, &path, e, &mut self.x);
+            self.xs.extend_from_slice(&self.x);
         }
-        out.extend(ids.into_iter().enumerate().map(|(d, ids)| Forecast { layer: MoeLayerId((m + d) as u16), ids }));
+        for d in 0..reach {
+            let Some(w) = &self.weights[m * p.distances + d] else { continue };
+            self.scores.resize(tokens * e, 0.0);
+            if moe_kernels::matmul_nt(&self.xs, tokens, w, &mut self.scores).is_err() {
+                continue;
+            }
+            let mut ids = Vec::with_capacity(tokens * k);
+            for s in self.scores.chunks_exact(e) {
+                top_k_into(s, k, &mut self.order, &mut ids);
+            }
+            out.push(Forecast { layer: MoeLayerId((m + d) as u16), ids });
+        }
     }
 }
 

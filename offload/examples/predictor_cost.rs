@@ -1,0 +1,40 @@
+//! Cost of the hidden-state predictor per token, to set against a decode
+//! step: runs the built-in model's probes (or `--probes FILE`) on random
+//! hidden states at every MoE layer for one token, `depth` layers ahead.
+//!
+//! `cargo run --release -p moe-offload --example predictor_cost [-- FILE [DEPTH]]`
+
+use moe_offload::predictor::{HiddenPredictor, HiddenProbes, PathPredictor, Shape};
+use moe_types::{ExpertId, MoeLayerId};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let path = args.next().unwrap_or_else(|| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-shakespeare-moe/hidden_predictor.safetensors").into()
+    });
+    let depth: usize = args.next().and_then(|d| d.parse().ok()).unwrap_or(1);
+    let probes = HiddenProbes::load(std::path::Path::new(&path)).expect("probes");
+    let shape = Shape { layers: probes.layers, experts: probes.experts, top_k: probes.top_k, depth };
+    let (hsz, layers, k) = (probes.hidden, probes.layers, probes.top_k);
+    let mut p = HiddenPredictor::new(Arc::new(probes), shape);
+    let h: Vec<f32> = (0..hsz).map(|i| ((i * 7919 % 97) as f32 / 97.0) - 0.5).collect();
+    let route: Vec<ExpertId> = (0..k).map(|e| ExpertId(e as u16)).collect();
+    let mut out = Vec::new();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let n = 20_000;
+        for _ in 0..n {
+            for m in 0..layers {
+                out.clear();
+                p.hidden(MoeLayerId(m as u16), &h, &mut out);
+                p.observe(MoeLayerId(m as u16), &route, &mut out);
+            }
+            std::hint::black_box(&out);
+        }
+        best = best.min(t.elapsed().as_secs_f64() / n as f64);
+    }
+    println!("hidden-state predictor, {layers} MoE layers, depth {depth}: {:.2} us per token (best of 5)", best * 1e6);
+}
