@@ -64,6 +64,8 @@ pub struct RunRow {
     pub total: LayerStats,
     /// Per layer counters.
     pub layers: Vec<LayerStats>,
+    /// Per layer and distance: (predicted, right).
+    pub by_distance: Vec<Vec<(u64, u64)>>,
     /// Decode throughput.
     pub tokens_per_s: f64,
     /// Generated tokens identical to the resident run.
@@ -208,6 +210,7 @@ impl OffloadBench {
                     predictor: predictor.name(),
                     total: stats.total(),
                     layers: stats.layers,
+                    by_distance: stats.by_distance,
                     tokens_per_s: o.generated as f64 / o.secs,
                     identical: o.tokens == reference.tokens,
                 });
@@ -313,6 +316,44 @@ impl OffloadReport {
                 r.total.precision(),
                 r.total.recall()
             );
+        }
+        self.render_distances(s, budget);
+    }
+
+    /// Precision per layer of the forecasts made d MoE layers ahead (when
+    /// the runs forecast more than one layer ahead).
+    fn render_distances(&self, s: &mut String, budget: f64) {
+        let rows: Vec<&RunRow> = self.rows.iter().filter(|r| r.budget == budget && r.predictor != "none").collect();
+        let depth = rows.iter().flat_map(|r| r.by_distance.iter().map(Vec::len)).max().unwrap_or(0);
+        if depth < 2 {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "\nprecision by distance (forecasts made d MoE layers ahead; runs at {:.0}%):\n",
+            budget * 100.0
+        );
+        let layers = rows.first().map_or(0, |r| r.by_distance.len());
+        let head: Vec<String> = (0..layers).map(|l| format!("layer {l}")).collect();
+        let _ = writeln!(s, "| predictor | d | {} |", head.join(" | "));
+        let _ = writeln!(s, "|---|---|{}", "---|".repeat(layers));
+        let mut seen = Vec::new();
+        for r in rows {
+            if seen.contains(&r.predictor) {
+                continue;
+            }
+            seen.push(r.predictor);
+            for d in 0..depth {
+                let cells: Vec<String> = r
+                    .by_distance
+                    .iter()
+                    .map(|l| match l.get(d) {
+                        Some(&(p, right)) if p > 0 => format!("{:.2}", right as f64 / p as f64),
+                        _ => "-".into(),
+                    })
+                    .collect();
+                let _ = writeln!(s, "| {} | {} | {} |", r.predictor, d + 1, cells.join(" | "));
+            }
         }
     }
 

@@ -81,6 +81,9 @@ pub struct CacheStats {
     pub resident: usize,
     /// Loads that failed.
     pub load_failures: u64,
+    /// Per MoE layer and distance (`[layer][d - 1]`, d = MoE layers ahead the
+    /// forecast was made): (experts predicted, of them used).
+    pub by_distance: Vec<Vec<(u64, u64)>>,
 }
 
 impl CacheStats {

@@ -300,6 +300,7 @@ impl ResidencyCore {
             slots: self.table.slots(),
             resident: self.entries.iter().filter(|e| matches!(e.state, State::Resident(_))).count(),
             load_failures: self.load_failures,
+            by_distance: self.by_distance.iter().map(|l| l.iter().map(|d| (d.predicted, d.right)).collect()).collect(),
         }
     }
 
