@@ -162,8 +162,9 @@ fn auto_kernel(m: usize, w: &Weight) -> Kernel {
 
 /// Up to this many rows, a weight of `STREAM_MIN_BYTES`+ streams: measured
 /// with `LARGE=1 ROWS=1,2,4,8 cargo run --release -p moe-kernels --example
-/// matmul_bench` on the 65 MB output head read from DRAM, streaming 2 and 4
-/// rows took 0.6x and 0.7-0.9x the tiled kernel's time, 8 rows about 1.0x.
+/// matmul_bench` on the 65 MB output head read from DRAM, streaming 2 rows
+/// took 0.57x the tiled kernel's time, 4 rows 0.5-0.97x (runs vary), 8 rows
+/// 1.26x.
 const STREAM_MAX_M: usize = 4;
 /// Weights of at least this many bytes (more than a core's L2) are assumed
 /// to come from DRAM when a few rows meet them (a large model's experts and
