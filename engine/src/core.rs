@@ -87,6 +87,9 @@ impl<E: ExpertProvider + ExpertPlanner + Sync> EngineCore<E> {
     /// Starts or stops recording the routing of every computed token.
     pub fn set_recording(&mut self, on: bool) {
         self.trace = on.then(Vec::new);
+        if !on {
+            self.set_recording_hidden(false);
+        }
     }
 
     /// Starts or stops recording, with the routing, the residual stream

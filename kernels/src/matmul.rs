@@ -134,9 +134,6 @@ pub fn matmul_nt_with(x: &[f32], m: usize, w: &Weight, out: &mut [f32], kernel: 
 fn auto_kernel(m: usize, w: &Weight) -> Kernel {
     let invariant = batch_invariant();
     match w.data() {
-        // k-quants: the integer path at every row count (measured faster than
-        // widening plus gemm at 128 rows)
-        WeightData::Quant(q) if crate::quant::dot::act_block(q.format()) == 256 => Kernel::Tiled,
         // exact (f32 activations): dequantized blocks, tiled
         WeightData::Quant(q) if q.f32_activations() => {
             if invariant {
@@ -145,6 +142,9 @@ fn auto_kernel(m: usize, w: &Weight) -> Kernel {
                 Kernel::Gemm
             }
         }
+        // k-quants: the integer path at every row count (measured faster than
+        // widening plus gemm at 128 rows)
+        WeightData::Quant(q) if crate::quant::dot::act_block(q.format()) == 256 => Kernel::Tiled,
         // the integer path, or (not invariant) widening plus gemm for many rows
         WeightData::Quant(_) => {
             if invariant || m <= TILE_M {

@@ -287,6 +287,13 @@ fn run_train_predictor(t: TrainPredictorCmd) -> anyhow::Result<()> {
                 .collect();
             eprintln!("held-out recall per MoE layer, forecasting {d} layer(s) past the one read: {}", cells.join(" "));
         }
+        if !report.next_recall.is_empty() {
+            let cells: Vec<String> = report.next_recall.iter().map(|r| format!("{:.1}%", r * 100.0)).collect();
+            eprintln!(
+                "held-out recall per MoE layer of the next token, from the last one's state (measured only): {}",
+                cells.join(" ")
+            );
+        }
         eprintln!("wrote {}", t.output.display());
         return Ok(());
     }
@@ -326,6 +333,7 @@ fn run_bench_regroup(b: BenchRegroupCmd) -> anyhow::Result<()> {
     }
     let learned = dir.join(moe_server::offload::PREDICTOR_FILE);
     anyhow::ensure!(learned.is_file(), "regrouping needs the learned predictor at {}", learned.display());
+    let predictor = moe_offload::PredictorKind::Learned(learned);
     let bench = moe_bench::regroup::RegroupBench {
         model,
         dir: dir.clone(),
@@ -334,7 +342,7 @@ fn run_bench_regroup(b: BenchRegroupCmd) -> anyhow::Result<()> {
         micro_batch: b.micro_batch,
         budget: b.budget,
         policy: moe_offload::PolicyKind::Predictive,
-        predictor: moe_offload::PredictorKind::Learned(learned),
+        predictor,
         max_deferral: b.max_deferral,
         disk_io: b.disk_io,
     };

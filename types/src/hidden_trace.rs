@@ -100,7 +100,8 @@ pub fn write_record(w: &mut (impl Write + ?Sized), r: &HiddenRecord) -> std::io:
     buf.extend_from_slice(&r.seq.to_le_bytes());
     buf.extend_from_slice(&r.pos.to_le_bytes());
     for &v in &r.values {
-        buf.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        // clamped to half precision's range rather than turned into infinities
+        buf.extend_from_slice(&half::f16::from_f32(v.clamp(-65504.0, 65504.0)).to_le_bytes());
     }
     for &v in &r.logits {
         buf.extend_from_slice(&v.to_le_bytes());

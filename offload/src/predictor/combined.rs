@@ -92,6 +92,8 @@ impl PathPredictor for Combined {
     }
 
     fn begin_step(&mut self, tokens: &[StepToken], out: &mut Vec<Forecast>) {
+        // forecasts of a step that did not run to its end are not scored
+        self.scores.iter_mut().flatten().for_each(|s| s.latest = None);
         self.each(out, |p, buf| p.begin_step(tokens, buf));
     }
 

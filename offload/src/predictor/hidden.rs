@@ -13,10 +13,11 @@
 //! trace records them: a richer target than the chosen set alone) on that
 //! input, shrunk towards the router itself: layer `m + d`'s router applied
 //! to the normalised input (look-ahead gating from before the attention) is
-//! linear in it, so the fit is that map plus a ridge-regularised correction,
-//! `(XᵀX + λI) ΔW = Xᵀ(Y - X W₀)`, `W = W₀ + ΔW`, closed form, `(XᵀX + λI) W = XᵀY`, from sums over the
-//! training tokens (no pass over the data is kept in memory), λ chosen per
-//! probe by the recall on held-out sequences. Its cost at run time is
+//! linear in it, so the fit is that map plus a ridge-regularised correction
+//! in closed form, `(XᵀX + λI') ΔW = XᵀY - XᵀX W₀ᵀ`, `W = W₀ + ΔW` (`I'` the
+//! identity without the bias entry), from sums over the training tokens (no
+//! pass over the training data is kept in memory), λ chosen per probe by the
+//! recall on held-out sequences (up to 40,000 tokens kept). Its cost at run time is
 //! `D * experts * width` multiply-adds per token and MoE layer.
 //!
 //! File format (`moe-hidden-predictor`, version 1): a safetensors file with f32
@@ -108,20 +109,19 @@ impl HiddenProbes {
     /// Writes the probes as a safetensors file.
     pub fn save(&self, path: &Path) -> Result<(), OffloadError> {
         let err = |m: String| OffloadError::Predictor { path: path.into(), message: m };
+        let bytes = |p: &[f32]| p.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
         let mut data = Vec::new();
         for m in 0..self.layers {
             for d in 0..self.distances {
                 let p = &self.probes[self.at(m, d)];
                 if !p.is_empty() {
-                    let b: Vec<u8> = p.iter().flat_map(|f| f.to_le_bytes()).collect();
-                    data.push((format!("probe.{m}.{d}"), b));
+                    data.push((format!("probe.{m}.{d}"), self.width(m), bytes(p)));
                 }
             }
         }
         let mut views = Vec::new();
-        for (name, b) in &data {
-            let m: usize = name.split('.').nth(1).and_then(|v| v.parse().ok()).expect("probe.{m}.{d}");
-            let shape = vec![self.experts, self.width(m)];
+        for (name, w, b) in &data {
+            let shape = vec![self.experts, *w];
             views.push((name.as_str(), TensorView::new(Dtype::F32, shape, b).map_err(|x| err(x.to_string()))?));
         }
         let mut meta: HashMap<String, String> = [
@@ -335,6 +335,12 @@ pub struct HiddenTrainReport {
     pub valid_tokens: usize,
     /// Held-out recall per MoE layer and distance (`[m][d]`, NaN past the end).
     pub recall: Vec<Vec<f64>>,
+    /// Held-out recall per MoE layer of probes forecasting the next token's
+    /// experts from a token's state entering the last MoE layer and its path
+    /// (what regrouping could read before a step); measured, not saved: the
+    /// learned predictor's token-only forecasts are better there. Empty if
+    /// the trace had no consecutive tokens.
+    pub next_recall: Vec<f64>,
 }
 
 /// Relative ridge strengths tried for each probe (times the mean diagonal of XᵀX).
@@ -342,17 +348,35 @@ const LAMBDAS: [f64; 7] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3];
 /// Held-out tokens kept in memory for choosing λ and measuring recall.
 const MAX_VALID_TOKENS: usize = 40_000;
 
-/// A token's probe inputs at every MoE layer (`features`, concatenated).
+/// A token's probe inputs at every MoE layer (`features`), and last its
+/// next-token probe input (the last layer's hidden state with the whole path).
 fn token_features(values: &[f32], t: &TraceToken, hsz: usize, e: usize) -> Vec<Vec<f32>> {
     let path: Vec<Vec<ExpertId>> = t.experts.iter().map(|l| l.iter().map(|&x| ExpertId(x)).collect()).collect();
     let refs: Vec<&[ExpertId]> = path.iter().map(Vec::as_slice).collect();
+    let l = values.len() / hsz;
     let mut x = Vec::new();
-    (0..values.len() / hsz)
+    (0..=l)
         .map(|m| {
-            features(&values[m * hsz..(m + 1) * hsz], &refs[..m], e, &mut x);
+            let at = m.min(l - 1);
+            features(&values[at * hsz..(at + 1) * hsz], &refs[..m], e, &mut x);
             x.clone()
         })
         .collect()
+}
+
+/// Accumulates `x xᵀ` (upper triangle) into `a`, if given, and `x yᵀ` into `b`.
+fn accumulate(mut a: Option<&mut [f64]>, b: &mut [f64], x: &[f32], y: &[f32]) {
+    let (n, e) = (x.len(), y.len());
+    for (p, &xp) in x.iter().enumerate() {
+        if let Some(a) = a.as_deref_mut() {
+            for (q, &xq) in x.iter().enumerate().skip(p) {
+                a[p * n + q] += (xp * xq) as f64;
+            }
+        }
+        for (bq, &yq) in b[p * e..(p + 1) * e].iter_mut().zip(y) {
+            *bq += (xp * yq) as f64;
+        }
+    }
 }
 
 /// Fits probes for distances `0..distances` from a routing trace and its
@@ -386,6 +410,12 @@ pub fn train_hidden<R: BufRead>(
     let mut xtx: Vec<Vec<f64>> = (0..l).map(|m| vec![0f64; width(hsz, e, m).pow(2)]).collect();
     let mut xty: Vec<Vec<Vec<f64>>> = (0..l).map(|m| vec![vec![0f64; width(hsz, e, m) * e]; distances]).collect();
     let mut valid: Vec<(Vec<Vec<f32>>, &TraceToken)> = Vec::new();
+    // next-token probes: one XᵀX, XᵀY per layer, and their held-out pairs
+    let nw = width(hsz, e, l);
+    let mut next_xtx = vec![0f64; nw * nw];
+    let mut next_xty = vec![vec![0f64; nw * e]; l];
+    let mut next_valid: Vec<(Vec<Vec<f32>>, &TraceToken)> = Vec::new();
+    let mut prev: Option<(u64, u32, Vec<f32>)> = None;
     let (mut train_tokens, mut valid_tokens) = (0, 0);
     for (i, t) in tokens.iter().enumerate() {
         let r = hidden.next_record().map_err(|e| bad(e.to_string()))?;
@@ -396,31 +426,37 @@ pub fn train_hidden<R: BufRead>(
                 r.seq, r.pos, t.seq, t.pos
             )));
         }
-        let x = token_features(&r.values, t, hsz, e);
+        let mut x = token_features(&r.values, t, hsz, e);
+        let nx = x.pop().expect("the next-token input");
+        // the previous token of the same sequence, if the trace has it
+        let before = match prev.replace((t.seq, t.pos, nx)) {
+            Some((seq, pos, px)) if seq == t.seq && pos + 1 == t.pos => Some(px),
+            _ => None,
+        };
         if t.seq % 5 == 0 {
             valid_tokens += 1;
             if valid.len() < MAX_VALID_TOKENS {
                 valid.push((x, t));
             }
+            if let Some(px) = before {
+                if next_valid.len() < MAX_VALID_TOKENS {
+                    next_valid.push((vec![px], t));
+                }
+            }
             continue;
         }
         train_tokens += 1;
-        for (m, x) in x.iter().enumerate() {
-            let n = x.len();
-            let a = &mut xtx[m];
-            for (p, &xp) in x.iter().enumerate() {
-                // upper triangle only; mirrored before solving
-                for (q, &xq) in x.iter().enumerate().skip(p) {
-                    a[p * n + q] += (xp * xq) as f64;
-                }
+        if let Some(px) = before {
+            for (j, b) in next_xty.iter_mut().enumerate() {
+                let a = (j == 0).then_some(next_xtx.as_mut_slice());
+                accumulate(a, b, &px, &r.logits[j * e..(j + 1) * e]);
             }
+        }
+        // upper triangles only; mirrored before solving
+        for (m, x) in x.iter().enumerate() {
             for (d, b) in xty[m].iter_mut().enumerate().take(l - m) {
-                let y = &r.logits[(m + d) * e..(m + d + 1) * e];
-                for (p, &xp) in x.iter().enumerate() {
-                    for (bq, &yq) in b[p * e..(p + 1) * e].iter_mut().zip(y) {
-                        *bq += (xp * yq) as f64;
-                    }
-                }
+                let a = (d == 0).then_some(xtx[m].as_mut_slice());
+                accumulate(a, b, x, &r.logits[(m + d) * e..(m + d + 1) * e]);
             }
         }
     }
@@ -439,7 +475,12 @@ pub fn train_hidden<R: BufRead>(
         recall: vec![f64::NAN; cells],
         lambda: vec![f64::NAN; cells],
     };
-    let mut report = HiddenTrainReport { train_tokens, valid_tokens, recall: vec![vec![f64::NAN; distances]; l] };
+    let mut report = HiddenTrainReport {
+        train_tokens,
+        valid_tokens,
+        recall: vec![vec![f64::NAN; distances]; l],
+        next_recall: Vec::new(),
+    };
     for m in 0..l {
         let n = width(hsz, e, m);
         let a = &mut xtx[m];
@@ -469,7 +510,7 @@ pub fn train_hidden<R: BufRead>(
             for rel in LAMBDAS {
                 let lambda = rel * scale.max(f64::MIN_POSITIVE);
                 let mut w = ridge(a, &rhs, n, e, lambda, n - 1)
-                    .ok_or_else(|| bad(format!("the ridge system of layer {m} distance {d} is singular")))?;
+                    .ok_or_else(|| bad(format!("the ridge system of layer {m} distance {d} has no finite solution")))?;
                 w.iter_mut().zip(&w0).for_each(|(v, b)| *v += b);
                 let recall = held_out_recall(&w, &valid, m, d, e, k);
                 if best.as_ref().is_none_or(|b| recall > b.0) {
@@ -482,12 +523,37 @@ pub fn train_hidden<R: BufRead>(
             report.recall[m][d] = recall;
         }
     }
+    if !next_valid.is_empty() {
+        let a = &mut next_xtx;
+        for p in 0..nw {
+            for q in 0..p {
+                a[p * nw + q] = a[q * nw + p];
+            }
+        }
+        let scale = (0..nw - 1).map(|p| a[p * nw + p]).sum::<f64>() / (nw - 1) as f64;
+        for (j, rhs) in next_xty.iter().enumerate() {
+            let mut best: Option<(f64, Vec<f32>)> = None;
+            for rel in LAMBDAS {
+                let w = ridge(a, rhs, nw, e, rel * scale.max(f64::MIN_POSITIVE), nw - 1)
+                    .ok_or_else(|| bad(format!("the next-token ridge system of layer {j} has no finite solution")))?;
+                // the held-out pairs keep their input at index 0 (as "layer 0,
+                // distance j": scored against the token's layer-j experts)
+                let recall = held_out_recall(&w, &next_valid, 0, j, e, k);
+                if best.as_ref().is_none_or(|b| recall > b.0) {
+                    best = Some((recall, w));
+                }
+            }
+            report.next_recall.push(best.expect("at least one λ").0);
+        }
+    }
     Ok((probes, report))
 }
 
 /// Solves `(A + λI') W = B` (`A` `[n, n]` symmetric positive semi-definite,
 /// `B` `[n, e]`, `I'` the identity without the bias entry `bias`) by
-/// Cholesky; returns `W` transposed as `[e, n]` f32, `None` if singular.
+/// Cholesky (a pivot at or below zero is nudged to 1e-12, as a tiny ridge
+/// would); returns `W` transposed as `[e, n]` f32, `None` if the result is
+/// not finite (non-finite inputs).
 fn ridge(a: &[f64], b: &[f64], n: usize, e: usize, lambda: f64, bias: usize) -> Option<Vec<f32>> {
     let mut c = a.to_vec();
     for p in 0..n {
