@@ -345,8 +345,10 @@ pub struct HiddenTrainReport {
 
 /// Relative ridge strengths tried for each probe (times the mean diagonal of XᵀX).
 const LAMBDAS: [f64; 7] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3];
-/// Held-out tokens kept in memory for choosing λ and measuring recall.
+/// Held-out tokens kept in memory for choosing λ and measuring recall: at
+/// most this many, and at most `MAX_VALID_BYTES` of probe inputs.
 const MAX_VALID_TOKENS: usize = 40_000;
+const MAX_VALID_BYTES: usize = 1 << 30;
 
 /// A token's probe inputs at every MoE layer (`features`), and last its
 /// next-token probe input (the last layer's hidden state with the whole path).
@@ -381,7 +383,10 @@ fn accumulate(mut a: Option<&mut [f64]>, b: &mut [f64], x: &[f32], y: &[f32]) {
 
 /// Fits probes for distances `0..distances` from a routing trace and its
 /// hidden-state trace (same token order), holding out every sequence whose
-/// id is a multiple of 5. `routers` (per MoE layer, `Model::router_maps`)
+/// id is a multiple of 5. Memory: the sums take `8 * n²` bytes per MoE layer
+/// (`n` = hidden + layers x experts + 1: 0.2 MB per layer for the built-in
+/// model, 140 MB for a 4096-wide layer of a 48-layer model with 64 experts),
+/// plus up to 1 GiB of held-out inputs. `routers` (per MoE layer, `Model::router_maps`)
 /// are the baselines the fit corrects; empty: none (zero baseline).
 pub fn train_hidden<R: BufRead>(
     header: &TraceHeader,
@@ -416,6 +421,8 @@ pub fn train_hidden<R: BufRead>(
     let mut next_xty = vec![vec![0f64; nw * e]; l];
     let mut next_valid: Vec<(Vec<Vec<f32>>, &TraceToken)> = Vec::new();
     let mut prev: Option<(u64, u32, Vec<f32>)> = None;
+    let per_token = 4 * (0..=l).map(|m| width(hsz, e, m)).sum::<usize>();
+    let max_valid = MAX_VALID_TOKENS.min(MAX_VALID_BYTES / per_token.max(1)).max(1);
     let (mut train_tokens, mut valid_tokens) = (0, 0);
     for (i, t) in tokens.iter().enumerate() {
         let r = hidden.next_record().map_err(|e| bad(e.to_string()))?;
@@ -435,11 +442,11 @@ pub fn train_hidden<R: BufRead>(
         };
         if t.seq % 5 == 0 {
             valid_tokens += 1;
-            if valid.len() < MAX_VALID_TOKENS {
+            if valid.len() < max_valid {
                 valid.push((x, t));
             }
             if let Some(px) = before {
-                if next_valid.len() < MAX_VALID_TOKENS {
+                if next_valid.len() < max_valid {
                     next_valid.push((vec![px], t));
                 }
             }
