@@ -383,10 +383,12 @@ fn accumulate(mut a: Option<&mut [f64]>, b: &mut [f64], x: &[f32], y: &[f32]) {
 
 /// Fits probes for distances `0..distances` from a routing trace and its
 /// hidden-state trace (same token order), holding out every sequence whose
-/// id is a multiple of 5. Memory: the sums take `8 * n²` bytes per MoE layer
-/// (`n` = hidden + layers x experts + 1: 0.2 MB per layer for the built-in
-/// model, 140 MB for a 4096-wide layer of a 48-layer model with 64 experts),
-/// plus up to 1 GiB of held-out inputs. `routers` (per MoE layer, `Model::router_maps`)
+/// id is a multiple of 5. Memory: the sums take `8 * n²` bytes for MoE layer
+/// `m` (`n` = hidden + m x experts + 1): 0.1-0.2 MB per layer for the
+/// built-in model, but 134-404 MB per layer and about 12 GB in all for a
+/// 48-layer, 4096-wide model with 64 experts (too much for most hosts: such
+/// a model needs the path indicators dropped or a subset of layers, not
+/// built yet); plus up to 1 GiB of held-out inputs. `routers` (per MoE layer, `Model::router_maps`)
 /// are the baselines the fit corrects; empty: none (zero baseline).
 pub fn train_hidden<R: BufRead>(
     header: &TraceHeader,
