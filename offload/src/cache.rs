@@ -119,6 +119,7 @@ impl ExpertCache {
     /// Starts a cache for `model` over `source` (the loader threads start
     /// now; the fast tier starts empty).
     pub fn new(model: &ModelConfig, source: Box<dyn ExpertSource>, cfg: CacheConfig) -> Result<Self, OffloadError> {
+        cfg.predictor.check_width(model.hidden_size)?;
         let moe_layers: Vec<usize> = model.moe_layers().collect();
         let core = ResidencyCore::new(ResidencyConfig {
             layers: moe_layers.len(),

@@ -681,6 +681,10 @@ mod tests {
         // a wrong shape is refused with both shapes named
         let other = Shape { layers: 3, ..shape };
         assert!(probes.check_shape(other, Some(6), &path).unwrap_err().to_string().contains("3 x 4"));
+        // and so is another model width, before any forecast is made
+        let kind = super::super::PredictorKind::Hidden(path.clone());
+        assert!(kind.check_width(6).is_ok());
+        assert!(kind.check_width(12).unwrap_err().to_string().contains("width 6"));
     }
 
     #[test]

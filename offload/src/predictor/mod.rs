@@ -121,6 +121,21 @@ impl PredictorKind {
         }
     }
 
+    /// Checks that predictors reading hidden states were trained for a model
+    /// of width `hidden` (the shape checks in [`build`](Self::build) cannot
+    /// see it).
+    pub fn check_width(&self, hidden: usize) -> Result<(), OffloadError> {
+        match self {
+            Self::Hidden(path) => {
+                let p = HiddenProbes::load(path)?;
+                let shape = Shape { layers: p.layers, experts: p.experts, top_k: p.top_k, depth: 1 };
+                p.check_shape(shape, Some(hidden), path)
+            }
+            Self::Combined(members) => members.iter().try_for_each(|m| m.check_width(hidden)),
+            _ => Ok(()),
+        }
+    }
+
     /// Builds the predictor for `shape` (`None` for [`PredictorKind::None`]).
     pub fn build(&self, shape: Shape) -> Result<Option<Box<dyn PathPredictor>>, OffloadError> {
         Ok(match self {
