@@ -239,7 +239,11 @@ fn top_k_into(scores: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<Ex
     out.extend(order.iter().take(k).map(|&e| ExpertId(e as u16)));
 }
 
-/// Forecasts from the probes as each MoE layer's hidden state arrives.
+/// Steps of more tokens than this get no hidden-state forecasts.
+const MAX_STEP_TOKENS: usize = 256;
+
+/// Forecasts from the probes as each MoE layer's hidden state arrives
+/// (steps of up to `MAX_STEP_TOKENS` tokens).
 pub struct HiddenPredictor {
     probes: Arc<HiddenProbes>,
     /// The probes as product weights (`None` past the last layer).
@@ -302,6 +306,11 @@ impl PathPredictor for HiddenPredictor {
             return;
         }
         let (tokens, e) = (h.len() / p.hidden, p.experts);
+        if tokens > MAX_STEP_TOKENS {
+            // a long prefill step uses most experts anyway, and its probes
+            // would run under the cache's lock for a while
+            return;
+        }
         let reach = self.shape.depth.min(p.distances).min(p.layers - m);
         let mut path: Vec<&[ExpertId]> = Vec::with_capacity(m);
         self.xs.clear();
