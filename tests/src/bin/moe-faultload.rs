@@ -31,7 +31,9 @@
 //!    in-flight requests must finish with their reference text within `--shutdown-grace-secs`,
 //!    new requests on fresh connections must get 503 (the listener keeps accepting while requests
 //!    drain) and UNAVAILABLE over gRPC, and the process must exit 0 within the grace period.
-//! 6. **Streams cut by the grace period**: a second server with `--shutdown-grace-secs 0` and
+//! 6. **A full queue**: a server with `--max-num-seqs 1 --max-waiting 1` gets four long
+//!    requests at once; those over the limit get 429 with `Retry-After`, the rest 200.
+//! 7. **Streams cut by the grace period**: a second server with `--shutdown-grace-secs 0` and
 //!    16 streams open (SSE and gRPC) at SIGTERM: each ends with its cause (an SSE error event
 //!    of OpenAI's shape and a clean end of the response; gRPC UNAVAILABLE "shutting down"),
 //!    none silently, and the process exits 0.
@@ -194,10 +196,12 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// Starts the server with `grace_secs` as its `--shutdown-grace-secs`.
-    fn start(args: &Args, grace_secs: u64) -> Result<Self> {
+    /// Starts the server with `grace_secs` as its `--shutdown-grace-secs`,
+    /// and `extra` flags after the common ones.
+    fn start(args: &Args, grace_secs: u64, extra: &[&str]) -> Result<Self> {
         let mut child = Command::new(&args.server)
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0", "--api-key", API_KEY])
+            .args(extra)
             .args(["--shutdown-grace-secs", &grace_secs.to_string()])
             .args(["--max-body-bytes", &MAX_BODY.to_string()])
             .args(["--max-prompt-tokens", &MAX_PROMPT_TOKENS.to_string()])
@@ -1418,7 +1422,45 @@ async fn sigterm(ctx: Arc<Ctx>, args: &Args, server: &mut Server) -> Result<Sigt
     Ok(SigtermResult { inflight, refused, drain, exit, exit_after: t_term.elapsed() })
 }
 
-/// Streams cut by the end of the grace period (phase 6).
+/// A full queue (phase 6): a server admitting one running and one waiting
+/// sequence gets four long requests at once; those over the limit must get
+/// 429 with `Retry-After`, and the others 200. Returns (statuses, failure).
+async fn queue_full(args: &Args) -> Result<(Vec<u16>, Option<String>)> {
+    let server = Server::start(args, 0, &["--max-num-seqs", "1", "--max-waiting", "1"])?;
+    let base = format!("http://{}", server.http);
+    let client = http_client()?;
+    wait_ready(&client, &base).await?;
+    let sends = (0..4).map(|i| {
+        let body = json!({"prompt": PROMPTS[i], "max_tokens": MAX_TOKENS_LIMIT, "ignore_eos": true, "temperature": 0});
+        let req = client.post(format!("{base}/v1/completions")).bearer_auth(API_KEY).json(&body).send();
+        async move {
+            match req.await {
+                Ok(r) => {
+                    let retry = r.headers().contains_key("retry-after");
+                    let status = r.status().as_u16();
+                    let _ = r.bytes().await;
+                    (status, retry)
+                }
+                Err(_) => (0, false),
+            }
+        }
+    });
+    let got = futures_util::future::join_all(sends).await;
+    let statuses: Vec<u16> = got.iter().map(|g| g.0).collect();
+    let refused = got.iter().filter(|g| g.0 == 429).count();
+    let failure = if refused == 0 {
+        Some(format!("a full queue: no 429 among {statuses:?}"))
+    } else if got.iter().any(|g| g.0 == 429 && !g.1) {
+        Some("a full queue: a 429 without Retry-After".to_string())
+    } else if got.iter().any(|g| g.0 != 429 && g.0 != 200) {
+        Some(format!("a full queue: statuses {statuses:?}, expected 200 or 429"))
+    } else {
+        None
+    };
+    Ok((statuses, failure))
+}
+
+/// Streams cut by the end of the grace period (phase 7).
 struct CutResult {
     /// Streams ended with their cause (SSE error event, gRPC UNAVAILABLE).
     cut: usize,
@@ -1435,7 +1477,7 @@ struct CutResult {
 async fn grace_cut(args: &Args) -> Result<CutResult> {
     const SSE_STREAMS: usize = 12;
     const GRPC_STREAMS: usize = 4;
-    let server = Server::start(args, 0)?;
+    let server = Server::start(args, 0, &[])?;
     let base = format!("http://{}", server.http);
     let client = http_client()?;
     wait_ready(&client, &base).await?;
@@ -1583,7 +1625,7 @@ fn ms(d: Duration) -> f64 {
 async fn run(args: Args) -> Result<bool> {
     let started = Instant::now();
     let mut failures: Vec<String> = Vec::new();
-    let mut server = Server::start(&args, args.shutdown_grace_secs)?;
+    let mut server = Server::start(&args, args.shutdown_grace_secs, &[])?;
     let base = format!("http://{}", server.http);
     let probe = http_client()?;
     let ready_after = wait_ready(&probe, &base).await?;
@@ -1760,6 +1802,11 @@ async fn run(args: Args) -> Result<bool> {
         failures.push(format!("server panicked {} time(s): {}", panics.len(), panics[0]));
     }
     println!("server stderr: {} lines, {} with \"panicked\"", log.lines().count(), panics.len());
+
+    // ---- a full queue ----
+    let (statuses, failure) = queue_full(&args).await?;
+    println!("\nfull queue (--max-num-seqs 1 --max-waiting 1, 4 requests at once): statuses {statuses:?}");
+    failures.extend(failure);
 
     // ---- streams cut by the grace period ----
     let cut = grace_cut(&args).await?;
