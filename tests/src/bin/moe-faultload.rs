@@ -33,7 +33,7 @@
 //!    drain) and UNAVAILABLE over gRPC, and the process must exit 0 within the grace period.
 //! 6. **A full queue**: a server with `--max-num-seqs 1 --max-waiting 1` gets four long
 //!    requests at once; those over the limit get 429 with `Retry-After`, the rest 200.
-//! 7. **Streams cut by the grace period**: a second server with `--shutdown-grace-secs 0` and
+//! 7. **Streams cut by the grace period**: another server with `--shutdown-grace-secs 0` and
 //!    16 streams open (SSE and gRPC) at SIGTERM: each ends with its cause (an SSE error event
 //!    of OpenAI's shape and a clean end of the response; gRPC UNAVAILABLE "shutting down"),
 //!    none silently, and the process exits 0.
