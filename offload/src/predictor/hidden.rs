@@ -32,9 +32,6 @@ use moe_model::StepToken;
 use moe_types::hidden_trace::HiddenReader;
 use moe_types::trace::{TraceHeader, TraceToken};
 use moe_types::{ExpertId, MoeLayerId};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::Path;
 use std::sync::Arc;
@@ -108,89 +105,53 @@ impl HiddenProbes {
 
     /// Writes the probes as a safetensors file.
     pub fn save(&self, path: &Path) -> Result<(), OffloadError> {
-        let err = |m: String| OffloadError::Predictor { path: path.into(), message: m };
-        let bytes = |p: &[f32]| p.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
-        let mut data = Vec::new();
+        let mut tensors = Vec::new();
+        let mut meta = vec![
+            ("model".to_string(), self.model.clone()),
+            ("layers".into(), self.layers.to_string()),
+            ("experts".into(), self.experts.to_string()),
+            ("top_k".into(), self.top_k.to_string()),
+            ("hidden".into(), self.hidden.to_string()),
+            ("distances".into(), self.distances.to_string()),
+        ];
         for m in 0..self.layers {
             for d in 0..self.distances {
-                let p = &self.probes[self.at(m, d)];
-                if !p.is_empty() {
-                    data.push((format!("probe.{m}.{d}"), self.width(m), bytes(p)));
+                let at = self.at(m, d);
+                if !self.probes[at].is_empty() {
+                    tensors.push((format!("probe.{m}.{d}"), vec![self.experts, self.width(m)], &self.probes[at][..]));
                 }
+                meta.push((format!("recall.{m}.{d}"), self.recall[at].to_string()));
+                meta.push((format!("lambda.{m}.{d}"), self.lambda[at].to_string()));
             }
         }
-        let mut views = Vec::new();
-        for (name, w, b) in &data {
-            let shape = vec![self.experts, *w];
-            views.push((name.as_str(), TensorView::new(Dtype::F32, shape, b).map_err(|x| err(x.to_string()))?));
-        }
-        let mut meta: HashMap<String, String> = [
-            ("format", HIDDEN_PREDICTOR_FORMAT.to_string()),
-            ("version", HIDDEN_PREDICTOR_VERSION.to_string()),
-            ("model", self.model.clone()),
-            ("layers", self.layers.to_string()),
-            ("experts", self.experts.to_string()),
-            ("top_k", self.top_k.to_string()),
-            ("hidden", self.hidden.to_string()),
-            ("distances", self.distances.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        for m in 0..self.layers {
-            for d in 0..self.distances {
-                meta.insert(format!("recall.{m}.{d}"), self.recall[self.at(m, d)].to_string());
-                meta.insert(format!("lambda.{m}.{d}"), self.lambda[self.at(m, d)].to_string());
-            }
-        }
-        safetensors::serialize_to_file(views, Some(meta), path).map_err(|x| err(x.to_string()))
+        super::file::write(path, HIDDEN_PREDICTOR_FORMAT, HIDDEN_PREDICTOR_VERSION, &tensors, meta)
     }
 
     /// Reads a file written by [`save`](Self::save), checking format,
     /// version and tensor shapes.
     pub fn load(path: &Path) -> Result<Self, OffloadError> {
-        let err = |m: String| OffloadError::Predictor { path: path.into(), message: m };
-        let raw = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let (_, meta) = SafeTensors::read_metadata(&raw).map_err(|e| err(format!("not a safetensors file: {e}")))?;
-        let md = meta.metadata().clone().unwrap_or_default();
-        let get = |k: &str| md.get(k).cloned().ok_or_else(|| err(format!("metadata lacks {k:?}")));
-        let num = |k: &str| get(k)?.parse::<usize>().map_err(|_| err(format!("metadata {k:?} is not a count")));
-        let real = |k: &str| get(k)?.parse::<f64>().map_err(|_| err(format!("metadata {k:?} is not a number")));
-        if get("format")? != HIDDEN_PREDICTOR_FORMAT {
-            return Err(err(format!("format is not {HIDDEN_PREDICTOR_FORMAT:?}")));
-        }
-        if get("version")? != HIDDEN_PREDICTOR_VERSION.to_string() {
-            let v = get("version")?;
-            return Err(err(format!("unsupported version {v} (this build reads {HIDDEN_PREDICTOR_VERSION})")));
-        }
-        let (l, e, h, dist) = (num("layers")?, num("experts")?, num("hidden")?, num("distances")?);
+        let f = super::file::PredictorFile::read(path, HIDDEN_PREDICTOR_FORMAT, HIDDEN_PREDICTOR_VERSION)?;
+        let (l, e, h, dist) = (f.num("layers")?, f.num("experts")?, f.num("hidden")?, f.num("distances")?);
         if l == 0 || e == 0 || h == 0 || dist == 0 {
-            return Err(err("layers, experts, hidden and distances must be positive".into()));
+            return Err(f.err("layers, experts, hidden and distances must be positive".into()));
         }
-        let st = SafeTensors::deserialize(&raw).map_err(|x| err(x.to_string()))?;
         let (mut probes, mut recall, mut lambda) = (Vec::new(), Vec::new(), Vec::new());
         for m in 0..l {
             for d in 0..dist {
-                recall.push(real(&format!("recall.{m}.{d}"))?);
-                lambda.push(real(&format!("lambda.{m}.{d}"))?);
-                if m + d >= l {
-                    probes.push(Vec::new());
-                    continue;
-                }
-                let name = format!("probe.{m}.{d}");
-                let t = st.tensor(&name).map_err(|x| err(format!("tensor {name}: {x}")))?;
-                let wd = width(h, e, m);
-                if t.dtype() != Dtype::F32 || t.shape() != [e, wd] {
-                    return Err(err(format!("tensor {name} must be f32 [{e}, {wd}]")));
-                }
-                probes.push(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
+                recall.push(f.real(&format!("recall.{m}.{d}"))?);
+                lambda.push(f.real(&format!("lambda.{m}.{d}"))?);
+                probes.push(if m + d >= l {
+                    Vec::new()
+                } else {
+                    f.tensor(&format!("probe.{m}.{d}"), &[e, width(h, e, m)])?
+                });
             }
         }
         Ok(Self {
-            model: get("model")?,
+            model: f.get("model")?,
             layers: l,
             experts: e,
-            top_k: num("top_k")?,
+            top_k: f.num("top_k")?,
             hidden: h,
             distances: dist,
             probes,

@@ -30,9 +30,6 @@ use crate::OffloadError;
 use moe_model::StepToken;
 use moe_types::trace::{TraceHeader, TraceToken};
 use moe_types::{ExpertId, MoeLayerId};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -116,22 +113,14 @@ impl PathTables {
 
     /// Writes the tables as a safetensors file.
     pub fn save(&self, path: &Path) -> Result<(), OffloadError> {
-        let err = |m: String| OffloadError::Predictor { path: path.into(), message: m };
         let (l, e, v) = (self.layers, self.experts, self.vocab);
-        let bytes = |x: &[f32]| x.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
-        let data = [
-            ("prior", vec![l, e], bytes(&self.prior)),
-            ("token", vec![l, v, e], bytes(&self.token)),
-            ("path_present", vec![l, l, e, e], bytes(&self.present)),
-            ("path_absent", vec![l, l, e, e], bytes(&self.absent)),
+        let tensors = [
+            ("prior".to_string(), vec![l, e], &self.prior[..]),
+            ("token".to_string(), vec![l, v, e], &self.token[..]),
+            ("path_present".to_string(), vec![l, l, e, e], &self.present[..]),
+            ("path_absent".to_string(), vec![l, l, e, e], &self.absent[..]),
         ];
-        let mut views = Vec::new();
-        for (name, shape, b) in &data {
-            views.push((*name, TensorView::new(Dtype::F32, shape.clone(), b).map_err(|x| err(x.to_string()))?));
-        }
-        let meta: HashMap<String, String> = [
-            ("format", PREDICTOR_FORMAT.to_string()),
-            ("version", PREDICTOR_VERSION.to_string()),
+        let meta = [
             ("model", self.model.clone()),
             ("layers", l.to_string()),
             ("experts", e.to_string()),
@@ -140,49 +129,27 @@ impl PathTables {
             ("token_weight", self.token_weight.to_string()),
             ("path_weight", self.path_weight.to_string()),
         ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        safetensors::serialize_to_file(views, Some(meta), path).map_err(|x| err(x.to_string()))
+        .map(|(k, v)| (k.to_string(), v));
+        super::file::write(path, PREDICTOR_FORMAT, PREDICTOR_VERSION, &tensors, meta)
     }
 
     /// Reads a file written by [`save`](Self::save), checking format,
     /// version and tensor shapes.
     pub fn load(path: &Path) -> Result<Self, OffloadError> {
-        let err = |m: String| OffloadError::Predictor { path: path.into(), message: m };
-        let raw = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let (_, meta) = SafeTensors::read_metadata(&raw).map_err(|e| err(format!("not a safetensors file: {e}")))?;
-        let md = meta.metadata().clone().unwrap_or_default();
-        let get = |k: &str| md.get(k).cloned().ok_or_else(|| err(format!("metadata lacks {k:?}")));
-        let num = |k: &str| get(k)?.parse::<usize>().map_err(|_| err(format!("metadata {k:?} is not a count")));
-        let real = |k: &str| get(k)?.parse::<f32>().map_err(|_| err(format!("metadata {k:?} is not a number")));
-        if get("format")? != PREDICTOR_FORMAT {
-            return Err(err(format!("format is not {PREDICTOR_FORMAT:?}")));
-        }
-        if get("version")? != PREDICTOR_VERSION.to_string() {
-            return Err(err(format!("unsupported version {} (this build reads {PREDICTOR_VERSION})", get("version")?)));
-        }
-        let (l, e, v) = (num("layers")?, num("experts")?, num("vocab")?);
-        let st = SafeTensors::deserialize(&raw).map_err(|x| err(x.to_string()))?;
-        let tensor = |name: &str, shape: Vec<usize>| -> Result<Vec<f32>, OffloadError> {
-            let t = st.tensor(name).map_err(|x| err(format!("tensor {name}: {x}")))?;
-            if t.dtype() != Dtype::F32 || t.shape() != shape.as_slice() {
-                return Err(err(format!("tensor {name} must be f32 {shape:?}, found {:?} {:?}", t.dtype(), t.shape())));
-            }
-            Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-        };
+        let f = super::file::PredictorFile::read(path, PREDICTOR_FORMAT, PREDICTOR_VERSION)?;
+        let (l, e, v) = (f.num("layers")?, f.num("experts")?, f.num("vocab")?);
         Ok(Self {
-            model: get("model")?,
+            model: f.get("model")?,
             layers: l,
             experts: e,
-            top_k: num("top_k")?,
+            top_k: f.num("top_k")?,
             vocab: v,
-            token_weight: real("token_weight")?,
-            path_weight: real("path_weight")?,
-            prior: tensor("prior", vec![l, e])?,
-            token: tensor("token", vec![l, v, e])?,
-            present: tensor("path_present", vec![l, l, e, e])?,
-            absent: tensor("path_absent", vec![l, l, e, e])?,
+            token_weight: f.real("token_weight")?,
+            path_weight: f.real("path_weight")?,
+            prior: f.tensor("prior", &[l, e])?,
+            token: f.tensor("token", &[l, v, e])?,
+            present: f.tensor("path_present", &[l, l, e, e])?,
+            absent: f.tensor("path_absent", &[l, l, e, e])?,
         })
     }
 }

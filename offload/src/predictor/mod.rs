@@ -7,6 +7,7 @@
 //! the predictor has nothing to say about a token.
 
 mod combined;
+mod file;
 mod hidden;
 mod learned;
 mod lookahead;
