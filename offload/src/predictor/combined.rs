@@ -5,7 +5,7 @@
 //! scored against the layer's routing, whether they were used or not, so
 //! the choice follows the text being served.
 
-use super::{Forecast, PathPredictor, Shape, NO_EXPERT};
+use super::{Forecast, PathPredictor, Shape};
 use moe_model::StepToken;
 use moe_types::{ExpertId, MoeLayerId, SeqId};
 
@@ -102,15 +102,9 @@ impl PathPredictor for Combined {
         for member in self.scores.iter_mut() {
             let Some(s) = member.get_mut(j) else { continue };
             let Some(f) = s.latest.take() else { continue };
-            if f.len() != ids.len() {
-                continue;
-            }
-            for (pred, actual) in f.chunks(k).zip(ids.chunks(k)) {
-                for p in pred.iter().filter(|&&p| p != NO_EXPERT) {
-                    s.predicted += 1;
-                    s.right += u64::from(actual.contains(p));
-                }
-            }
+            let (predicted, right) = super::score(&f, ids, k);
+            s.predicted += predicted;
+            s.right += right;
         }
         self.each(out, |p, buf| p.observe(layer, ids, buf));
     }

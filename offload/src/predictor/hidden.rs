@@ -96,13 +96,6 @@ impl HiddenProbes {
         Ok(())
     }
 
-    /// Scores of MoE layer `m + d`'s experts for one token's probe input
-    /// `x` at MoE layer `m` ([`features`], `width(m)` values), into `out`
-    /// (`experts` values).
-    pub fn scores(&self, m: usize, d: usize, x: &[f32], out: &mut [f32]) {
-        dot_rows(&self.probes[self.at(m, d)], x, out);
-    }
-
     /// Writes the probes as a safetensors file.
     pub fn save(&self, path: &Path) -> Result<(), OffloadError> {
         let mut tensors = Vec::new();

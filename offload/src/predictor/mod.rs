@@ -229,6 +229,23 @@ impl std::str::FromStr for PredictorChoice {
 
 moe_types::setting_from_str!(named PredictorChoice);
 
+/// How a forecast (`tokens * k` ids, [`NO_EXPERT`] for none) did against a
+/// layer's routing: (experts predicted, of them used); (0, 0) if the two
+/// cover different token counts.
+pub(crate) fn score(forecast: &[ExpertId], actual: &[ExpertId], k: usize) -> (u64, u64) {
+    if forecast.len() != actual.len() || k == 0 {
+        return (0, 0);
+    }
+    let (mut predicted, mut right) = (0, 0);
+    for (pred, used) in forecast.chunks_exact(k).zip(actual.chunks_exact(k)) {
+        for p in pred.iter().filter(|&&p| p != NO_EXPERT) {
+            predicted += 1;
+            right += u64::from(used.contains(p));
+        }
+    }
+    (predicted, right)
+}
+
 /// Layers `from..from + depth` below `layers`.
 pub(crate) fn window(from: usize, depth: usize, layers: usize) -> std::ops::Range<usize> {
     from.min(layers)..(from + depth).min(layers)

@@ -3,7 +3,7 @@
 //! demand and queued prefetches, and read back by the predictive policy.
 
 use super::core::ResidencyCore;
-use crate::predictor::NO_EXPERT;
+use crate::predictor::{score, NO_EXPERT};
 use moe_types::LayerRouting;
 
 impl ResidencyCore {
@@ -58,27 +58,16 @@ impl ResidencyCore {
         let k = self.top_k;
         for s in self.by_distance[layer].iter_mut() {
             let Some(f) = s.latest.take() else { continue };
-            if f.len() != routing.ids.len() {
-                continue;
-            }
-            for (pred, actual) in f.chunks_exact(k).zip(routing.ids.chunks_exact(k)) {
-                for p in pred.iter().filter(|&&p| p != NO_EXPERT) {
-                    s.predicted += 1;
-                    s.right += u64::from(actual.contains(p));
-                }
-            }
+            let (predicted, right) = score(&f, &routing.ids, k);
+            s.predicted += predicted;
+            s.right += right;
         }
         let s = &mut self.stats[layer];
         s.actual += routing.ids.len() as u64;
         if let Some(f) = self.forecasts[layer].take() {
-            if f.len() == routing.ids.len() {
-                for (pred, actual) in f.chunks_exact(k).zip(routing.ids.chunks_exact(k)) {
-                    for p in pred.iter().filter(|&&p| p != NO_EXPERT) {
-                        s.predicted += 1;
-                        s.predicted_right += u64::from(actual.contains(p));
-                    }
-                }
-            }
+            let (predicted, right) = score(&f, &routing.ids, k);
+            s.predicted += predicted;
+            s.predicted_right += right;
         }
     }
 
