@@ -58,6 +58,12 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     GptOssConfig,
     GptOssForCausalLM,
     MixtralConfig,
@@ -100,7 +106,58 @@ GPT_OSS = dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32, h
                                 "rope_theta": 150000.0},
                rms_norm_eps=1e-5)
 
+# DeepSeek, tiny: latent attention (kv_lora_rank 32, 4 heads of 16 + 8 rotary query/key
+# dims, values 16), 8 routed experts top-2 plus shared experts, layer 0 dense; every head
+# expands its own keys, so num_key_value_heads equals the head count
+DEEPSEEK = dict(num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, moe_intermediate_size=32,
+                intermediate_size=64, first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16,
+                qk_rope_head_dim=8, v_head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=16384)
+
 FIXTURES = {
+    # DeepSeek-V2-Lite's form: no query low rank, greedy softmax routing, two shared
+    # experts, routed weights scaled; YaRN with equal mscale terms (cos/sin unscaled,
+    # the softmax scale corrected by mscale(4, 0.707)^2)
+    "deepseek_v2": (
+        DeepseekV2ForCausalLM, DeepseekV2Config,
+        dict(DEEPSEEK, q_lora_rank=None, topk_method="greedy", n_shared_experts=2, routed_scaling_factor=1.5,
+             rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+                              "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+                              "rope_theta": 10000.0}),
+        dict(save_dtype=torch.float32),
+    ),
+    # DeepSeek-V2's form: a low-rank query with its norm, group-limited greedy routing
+    # (2 groups of 4, the one with the best expert kept: the choice differs from plain top-k)
+    "deepseek_v2_grouped": (
+        DeepseekV2ForCausalLM, DeepseekV2Config,
+        dict(DEEPSEEK, q_lora_rank=24, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+             n_shared_experts=1, routed_scaling_factor=1.0, rope_theta=10000.0),
+        dict(save_dtype=torch.float32, group_choice=True),
+    ),
+    # DeepSeek-V3's form: sigmoid scores with a random non-zero correction bias (selection
+    # only), 4 groups of 2 ranked by their top-2 sum with 2 kept, renormalised and scaled
+    # weights, interleaved RoPE, a low-rank query; YaRN with unequal mscale terms (cos/sin
+    # and the softmax scale both corrected); an MTP layer's tensors in the checkpoint
+    # beyond num_hidden_layers, which a loader must ignore
+    "deepseek_v3": (
+        DeepseekV3ForCausalLM, DeepseekV3Config,
+        dict(DEEPSEEK, q_lora_rank=24, n_group=4, topk_group=2, n_shared_experts=1, norm_topk_prob=True,
+             routed_scaling_factor=2.5, rope_interleave=True, num_nextn_predict_layers=1,
+             rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+                              "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1,
+                              "rope_theta": 10000.0}),
+        dict(save_dtype=torch.float32, group_choice=True, correction_bias=True, mtp_layer=True),
+    ),
+    # GLM-4.5's form: GQA with half the head rotated (partial_rotary_factor 0.5), per-head
+    # q/k norm, q/k/v biases (none on o), layer 0 dense, DeepSeek-V3's router (2 groups of
+    # 4, one kept) with a correction bias, one shared expert
+    "glm4_moe": (
+        Glm4MoeForCausalLM, Glm4MoeConfig,
+        dict(num_hidden_layers=3, head_dim=16, n_routed_experts=8, moe_intermediate_size=32,
+             intermediate_size=64, first_k_dense_replace=1, n_shared_experts=1, n_group=2, topk_group=1,
+             norm_topk_prob=True, routed_scaling_factor=1.8, use_qk_norm=True, attention_bias=True,
+             partial_rotary_factor=0.5, rope_theta=10000.0, rms_norm_eps=1e-5),
+        dict(save_dtype=torch.float32, group_choice=True, correction_bias=True),
+    ),
     "mixtral": (
         MixtralForCausalLM, MixtralConfig,
         dict(num_hidden_layers=2, num_local_experts=4, intermediate_size=32,
@@ -191,8 +248,66 @@ def versions():
 
 
 def is_router(module) -> bool:
-    """The top-k router modules of transformers' MoE blocks (…TopKRouter classes)."""
-    return type(module).__name__.endswith("TopKRouter")
+    """The top-k router modules of transformers' MoE blocks (…TopKRouter classes, and
+    DeepSeek's and GLM's …TopkRouter)."""
+    return type(module).__name__.lower().endswith("topkrouter")
+
+
+def selection_scores(module, logits):
+    """The scores a router ranks experts by: the log of the softmax (DeepSeek-V2: the
+    softmax's order, with gaps in logit units), or the sigmoid plus the correction bias
+    (DeepSeek-V3, GLM)."""
+    bias = getattr(module, "e_score_correction_bias", None)
+    if bias is not None:
+        return logits.float().sigmoid() + bias.float()
+    return logits.float().log_softmax(-1)
+
+
+def gap_unit(module):
+    """Sigmoid scores move at most 1/4 as fast as logits: their gaps count 4x."""
+    return 4.0 if getattr(module, "e_score_correction_bias", None) is not None else 1.0
+
+
+def group_limited(module, logits):
+    """(kept-group mask per expert, group scores) of a grouped router, else None."""
+    groups = getattr(module, "num_group", None)
+    if groups is None or getattr(module, "topk_method", "grouped") == "greedy":
+        return None
+    scores = selection_scores(module, logits)
+    n, e = scores.shape
+    view = scores.view(n, groups, e // groups)
+    if getattr(module, "e_score_correction_bias", None) is not None:
+        group_scores = view.topk(2, dim=-1)[0].sum(-1)
+    else:
+        group_scores = view.max(-1).values
+    return group_scores
+
+
+def selection_gap(module, logits, k):
+    """The smallest margin of a router's decisions: between the k-th and (k+1)-th
+    ranked experts (among the kept groups) and, for grouped routers, between the last
+    kept group and the first dropped one."""
+    scores = selection_scores(module, logits)
+    group_scores = group_limited(module, logits)
+    if group_scores is None:
+        return gap_unit(module) * float(top2_gap(scores, k).min())
+    keep = module.topk_group
+    group_gap = float(top2_gap(group_scores, keep).min())
+    n, e = scores.shape
+    groups = group_scores.shape[1]
+    kept = torch.zeros_like(group_scores, dtype=torch.bool)
+    kept.scatter_(1, torch.topk(group_scores, keep, dim=-1)[1], True)
+    mask = kept.unsqueeze(-1).expand(n, groups, e // groups).reshape(n, e)
+    masked = scores.masked_fill(~mask, float("-inf"))
+    v = torch.topk(masked, k + 1, dim=-1).values
+    expert_gap = torch.where(torch.isinf(v[..., k]), torch.full_like(v[..., 0], float("inf")), v[..., k - 1] - v[..., k])
+    return gap_unit(module) * min(group_gap, float(expert_gap.min()))
+
+
+def group_changes_choice(module, logits, ids, k):
+    """Rows whose grouped choice differs from plain top-k of the selection scores."""
+    plain = torch.topk(selection_scores(module, logits), k, dim=-1)[1].sort(-1).values
+    return int((plain != ids.sort(-1).values).any(-1).sum())
 
 
 @torch.no_grad()
@@ -296,6 +411,26 @@ def write_mxfp4_checkpoint(out_dir, packed):
         f.write("\n")
 
 
+def add_mtp_layer(out_dir, cfg, gen):
+    """Adds tensors of a multi-token-prediction layer, as DeepSeek-V3's releases hold
+    one at index num_hidden_layers (transformers builds no module for it)."""
+    from safetensors.torch import load_file as load_st
+
+    path = os.path.join(out_dir, "model.safetensors")
+    state = load_st(path)
+    h, l = cfg.hidden_size, cfg.num_hidden_layers
+    extra = {
+        f"model.layers.{l}.eh_proj.weight": torch.randn(h, 2 * h, generator=gen),
+        f"model.layers.{l}.enorm.weight": torch.randn(h, generator=gen),
+        f"model.layers.{l}.hnorm.weight": torch.randn(h, generator=gen),
+        f"model.layers.{l}.input_layernorm.weight": torch.randn(h, generator=gen),
+        f"model.layers.{l}.mlp.gate.weight": torch.randn(cfg.n_routed_experts, h, generator=gen),
+        f"model.layers.{l}.shared_head.norm.weight": torch.randn(h, generator=gen),
+    }
+    state.update(extra)
+    save_file(state, path, metadata={"format": "pt"})
+
+
 # -------------------------------------------------------------------- references
 
 
@@ -313,8 +448,14 @@ class RouterRecorder:
     def _hook(self, layer):
         def fn(module, inputs, output):
             logits, weights, ids = output  # all routers return (logits, scores, indices)
-            self.records[layer] = (logits.detach().float().clone(),
-                                   weights.detach().float().clone(), ids.detach().clone())
+            logits, weights, ids = logits.detach().float(), weights.detach().float(), ids.detach()
+            if type(module).__name__.endswith("TopkRouter"):
+                # DeepSeek's and GLM's routers take an unsorted top-k: order each row's
+                # experts best first by the score selection ranks them by (ties: lower id)
+                rank = selection_scores(module, logits).gather(1, ids)
+                order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
+                ids, weights = ids.gather(1, order), weights.gather(1, order)
+            self.records[layer] = (logits.clone(), weights.clone(), ids.clone(), module)
         return fn
 
     def clear(self):
@@ -358,6 +499,11 @@ def build_fixture(name, spec, seed, out_dir, args):
     cfg = cfg_cls(**{**COMMON, **cfg_kwargs})
     model = model_cls(cfg).float().eval()
     randomize_small_params(model, args.router_std, gen)
+    if opts.get("correction_bias"):
+        with torch.no_grad():
+            for bname, buf in model.named_buffers():
+                if bname.endswith("e_score_correction_bias"):
+                    buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
     input_ids = torch.randint(3, VOCAB, (SEQ_LEN,), generator=gen, dtype=torch.int64)
     packed = quantize_experts_mxfp4(model) if opts.get("mxfp4") else None
 
@@ -372,18 +518,29 @@ def build_fixture(name, spec, seed, out_dir, args):
     # Reference = the checkpoint as reloaded from disk, in float32, eager everything.
     ref = model_cls.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager",
                                     experts_implementation="eager").eval()
-    # Sanity: reloaded weights equal what we saved (upcast for bf16).
+    # Sanity: reloaded weights (and buffers such as the correction bias) equal what we
+    # saved (upcast for bf16).
     orig = {k: v.float() for k, v in save_model.state_dict().items()}
     for k, v in ref.state_dict().items():
         assert torch.equal(v, orig[k]), f"{name}: reloaded {k} differs"
+    for k, v in save_model.named_buffers():
+        if k.endswith("e_score_correction_bias"):
+            assert torch.equal(dict(ref.named_buffers())[k], v.float()), f"{name}: reloaded {k} differs"
+            assert v.abs().max() > 0, f"{name}: {k} is zero"
 
     logits, routers, greedy, step_logits, final_routers = compute_reference(ref, input_ids)
     k = cfg.num_experts_per_tok
 
-    # --- near-tie checks
-    min_router_gap = min(float(top2_gap(r[0], k).min()) for r in final_routers.values())
+    # --- near-tie checks (on the scores each router selects by, groups included)
+    min_router_gap = min(selection_gap(r[3], r[0], k) for r in final_routers.values())
     min_router_gap = min(min_router_gap,
-                         min(float(top2_gap(r[0], k).min()) for r in routers.values()))
+                         min(selection_gap(r[3], r[0], k) for r in routers.values()))
+    if opts.get("group_choice"):
+        changed = sum(group_changes_choice(r[3], r[0], r[2], k) for r in final_routers.values())
+        if changed == 0:
+            stats = dict(min_router_gap=0.0, min_logit_gap=0.0, max_abs_logit=0.0)
+            return None, stats  # the groups never mattered: try another seed
+        print(f"   {name}: group limits change the choice of {changed} (token, layer) pairs")
     min_logit_gap = min(float(top2_gap(logits, 1).min()),
                         min(float(top2_gap(s, 1)) for s in step_logits))
     ok = min_router_gap >= args.router_gap and min_logit_gap >= args.logit_gap
@@ -394,8 +551,10 @@ def build_fixture(name, spec, seed, out_dir, args):
 
     if packed is not None:
         write_mxfp4_checkpoint(out_dir, packed)
+    if opts.get("mtp_layer"):
+        add_mtp_layer(out_dir, cfg, gen)
     tensors = {"input_ids": input_ids, "logits": logits.contiguous(), "greedy_ids": greedy}
-    for layer, (rl, w, ids) in sorted(routers.items()):
+    for layer, (rl, w, ids, _) in sorted(routers.items()):
         tensors[f"router_logits.{layer}"] = rl.contiguous()
         tensors[f"topk_ids.{layer}"] = ids.to(torch.int64).contiguous()
         tensors[f"topk_weights.{layer}"] = w.contiguous()
@@ -404,7 +563,7 @@ def build_fixture(name, spec, seed, out_dir, args):
     # last full forward's rows T..T+14: causal, so equal to each step's own)
     t = input_ids.shape[0]
     tensors["decode_logits"] = torch.stack(step_logits[1:]).contiguous()
-    for layer, (_, w, ids) in sorted(final_routers.items()):
+    for layer, (_, w, ids, _) in sorted(final_routers.items()):
         tensors[f"decode_topk_ids.{layer}"] = ids[t:].to(torch.int64).contiguous()
         tensors[f"decode_topk_weights.{layer}"] = w[t:].contiguous()
     meta = {"seed": str(seed), "fixture": name, "architecture": model_cls.__name__,

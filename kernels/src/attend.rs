@@ -14,39 +14,45 @@ pub struct KvRows<'a> {
     pub values: &'a [f32],
     /// Offsets of the visible positions' rows, in position order.
     pub rows: &'a [usize],
-    /// Values per head.
+    /// Key values per head (the query's too).
     pub head_dim: usize,
+    /// Values per head of the value rows (at most `head_dim`; latent
+    /// attention reads the first `value_dim` values of its key rows).
+    pub value_dim: usize,
 }
 
 /// One KV head's share of a token's attention: each of the query heads in
 /// `q` (`group * d` values, `d = kv.head_dim`) attends over `kv`'s rows,
 /// scores scaled by `scale` and softmax-weighted; head `h` writes
-/// `out[h * d..(h + 1) * d]`. With `sinks` (one logit per head of `q`), head
+/// `out[h * dv..(h + 1) * dv]` (`dv = kv.value_dim`). With `sinks` (one logit per head of `q`), head
 /// `h`'s sink logit joins its softmax's denominator and is then dropped
 /// (gpt-oss), so the weights sum to less than one. `scores` is scratch.
 ///
 /// # Panics
-/// If `q` is not whole heads of `d`, an offset in `kv.rows` leaves fewer
-/// than `d` values in the keys or values, `out` is shorter than `q`, or
+/// If `q` is not whole heads of `d`, `dv` is 0 or above `d`, an offset in
+/// `kv.rows` leaves fewer than `d` keys or `dv` values, `out` is shorter
+/// than `group * dv`, or
 /// `sinks` does not hold one value per head.
 pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, sinks: Option<&[f32]>, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let KvRows { keys: k, values: v, rows, head_dim: d } = kv;
+    let KvRows { keys: k, values: v, rows, head_dim: d, value_dim: dv } = kv;
     assert!(d > 0 && q.len().is_multiple_of(d), "attention query of {} values is not whole heads of {d}", q.len());
-    assert!(out.len() >= q.len(), "attention output holds {} values, needs {}", out.len(), q.len());
+    assert!(dv > 0 && dv <= d, "attention value width {dv} is not in 1..={d}");
+    let (n, group) = (rows.len(), q.len() / d);
+    assert!(out.len() >= group * dv, "attention output holds {} values, needs {}", out.len(), group * dv);
     if let Some(s) = sinks {
-        assert_eq!(s.len(), q.len() / d, "one attention sink per query head");
+        assert_eq!(s.len(), group, "one attention sink per query head");
     }
     if let Some(&r) = rows.iter().max() {
-        assert!(r + d <= k.len() && r + d <= v.len(), "attention row offset {r} out of range");
+        assert!(r + d <= k.len() && r + dv <= v.len(), "attention row offset {r} out of range");
     }
-    let (n, group) = (rows.len(), q.len() / d);
-    let out = &mut out[..q.len()];
+    let out = &mut out[..group * dv];
     #[cfg(target_arch = "x86_64")]
     {
-        if d.is_multiple_of(8) && crate::simd::has_avx2_fma() {
+        if d.is_multiple_of(8) && dv.is_multiple_of(8) && crate::simd::has_avx2_fma() {
             // SAFETY: AVX2+FMA checked at run time; every row offset plus d is
-            // within k and v (asserted above), d is a multiple of 8, and each
-            // call gets whole heads of q and out with scores sized to match.
+            // within k and plus dv within v (asserted above), d and dv are
+            // multiples of 8, and each call gets whole heads of q and out with
+            // scores sized to match.
             unsafe {
                 match group {
                     2 => avx2::attend_group::<2>(q, k, v, rows, scale, sinks, scores, out),
@@ -54,7 +60,7 @@ pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, sinks: Option<&[f32]>, scor
                     8 => avx2::attend_group::<8>(q, k, v, rows, scale, sinks, scores, out),
                     // one head at a time (no group sharing for other sizes)
                     _ => {
-                        for (h, (qh, oh)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+                        for (h, (qh, oh)) in q.chunks_exact(d).zip(out.chunks_exact_mut(dv)).enumerate() {
                             let sink = sinks.map(|s| &s[h..h + 1]);
                             avx2::attend_group::<1>(qh, k, v, rows, scale, sink, scores, oh);
                         }
@@ -65,14 +71,14 @@ pub fn attend(q: &[f32], kv: KvRows<'_>, scale: f32, sinks: Option<&[f32]>, scor
         }
     }
     scores.resize(n, 0.0);
-    for (h, (qh, o)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+    for (h, (qh, o)) in q.chunks_exact(d).zip(out.chunks_exact_mut(dv)).enumerate() {
         for (s, &r) in scores.iter_mut().zip(rows) {
             *s = crate::simd::dot_f32(qh, &k[r..r + d]) * scale;
         }
         softmax(scores, sinks.map(|s| s[h]));
         o.fill(0.0);
         for (&p, &r) in scores.iter().zip(rows) {
-            crate::ops::axpy(o, p, &v[r..r + d]);
+            crate::ops::axpy(o, p, &v[r..r + dv]);
         }
     }
 }
@@ -93,8 +99,8 @@ mod avx2 {
     /// softmax per head, weighted values.
     ///
     /// # Safety
-    /// Requires AVX2+FMA, `d = q.len() / G` a multiple of 8, `o.len() ==
-    /// q.len()`, and every `rows[j] + d` within `k` and `v`.
+    /// Requires AVX2+FMA, `d = q.len() / G` and `dv = o.len() / G` multiples
+    /// of 8, every `rows[j] + d` within `k` and `rows[j] + dv` within `v`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend_group<const G: usize>(
@@ -230,9 +236,17 @@ mod tests {
     #[test]
     fn grouped_heads_match_naive_attention() {
         for group in [2usize, 4, 8, 3] {
-            check_group(group, &[8, 32, 40, 64, 7], false);
-            check_group(group, &[8, 32, 40, 64, 7], true);
+            check_group(group, &[8, 32, 40, 64, 7], false, false);
+            check_group(group, &[8, 32, 40, 64, 7], true, false);
         }
+    }
+
+    #[test]
+    fn values_narrower_than_keys_read_a_prefix() {
+        for group in [1usize, 2, 8, 3] {
+            check_group(group, &[16, 40, 72, 7], false, true);
+        }
+        crate::simd::portable(|| check_group(2, &[16, 40, 7], false, true));
     }
 
     #[test]
@@ -243,15 +257,21 @@ mod tests {
 
     fn check_against_naive() {
         for sinks in [false, true] {
-            check_group(2, &[8, 32, 40, 64, 7], sinks);
-            check_group(1, &[8, 32, 40, 64, 7], sinks);
+            check_group(2, &[8, 32, 40, 64, 7], sinks, false);
+            check_group(1, &[8, 32, 40, 64, 7], sinks, false);
         }
     }
 
     /// Against an f64 softmax; with `sinks`, a sink logit per head (one of
-    /// them far above the scores, so most of the weight goes to it).
-    fn check_group(group: usize, dims: &[usize], sinks: bool) {
+    /// them far above the scores, so most of the weight goes to it); with
+    /// `narrow`, values 8 narrower than keys (4 below 16).
+    fn check_group(group: usize, dims: &[usize], sinks: bool, narrow: bool) {
         for &d in dims {
+            let dv = match (narrow, d >= 16) {
+                (false, _) => d,
+                (true, true) => d - 8,
+                (true, false) => d - 4,
+            };
             let rows_n = 13;
             let k: Vec<f32> = (0..rows_n * d * 2).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.05).collect();
             let v: Vec<f32> = (0..rows_n * d * 2).map(|i| ((i * 53 % 29) as f32 - 14.0) * 0.07).collect();
@@ -259,8 +279,8 @@ mod tests {
             // every other row of a 2-row-wide cache, at an offset
             let rows: Vec<usize> = (0..rows_n).map(|j| (2 * j) * d).collect();
             let scale = 1.0 / (d as f32).sqrt();
-            let mut out = vec![0.0; group * d];
-            let kv = KvRows { keys: &k, values: &v, rows: &rows, head_dim: d };
+            let mut out = vec![0.0; group * dv];
+            let kv = KvRows { keys: &k, values: &v, rows: &rows, head_dim: d, value_dim: dv };
             let sink: Vec<f32> = (0..group).map(|h| if h == 0 { 6.0 } else { 0.3 * h as f32 - 0.5 }).collect();
             attend(&q, kv, scale, sinks.then_some(&sink[..]), &mut Vec::new(), &mut out);
             for h in 0..group {
@@ -273,9 +293,9 @@ mod tests {
                 let m = s.iter().cloned().chain(sink_h).fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum::<f64>() + sink_h.map_or(0.0, |x| (x - m).exp());
-                for i in 0..d {
+                for i in 0..dv {
                     let want: f64 = e.iter().zip(&rows).map(|(p, &r)| p / z * v[r + i] as f64).sum();
-                    let got = out[h * d + i] as f64;
+                    let got = out[h * dv + i] as f64;
                     assert!((got - want).abs() < 1e-5, "d={d} h={h} i={i} sinks={sinks}: {got} vs {want}");
                 }
             }

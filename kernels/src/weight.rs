@@ -145,6 +145,24 @@ impl Weight {
         Ok(Self { rows: self.rows, cols: self.cols, data })
     }
 
+    /// Rows `range` as a matrix of their own, in the same storage.
+    pub fn row_range(&self, range: std::ops::Range<usize>) -> Result<Self, crate::KernelError> {
+        if range.start > range.end || range.end > self.rows {
+            return Err(crate::KernelError::Shape { what: "row range end", expected: self.rows, got: range.end });
+        }
+        let (c, n) = (self.cols, range.len());
+        let data = match &self.data {
+            WeightData::F32(v) => WeightData::F32(v[range.start * c..range.end * c].to_vec()),
+            WeightData::Bf16(v) => WeightData::Bf16(v[range.start * c..range.end * c].to_vec()),
+            WeightData::Quant(q) => {
+                let rb = q.bytes.len() / self.rows.max(1);
+                let bytes = q.bytes[range.start * rb..range.end * rb].to_vec();
+                WeightData::Quant(QuantData { format: q.format, bytes, f32_acts: q.f32_acts })
+            }
+        };
+        Ok(Self { rows: n, cols: c, data })
+    }
+
     /// The quantized format, if the matrix is quantized.
     pub fn quant_format(&self) -> Option<QuantFormat> {
         match &self.data {

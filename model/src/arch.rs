@@ -21,7 +21,7 @@ impl LayerNames {
     fn moe_prefix(&self) -> &'static str {
         match self.arch {
             Arch::Mixtral => "block_sparse_moe",
-            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe | Arch::GptOss => "mlp",
+            _ => "mlp",
         }
     }
 
@@ -36,6 +36,19 @@ impl LayerNames {
     /// The router's bias `[experts]` (gpt-oss).
     pub(crate) fn router_bias(&self) -> String {
         self.get("mlp.router.bias")
+    }
+
+    /// The router's selection-only correction bias `[experts]` (DeepSeek-V3, GLM).
+    pub(crate) fn correction_bias(&self) -> String {
+        self.get("mlp.gate.e_score_correction_bias")
+    }
+
+    /// The shared expert's sub-module (`mlp.{shared}`).
+    pub(crate) fn shared_expert(&self) -> &'static str {
+        match self.arch {
+            Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => "shared_experts",
+            _ => "shared_expert",
+        }
     }
 
     /// An expert's `[gate, up, down]` matrices.

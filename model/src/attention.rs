@@ -2,7 +2,7 @@
 
 use crate::forward::{SeqChunk, Workspace};
 use crate::kv_cache::KvCache;
-use crate::weights::Model;
+use crate::weights::{Attention, Model};
 use crate::Result;
 use moe_kernels::{matmul_nt, ops};
 use rayon::prelude::*;
@@ -26,15 +26,18 @@ impl Model {
         kv: &mut KvCache,
         ws: &mut Workspace,
     ) -> Result<()> {
+        let w = match &self.layers[l].attn {
+            Attention::Standard(w) => w,
+            Attention::Latent(w) => return self.latent_attention(l, w, chunks, kv, ws),
+        };
         let a = &self.cfg.attention;
-        let w = &self.layers[l].attn;
         let (d, nh, nkv) = (a.head_dim, a.num_heads, a.num_kv_heads);
         let (qw, kvw) = (nh * d, nkv * d);
         let row = qw + 2 * kvw;
         let t = ws.tok.len();
         ws.qkv.resize(t * row, 0.0);
         matmul_nt(&ws.xn, t, &w.qkv, &mut ws.qkv)?;
-        let half = d / 2;
+        let half = self.rope.half();
         for (i, r) in ws.qkv.chunks_exact_mut(row).enumerate() {
             if let Some(b) = &w.qkv_bias {
                 ops::add_inplace(r, b);
@@ -52,8 +55,8 @@ impl Model {
                 }
             }
             let (cos, sin) = (&ws.cos[i * half..(i + 1) * half], &ws.sin[i * half..(i + 1) * half]);
-            ops::rope_rotate_half(q, cos, sin);
-            ops::rope_rotate_half(k, cos, sin);
+            self.rope.apply(q, d, 0, cos, sin);
+            self.rope.apply(k, d, 0, cos, sin);
             let (c, pos) = ws.tok[i];
             let slot = kv.row(chunks[c].blocks, pos);
             kv.write(l, slot, k, v);
@@ -61,7 +64,7 @@ impl Model {
 
         // scores and weighted values, one task per token
         let (kc, vc) = kv.layer(l);
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = a.softmax_scale;
         let group = nh / nkv;
         let window = a.window(l);
         let sinks = w.sinks.as_deref();
@@ -80,7 +83,7 @@ impl Model {
                 // the query heads sharing each KV head, over its keys and values
                 for g in 0..nkv {
                     let hs = g * group * d..(g + 1) * group * d;
-                    let kv = ops::KvRows { keys: &kc[g * d..], values: &vc[g * d..], rows, head_dim: d };
+                    let kv = ops::KvRows { keys: &kc[g * d..], values: &vc[g * d..], rows, head_dim: d, value_dim: d };
                     let sink = sinks.map(|s| &s[g * group..(g + 1) * group]);
                     ops::attend(&q_all[hs.clone()], kv, scale, sink, scores, &mut out[hs]);
                 }

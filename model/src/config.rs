@@ -22,6 +22,16 @@ pub enum Arch {
     /// top-k logits are softmaxed; experts with biases, gate and up
     /// interleaved in one tensor, and a clamped SwiGLU.
     GptOss,
+    /// `deepseek_v2`: multi-head latent attention, softmax routing (greedy or
+    /// group-limited), scaled routing weights, ungated shared experts, dense
+    /// first layers, interleaved RoPE.
+    DeepseekV2,
+    /// `deepseek_v3` (also `kimi_k2`): as `deepseek_v2` with sigmoid scores,
+    /// a selection-only correction bias and grouped top-k.
+    DeepseekV3,
+    /// `glm4_moe`: grouped-query attention with partial RoPE, optional
+    /// per-head q/k norm and qkv bias; DeepSeek-V3's router and shared experts.
+    Glm4Moe,
 }
 
 impl Arch {
@@ -32,6 +42,9 @@ impl Arch {
             "qwen3_moe" => Ok(Arch::Qwen3Moe),
             "olmoe" => Ok(Arch::Olmoe),
             "gpt_oss" => Ok(Arch::GptOss),
+            "deepseek_v2" => Ok(Arch::DeepseekV2),
+            "deepseek_v3" | "kimi_k2" => Ok(Arch::DeepseekV3),
+            "glm4_moe" => Ok(Arch::Glm4Moe),
             other => Err(ModelError::UnsupportedArch(other.to_string())),
         }
     }
@@ -44,7 +57,15 @@ impl Arch {
             Arch::Qwen3Moe => "qwen3_moe",
             Arch::Olmoe => "olmoe",
             Arch::GptOss => "gpt_oss",
+            Arch::DeepseekV2 => "deepseek_v2",
+            Arch::DeepseekV3 => "deepseek_v3",
+            Arch::Glm4Moe => "glm4_moe",
         }
+    }
+
+    /// DeepSeek's family: latent attention, shared experts, dense first layers.
+    pub fn is_deepseek(self) -> bool {
+        matches!(self, Arch::DeepseekV2 | Arch::DeepseekV3)
     }
 }
 
@@ -92,15 +113,46 @@ pub struct Yarn {
     pub truncate: bool,
 }
 
+/// Multi-head latent attention (DeepSeek-V2/V3): keys and values are
+/// up-projections of one compressed latent per token, which is all the KV
+/// cache holds, with a small RoPE key shared by every head beside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlaConfig {
+    /// Rank of the query's low-rank projection (`None`: one full projection,
+    /// as in DeepSeek-V2-Lite).
+    pub q_lora_rank: Option<usize>,
+    /// Width of the cached latent.
+    pub kv_lora_rank: usize,
+    /// Per head: key/query width without position.
+    pub qk_nope_head_dim: usize,
+    /// Key/query width rotated by RoPE (one key part shared by all heads).
+    pub qk_rope_head_dim: usize,
+    /// Per head: value width.
+    pub v_head_dim: usize,
+}
+
 /// Attention shape and options.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionConfig {
     /// Query heads.
     pub num_heads: usize,
-    /// Key/value heads (grouped-query attention when fewer than `num_heads`).
+    /// Key/value heads (grouped-query attention when fewer than `num_heads`;
+    /// with latent attention, `num_heads`).
     pub num_kv_heads: usize,
-    /// Width of one head.
+    /// Width of one head's queries and keys (with latent attention
+    /// `qk_nope_head_dim + qk_rope_head_dim`).
     pub head_dim: usize,
+    /// Dimensions of each head RoPE rotates (`head_dim`, less with GLM's
+    /// partial rotary factor, `qk_rope_head_dim` with latent attention).
+    pub rotary_dim: usize,
+    /// RoPE rotates interleaved pairs `(x0, x1), (x2, x3), ...` (DeepSeek)
+    /// rather than the two halves.
+    pub rope_interleaved: bool,
+    /// Multiplies the scores before the softmax (`head_dim^-1/2`, times
+    /// YaRN's `mscale_all_dim` correction squared for DeepSeek).
+    pub softmax_scale: f32,
+    /// Latent attention's shape (DeepSeek).
+    pub mla: Option<MlaConfig>,
     /// Bias on the q, k and v projections.
     pub qkv_bias: bool,
     /// Bias on the output projection.
@@ -152,8 +204,12 @@ pub struct MoeConfig {
     pub expert_ffn: usize,
     /// Renormalise the top-k softmax weights to sum to one.
     pub norm_topk_prob: bool,
-    /// Width of an always-on shared expert, gated by a sigmoid (Qwen2-MoE).
+    /// Width of the always-on shared expert(s) (Qwen2-MoE, DeepSeek, GLM).
     pub shared_expert_ffn: Option<usize>,
+    /// The shared expert's output is scaled by a sigmoid gate (Qwen2-MoE).
+    pub shared_expert_gated: bool,
+    /// Multiplies the chosen experts' weights (DeepSeek, GLM).
+    pub routed_scaling_factor: f32,
     /// How router logits become expert weights.
     pub routing: Routing,
     /// The router has a bias (gpt-oss).
@@ -172,6 +228,35 @@ pub enum Routing {
     SoftmaxTopK,
     /// Keep the top k logits, softmax over them (gpt-oss).
     TopKSoftmax,
+    /// DeepSeek-V2's `group_limited_greedy`: softmax over all experts; the
+    /// `topk_groups` groups (of `groups` equal, consecutive ones) with the
+    /// highest best expert stay, the others' scores become 0; top k of the
+    /// rest. Weights are the softmax values (never renormalised).
+    SoftmaxGroupLimited {
+        /// Expert groups.
+        groups: usize,
+        /// Groups kept.
+        topk_groups: usize,
+    },
+    /// DeepSeek-V3 / GLM-4.5: sigmoid scores; for selection only, a
+    /// per-expert correction bias is added; groups are ranked by the sum of
+    /// their two best biased scores and the `topk_groups` best kept; top k of
+    /// their experts. Weights are the unbiased sigmoid values (renormalised
+    /// when `norm_topk_prob`).
+    SigmoidGrouped {
+        /// Expert groups.
+        groups: usize,
+        /// Groups kept.
+        topk_groups: usize,
+    },
+}
+
+impl Routing {
+    /// The router has a selection-only correction bias
+    /// (`e_score_correction_bias`).
+    pub fn has_correction_bias(self) -> bool {
+        matches!(self, Routing::SigmoidGrouped { .. })
+    }
 }
 
 /// An expert's gated activation.
@@ -249,6 +334,24 @@ struct RawConfig {
     hidden_act: Option<String>,
     layer_types: Option<Vec<String>>,
     experts_per_token: Option<usize>,
+    n_routed_experts: Option<usize>,
+    n_shared_experts: Option<usize>,
+    routed_scaling_factor: Option<f64>,
+    topk_method: Option<String>,
+    scoring_func: Option<String>,
+    n_group: Option<usize>,
+    topk_group: Option<usize>,
+    first_k_dense_replace: Option<usize>,
+    moe_layer_freq: Option<usize>,
+    q_lora_rank: Option<usize>,
+    kv_lora_rank: Option<usize>,
+    qk_nope_head_dim: Option<usize>,
+    qk_rope_head_dim: Option<usize>,
+    v_head_dim: Option<usize>,
+    rope_interleave: Option<bool>,
+    partial_rotary_factor: Option<f64>,
+    use_qk_norm: Option<bool>,
+    mlp_bias: Option<bool>,
     swiglu_limit: Option<f64>,
     swiglu_alpha: Option<f64>,
     bos_token_id: Option<Value>,
@@ -286,42 +389,93 @@ impl ModelConfig {
         if num_heads == 0 || hidden_size == 0 || num_layers == 0 {
             return Err(bad("hidden_size, num_hidden_layers and num_attention_heads must be positive".into()));
         }
-        let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
+        let mla = if arch.is_deepseek() { Some(resolve_mla(&raw).map_err(bad)?) } else { None };
+        let num_kv_heads = match mla {
+            Some(_) => num_heads, // every head expands its own keys and values from the latent
+            None => raw.num_key_value_heads.unwrap_or(num_heads),
+        };
         if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
             )));
         }
-        let head_dim = raw.head_dim.unwrap_or(hidden_size / num_heads);
+        let head_dim = match mla {
+            Some(m) => m.qk_nope_head_dim + m.qk_rope_head_dim,
+            None => raw.head_dim.unwrap_or(hidden_size / num_heads),
+        };
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {head_dim} must be positive and even")));
         }
+        let rotary_dim = match (mla, arch) {
+            (Some(m), _) => m.qk_rope_head_dim,
+            (None, Arch::Glm4Moe) => {
+                let factor = raw
+                    .rope_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("partial_rotary_factor"))
+                    .and_then(Value::as_f64)
+                    .or(raw.partial_rotary_factor)
+                    .unwrap_or(0.5);
+                let dim = (head_dim as f64 * factor) as usize; // Python's int(): truncation
+                if dim == 0 || !dim.is_multiple_of(2) || dim > head_dim {
+                    return Err(bad(format!(
+                        "partial_rotary_factor {factor} gives {dim} rotary dimensions of {head_dim} (must be even, 2..={head_dim})"
+                    )));
+                }
+                dim
+            }
+            (None, _) => head_dim,
+        };
         let (rope_theta, rope_scaling) =
             resolve_rope(&raw, raw.max_position_embeddings.unwrap_or(4096)).map_err(bad)?;
+        let softmax_scale = match mla {
+            // transformers: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2
+            // for any scaled RoPE that names mscale_all_dim (in Python floats)
+            Some(_) => ((head_dim as f64).powf(-0.5) * mscale_all_dim_correction(&raw)) as f32,
+            None => 1.0 / (head_dim as f32).sqrt(),
+        };
 
         // hub configs name the count by family; transformers 5 writes
         // `num_local_experts` for qwen3_moe too, so accept either
-        let num_experts = need(raw.num_experts.or(raw.num_local_experts), "num_local_experts` or `num_experts")?;
+        let num_experts = need(
+            raw.n_routed_experts.or(raw.num_experts).or(raw.num_local_experts),
+            "num_local_experts` or `num_experts",
+        )?;
         let top_k = need(raw.num_experts_per_tok.or(raw.experts_per_token), "num_experts_per_tok")?;
         if top_k == 0 || top_k > num_experts {
             return Err(bad(format!("num_experts_per_tok {top_k} must be in 1..={num_experts}")));
         }
         let expert_ffn = match arch {
             Arch::Mixtral | Arch::Olmoe | Arch::GptOss => need(raw.intermediate_size, "intermediate_size")?,
-            Arch::Qwen2Moe | Arch::Qwen3Moe => need(raw.moe_intermediate_size, "moe_intermediate_size")?,
+            Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => {
+                need(raw.moe_intermediate_size, "moe_intermediate_size")?
+            }
         };
         let layers = resolve_layers(arch, &raw, num_layers).map_err(bad)?;
         let shared_expert_ffn = match arch {
             Arch::Qwen2Moe => Some(need(raw.shared_expert_intermediate_size, "shared_expert_intermediate_size")?),
+            // transformers' defaults: 2 shared experts for V2, 1 for V3 and GLM
+            Arch::DeepseekV2 => Some(raw.n_shared_experts.unwrap_or(2) * expert_ffn),
+            Arch::DeepseekV3 | Arch::Glm4Moe => Some(raw.n_shared_experts.unwrap_or(1) * expert_ffn),
             _ => None,
         }
         .filter(|&w| w > 0);
+        let routing = resolve_routing(arch, &raw, num_experts, top_k).map_err(bad)?;
         let norm_topk_prob = match arch {
             Arch::Mixtral => true,
-            Arch::Qwen3Moe => raw.norm_topk_prob.unwrap_or(true),
+            Arch::Qwen3Moe | Arch::DeepseekV3 | Arch::Glm4Moe => raw.norm_topk_prob.unwrap_or(true),
             Arch::Qwen2Moe | Arch::Olmoe => raw.norm_topk_prob.unwrap_or(false),
-            Arch::GptOss => false, // the softmax is over the chosen k already
+            Arch::GptOss => false,     // the softmax is over the chosen k already
+            Arch::DeepseekV2 => false, // its router never renormalises, whatever the config says
         };
+        let routed_scaling_factor = match arch {
+            Arch::DeepseekV3 => raw.routed_scaling_factor.unwrap_or(2.5) as f32, // transformers' default
+            Arch::DeepseekV2 | Arch::Glm4Moe => raw.routed_scaling_factor.unwrap_or(1.0) as f32,
+            _ => 1.0,
+        };
+        if raw.mlp_bias == Some(true) {
+            return Err(ModelError::Unsupported("mlp_bias=true".into()));
+        }
         let gpt_oss = arch == Arch::GptOss;
         let sliding_layers = if gpt_oss {
             let types = raw.layer_types.as_ref().ok_or_else(|| bad("missing field `layer_types`".into()))?;
@@ -344,15 +498,28 @@ impl ModelConfig {
             ExpertAct::Swiglu
         };
         let attention_bias = raw.attention_bias.unwrap_or(false);
+        if mla.is_some() && attention_bias {
+            return Err(ModelError::Unsupported("attention_bias=true with latent attention".into()));
+        }
         let attention = AttentionConfig {
             num_heads,
             num_kv_heads,
             head_dim,
+            rotary_dim,
+            rope_interleaved: match arch {
+                Arch::DeepseekV2 => true, // transformers rotates complex pairs
+                Arch::DeepseekV3 => raw.rope_interleave.unwrap_or(true),
+                _ => false,
+            },
+            softmax_scale,
+            mla,
             qkv_bias: raw.qkv_bias.unwrap_or(arch == Arch::Qwen2Moe) || attention_bias,
-            o_bias: arch != Arch::Qwen2Moe && attention_bias,
+            o_bias: !matches!(arch, Arch::Qwen2Moe | Arch::Glm4Moe) && attention_bias,
             qk_norm: match arch {
-                Arch::Mixtral | Arch::Qwen2Moe | Arch::GptOss => QkNorm::None,
+                Arch::Mixtral | Arch::Qwen2Moe | Arch::GptOss | Arch::DeepseekV2 | Arch::DeepseekV3 => QkNorm::None,
                 Arch::Qwen3Moe => QkNorm::PerHead,
+                Arch::Glm4Moe if raw.use_qk_norm == Some(true) => QkNorm::PerHead,
+                Arch::Glm4Moe => QkNorm::None,
                 Arch::Olmoe => QkNorm::Full,
             },
             clip_qkv: if arch == Arch::Olmoe { raw.clip_qkv.map(|c| c as f32) } else { None },
@@ -378,7 +545,9 @@ impl ModelConfig {
                 expert_ffn,
                 norm_topk_prob,
                 shared_expert_ffn,
-                routing: if gpt_oss { Routing::TopKSoftmax } else { Routing::SoftmaxTopK },
+                shared_expert_gated: arch == Arch::Qwen2Moe,
+                routed_scaling_factor,
+                routing,
                 router_bias: gpt_oss,
                 expert_act,
                 expert_bias: gpt_oss,
@@ -401,9 +570,34 @@ impl ModelConfig {
         self.layers.iter().enumerate().filter(|(_, k)| **k == FfnKind::Moe).map(|(i, _)| i)
     }
 
-    /// Width of one token's keys (or values) in one layer.
+    /// Width of one token's keys (or values) in one layer, as attention
+    /// reads them (expanded, with latent attention).
     pub fn kv_width(&self) -> usize {
         self.attention.num_kv_heads * self.attention.head_dim
+    }
+
+    /// Floats one token's entry in one layer of the KV cache holds: keys and
+    /// values (`2 * kv_width`), or with latent attention the latent and the
+    /// shared RoPE key (`kv_lora_rank + qk_rope_head_dim`), values none.
+    pub fn kv_cache_widths(&self) -> (usize, usize) {
+        match self.attention.mla {
+            Some(m) => (m.kv_lora_rank + m.qk_rope_head_dim, 0),
+            None => (self.kv_width(), self.kv_width()),
+        }
+    }
+
+    /// Bytes of KV cache per token over all layers (f32 entries).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let (k, v) = self.kv_cache_widths();
+        4 * (k + v) * self.num_layers()
+    }
+
+    /// Bytes per token a cache of expanded keys and values would hold: the
+    /// same as [`Self::kv_bytes_per_token`] without latent attention.
+    pub fn expanded_kv_bytes_per_token(&self) -> usize {
+        let a = &self.attention;
+        let v = a.mla.map_or(a.head_dim, |m| m.v_head_dim);
+        4 * a.num_kv_heads * (a.head_dim + v) * self.num_layers()
     }
 }
 
@@ -464,9 +658,123 @@ fn resolve_yarn(s: &Value, raw: &RawConfig, max_positions: usize) -> std::result
     })
 }
 
+/// Latent attention's widths, all present and positive (but the query rank).
+fn resolve_mla(raw: &RawConfig) -> std::result::Result<MlaConfig, String> {
+    let need = |v: Option<usize>, name: &str| match v {
+        Some(x) if x > 0 => Ok(x),
+        Some(_) => Err(format!("`{name}` must be positive")),
+        None => Err(format!("missing field `{name}`")),
+    };
+    let m = MlaConfig {
+        q_lora_rank: raw.q_lora_rank.filter(|&r| r > 0),
+        kv_lora_rank: need(raw.kv_lora_rank, "kv_lora_rank")?,
+        qk_nope_head_dim: need(raw.qk_nope_head_dim, "qk_nope_head_dim")?,
+        qk_rope_head_dim: need(raw.qk_rope_head_dim, "qk_rope_head_dim")?,
+        v_head_dim: need(raw.v_head_dim, "v_head_dim")?,
+    };
+    if !m.qk_rope_head_dim.is_multiple_of(2) {
+        return Err(format!("qk_rope_head_dim {} must be even", m.qk_rope_head_dim));
+    }
+    if m.v_head_dim > m.kv_lora_rank {
+        // the absorbed decode reads values as a prefix of the latent's width
+        return Err(format!("v_head_dim {} above kv_lora_rank {}", m.v_head_dim, m.kv_lora_rank));
+    }
+    Ok(m)
+}
+
+/// DeepSeek's softmax-scale correction: `mscale(factor, mscale_all_dim)^2`
+/// when the RoPE scaling is not the default one and names a non-zero
+/// `mscale_all_dim`; else 1.
+fn mscale_all_dim_correction(raw: &RawConfig) -> f64 {
+    let params = raw.rope_parameters.as_ref().filter(|v| !v.is_null());
+    let Some(s) = params.or(raw.rope_scaling.as_ref().filter(|v| !v.is_null())) else { return 1.0 };
+    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let all_dim = s.get("mscale_all_dim").and_then(Value::as_f64).unwrap_or(0.0);
+    let factor = s.get("factor").and_then(Value::as_f64).unwrap_or(1.0);
+    if kind == "default" || all_dim == 0.0 || factor <= 1.0 {
+        return 1.0;
+    }
+    let m = 0.1 * all_dim * factor.ln() + 1.0;
+    m * m
+}
+
+/// How the router's scores become choices, checked against the expert count.
+fn resolve_routing(arch: Arch, raw: &RawConfig, experts: usize, top_k: usize) -> std::result::Result<Routing, String> {
+    let grouped = |sigmoid: bool| -> std::result::Result<Routing, String> {
+        // transformers' defaults: 8 groups keeping 4 for V3, else one group
+        let (g, tg) = if arch == Arch::DeepseekV3 { (8, 4) } else { (1, 1) };
+        let (groups, topk_groups) = (raw.n_group.unwrap_or(g), raw.topk_group.unwrap_or(tg));
+        if groups == 0 || !experts.is_multiple_of(groups) {
+            return Err(format!("n_group {groups} does not divide the {experts} routed experts"));
+        }
+        if topk_groups == 0 || topk_groups > groups {
+            return Err(format!("topk_group {topk_groups} must be in 1..={groups}"));
+        }
+        let per_group = experts / groups;
+        if sigmoid && per_group < 2 {
+            return Err(format!("groups of {per_group} expert (groups are ranked by their two best)"));
+        }
+        if top_k > topk_groups * per_group {
+            return Err(format!(
+                "num_experts_per_tok {top_k} exceeds the {} experts of topk_group {topk_groups} groups",
+                topk_groups * per_group
+            ));
+        }
+        Ok(if sigmoid {
+            Routing::SigmoidGrouped { groups, topk_groups }
+        } else {
+            Routing::SoftmaxGroupLimited { groups, topk_groups }
+        })
+    };
+    let scoring = raw.scoring_func.as_deref();
+    match arch {
+        Arch::GptOss => Ok(Routing::TopKSoftmax),
+        Arch::DeepseekV2 => {
+            if scoring.is_some_and(|f| f != "softmax") {
+                return Err(format!("scoring_func {scoring:?} (deepseek_v2 routes by softmax)"));
+            }
+            match raw.topk_method.as_deref().unwrap_or("greedy") {
+                "greedy" => Ok(Routing::SoftmaxTopK),
+                "group_limited_greedy" => grouped(false),
+                other => Err(format!("topk_method {other:?} (greedy or group_limited_greedy)")),
+            }
+        }
+        Arch::DeepseekV3 | Arch::Glm4Moe => {
+            if scoring.is_some_and(|f| f != "sigmoid") {
+                return Err(format!("scoring_func {scoring:?} ({} routes by sigmoid)", arch.name()));
+            }
+            match raw.topk_method.as_deref() {
+                None | Some("noaux_tc") => grouped(true),
+                Some(other) => Err(format!("topk_method {other:?} (noaux_tc)")),
+            }
+        }
+        _ => Ok(Routing::SoftmaxTopK),
+    }
+}
+
 fn resolve_layers(arch: Arch, raw: &RawConfig, n: usize) -> std::result::Result<Vec<FfnKind>, String> {
     match arch {
         Arch::Mixtral | Arch::Olmoe | Arch::GptOss => Ok(vec![FfnKind::Moe; n]),
+        Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => {
+            if let Some(freq) = raw.moe_layer_freq.filter(|&f| f != 1) {
+                return Err(format!("moe_layer_freq {freq} (only 1: every layer from first_k_dense_replace)"));
+            }
+            // transformers' defaults: 0 dense layers for V2, 3 for V3, 1 for GLM
+            let dense = raw.first_k_dense_replace.unwrap_or(match arch {
+                Arch::DeepseekV2 => 0,
+                Arch::DeepseekV3 => 3,
+                _ => 1,
+            });
+            (0..n)
+                .map(|l| match l < dense {
+                    false => Ok(FfnKind::Moe),
+                    true => raw
+                        .intermediate_size
+                        .map(FfnKind::Dense)
+                        .ok_or_else(|| format!("layer {l} is dense but `intermediate_size` is missing")),
+                })
+                .collect()
+        }
         Arch::Qwen2Moe | Arch::Qwen3Moe => {
             let step = raw.decoder_sparse_step.unwrap_or(1);
             if step == 0 {

@@ -80,12 +80,13 @@ pub struct Workspace {
     pub(crate) sin: Vec<f32>,
     /// Per token: (chunk index, position).
     pub(crate) tok: Vec<(usize, usize)>,
-    /// Per chunk, from `kv_rows_at[c]`: the KV-cache offset (row times row
-    /// width) of each of its sequence's positions `0..start + len`; the same
-    /// for every layer, so computed once per step.
+    /// Per chunk, from `kv_rows_at[c]`: the KV-cache offset (row times key
+    /// row width) of each of its sequence's positions `0..start + len`; the
+    /// same for every layer, so computed once per step.
     pub(crate) kv_rows: Vec<usize>,
     pub(crate) kv_rows_at: Vec<usize>,
     pub(crate) moe: crate::moe::MoeScratch,
+    pub(crate) mla: crate::mla::MlaScratch,
     /// Whether steps return the residual stream entering each MoE layer.
     pub(crate) capture: bool,
     pub(crate) captured_logits: Vec<Vec<f32>>,
@@ -102,6 +103,12 @@ impl Workspace {
     /// the routers' scores (traces for hidden-state predictors).
     pub fn capture_hidden(&mut self, on: bool) {
         self.capture = on;
+    }
+
+    /// How latent attention attends (tests pin one form; the default picks
+    /// per chunk).
+    pub fn set_latent_path(&mut self, path: crate::mla::LatentPath) {
+        self.mla.path = path;
     }
 }
 
@@ -124,7 +131,7 @@ impl Model {
             ws.tok.extend((0..ch.tokens.len()).map(|i| (c, ch.start_pos + i)));
         }
         let t = ws.tok.len();
-        let (bs, kvw) = (kv.block_size(), cfg.kv_width());
+        let (bs, kvw) = (kv.block_size(), kv.widths().0);
         ws.kv_rows.clear();
         ws.kv_rows_at.clear();
         for ch in chunks {
@@ -166,8 +173,8 @@ impl Model {
                 FfnWeights::Dense(mlp) => {
                     crate::moe::mlp(mlp, ExpertAct::Swiglu, &ws.xn, t, ws.moe.ffn_mut(), &mut ws.out)?
                 }
-                FfnWeights::Moe { router, router_bias, shared } => {
-                    let r = self.moe_block(l, (router, router_bias.as_deref()), shared.as_ref(), experts, ws)?;
+                FfnWeights::Moe { router, shared } => {
+                    let r = self.moe_block(l, router, shared.as_ref(), experts, ws)?;
                     routing.layers.push(r);
                 }
             }

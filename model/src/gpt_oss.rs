@@ -100,7 +100,7 @@ fn repack_mxfp4(blocks: &[u8], scales: &[u8]) -> Vec<u8> {
 }
 
 /// `w` transposed (float weights only: f32 or bf16, kept in their type).
-fn transposed(w: &Weight) -> Result<Weight> {
+pub(crate) fn transposed(w: &Weight) -> Result<Weight> {
     let (r, c) = (w.rows(), w.cols());
     let t = |i: usize| (i % r) * c + i / r; // element i of the result, row-major [c, r]
     Ok(match w.data() {

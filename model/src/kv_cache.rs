@@ -6,12 +6,16 @@
 use crate::ModelConfig;
 use moe_types::BlockId;
 
-/// Keys and values of every layer, addressed by (block, slot).
+/// Keys and values of every layer, addressed by (block, slot). With latent
+/// attention a slot holds the compressed latent and the shared RoPE key
+/// (as its "key"; no values), not expanded keys and values.
 pub struct KvCache {
     block_size: usize,
     num_blocks: usize,
-    width: usize,
-    /// Per layer: `[num_blocks * block_size, width]` keys, then values.
+    /// Floats per slot of keys and of values ([`ModelConfig::kv_cache_widths`]).
+    widths: (usize, usize),
+    /// Per layer: `[num_blocks * block_size, widths.0]` keys, then
+    /// `[.., widths.1]` values.
     layers: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
@@ -19,10 +23,16 @@ impl KvCache {
     /// Allocates a zeroed cache for `cfg`.
     pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
         assert!(block_size > 0, "block_size must be positive");
-        let width = cfg.kv_width();
-        let n = num_blocks * block_size * width;
-        let layers = (0..cfg.num_layers()).map(|_| (vec![0.0; n], vec![0.0; n])).collect();
-        Self { block_size, num_blocks, width, layers }
+        let widths = cfg.kv_cache_widths();
+        let slots = num_blocks * block_size;
+        let layers =
+            (0..cfg.num_layers()).map(|_| (vec![0.0; slots * widths.0], vec![0.0; slots * widths.1])).collect();
+        Self { block_size, num_blocks, widths, layers }
+    }
+
+    /// Floats per slot of keys (or latents) and of values.
+    pub fn widths(&self) -> (usize, usize) {
+        self.widths
     }
 
     /// Token slots per block.
@@ -41,12 +51,13 @@ impl KvCache {
         blocks[pos / self.block_size].index() * self.block_size + pos % self.block_size
     }
 
-    /// Writes one token's key and value for `layer` at `row`.
+    /// Writes one token's key and value for `layer` at `row` (`v` empty
+    /// with latent attention).
     pub(crate) fn write(&mut self, layer: usize, row: usize, k: &[f32], v: &[f32]) {
-        let w = self.width;
+        let (kw, vw) = self.widths;
         let (kc, vc) = &mut self.layers[layer];
-        kc[row * w..(row + 1) * w].copy_from_slice(k);
-        vc[row * w..(row + 1) * w].copy_from_slice(v);
+        kc[row * kw..(row + 1) * kw].copy_from_slice(k);
+        vc[row * vw..(row + 1) * vw].copy_from_slice(v);
     }
 
     /// Keys and values of `layer`.

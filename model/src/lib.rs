@@ -31,17 +31,19 @@ pub mod gguf;
 mod gpt_oss;
 mod kv_cache;
 mod loader;
+mod mla;
 mod moe;
 mod quantize;
 pub mod random;
 mod rope;
+mod routing;
 pub mod sampling;
 mod tokenizer;
 mod weights;
 
 pub use checkpoint::{Checkpoint, StoredType, TensorLocation};
 pub use config::{
-    Arch, AttentionConfig, ExpertAct, FfnKind, ModelConfig, MoeConfig, QkNorm, RopeScaling, Routing, Yarn,
+    Arch, AttentionConfig, ExpertAct, FfnKind, MlaConfig, ModelConfig, MoeConfig, QkNorm, RopeScaling, Routing, Yarn,
 };
 pub use error::ModelError;
 pub use experts::{
@@ -52,6 +54,7 @@ pub use kv_cache::KvCache;
 pub use loader::{
     load_model, load_model_without_experts, load_random, load_weights, read_config, LoadProgress, LoadedModel,
 };
+pub use mla::LatentPath;
 pub use quantize::{quantize_weight, QuantScope, QuantTarget};
 pub use sampling::{SampledToken, Sampler, SamplingParams};
 pub use tokenizer::{GenerationDefaults, IncrementalDecoder, TextCodec};

@@ -4,12 +4,13 @@
 //! runs each chosen expert once over its group, and scatter-adds the
 //! weighted outputs. Experts are reached only through an `ExpertProvider`.
 
-use crate::config::{ExpertAct, Routing};
+use crate::config::ExpertAct;
 use crate::experts::{ExpertProvider, ExpertWeights};
 use crate::forward::Workspace;
-use crate::weights::{Model, SharedExpert};
+use crate::routing::{route, RouteScratch};
+use crate::weights::{Model, Router, SharedExpert};
 use crate::Result;
-use moe_kernels::{matmul_nt, ops, Weight};
+use moe_kernels::{matmul_nt, ops};
 use moe_types::{ExpertId, LayerId, LayerRouting};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -30,6 +31,8 @@ pub(crate) struct MoeScratch {
     y: Vec<f32>,
     shared: Vec<f32>,
     topk: Vec<usize>,
+    chosen: Vec<f32>,
+    route: RouteScratch,
     /// Per expert: (token, weight) pairs routed to it this layer.
     groups: Vec<Vec<(usize, f32)>>,
     used: Vec<ExpertId>,
@@ -91,27 +94,25 @@ impl Model {
         if depth == 0 {
             return Ok(());
         }
-        let (ne, k) = (self.cfg.moe.num_experts, self.cfg.moe.top_k);
+        let ne = self.cfg.moe.num_experts;
         let t = ws.tok.len();
         let s = &mut ws.moe;
         let later = self.layers.iter().enumerate().skip(l + 1).filter_map(|(j, layer)| match &layer.ffn {
-            crate::weights::FfnWeights::Moe { router, router_bias, .. } => {
-                Some((j, &layer.post_attn_norm, router, router_bias))
-            }
+            crate::weights::FfnWeights::Moe { router, .. } => Some((j, &layer.post_attn_norm, router)),
             crate::weights::FfnWeights::Dense(_) => None,
         });
-        for (j, norm, router, bias) in later.take(depth) {
+        for (j, norm, router) in later.take(depth) {
             s.ahead_x.resize(ws.h.len(), 0.0);
             ops::rms_norm(&ws.h, norm, self.cfg.rms_norm_eps, &mut s.ahead_x);
             s.ahead_probs.resize(t * ne, 0.0);
-            matmul_nt(&s.ahead_x, t, router, &mut s.ahead_probs)?;
+            matmul_nt(&s.ahead_x, t, &router.weight, &mut s.ahead_probs)?;
             s.ahead_ids.clear();
             for probs in s.ahead_probs.chunks_exact_mut(ne) {
-                // the top k of the logits are the top k of any monotone map of them
-                if let Some(b) = bias {
+                // the layer's own rule (groups, correction bias) on a stale residual
+                if let Some(b) = &router.bias {
                     ops::add_inplace(probs, b);
                 }
-                ops::top_k(probs, k, &mut s.topk);
+                route(probs, &self.cfg.moe, router.correction.as_deref(), &mut s.route, &mut s.topk, &mut s.chosen);
                 s.ahead_ids.extend(s.topk.iter().map(|&e| ExpertId(e as u16)));
             }
             experts.forecast(LayerId(l as u16), LayerId(j as u16), &s.ahead_ids);
@@ -124,7 +125,7 @@ impl Model {
     pub(crate) fn moe_block<E: ExpertProvider + Sync>(
         &self,
         l: usize,
-        (router, router_bias): (&Weight, Option<&[f32]>),
+        router: &Router,
         shared: Option<&SharedExpert>,
         experts: &E,
         ws: &mut Workspace,
@@ -135,14 +136,13 @@ impl Model {
         let s = &mut ws.moe;
         let layer = LayerId(l as u16);
 
-        // route: softmax over all experts, keep the top k, optionally
-        // renormalise; or (gpt-oss) keep the top k logits, softmax over them
+        // route by the configured rule (crate::routing)
         s.router.resize(t * ne, 0.0);
-        matmul_nt(&ws.xn, t, router, &mut s.router)?;
+        matmul_nt(&ws.xn, t, &router.weight, &mut s.router)?;
         if ws.capture {
-            // the selection scores (logits plus any bias), for traces
+            // the logits plus any bias, for traces
             let mut scores = s.router.clone();
-            if let Some(b) = router_bias {
+            if let Some(b) = &router.bias {
                 scores.chunks_exact_mut(ne).for_each(|p| ops::add_inplace(p, b));
             }
             ws.captured_logits.push(scores);
@@ -152,26 +152,12 @@ impl Model {
         s.groups.iter_mut().for_each(Vec::clear);
         let mut routing =
             LayerRouting { layer, top_k: k, ids: Vec::with_capacity(t * k), weights: Vec::with_capacity(t * k) };
-        let mut chosen = Vec::with_capacity(k);
         for (i, probs) in s.router.chunks_exact_mut(ne).enumerate() {
-            if let Some(b) = router_bias {
+            if let Some(b) = &router.bias {
                 ops::add_inplace(probs, b);
             }
-            chosen.clear();
-            match m.routing {
-                Routing::SoftmaxTopK => {
-                    ops::softmax_inplace(probs);
-                    ops::top_k(probs, k, &mut s.topk);
-                    let norm = if m.norm_topk_prob { s.topk.iter().map(|&e| probs[e]).sum::<f32>() } else { 1.0 };
-                    chosen.extend(s.topk.iter().map(|&e| probs[e] / norm));
-                }
-                Routing::TopKSoftmax => {
-                    ops::top_k(probs, k, &mut s.topk);
-                    chosen.extend(s.topk.iter().map(|&e| probs[e]));
-                    ops::softmax_inplace(&mut chosen);
-                }
-            }
-            for (&e, &wgt) in s.topk.iter().zip(&chosen) {
+            route(probs, m, router.correction.as_deref(), &mut s.route, &mut s.topk, &mut s.chosen);
+            for (&e, &wgt) in s.topk.iter().zip(&s.chosen) {
                 routing.ids.push(ExpertId(e as u16));
                 routing.weights.push(wgt);
                 s.groups[e].push((i, wgt));
@@ -237,8 +223,14 @@ impl Model {
             mlp(&sh.mlp, ExpertAct::Swiglu, &ws.xn, t, &mut s.ffn, &mut s.shared)?;
             let mut g = [0.0f32];
             for (tok, yr) in s.shared.chunks_exact(hsz).enumerate() {
-                matmul_nt(&ws.xn[tok * hsz..(tok + 1) * hsz], 1, &sh.gate, &mut g)?;
-                ops::axpy(&mut ws.out[tok * hsz..(tok + 1) * hsz], ops::sigmoid(g[0]), yr);
+                let scale = match &sh.gate {
+                    Some(gate) => {
+                        matmul_nt(&ws.xn[tok * hsz..(tok + 1) * hsz], 1, gate, &mut g)?;
+                        ops::sigmoid(g[0])
+                    }
+                    None => 1.0,
+                };
+                ops::axpy(&mut ws.out[tok * hsz..(tok + 1) * hsz], scale, yr);
             }
         }
         Ok(routing)

@@ -6,7 +6,7 @@
 //! stays as stored.
 
 use crate::experts::ExpertWeights;
-use crate::weights::{FfnWeights, Model};
+use crate::weights::{Attention, FfnWeights, Model};
 use crate::{ModelError, Result};
 use moe_kernels::{QuantFormat, Weight};
 use std::str::FromStr;
@@ -129,8 +129,19 @@ impl Model {
             self.lm_head = Some(quantize_weight(h, format)?);
         }
         for l in &mut self.layers {
-            l.attn.qkv = quantize_weight(&l.attn.qkv, format)?;
-            l.attn.o = quantize_weight(&l.attn.o, format)?;
+            match &mut l.attn {
+                Attention::Standard(a) => {
+                    a.qkv = quantize_weight(&a.qkv, format)?;
+                    a.o = quantize_weight(&a.o, format)?;
+                }
+                Attention::Latent(a) => {
+                    for w in a.matrices_mut() {
+                        *w = quantize_weight(w, format)?;
+                    }
+                    let m = self.cfg.attention.mla.expect("latent attention has its shape");
+                    a.derive(&m, self.cfg.attention.num_heads)?;
+                }
+            }
             match &mut l.ffn {
                 FfnWeights::Dense(m) => *m = m.quantized(format)?,
                 FfnWeights::Moe { shared: Some(s), .. } => s.mlp = s.mlp.quantized(format)?,

@@ -5,7 +5,9 @@
 use crate::config::{FfnKind, ModelConfig};
 use crate::experts::{ExpertWeights, ResidentExperts};
 use crate::rope::Rope;
-use crate::weights::{AttentionWeights, FfnWeights, LayerWeights, Model};
+use crate::weights::{
+    Attention, AttentionWeights, FfnWeights, LatentQuery, LatentWeights, LayerWeights, Model, Router,
+};
 use crate::Result;
 use moe_kernels::Weight;
 use rand::{Rng, SeedableRng};
@@ -47,25 +49,46 @@ pub fn random_model(cfg: &ModelConfig, seed: u64) -> Result<(Model, ResidentExpe
     for kind in &cfg.layers {
         let norm_len = |full: usize| if a.qk_norm == crate::QkNorm::PerHead { a.head_dim } else { full };
         let has_norm = a.qk_norm != crate::QkNorm::None;
-        let attn = AttentionWeights {
-            qkv: g.weight(qw + 2 * kvw, h)?,
-            qkv_bias: a.qkv_bias.then(|| vec![0.0; qw + 2 * kvw]),
-            o: g.weight(h, qw)?,
-            o_bias: a.o_bias.then(|| vec![0.0; h]),
-            q_norm: has_norm.then(|| vec![1.0; norm_len(qw)]),
-            k_norm: has_norm.then(|| vec![1.0; norm_len(kvw)]),
-            sinks: a.sinks.then(|| vec![0.0; a.num_heads]),
+        let attn = match a.mla {
+            Some(m) => Attention::Latent(LatentWeights::new(
+                match m.q_lora_rank {
+                    None => LatentQuery::Full(g.weight(qw, h)?),
+                    Some(r) => LatentQuery::LowRank { a: g.weight(r, h)?, norm: vec![1.0; r], b: g.weight(qw, r)? },
+                },
+                (g.weight(m.kv_lora_rank + m.qk_rope_head_dim, h)?, vec![1.0; m.kv_lora_rank]),
+                g.weight(a.num_heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)?,
+                g.weight(h, a.num_heads * m.v_head_dim)?,
+                &m,
+                a.num_heads,
+            )?),
+            None => Attention::Standard(AttentionWeights {
+                qkv: g.weight(qw + 2 * kvw, h)?,
+                qkv_bias: a.qkv_bias.then(|| vec![0.0; qw + 2 * kvw]),
+                o: g.weight(h, qw)?,
+                o_bias: a.o_bias.then(|| vec![0.0; h]),
+                q_norm: has_norm.then(|| vec![1.0; norm_len(qw)]),
+                k_norm: has_norm.then(|| vec![1.0; norm_len(kvw)]),
+                sinks: a.sinks.then(|| vec![0.0; a.num_heads]),
+            }),
         };
         let (ffn, layer_experts) = match kind {
             FfnKind::Dense(w) => (FfnWeights::Dense(g.mlp(h, *w)?), Vec::new()),
             FfnKind::Moe => {
                 let ex = (0..cfg.moe.num_experts).map(|_| g.expert(cfg)).collect::<Result<Vec<_>>>()?;
                 let shared = match cfg.moe.shared_expert_ffn {
-                    Some(w) => Some(crate::weights::SharedExpert { mlp: g.mlp(h, w)?, gate: g.weight(1, h)? }),
+                    Some(w) => Some(crate::weights::SharedExpert {
+                        mlp: g.mlp(h, w)?,
+                        gate: if cfg.moe.shared_expert_gated { Some(g.weight(1, h)?) } else { None },
+                    }),
                     None => None,
                 };
-                let router_bias = cfg.moe.router_bias.then(|| vec![0.0; cfg.moe.num_experts]);
-                (FfnWeights::Moe { router: g.weight(cfg.moe.num_experts, h)?, router_bias, shared }, ex)
+                let zeros = |on: bool| on.then(|| vec![0.0; cfg.moe.num_experts]);
+                let router = Router {
+                    weight: g.weight(cfg.moe.num_experts, h)?,
+                    bias: zeros(cfg.moe.router_bias),
+                    correction: zeros(cfg.moe.routing.has_correction_bias()),
+                };
+                (FfnWeights::Moe { router, shared }, ex)
             }
         };
         layers.push(LayerWeights { input_norm: vec![1.0; h], post_attn_norm: vec![1.0; h], attn, ffn });

@@ -3,6 +3,7 @@
 //! times the scaling's attention factor (YaRN; 1 otherwise).
 
 use crate::config::{AttentionConfig, RopeScaling, Yarn};
+use moe_kernels::ops;
 
 /// Inverse frequencies of one head width.
 #[derive(Clone, Debug)]
@@ -10,22 +11,49 @@ pub(crate) struct Rope {
     inv_freq: Vec<f32>,
     /// Multiplies every cosine and sine.
     scale: f32,
+    /// Pairs are `(x0, x1), (x2, x3), ...` rather than `(x_j, x_j+half)`.
+    interleaved: bool,
 }
 
 impl Rope {
     pub(crate) fn new(a: &AttentionConfig) -> Self {
-        let d = a.head_dim;
+        let d = a.rotary_dim;
         let base = a.rope_theta as f32;
         // base^(2j/d) in f32, as torch computes it
         let pos_freqs = (0..d / 2).map(|j| base.powf((2 * j) as f32 / d as f32));
-        match a.rope_scaling {
-            RopeScaling::None => Self { inv_freq: pos_freqs.map(|p| 1.0 / p).collect(), scale: 1.0 },
-            RopeScaling::Linear { factor } => {
-                Self { inv_freq: pos_freqs.map(|p| 1.0 / p / factor as f32).collect(), scale: 1.0 }
+        let (inv_freq, scale) = match a.rope_scaling {
+            RopeScaling::None => (pos_freqs.map(|p| 1.0 / p).collect(), 1.0),
+            RopeScaling::Linear { factor } => (pos_freqs.map(|p| 1.0 / p / factor as f32).collect(), 1.0),
+            RopeScaling::Yarn(y) => (yarn_inv_freq(&y, a.rope_theta, d, pos_freqs), y.attention_factor as f32),
+        };
+        Self { inv_freq, scale, interleaved: a.rope_interleaved }
+    }
+
+    /// Rotates `x[offset..offset + 2 * half]` of every head of `x` (heads of
+    /// `stride` values) by one position's `cos` and `sin`. Interleaved pairs
+    /// come out de-interleaved (evens' results, then odds'), as DeepSeek-V3
+    /// in transformers lays them out; queries and keys get the same order, so
+    /// their dot products are unchanged.
+    pub(crate) fn apply(&self, x: &mut [f32], stride: usize, offset: usize, cos: &[f32], sin: &[f32]) {
+        let h = cos.len();
+        for head in x.chunks_exact_mut(stride) {
+            let r = &mut head[offset..offset + 2 * h];
+            if self.interleaved {
+                let mut buf = [0f32; 256];
+                let mut heap = Vec::new();
+                let tmp = if 2 * h <= buf.len() {
+                    &mut buf[..2 * h]
+                } else {
+                    heap.resize(2 * h, 0.0);
+                    &mut heap[..]
+                };
+                tmp.copy_from_slice(r);
+                for j in 0..h {
+                    r[j] = tmp[2 * j];
+                    r[j + h] = tmp[2 * j + 1];
+                }
             }
-            RopeScaling::Yarn(y) => {
-                Self { inv_freq: yarn_inv_freq(&y, a.rope_theta, d, pos_freqs), scale: y.attention_factor as f32 }
-            }
+            ops::rope_rotate_half(r, cos, sin);
         }
     }
 
@@ -89,6 +117,10 @@ mod tests {
             num_heads: 4,
             num_kv_heads: 4,
             head_dim: 32,
+            rotary_dim: 32,
+            rope_interleaved: false,
+            softmax_scale: 32f32.powf(-0.5),
+            mla: None,
             qkv_bias: false,
             o_bias: false,
             qk_norm: QkNorm::None,

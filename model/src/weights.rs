@@ -8,6 +8,103 @@ use crate::rope::Rope;
 use crate::Result;
 use moe_kernels::Weight;
 
+/// A layer's attention: the standard projections or latent attention's.
+#[derive(Clone)]
+pub(crate) enum Attention {
+    Standard(AttentionWeights),
+    Latent(LatentWeights),
+}
+
+impl Attention {
+    /// Bytes of the projection matrices.
+    pub(crate) fn nbytes(&self) -> usize {
+        match self {
+            Attention::Standard(a) => a.qkv.nbytes() + a.o.nbytes(),
+            Attention::Latent(a) => a.matrices().iter().map(|w| w.nbytes()).sum(),
+        }
+    }
+}
+
+/// Multi-head latent attention's projections (DeepSeek).
+#[derive(Clone)]
+pub(crate) struct LatentWeights {
+    pub(crate) q: LatentQuery,
+    /// `[kv_lora_rank + qk_rope_head_dim, hidden]`: the latent, then the
+    /// shared RoPE key.
+    pub(crate) kv_a: Weight,
+    /// RMSNorm of the latent, `[kv_lora_rank]`.
+    pub(crate) kv_a_norm: Vec<f32>,
+    /// `[heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]`: per head,
+    /// the key up-projection's rows, then the value's.
+    pub(crate) kv_b: Weight,
+    /// `[hidden, heads * v_head_dim]`.
+    pub(crate) o: Weight,
+    /// Per head, the key up-projection transposed, `[kv_lora_rank,
+    /// qk_nope_head_dim]`: absorbs it into the query.
+    pub(crate) uk_t: Vec<Weight>,
+    /// Per head, the value up-projection, `[v_head_dim, kv_lora_rank]`.
+    pub(crate) uv: Vec<Weight>,
+}
+
+impl LatentWeights {
+    /// The weights with the absorbed form's per-head matrices derived from
+    /// `kv_b` (in its precision; quantized ones widened to f32, exactly).
+    pub(crate) fn new(
+        q: LatentQuery,
+        (kv_a, kv_a_norm): (Weight, Vec<f32>),
+        kv_b: Weight,
+        o: Weight,
+        m: &crate::config::MlaConfig,
+        heads: usize,
+    ) -> Result<Self> {
+        let mut w = Self { q, kv_a, kv_a_norm, kv_b, o, uk_t: Vec::new(), uv: Vec::new() };
+        w.derive(m, heads)?;
+        Ok(w)
+    }
+
+    /// Recomputes `uk_t` and `uv` from `kv_b`.
+    pub(crate) fn derive(&mut self, m: &crate::config::MlaConfig, heads: usize) -> Result<()> {
+        let (dn, dv) = (m.qk_nope_head_dim, m.v_head_dim);
+        let rows = |from: usize, n: usize| -> Result<Weight> {
+            let part = self.kv_b.row_range(from..from + n)?;
+            Ok(match part.quant_format() {
+                Some(_) => Weight::from_f32(part.rows(), part.cols(), part.to_f32())?,
+                None => part,
+            })
+        };
+        self.uk_t = (0..heads).map(|h| crate::gpt_oss::transposed(&rows(h * (dn + dv), dn)?)).collect::<Result<_>>()?;
+        self.uv = (0..heads).map(|h| rows(h * (dn + dv) + dn, dv)).collect::<Result<_>>()?;
+        Ok(())
+    }
+
+    pub(crate) fn matrices(&self) -> Vec<&Weight> {
+        let mut m = match &self.q {
+            LatentQuery::Full(q) => vec![q],
+            LatentQuery::LowRank { a, b, .. } => vec![a, b],
+        };
+        m.extend([&self.kv_a, &self.kv_b, &self.o]);
+        m
+    }
+
+    pub(crate) fn matrices_mut(&mut self) -> Vec<&mut Weight> {
+        let mut m = match &mut self.q {
+            LatentQuery::Full(q) => vec![q],
+            LatentQuery::LowRank { a, b, .. } => vec![a, b],
+        };
+        m.extend([&mut self.kv_a, &mut self.kv_b, &mut self.o]);
+        m
+    }
+}
+
+/// Latent attention's query projection, `heads * (nope + rope)` outputs.
+#[derive(Clone)]
+pub(crate) enum LatentQuery {
+    /// One matrix (`q_lora_rank` null).
+    Full(Weight),
+    /// `b(norm(a x))`.
+    LowRank { a: Weight, norm: Vec<f32>, b: Weight },
+}
+
 /// Attention projections of one layer.
 #[derive(Clone)]
 pub(crate) struct AttentionWeights {
@@ -23,25 +120,31 @@ pub(crate) struct AttentionWeights {
     pub(crate) sinks: Option<Vec<f32>>,
 }
 
-/// The always-on shared expert of Qwen2-MoE and its sigmoid gate.
+/// The always-on shared expert(s) (one MLP of their summed width), with
+/// Qwen2-MoE's sigmoid gate.
 #[derive(Clone)]
 pub(crate) struct SharedExpert {
     pub(crate) mlp: ExpertWeights,
     /// `[1, hidden]`.
-    pub(crate) gate: Weight,
+    pub(crate) gate: Option<Weight>,
+}
+
+/// A MoE layer's router.
+#[derive(Clone)]
+pub(crate) struct Router {
+    /// `[experts, hidden]`.
+    pub(crate) weight: Weight,
+    /// Added to the logits (gpt-oss).
+    pub(crate) bias: Option<Vec<f32>>,
+    /// Added to the scores for selection only (DeepSeek-V3, GLM).
+    pub(crate) correction: Option<Vec<f32>>,
 }
 
 /// What follows attention.
 #[derive(Clone)]
 pub(crate) enum FfnWeights {
     Dense(ExpertWeights),
-    Moe {
-        /// `[experts, hidden]`.
-        router: Weight,
-        /// Added to the router's logits (gpt-oss).
-        router_bias: Option<Vec<f32>>,
-        shared: Option<SharedExpert>,
-    },
+    Moe { router: Router, shared: Option<SharedExpert> },
 }
 
 /// One decoder layer (experts live behind an `ExpertProvider`).
@@ -49,7 +152,7 @@ pub(crate) enum FfnWeights {
 pub(crate) struct LayerWeights {
     pub(crate) input_norm: Vec<f32>,
     pub(crate) post_attn_norm: Vec<f32>,
-    pub(crate) attn: AttentionWeights,
+    pub(crate) attn: Attention,
     pub(crate) ffn: FfnWeights,
 }
 
@@ -83,12 +186,12 @@ impl Model {
         self.layers
             .iter()
             .filter_map(|l| match &l.ffn {
-                FfnWeights::Moe { router, router_bias, .. } => {
-                    let mut r = router.to_f32();
+                FfnWeights::Moe { router, .. } => {
+                    let mut r = router.weight.to_f32();
                     for row in r.chunks_exact_mut(h) {
                         row.iter_mut().zip(&l.post_attn_norm).for_each(|(w, g)| *w *= g);
                     }
-                    let b = router_bias.clone().unwrap_or_else(|| vec![0.0; router.rows()]);
+                    let b = router.bias.clone().unwrap_or_else(|| vec![0.0; router.weight.rows()]);
                     Some((r, b))
                 }
                 FfnWeights::Dense(_) => None,
@@ -106,11 +209,12 @@ impl Model {
             .layers
             .iter()
             .map(|l| {
-                let a = l.attn.qkv.nbytes() + l.attn.o.nbytes();
+                let a = l.attn.nbytes();
                 let f = match &l.ffn {
                     FfnWeights::Dense(m) => m.nbytes(),
                     FfnWeights::Moe { router, shared, .. } => {
-                        router.nbytes() + shared.as_ref().map_or(0, |s| s.mlp.nbytes() + s.gate.nbytes())
+                        router.weight.nbytes()
+                            + shared.as_ref().map_or(0, |s| s.mlp.nbytes() + s.gate.as_ref().map_or(0, Weight::nbytes))
                     }
                 };
                 a + f
@@ -140,26 +244,41 @@ impl Model {
             let layer = LayerWeights {
                 input_norm: ck.vector(&n.get("input_layernorm.weight"), h)?,
                 post_attn_norm: ck.vector(&n.get("post_attention_layernorm.weight"), h)?,
-                attn: load_attention(ck, cfg, &n)?,
+                attn: match cfg.attention.mla {
+                    Some(_) => Attention::Latent(load_latent(ck, cfg, &n)?),
+                    None => Attention::Standard(load_attention(ck, cfg, &n)?),
+                },
                 ffn: match kind {
                     FfnKind::Dense(width) => FfnWeights::Dense(ExpertWeights::load(ck, &n.mlp(None), h, *width)?),
-                    FfnKind::Moe => FfnWeights::Moe {
-                        router: ck.weight(&n.router(), cfg.moe.num_experts, h)?,
-                        router_bias: match cfg.moe.router_bias {
-                            true => Some(ck.vector(&n.router_bias(), cfg.moe.num_experts)?),
-                            false => None,
-                        },
-                        shared: match cfg.moe.shared_expert_ffn {
-                            Some(w) => Some(SharedExpert {
-                                mlp: ExpertWeights::load(ck, &n.mlp(Some("shared_expert")), h, w)?,
-                                gate: ck.weight(&n.get("mlp.shared_expert_gate.weight"), 1, h)?,
-                            }),
-                            None => None,
-                        },
-                    },
+                    FfnKind::Moe => {
+                        let e = cfg.moe.num_experts;
+                        FfnWeights::Moe {
+                            router: Router {
+                                weight: ck.weight(&n.router(), e, h)?,
+                                bias: match cfg.moe.router_bias {
+                                    true => Some(ck.vector(&n.router_bias(), e)?),
+                                    false => None,
+                                },
+                                correction: match cfg.moe.routing.has_correction_bias() {
+                                    true => Some(ck.vector(&n.correction_bias(), e)?),
+                                    false => None,
+                                },
+                            },
+                            shared: match cfg.moe.shared_expert_ffn {
+                                Some(w) => Some(SharedExpert {
+                                    mlp: ExpertWeights::load(ck, &n.mlp(Some(n.shared_expert())), h, w)?,
+                                    gate: match cfg.moe.shared_expert_gated {
+                                        true => Some(ck.weight(&n.get("mlp.shared_expert_gate.weight"), 1, h)?),
+                                        false => None,
+                                    },
+                                }),
+                                None => None,
+                            },
+                        }
+                    }
                 },
             };
-            on_tensor(layer.attn.qkv.nbytes() + layer.attn.o.nbytes());
+            on_tensor(layer.attn.nbytes());
             layers.push(layer);
         }
         let final_norm = ck.vector("model.norm.weight", h)?;
@@ -170,6 +289,33 @@ impl Model {
         };
         Ok(Self { rope: Rope::new(&cfg.attention), cfg: cfg.clone(), embed, layers, final_norm, lm_head })
     }
+}
+
+fn load_latent(ck: &Checkpoint, cfg: &ModelConfig, n: &LayerNames) -> Result<LatentWeights> {
+    let a = &cfg.attention;
+    let m = a.mla.expect("latent attention has its shape");
+    let h = cfg.hidden_size;
+    let qw = a.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim);
+    let q = match m.q_lora_rank {
+        None => LatentQuery::Full(ck.weight(&n.get("self_attn.q_proj.weight"), qw, h)?),
+        Some(r) => LatentQuery::LowRank {
+            a: ck.weight(&n.get("self_attn.q_a_proj.weight"), r, h)?,
+            norm: ck.vector(&n.get("self_attn.q_a_layernorm.weight"), r)?,
+            b: ck.weight(&n.get("self_attn.q_b_proj.weight"), qw, r)?,
+        },
+    };
+    let r = m.kv_lora_rank;
+    LatentWeights::new(
+        q,
+        (
+            ck.weight(&n.get("self_attn.kv_a_proj_with_mqa.weight"), r + m.qk_rope_head_dim, h)?,
+            ck.vector(&n.get("self_attn.kv_a_layernorm.weight"), r)?,
+        ),
+        ck.weight(&n.get("self_attn.kv_b_proj.weight"), a.num_heads * (m.qk_nope_head_dim + m.v_head_dim), r)?,
+        ck.weight(&n.get("self_attn.o_proj.weight"), h, a.num_heads * m.v_head_dim)?,
+        &m,
+        a.num_heads,
+    )
 }
 
 fn load_attention(ck: &Checkpoint, cfg: &ModelConfig, n: &LayerNames) -> Result<AttentionWeights> {

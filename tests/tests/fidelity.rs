@@ -7,7 +7,9 @@
 //! the sequence runs alone or batched.
 
 use anyhow::{ensure, Context, Result};
-use moe_model::{load_weights, ExpertProvider, KvCache, LogitsRequest, Model, ModelConfig, SeqChunk, Workspace};
+use moe_model::{
+    load_weights, ExpertProvider, KvCache, LatentPath, LogitsRequest, Model, ModelConfig, SeqChunk, Workspace,
+};
 use moe_scheduler::{BlockAllocator, BlockTable};
 use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
@@ -117,7 +119,14 @@ impl Harness {
 }
 
 fn check_fixture(name: &str) -> Result<()> {
+    check_fixture_path(name, LatentPath::Auto)
+}
+
+/// As [`check_fixture`], with latent attention (DeepSeek) pinned to `path`
+/// for the prompt and every decode step.
+fn check_fixture_path(name: &str, path: LatentPath) -> Result<()> {
     let (mut h, r) = Harness::load(name)?;
+    h.ws.set_latent_path(path);
     let t = r.input_ids.len();
     let v = h.cfg.vocab_size;
 
@@ -404,8 +413,43 @@ fidelity!(
     olmoe,
     gpt_oss,
     gpt_oss_bf16,
-    gpt_oss_mxfp4
+    gpt_oss_mxfp4,
+    deepseek_v2,
+    deepseek_v2_grouped,
+    deepseek_v3,
+    glm4_moe
 );
+
+/// Latent attention's two forms, each alone for the prompt and every decode
+/// step, against transformers.
+macro_rules! latent_paths {
+    ($($name:ident),*) => {$(
+        mod $name {
+            #[test]
+            fn absorbed_form_matches_transformers() {
+                super::super::check_fixture_path(stringify!($name), super::super::LatentPath::Absorbed).unwrap();
+            }
+            #[test]
+            fn expanded_form_matches_transformers() {
+                super::super::check_fixture_path(stringify!($name), super::super::LatentPath::Expanded).unwrap();
+            }
+        }
+    )*};
+}
+
+mod latent {
+    latent_paths!(deepseek_v2, deepseek_v2_grouped, deepseek_v3);
+}
+
+#[test]
+fn the_latent_cache_holds_the_latent_and_the_rope_key() {
+    let cfg = ModelConfig::from_file(&fixture_dir("deepseek_v2").join("config.json")).unwrap();
+    // kv_lora_rank 32 + qk_rope_head_dim 8 per token and layer, no values
+    assert_eq!(KvCache::new(&cfg, 4, 4).widths(), (40, 0));
+    assert_eq!(cfg.kv_bytes_per_token(), 4 * 40 * 3);
+    // expanded: 4 heads of 24-wide keys and 16-wide values
+    assert_eq!(cfg.expanded_kv_bytes_per_token(), 4 * 4 * (24 + 16) * 3);
+}
 
 /// The harness must notice a wrong weight: perturb one expert weight and the
 /// comparison has to fail.
