@@ -147,6 +147,19 @@ FIXTURES = {
                               "rope_theta": 10000.0}),
         dict(save_dtype=torch.float32, group_choice=True, correction_bias=True, mtp_layer=True),
     ),
+    # DeepSeek-V3/R1 as released: block-scaled FP8 weights (float8_e4m3fn codes, one f32
+    # `weight_scale_inv` per 128x128 block) for every linear layer but the embedding, the
+    # head and the routers; widths of 128 so experts, dense and shared MLPs and the
+    # latent/query down-projections are whole blocks (the dense and shared MLPs two
+    # blocks wide or tall, 256), the rest partial ones. The
+    # reference computes in f32 with the dequantized weights
+    "deepseek_v3_fp8": (
+        DeepseekV3ForCausalLM, DeepseekV3Config,
+        dict(DEEPSEEK, hidden_size=128, moe_intermediate_size=128, intermediate_size=256, q_lora_rank=24,
+             n_group=4, topk_group=2, n_shared_experts=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+             rope_interleave=True, rope_theta=10000.0),
+        dict(save_dtype=torch.float32, correction_bias=True, fp8=True),
+    ),
     # GLM-4.5's form: GQA with half the head rotated (partial_rotary_factor 0.5), per-head
     # q/k norm, q/k/v biases (none on o), layer 0 dense, DeepSeek-V3's router (2 groups of
     # 4, one kept) with a correction bias, one shared expert
@@ -431,6 +444,79 @@ def add_mtp_layer(out_dir, cfg, gen):
     save_file(state, path, metadata={"format": "pt"})
 
 
+# -------------------------------------------------------------------------- FP8
+
+
+def fp8_blocks(w):
+    """(codes, scale_inv, dequantized) of a 2-D weight: per 128x128 block, scale_inv =
+    amax / 448 (1 for an all-zero block), codes = round-to-nearest float8_e4m3fn of
+    w / scale_inv, dequantized = codes * scale_inv, as block-scaled FP8 checkpoints hold."""
+    r, c = w.shape
+    rb, cb = -(-r // 128), -(-c // 128)
+    pad = torch.zeros(rb * 128, cb * 128)
+    pad[:r, :c] = w
+    blocks = pad.view(rb, 128, cb, 128)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    codes = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    deq = codes.float() * scale[:, None, :, None]
+    crop = lambda t: t.reshape(rb * 128, cb * 128)[:r, :c].contiguous()
+    return crop(codes), scale.contiguous(), crop(deq)
+
+
+def quantize_fp8(model):
+    """Every linear weight but the embedding, head and routers to block-scaled FP8, in
+    place (the model then holds the dequantized values); returns {saved tensor name:
+    (codes, scale_inv)}. Merged expert tensors are quantized per saved matrix (gate and
+    up halves and down of each expert), the blocks of the checkpoint's own tensors."""
+    packed = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name or name.startswith("lm_head") or name.endswith("mlp.gate.weight"):
+                continue
+            if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+                base = name.rsplit(".", 1)[0]
+                for e in range(p.shape[0]):
+                    if name.endswith("gate_up_proj"):
+                        f = p.shape[1] // 2
+                        parts = [("gate_proj", slice(0, f)), ("up_proj", slice(f, 2 * f))]
+                    else:
+                        parts = [("down_proj", slice(0, p.shape[1]))]
+                    for proj, rows in parts:
+                        codes, scale, deq = fp8_blocks(p[e, rows].float())
+                        p[e, rows] = deq
+                        packed[f"{base}.{e}.{proj}.weight"] = (codes, scale)
+            elif p.dim() == 2:
+                codes, scale, deq = fp8_blocks(p.float())
+                p.copy_(deq)
+                packed[name] = (codes, scale)
+    return packed
+
+
+def write_fp8_checkpoint(out_dir, packed):
+    """Replaces the saved (dequantized) f32 weights by their FP8 codes and scales and
+    marks the config as FP8-quantized, as DeepSeek-V3's releases are."""
+    from safetensors.torch import load_file as load_st
+
+    path = os.path.join(out_dir, "model.safetensors")
+    state = load_st(path)
+    for name, (codes, scale) in packed.items():
+        assert name in state, f"{name} not in the checkpoint"
+        assert torch.equal(state[name], codes.float() * torch.repeat_interleave(torch.repeat_interleave(
+            scale, 128, 0), 128, 1)[:codes.shape[0], :codes.shape[1]]), name
+        state[name] = codes
+        state[name + "_scale_inv"] = scale
+    save_file(state, path, metadata={"format": "pt"})
+    cfg_path = os.path.join(out_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 # -------------------------------------------------------------------- references
 
 
@@ -506,6 +592,7 @@ def build_fixture(name, spec, seed, out_dir, args):
                     buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
     input_ids = torch.randint(3, VOCAB, (SEQ_LEN,), generator=gen, dtype=torch.int64)
     packed = quantize_experts_mxfp4(model) if opts.get("mxfp4") else None
+    fp8 = quantize_fp8(model) if opts.get("fp8") else None
 
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
@@ -551,6 +638,8 @@ def build_fixture(name, spec, seed, out_dir, args):
 
     if packed is not None:
         write_mxfp4_checkpoint(out_dir, packed)
+    if fp8 is not None:
+        write_fp8_checkpoint(out_dir, fp8)
     if opts.get("mtp_layer"):
         add_mtp_layer(out_dir, cfg, gen)
     tensors = {"input_ids": input_ids, "logits": logits.contiguous(), "greedy_ids": greedy}

@@ -589,9 +589,19 @@ mod tests {
     #[test]
     fn f32_activation_weights_compute_in_float_at_every_row_count() {
         use crate::quant::QuantFormat;
+        for format in [QuantFormat::Mxfp4, QuantFormat::Fp8E4m3] {
+            f32_activations_in_float(format);
+        }
+    }
+
+    fn f32_activations_in_float(format: crate::quant::QuantFormat) {
         let (n, k) = (12, 256);
-        let bytes = crate::quant::tests::random_blocks(QuantFormat::Mxfp4, n * k / 32, 5);
-        let w = Weight::from_quant(n, k, QuantFormat::Mxfp4, bytes).unwrap().with_f32_activations();
+        let bytes = crate::quant::tests::random_blocks(format, n * k / format.block_values(), 5);
+        // FP8 keeps f32 activations without being asked (and after int8 is)
+        let w = match format.int8_activations() {
+            true => Weight::from_quant(n, k, format, bytes).unwrap().with_f32_activations(),
+            false => Weight::from_quant(n, k, format, bytes).unwrap().with_int8_activations(),
+        };
         // kept through row selection and stacking
         let w = Weight::concat_rows(&[w.select_rows(&(0..n).rev().collect::<Vec<_>>()).unwrap(), w]).unwrap();
         let WeightData::Quant(q) = w.data() else { panic!("still quantized") };
@@ -605,7 +615,7 @@ mod tests {
             let scale = wf.iter().fold(0f32, |a, v| a.max(v.abs())) * k as f32;
             for (a, b) in out.iter().zip(&want) {
                 // float rounding only: far below an int8 step of the activations
-                assert!((a - b).abs() <= 1e-6 * scale, "m={m}: {a} vs {b}");
+                assert!((a - b).abs() <= 1e-6 * scale, "{format} m={m}: {a} vs {b}");
             }
         }
     }

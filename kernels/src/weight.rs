@@ -80,7 +80,8 @@ impl Weight {
             cols,
         })?;
         check_len("quantized weight bytes", rows * row, bytes.len())?;
-        Ok(Self { rows, cols, data: WeightData::Quant(QuantData { format, bytes, f32_acts: false }) })
+        let f32_acts = !format.int8_activations();
+        Ok(Self { rows, cols, data: WeightData::Quant(QuantData { format, bytes, f32_acts }) })
     }
 
     /// A quantized matrix whose products keep the activations in f32 at
@@ -95,10 +96,11 @@ impl Weight {
     }
 
     /// This matrix with products that quantize few activation rows to int8
-    /// (the default for quantized weights; undoes [`Self::with_f32_activations`]).
+    /// (the default for quantized weights; undoes [`Self::with_f32_activations`];
+    /// no effect on formats without integer products, FP8).
     pub fn with_int8_activations(mut self) -> Self {
         if let WeightData::Quant(q) = &mut self.data {
-            q.f32_acts = false;
+            q.f32_acts = !q.format.int8_activations();
         }
         self
     }

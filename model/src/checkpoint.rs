@@ -26,6 +26,9 @@ pub enum StoredType {
     Bf16,
     /// GGUF blocks (kept quantized).
     Quant(QuantFormat),
+    /// `float8_e4m3fn` codes, scaled per 128x128 block by the tensor named
+    /// `<name>_scale_inv` (`crate::fp8`).
+    Fp8E4m3,
     /// Anything else, by its name in the file (refused when used).
     Unsupported(String),
 }
@@ -36,6 +39,7 @@ impl StoredType {
             Dtype::F32 => Self::F32,
             Dtype::F16 => Self::F16,
             Dtype::BF16 => Self::Bf16,
+            Dtype::F8_E4M3 => Self::Fp8E4m3,
             other => Self::Unsupported(format!("{other:?}")),
         }
     }
@@ -157,6 +161,10 @@ impl Checkpoint {
     /// quantized.
     pub fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
         let e = self.entry(name, &[rows, cols])?;
+        if e.dtype == StoredType::Fp8E4m3 {
+            let scales = self.f32_tensor(&crate::fp8::scale_name(name), &crate::fp8::scale_shape(rows, cols))?;
+            return crate::fp8::weight(&display_name(name, e), rows, cols, self.bytes(e), &scales);
+        }
         let w = weight_from_bytes(&display_name(name, e), &e.dtype, rows, cols, self.bytes(e))?;
         match e.rope_heads {
             Some(heads) => unpermute_rope_rows(&w, heads),
@@ -181,6 +189,16 @@ impl Checkpoint {
             rows,
             cols,
         })
+    }
+
+    /// Where the block scales of FP8 matrix `name` (`[rows, cols]`) live.
+    pub(crate) fn locate_fp8_scales(&self, name: &str, rows: usize, cols: usize) -> Result<TensorLocation> {
+        let [rb, cb] = crate::fp8::scale_shape(rows, cols);
+        let loc = self.locate(&crate::fp8::scale_name(name), rb, cb)?;
+        match loc.dtype {
+            StoredType::F32 | StoredType::Bf16 | StoredType::F16 => Ok(loc),
+            _ => Err(ModelError::Dtype { name: loc.name, dtype: type_name(&loc.dtype) }),
+        }
     }
 
     /// A tensor of exactly `shape`, widened to f32 (norms, biases).
@@ -247,6 +265,7 @@ fn type_name(t: &StoredType) -> String {
         StoredType::F16 => "F16".into(),
         StoredType::Bf16 => "BF16".into(),
         StoredType::Quant(q) => q.name().to_uppercase(),
+        StoredType::Fp8E4m3 => "F8_E4M3".into(),
         StoredType::Unsupported(s) => s.clone(),
     }
 }
@@ -303,6 +322,11 @@ impl TensorLocation {
         }
         weight_from_bytes(&self.name, &self.dtype, self.rows, self.cols, bytes)
     }
+
+    /// The values at this location widened to f32 (FP8 block scales).
+    pub(crate) fn to_f32(&self, bytes: &[u8]) -> Result<Vec<f32>> {
+        Ok(self.to_weight(bytes)?.to_f32())
+    }
 }
 
 /// A `[rows, cols]` matrix from little-endian tensor bytes (bf16 kept as
@@ -313,6 +337,9 @@ fn weight_from_bytes(name: &str, dtype: &StoredType, rows: usize, cols: usize, b
         StoredType::Bf16 => Weight::from_bf16_bits(rows, cols, u16s(b)),
         StoredType::F16 => Weight::from_f16_bits(rows, cols, &u16s(b)),
         StoredType::Quant(q) => Weight::from_quant(rows, cols, *q, b.to_vec()),
+        StoredType::Fp8E4m3 => {
+            return Err(ModelError::Unsupported(format!("{name}: FP8 codes read without their block scales")))
+        }
         StoredType::Unsupported(d) => return Err(ModelError::Dtype { name: name.into(), dtype: d.clone() }),
     };
     Ok(w?)

@@ -352,6 +352,7 @@ struct RawConfig {
     partial_rotary_factor: Option<f64>,
     use_qk_norm: Option<bool>,
     mlp_bias: Option<bool>,
+    quantization_config: Option<Value>,
     swiglu_limit: Option<f64>,
     swiglu_alpha: Option<f64>,
     bos_token_id: Option<Value>,
@@ -473,6 +474,7 @@ impl ModelConfig {
             Arch::DeepseekV2 | Arch::Glm4Moe => raw.routed_scaling_factor.unwrap_or(1.0) as f32,
             _ => 1.0,
         };
+        check_quantization(raw.quantization_config.as_ref()).map_err(bad)?;
         if raw.mlp_bias == Some(true) {
             return Err(ModelError::Unsupported("mlp_bias=true".into()));
         }
@@ -656,6 +658,29 @@ fn resolve_yarn(s: &Value, raw: &RawConfig, max_positions: usize) -> std::result
         attention_factor,
         truncate: s.get("truncate").and_then(Value::as_bool).unwrap_or(true),
     })
+}
+
+/// The checkpoint quantizations read: none, `mxfp4` (gpt-oss's experts) and
+/// `fp8` with 128x128 blocks of e4m3 (`crate::fp8`); others are refused
+/// here rather than misread later.
+fn check_quantization(q: Option<&Value>) -> std::result::Result<(), String> {
+    let Some(q) = q.filter(|v| !v.is_null()) else { return Ok(()) };
+    match q.get("quant_method").and_then(Value::as_str) {
+        Some("mxfp4") => Ok(()),
+        Some("fp8") => {
+            if let Some(b) = q.get("weight_block_size").filter(|v| !v.is_null()) {
+                if b.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect::<Vec<_>>()) != Some(vec![128, 128])
+                {
+                    return Err(format!("fp8 weight_block_size {b} (only [128, 128])"));
+                }
+            }
+            match q.get("fmt").and_then(Value::as_str) {
+                None | Some("e4m3") => Ok(()),
+                Some(other) => Err(format!("fp8 fmt {other:?} (only \"e4m3\")")),
+            }
+        }
+        other => Err(format!("quantization_config.quant_method {other:?} (supported: fp8, mxfp4)")),
+    }
 }
 
 /// Latent attention's widths, all present and positive (but the query rank).
@@ -892,6 +917,91 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("must be positive"), "{e}");
+    }
+
+    #[test]
+    fn deepseek_v3_as_released() {
+        // the fields of DeepSeek-V3's config.json that matter here
+        let text = r#"{"model_type":"deepseek_v3","vocab_size":129280,"hidden_size":7168,"intermediate_size":18432,
+            "moe_intermediate_size":2048,"num_hidden_layers":61,"num_nextn_predict_layers":1,"num_attention_heads":128,
+            "num_key_value_heads":128,"n_shared_experts":1,"n_routed_experts":256,"routed_scaling_factor":2.5,
+            "kv_lora_rank":512,"q_lora_rank":1536,"qk_rope_head_dim":64,"v_head_dim":128,"qk_nope_head_dim":128,
+            "topk_method":"noaux_tc","n_group":8,"topk_group":4,"num_experts_per_tok":8,"moe_layer_freq":1,
+            "first_k_dense_replace":3,"norm_topk_prob":true,"scoring_func":"sigmoid","hidden_act":"silu",
+            "max_position_embeddings":163840,"rms_norm_eps":1e-06,"rope_theta":10000,"attention_bias":false,
+            "rope_scaling":{"beta_fast":32,"beta_slow":1,"factor":40,"mscale":1.0,"mscale_all_dim":1.0,
+            "original_max_position_embeddings":4096,"type":"yarn"},
+            "quantization_config":{"activation_scheme":"dynamic","fmt":"e4m3","quant_method":"fp8","weight_block_size":[128,128]},
+            "tie_word_embeddings":false,"bos_token_id":0,"eos_token_id":1}"#;
+        let c = ModelConfig::from_json(text).unwrap();
+        assert_eq!(c.arch, Arch::DeepseekV3);
+        let m = c.attention.mla.unwrap();
+        assert_eq!(
+            (m.q_lora_rank, m.kv_lora_rank, c.attention.head_dim, c.attention.rotary_dim),
+            (Some(1536), 512, 192, 64)
+        );
+        assert!(c.attention.rope_interleaved);
+        // 192^-1/2 times (0.1 ln 40 + 1)^2; cos/sin unscaled (mscale = mscale_all_dim)
+        let want = (192f64.powf(-0.5) * (0.1 * 40f64.ln() + 1.0).powi(2)) as f32;
+        assert_eq!(c.attention.softmax_scale, want);
+        assert!(
+            matches!(c.attention.rope_scaling, RopeScaling::Yarn(y) if y.attention_factor == 1.0 && y.factor == 40.0)
+        );
+        assert_eq!(c.moe.routing, Routing::SigmoidGrouped { groups: 8, topk_groups: 4 });
+        assert_eq!(
+            (c.moe.routed_scaling_factor, c.moe.shared_expert_ffn, c.moe.shared_expert_gated),
+            (2.5, Some(2048), false)
+        );
+        assert_eq!(c.layers[..4], [FfnKind::Dense(18432), FfnKind::Dense(18432), FfnKind::Dense(18432), FfnKind::Moe]);
+        assert_eq!(c.num_layers(), 61, "the MTP layer is not a decoder layer");
+        // 61 layers of (512 + 64) f32 against 128 heads of 192-wide keys and 128-wide values
+        assert_eq!((c.kv_bytes_per_token(), c.expanded_kv_bytes_per_token()), (4 * 576 * 61, 4 * 128 * 320 * 61));
+        // Kimi K2 names its configs kimi_k2
+        assert_eq!(ModelConfig::from_json(&text.replace("deepseek_v3", "kimi_k2")).unwrap().arch, Arch::DeepseekV3);
+        for (from, to, says) in [
+            (r#""weight_block_size":[128,128]"#, r#""weight_block_size":[1,128]"#, "weight_block_size"),
+            (r#""quant_method":"fp8""#, r#""quant_method":"awq""#, "awq"),
+            (r#""n_group":8"#, r#""n_group":7"#, "n_group 7"),
+            (r#""topk_group":4"#, r#""topk_group":9"#, "topk_group 9"),
+            (r#""scoring_func":"sigmoid""#, r#""scoring_func":"softmax""#, "scoring_func"),
+            (r#""moe_layer_freq":1"#, r#""moe_layer_freq":2"#, "moe_layer_freq"),
+            (r#""kv_lora_rank":512,"#, "", "kv_lora_rank"),
+        ] {
+            let e = ModelConfig::from_json(&text.replace(from, to)).unwrap_err();
+            assert!(e.to_string().contains(says), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn deepseek_v2_lite_and_glm_as_released() {
+        let v2 = r#"{"model_type":"deepseek_v2","vocab_size":102400,"hidden_size":2048,"intermediate_size":10944,
+            "moe_intermediate_size":1408,"num_hidden_layers":27,"num_attention_heads":16,"num_key_value_heads":16,
+            "n_shared_experts":2,"n_routed_experts":64,"routed_scaling_factor":1.0,"kv_lora_rank":512,"q_lora_rank":null,
+            "qk_rope_head_dim":64,"v_head_dim":128,"qk_nope_head_dim":128,"topk_method":"greedy","n_group":1,
+            "topk_group":1,"num_experts_per_tok":6,"moe_layer_freq":1,"first_k_dense_replace":1,"norm_topk_prob":false,
+            "scoring_func":"softmax","max_position_embeddings":163840,"rope_theta":10000,
+            "rope_scaling":{"beta_fast":32,"beta_slow":1,"factor":40,"mscale":0.707,"mscale_all_dim":0.707,
+            "original_max_position_embeddings":4096,"type":"yarn"},"rms_norm_eps":1e-06}"#;
+        let c = ModelConfig::from_json(v2).unwrap();
+        assert_eq!((c.arch, c.moe.routing, c.moe.top_k), (Arch::DeepseekV2, Routing::SoftmaxTopK, 6));
+        assert_eq!(c.attention.mla.unwrap().q_lora_rank, None);
+        assert_eq!((c.kv_bytes_per_token(), c.expanded_kv_bytes_per_token()), (4 * 576 * 27, 4 * 16 * 320 * 27));
+        let grouped = v2
+            .replace(r#""topk_method":"greedy","n_group":1,"#, r#""topk_method":"group_limited_greedy","n_group":8,"#)
+            .replace(r#""topk_group":1,"#, r#""topk_group":3,"#);
+        let c = ModelConfig::from_json(&grouped).unwrap();
+        assert_eq!(c.moe.routing, Routing::SoftmaxGroupLimited { groups: 8, topk_groups: 3 });
+        let glm = r#"{"model_type":"glm4_moe","vocab_size":151552,"hidden_size":4096,"intermediate_size":10944,
+            "moe_intermediate_size":1408,"num_hidden_layers":46,"num_attention_heads":96,"num_key_value_heads":8,
+            "head_dim":128,"partial_rotary_factor":0.5,"n_shared_experts":1,"n_routed_experts":128,
+            "routed_scaling_factor":1.0,"n_group":1,"topk_group":1,"num_experts_per_tok":8,"first_k_dense_replace":1,
+            "norm_topk_prob":true,"use_qk_norm":false,"attention_bias":true,"rope_theta":1000000,
+            "max_position_embeddings":131072,"rms_norm_eps":1e-05,"num_nextn_predict_layers":1}"#;
+        let c = ModelConfig::from_json(glm).unwrap();
+        assert_eq!((c.attention.head_dim, c.attention.rotary_dim, c.attention.num_kv_heads), (128, 64, 8));
+        assert!(c.attention.qkv_bias && !c.attention.o_bias && c.attention.qk_norm == QkNorm::None);
+        assert_eq!(c.moe.routing, Routing::SigmoidGrouped { groups: 1, topk_groups: 1 });
+        assert_eq!(c.layers[0], FfnKind::Dense(10944));
     }
 
     #[test]

@@ -79,11 +79,18 @@ enum Layout {
     Split,
     /// gpt-oss's slices of its merged tensors (`gpt_oss.rs`).
     GptOss(crate::gpt_oss::Stored),
+    /// As `Split` in FP8, then the three matrices' block scales (`fp8.rs`).
+    SplitFp8,
 }
 
 impl ExpertLocation {
     pub(crate) fn split(gate: TensorLocation, up: TensorLocation, down: TensorLocation) -> Self {
         Self { parts: vec![gate, up, down], layout: Layout::Split }
+    }
+
+    /// An FP8 expert: gate, up and down codes, then their scales.
+    pub(crate) fn split_fp8(codes: [TensorLocation; 3], scales: [TensorLocation; 3]) -> Self {
+        Self { parts: codes.into_iter().chain(scales).collect(), layout: Layout::SplitFp8 }
     }
 
     pub(crate) fn gpt_oss(parts: Vec<TensorLocation>, stored: crate::gpt_oss::Stored) -> Self {
@@ -113,6 +120,7 @@ impl ExpertLocation {
         match self.layout {
             Layout::Split => self.parts.iter().map(widened).sum(),
             Layout::GptOss(stored) => crate::gpt_oss::resident_bytes(stored, &self.parts),
+            Layout::SplitFp8 => self.parts[..3].iter().map(|t| crate::fp8::resident_bytes(t.rows, t.cols)).sum(),
         }
     }
 
@@ -127,6 +135,14 @@ impl ExpertLocation {
                 ExpertWeights::from_parts(w(0)?, w(1)?, w(2)?)
             }
             Layout::GptOss(stored) => crate::gpt_oss::assemble(stored, &self.parts, bytes),
+            Layout::SplitFp8 => {
+                let w = |i: usize| {
+                    let (codes, scales) = (&self.parts[i], &self.parts[i + 3]);
+                    let s = scales.to_f32(bytes[i + 3])?;
+                    crate::fp8::weight(&codes.name, codes.rows, codes.cols, bytes[i], &s)
+                };
+                ExpertWeights::from_parts(w(0)?, w(1)?, w(2)?)
+            }
         }
     }
 }
@@ -147,11 +163,18 @@ pub fn locate_experts(ck: &Checkpoint, cfg: &ModelConfig) -> Result<Vec<Vec<Expe
                     continue;
                 }
                 let n = names.expert(e);
-                layer.push(ExpertLocation::split(
-                    ck.locate(&n[0], f, h)?,
-                    ck.locate(&n[1], f, h)?,
-                    ck.locate(&n[2], h, f)?,
-                ));
+                let codes = [ck.locate(&n[0], f, h)?, ck.locate(&n[1], f, h)?, ck.locate(&n[2], h, f)?];
+                if codes.iter().any(|t| t.dtype == crate::StoredType::Fp8E4m3) {
+                    let scales = [
+                        ck.locate_fp8_scales(&n[0], f, h)?,
+                        ck.locate_fp8_scales(&n[1], f, h)?,
+                        ck.locate_fp8_scales(&n[2], h, f)?,
+                    ];
+                    layer.push(ExpertLocation::split_fp8(codes, scales));
+                } else {
+                    let [g, u, d] = codes;
+                    layer.push(ExpertLocation::split(g, u, d));
+                }
             }
         }
         out.push(layer);

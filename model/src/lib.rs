@@ -27,6 +27,7 @@ mod config;
 mod error;
 mod experts;
 mod forward;
+mod fp8;
 pub mod gguf;
 mod gpt_oss;
 mod kv_cache;

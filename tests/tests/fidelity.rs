@@ -361,6 +361,29 @@ fn gpt_oss_experts_stream_from_disk_through_a_half_size_cache() {
     }
 }
 
+#[test]
+fn deepseek_and_glm_experts_stream_from_disk_through_a_half_size_cache() {
+    for name in ["deepseek_v2", "deepseek_v2_grouped", "deepseek_v3", "deepseek_v3_fp8", "glm4_moe"] {
+        check_cached(name).unwrap();
+    }
+}
+
+#[test]
+fn fp8_experts_stay_one_byte_per_weight() {
+    let dir = fixture_dir("deepseek_v3_fp8");
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let (_, experts) = load_weights(&dir, &cfg, &mut ()).unwrap();
+    let layer = cfg.moe_layers().next().unwrap();
+    let w = experts.get(moe_types::LayerId(layer as u16), moe_types::ExpertId(0)).unwrap();
+    let (h, f) = (cfg.hidden_size, cfg.moe.expert_ffn);
+    assert_eq!(w.gate_up.quant_format(), Some(moe_kernels::QuantFormat::Fp8E4m3));
+    assert_eq!(w.down.quant_format(), Some(moe_kernels::QuantFormat::Fp8E4m3));
+    // one byte a weight plus an f32 scale per 128
+    assert_eq!(w.nbytes(), 3 * h * f * 132 / 128);
+    let locs = moe_model::locate_experts(&moe_model::Checkpoint::open(&dir).unwrap(), &cfg).unwrap();
+    assert_eq!(locs[layer][0].resident_bytes(), w.nbytes());
+}
+
 /// `--expert-activations int8`: the MXFP4 experts' products quantize the
 /// activations as llama.cpp does: no longer exact, close, and it does change
 /// the computation (so the exact default is what the fidelity tests check).
@@ -417,6 +440,7 @@ fidelity!(
     deepseek_v2,
     deepseek_v2_grouped,
     deepseek_v3,
+    deepseek_v3_fp8,
     glm4_moe
 );
 
@@ -438,7 +462,7 @@ macro_rules! latent_paths {
 }
 
 mod latent {
-    latent_paths!(deepseek_v2, deepseek_v2_grouped, deepseek_v3);
+    latent_paths!(deepseek_v2, deepseek_v2_grouped, deepseek_v3, deepseek_v3_fp8);
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub(super) fn dequantize(q: QuantFormat, bytes: &[u8], out: &mut [f32]) {
         QuantFormat::Q5K => q5_k,
         QuantFormat::Q6K => q6_k,
         QuantFormat::Mxfp4 => mxfp4,
+        QuantFormat::Fp8E4m3 => fp8_e4m3,
     };
     for (b, o) in bytes.chunks_exact(q.block_bytes()).zip(out.chunks_exact_mut(q.block_values())) {
         f(b, o);
@@ -150,6 +151,44 @@ pub(super) const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -
 #[inline(always)]
 pub(super) fn e8m0_half(e: u8) -> f32 {
     f32::from_bits(if e < 2 { 0x0020_0000u32 << e } else { ((e as u32) - 1) << 23 })
+}
+
+/// The value of each `float8_e4m3fn` code (NaN for 0x7F and 0xFF).
+pub(super) static E4M3_VALUES: [f32; 256] = e4m3_table();
+
+const fn e4m3_table() -> [f32; 256] {
+    let mut t = [0f32; 256];
+    let mut c = 0;
+    while c < 256 {
+        let (sign, exp, man) = ((c >> 7) as u32, ((c >> 3) & 0x0F) as u32, (c & 0x07) as u32);
+        let bits = if exp == 15 && man == 7 {
+            0x7FC0_0000
+        } else if exp == 0 {
+            if man == 0 {
+                0
+            } else {
+                // man / 8 * 2^-6: normalise into an f32
+                let lead = 31 - man.leading_zeros(); // highest set bit, 0..=2
+                let e = lead + 127 - 9; // 2^(lead - 9)
+                (e << 23) | ((man << (23 - lead)) & 0x007F_FFFF)
+            }
+        } else {
+            ((exp + 120) << 23) | (man << 20)
+        };
+        t[c] = f32::from_bits(bits | (sign << 31));
+        c += 1;
+    }
+    t
+}
+
+/// FP8: a little-endian f32 scale, then 128 e4m3 codes; each value is the
+/// code's value times the scale (one f32 multiply, as a dequantize-then-
+/// compute reference does).
+fn fp8_e4m3(b: &[u8], out: &mut [f32]) {
+    let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    for (o, &c) in out.iter_mut().zip(&b[4..132]) {
+        *o = E4M3_VALUES[c as usize] * d;
+    }
 }
 
 /// MXFP4: one e8m0 byte, then 16 bytes: value `l` is the low nibble of

@@ -48,6 +48,7 @@ pub(crate) unsafe fn dot_block(
     n: usize,
 ) {
     let groups = a.k / QK;
+    assert!(format.int8_activations(), "{format} weights compute with f32 activations");
     assert!(a.block == act_block(format), "activations quantized for another format");
     assert!(m * groups <= a.sums.len(), "activation rows out of range");
     assert!(row_bytes >= a.k / format.block_values() * format.block_bytes(), "weight rows too short");
@@ -150,6 +151,7 @@ fn group(format: QuantFormat, w: &[u8], g: usize) -> Group {
             fifth(&b[4..8], &mut q);
             Group { q, scale: one(f16_at(b, 0)), min: f16_at(b, 2) }
         }
+        QuantFormat::Fp8E4m3 => unreachable!("fp8 weights compute with f32 activations (checked in dot_block)"),
         QuantFormat::Mxfp4 => {
             let b = &w[g * 17..];
             for l in 0..16 {
@@ -400,6 +402,7 @@ mod x86 {
                     acc.add(g, wv, ones, f16_at(w, g * 24), f16_at(w, g * 24 + 2));
                 }
             }
+            QuantFormat::Fp8E4m3 => unreachable!("fp8 weights compute with f32 activations (checked in dot_block)"),
             QuantFormat::Mxfp4 => {
                 let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(MXFP4_VALUES.as_ptr() as *const __m128i));
                 for g in 0..groups {

@@ -48,6 +48,13 @@ pub enum QuantFormat {
     /// OCP microscaling FP4: 32 e2m1 values and one e8m0 scale: 4.25 bits
     /// per weight (gpt-oss's experts).
     Mxfp4,
+    /// FP8 (`float8_e4m3fn`) values with one f32 scale per 128: 8.25 bits
+    /// per weight. Not a GGUF type: the layout of block-scaled FP8
+    /// checkpoints (DeepSeek-V3, Kimi K2, GLM-4.5-FP8), whose 128x128
+    /// blocks share a scale, with each row's 128-wide slice carrying it. A
+    /// block is the f32 scale (little-endian), then 128 codes. Products keep
+    /// f32 activations ([`Self::int8_activations`] is false).
+    Fp8E4m3,
 }
 
 impl QuantFormat {
@@ -60,7 +67,14 @@ impl QuantFormat {
         match self {
             Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Mxfp4 => 32,
             Self::Q4K | Self::Q5K | Self::Q6K => 256,
+            Self::Fp8E4m3 => 128,
         }
+    }
+
+    /// Whether products may quantize activation rows to int8 blocks (the
+    /// integer dot products of [`dot`]); FP8 values are not integers.
+    pub const fn int8_activations(self) -> bool {
+        !matches!(self, Self::Fp8E4m3)
     }
 
     /// Bytes per block.
@@ -75,6 +89,7 @@ impl QuantFormat {
             Self::Q5K => 176,
             Self::Q6K => 210,
             Self::Mxfp4 => 17,
+            Self::Fp8E4m3 => 132,
         }
     }
 
@@ -90,6 +105,7 @@ impl QuantFormat {
             Self::Q5K => "q5_k",
             Self::Q6K => "q6_k",
             Self::Mxfp4 => "mxfp4",
+            Self::Fp8E4m3 => "fp8_e4m3",
         }
     }
 
@@ -169,13 +185,19 @@ pub(crate) mod tests {
             QuantFormat::Q4_1 | QuantFormat::Q5_1 => &[0, 2],
             QuantFormat::Q4K | QuantFormat::Q5K => &[0, 2],
             QuantFormat::Q6K => &[208],
-            QuantFormat::Mxfp4 => &[],
+            QuantFormat::Mxfp4 | QuantFormat::Fp8E4m3 => &[],
         };
         for b in bytes.chunks_mut(q.block_bytes()) {
             if q == QuantFormat::Q8_0 {
                 // valid files hold -127..=127 (the integer dot's sign trick
                 // relies on it, as llama.cpp's does)
                 b[2..34].iter_mut().filter(|v| **v == 0x80).for_each(|v| *v = 0x81);
+            }
+            if q == QuantFormat::Fp8E4m3 {
+                // a finite f32 scale, and no NaN codes (0x7F, 0xFF)
+                let scale = (b[0] as f32 - 128.0) / 3000.0;
+                b[..4].copy_from_slice(&scale.to_le_bytes());
+                b[4..].iter_mut().filter(|v| **v & 0x7F == 0x7F).for_each(|v| *v ^= 1);
             }
             if q == QuantFormat::Mxfp4 {
                 // e8m0 scales near 2^-5 (and rarely the subnormal ones)
@@ -191,7 +213,7 @@ pub(crate) mod tests {
 
     #[test]
     fn simd_dequantization_is_bit_exact_with_the_portable_one() {
-        for q in QuantFormat::ALL {
+        for q in QuantFormat::ALL.into_iter().chain([QuantFormat::Fp8E4m3]) {
             for n in [1, 3, 8] {
                 let bytes = random_blocks(q, n, n as u64 + 7);
                 let mut fast = vec![0f32; n * q.block_values()];
@@ -219,6 +241,32 @@ pub(crate) mod tests {
             assert!(matches!(mixed.data(), crate::WeightData::F32(_)));
             let want: Vec<f32> = parts.iter().flat_map(crate::Weight::to_f32).collect();
             assert_eq!(mixed.to_f32(), want);
+        }
+    }
+
+    #[test]
+    fn fp8_codes_are_e4m3fn_values_times_the_scale() {
+        // sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is
+        // subnormal; 0x7F is NaN; 448 the largest
+        let cases = [
+            (0x00u8, 0.0f32),
+            (0x38, 1.0),
+            (0x40, 2.0),
+            (0x3C, 1.5),
+            (0xB8, -1.0),
+            (0x7E, 448.0),
+            (0x01, 1.0 / 512.0),
+            (0x08, 1.0 / 64.0),
+        ];
+        let mut block = vec![0u8; 132];
+        block[..4].copy_from_slice(&0.25f32.to_le_bytes());
+        for (i, &(code, _)) in cases.iter().enumerate() {
+            block[4 + i] = code;
+        }
+        let mut out = vec![0f32; 128];
+        QuantFormat::Fp8E4m3.dequantize(&block, &mut out);
+        for (i, &(code, value)) in cases.iter().enumerate() {
+            assert_eq!(out[i], value * 0.25, "code {code:#04x}");
         }
     }
 

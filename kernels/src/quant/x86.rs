@@ -2,7 +2,7 @@
 //! multiply (and subtract) as in [`super::blocks`], unfused, so results are
 //! bit-identical to the portable path.
 
-use super::blocks::{e8m0_half, scale_min_k4, MXFP4_VALUES};
+use super::blocks::{e8m0_half, scale_min_k4, E4M3_VALUES, MXFP4_VALUES};
 use super::QuantFormat;
 use crate::simd::avx2::f16_at;
 use std::arch::x86_64::*;
@@ -28,6 +28,7 @@ pub(super) unsafe fn dequantize(q: QuantFormat, bytes: &[u8], out: &mut [f32]) {
         QuantFormat::Q5K => each_block!(q5_k),
         QuantFormat::Q6K => each_block!(q6_k),
         QuantFormat::Mxfp4 => each_block!(mxfp4),
+        QuantFormat::Fp8E4m3 => each_block!(fp8_e4m3),
         QuantFormat::Q4_1 => each_block!(q4_1),
         QuantFormat::Q5_0 => each_block!(q5_0),
         QuantFormat::Q5_1 => each_block!(q5_1),
@@ -213,6 +214,19 @@ unsafe fn q5_1(b: &[u8], out: *mut f32) {
     let (d, m) = (_mm256_set1_ps(f16_at(b, 0)), _mm256_set1_ps(f16_at(b, 2)));
     let q = _mm256_or_si256(nibbles16(b.as_ptr().add(8)), fifth_bits(b.as_ptr().add(4)));
     store_u8x32_plus(q, d, m, out);
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fp8_e4m3(b: &[u8], out: *mut f32) {
+    let d = _mm256_set1_ps(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let codes = b.as_ptr().add(4);
+    for i in (0..128).step_by(8) {
+        // widen 8 codes in registers: table lookups by gather (indices are
+        // bytes, within the 256-entry table), then the scale
+        let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.add(i) as *const __m128i));
+        let v = _mm256_i32gather_ps::<4>(E4M3_VALUES.as_ptr(), idx);
+        _mm256_storeu_ps(out.add(i), _mm256_mul_ps(v, d));
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
