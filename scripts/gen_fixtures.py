@@ -123,7 +123,7 @@ FIXTURES = {
              rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
                               "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
                               "rope_theta": 10000.0}),
-        dict(save_dtype=torch.float32),
+        dict(save_dtype=torch.float32, byte_tokenizer=True),
     ),
     # DeepSeek-V2's form: a low-rank query with its norm, group-limited greedy routing
     # (2 groups of 4, the one with the best expert kept: the choice differs from plain top-k)
@@ -131,7 +131,7 @@ FIXTURES = {
         DeepseekV2ForCausalLM, DeepseekV2Config,
         dict(DEEPSEEK, q_lora_rank=24, topk_method="group_limited_greedy", n_group=2, topk_group=1,
              n_shared_experts=1, routed_scaling_factor=1.0, rope_theta=10000.0),
-        dict(save_dtype=torch.float32, group_choice=True),
+        dict(save_dtype=torch.float32, group_choice=True, byte_tokenizer=True),
     ),
     # DeepSeek-V3's form: sigmoid scores with a random non-zero correction bias (selection
     # only), 4 groups of 2 ranked by their top-2 sum with 2 kept, renormalised and scaled
@@ -145,7 +145,8 @@ FIXTURES = {
              rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
                               "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1,
                               "rope_theta": 10000.0}),
-        dict(save_dtype=torch.float32, group_choice=True, correction_bias=True, mtp_layer=True),
+        dict(save_dtype=torch.float32, group_choice=True, correction_bias=True, mtp_layer=True,
+             byte_tokenizer=True),
     ),
     # DeepSeek-V3/R1 as released: block-scaled FP8 weights (float8_e4m3fn codes, one f32
     # `weight_scale_inv` per 128x128 block) for every linear layer but the embedding, the
@@ -158,7 +159,7 @@ FIXTURES = {
         dict(DEEPSEEK, hidden_size=128, moe_intermediate_size=128, intermediate_size=256, q_lora_rank=24,
              n_group=4, topk_group=2, n_shared_experts=2, norm_topk_prob=True, routed_scaling_factor=2.5,
              rope_interleave=True, rope_theta=10000.0),
-        dict(save_dtype=torch.float32, correction_bias=True, fp8=True),
+        dict(save_dtype=torch.float32, correction_bias=True, fp8=True, byte_tokenizer=True),
     ),
     # GLM-4.5's form: GQA with half the head rotated (partial_rotary_factor 0.5), per-head
     # q/k norm, q/k/v biases (none on o), layer 0 dense, DeepSeek-V3's router (2 groups of
@@ -169,7 +170,7 @@ FIXTURES = {
              intermediate_size=64, first_k_dense_replace=1, n_shared_experts=1, n_group=2, topk_group=1,
              norm_topk_prob=True, routed_scaling_factor=1.8, use_qk_norm=True, attention_bias=True,
              partial_rotary_factor=0.5, rope_theta=10000.0, rms_norm_eps=1e-5),
-        dict(save_dtype=torch.float32, group_choice=True, correction_bias=True),
+        dict(save_dtype=torch.float32, group_choice=True, correction_bias=True, byte_tokenizer=True),
     ),
     "mixtral": (
         MixtralForCausalLM, MixtralConfig,
@@ -444,6 +445,31 @@ def add_mtp_layer(out_dir, cfg, gen):
     save_file(state, path, metadata={"format": "pt"})
 
 
+# -------------------------------------------------------------------- tokenizer
+
+
+def write_byte_tokenizer(out_dir):
+    """A byte-level tokenizer.json of our own making whose 256 tokens are the 256 bytes
+    (token id = byte value, no merges), so `moe-serve generate` and `serve` can run a
+    fixture on text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # GPT-2's printable stand-ins for bytes, as the ByteLevel pre-tokenizer maps them
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+
+
 # -------------------------------------------------------------------------- FP8
 
 
@@ -640,6 +666,8 @@ def build_fixture(name, spec, seed, out_dir, args):
         write_mxfp4_checkpoint(out_dir, packed)
     if fp8 is not None:
         write_fp8_checkpoint(out_dir, fp8)
+    if opts.get("byte_tokenizer"):
+        write_byte_tokenizer(out_dir)
     if opts.get("mtp_layer"):
         add_mtp_layer(out_dir, cfg, gen)
     tensors = {"input_ids": input_ids, "logits": logits.contiguous(), "greedy_ids": greedy}
