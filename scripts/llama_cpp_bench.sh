@@ -7,7 +7,9 @@
 # after): the built-in model and the 1.19B bench shape (random weights, the
 # LARGE_CONFIG of bench/src/throughput.rs, made with transformers), each
 # converted to BF16 by llama.cpp's convert_hf_to_gguf.py and quantized to
-# Q8_0 and Q4_K_M by llama-quantize.
+# Q8_0 and Q4_K_M by llama-quantize; and on request (FILES=deepseek-v2-lite-q8_0.gguf) a
+# random DeepSeek-V2-Lite-shape Q8_0 file (16 GB, scripts/make_deepseek_gguf.py). Only the
+# files FILES names are made.
 #
 # Usage: scripts/llama_cpp_bench.sh [ROUNDS] [THREADS]
 # Environment: LLAMA_BIN (llama.cpp build's bin, default /work/llama/build/bin),
@@ -39,7 +41,15 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 PY
 }
 
-if [ ! -f "$work/large-hf/config.json" ]; then
+files=${FILES:-builtin-bf16.gguf builtin-q8_0.gguf builtin-q4_k_m.gguf large-bf16.gguf large-q8_0.gguf large-q4_k_m.gguf}
+wants() { case " $files " in *" $1"*) return 0 ;; *) return 1 ;; esac; }
+
+# DeepSeek-V2-Lite's shape, random Q8_0 (16 GB), written directly as llama.cpp lays it out
+if wants deepseek-v2-lite-q8_0.gguf && [ ! -f "$work/deepseek-v2-lite-q8_0.gguf" ]; then
+    PYTHONPATH="$tree/gguf-py" "$py" "$root/scripts/make_deepseek_gguf.py" "$work/deepseek-v2-lite-q8_0.gguf"
+fi
+
+if { wants large- || wants builtin-; } && [ ! -f "$work/large-hf/config.json" ]; then
     echo "making the 1.19B bench shape (random bf16 weights)..." >&2
     "$py" - "$root" "$work/large-hf" <<'PY'
 import json, re, shutil, sys, torch
@@ -57,6 +67,7 @@ PY
 fi
 for m in builtin:$root/models/tiny-shakespeare-moe large:$work/large-hf; do
     name=${m%%:*}
+    wants "$name-" || continue
     [ -f "$work/$name-bf16.gguf" ] || convert "${m#*:}" "$work/$name-bf16.gguf"
     for q in Q8_0 Q4_K_M; do
         lower=$(echo "$q" | tr 'A-Z' 'a-z')
@@ -65,7 +76,6 @@ for m in builtin:$root/models/tiny-shakespeare-moe large:$work/large-hf; do
     done
 done
 
-files=${FILES:-builtin-bf16.gguf builtin-q8_0.gguf builtin-q4_k_m.gguf large-bf16.gguf large-q8_0.gguf large-q4_k_m.gguf}
 results=$work/results.txt
 : >"$results"
 for r in $(seq 1 "$rounds"); do

@@ -67,6 +67,47 @@ def q8_0_bytes(rng, rows, cols, std):
     return data.reshape(rows, cols // 32 * 34)
 
 
+def copy_tokenizer(w):
+    """Copies the built-in model's tokenizer (gpt2 byte-level BPE, 2048 tokens) from the
+    committed fixture into GGUF writer `w`; returns the vocabulary size."""
+    tok = gguf.GGUFReader(TOKENIZER_FIXTURE)
+    for name, field in tok.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            sub = field.types[1]
+            if sub == gguf.GGUFValueType.STRING:
+                vals = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+            else:
+                vals = [field.parts[i].tolist()[0] for i in field.data]
+            w.add_key_value(name, vals, kind, sub_type=sub)
+        elif kind == gguf.GGUFValueType.STRING:
+            w.add_key_value(name, bytes(field.parts[field.data[0]]).decode("utf-8"), kind)
+        else:
+            w.add_key_value(name, field.parts[field.data[0]].tolist()[0], kind)
+    return len(tok.fields["tokenizer.ggml.tokens"].data)
+
+
+def write_plan(w, out, plan):
+    """Writes tensor infos then data of `plan`: (name, numpy value shape, raw Q8_0 type or
+    None for f32, generator), one tensor in memory at a time."""
+    for name, shape, raw, _ in plan:
+        if raw is None:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+        else:
+            byte_shape = (*shape[:-1], shape[-1] // 32 * 34)
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=raw)
+    w.write_header_to_file(out)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, _, _, gen in plan:
+        w.write_tensor_data(gen())
+        if name.endswith("ffn_down_exps.weight"):
+            print(f"  {name}", file=sys.stderr)
+    w.close()
+
+
 def router(rng, skew):
     w = rng.standard_normal((EXPERTS, HIDDEN), dtype=np.float32) * 0.02
     rank = rng.permutation(EXPERTS) / (EXPERTS - 1)
@@ -91,8 +132,6 @@ def main():
     if need > free - 2 * 2**30:
         sys.exit(f"not enough free disk: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free (2 GiB kept spare)")
 
-    tok = gguf.GGUFReader(TOKENIZER_FIXTURE)
-    vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
     w = gguf.GGUFWriter(a.out, "qwen3moe")
     w.add_name("random Qwen3-30B-A3B shape (moe-serve disk benchmark)")
     w.add_block_count(a.layers)
@@ -109,21 +148,7 @@ def main():
     w.add_expert_used_count(TOP_K)
     w.add_expert_feed_forward_length(EXPERT_FF)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    for name, field in tok.fields.items():
-        if not name.startswith("tokenizer."):
-            continue
-        kind = field.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
-            sub = field.types[1]
-            if sub == gguf.GGUFValueType.STRING:
-                vals = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-            else:
-                vals = [field.parts[i].tolist()[0] for i in field.data]
-            w.add_key_value(name, vals, kind, sub_type=sub)
-        elif kind == gguf.GGUFValueType.STRING:
-            w.add_key_value(name, bytes(field.parts[field.data[0]]).decode("utf-8"), kind)
-        else:
-            w.add_key_value(name, field.parts[field.data[0]].tolist()[0], kind)
+    vocab = copy_tokenizer(w)
 
     # (name, numpy byte/value shape, dtype, raw type, generator)
     rng = np.random.default_rng(a.seed)
@@ -156,20 +181,7 @@ def main():
             )
             plan.append((b + f"ffn_{part}_exps.weight", (EXPERTS, rows, cols), Q8, gen))
 
-    for name, shape, raw, _ in plan:
-        if raw is None:
-            w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
-        else:
-            byte_shape = (*shape[:-1], shape[-1] // 32 * 34)
-            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=raw)
-    w.write_header_to_file(a.out)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for i, (name, _, _, gen) in enumerate(plan):
-        w.write_tensor_data(gen())
-        if name.endswith("ffn_down_exps.weight"):
-            print(f"  {name}", file=sys.stderr)
-    w.close()
+    write_plan(w, a.out, plan)
     print(f"wrote {a.out} ({os.path.getsize(a.out) / 1e9:.2f} GB)", file=sys.stderr)
 
     # the skew, measured: share of choices taken by the most popular quarter

@@ -138,8 +138,6 @@ impl Model {
                     for w in a.matrices_mut() {
                         *w = quantize_weight(w, format)?;
                     }
-                    let m = self.cfg.attention.mla.expect("latent attention has its shape");
-                    a.derive(&m, self.cfg.attention.num_heads)?;
                 }
             }
             match &mut l.ffn {

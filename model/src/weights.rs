@@ -86,12 +86,14 @@ impl LatentWeights {
         m
     }
 
+    /// Every matrix, the absorbed form's per-head ones included.
     pub(crate) fn matrices_mut(&mut self) -> Vec<&mut Weight> {
         let mut m = match &mut self.q {
             LatentQuery::Full(q) => vec![q],
             LatentQuery::LowRank { a, b, .. } => vec![a, b],
         };
         m.extend([&mut self.kv_a, &mut self.kv_b, &mut self.o]);
+        m.extend(self.uk_t.iter_mut().chain(self.uv.iter_mut()));
         m
     }
 }
@@ -305,17 +307,36 @@ fn load_latent(ck: &Checkpoint, cfg: &ModelConfig, n: &LayerNames) -> Result<Lat
         },
     };
     let r = m.kv_lora_rank;
-    LatentWeights::new(
-        q,
-        (
-            ck.weight(&n.get("self_attn.kv_a_proj_with_mqa.weight"), r + m.qk_rope_head_dim, h)?,
-            ck.vector(&n.get("self_attn.kv_a_layernorm.weight"), r)?,
-        ),
-        ck.weight(&n.get("self_attn.kv_b_proj.weight"), a.num_heads * (m.qk_nope_head_dim + m.v_head_dim), r)?,
-        ck.weight(&n.get("self_attn.o_proj.weight"), h, a.num_heads * m.v_head_dim)?,
-        &m,
-        a.num_heads,
-    )
+    let (dn, dv, heads) = (m.qk_nope_head_dim, m.v_head_dim, a.num_heads);
+    let kv_b_name = n.get("self_attn.kv_b_proj.weight");
+    let kv_a = (
+        ck.weight(&n.get("self_attn.kv_a_proj_with_mqa.weight"), r + m.qk_rope_head_dim, h)?,
+        ck.vector(&n.get("self_attn.kv_a_layernorm.weight"), r)?,
+    );
+    let o = ck.weight(&n.get("self_attn.o_proj.weight"), h, a.num_heads * m.v_head_dim)?;
+    if ck.contains(&kv_b_name) || !ck.contains(&n.get("self_attn.k_b_proj.0.weight")) {
+        let kv_b = ck.weight(&kv_b_name, heads * (dn + dv), r)?;
+        return LatentWeights::new(q, kv_a, kv_b, o, &m, heads);
+    }
+    // GGUF: per head the key rows stored transposed (the absorbed form's
+    // `uk_t` as it is, quantized or not) and the value rows (`uv`);
+    // restacked as transformers' kv_b for the expanded form (quantized
+    // parts widened, exactly)
+    let (mut uk_t, mut uv, mut parts) = (Vec::new(), Vec::new(), Vec::with_capacity(2 * heads));
+    for hd in 0..heads {
+        let k_t = ck.weight(&n.get(&format!("self_attn.k_b_proj.{hd}.weight")), r, dn)?;
+        let v = ck.weight(&n.get(&format!("self_attn.v_b_proj.{hd}.weight")), dv, r)?;
+        let widened = match k_t.quant_format() {
+            Some(_) => Weight::from_f32(r, dn, k_t.to_f32())?,
+            None => k_t.clone(),
+        };
+        parts.push(crate::gpt_oss::transposed(&widened)?);
+        parts.push(v.clone());
+        uk_t.push(k_t);
+        uv.push(v);
+    }
+    let (kv_a, kv_a_norm) = kv_a;
+    Ok(LatentWeights { q, kv_a, kv_a_norm, kv_b: Weight::concat_rows(&parts)?, o, uk_t, uv })
 }
 
 fn load_attention(ck: &Checkpoint, cfg: &ModelConfig, n: &LayerNames) -> Result<AttentionWeights> {

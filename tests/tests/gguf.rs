@@ -90,6 +90,8 @@ fn float_gguf_logits_equal_safetensors_bit_for_bit() -> Result<()> {
         ("qwen2_moe.gguf", gguf("qwen2_moe_all_moe")),
         ("qwen3_moe.gguf", fixtures().join("qwen3_moe")),
         ("olmoe.gguf", fixtures().join("olmoe")),
+        ("deepseek_v2.gguf", fixtures().join("deepseek_v2")),
+        ("glm4_moe.gguf", fixtures().join("glm4_moe")),
     ];
     let tokens: Vec<u32> = (0..23).map(|i| (i * 37 + 5) % 256).collect();
     for (file, dir) in cases {
@@ -108,6 +110,32 @@ fn float_gguf_logits_equal_safetensors_bit_for_bit() -> Result<()> {
         let b = all_logits(&m2, &e2, &from_gguf, &tokens)?;
         let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
         ensure!(same && a.len() == b.len(), "{file}: logits differ from the safetensors checkpoint");
+    }
+    Ok(())
+}
+
+/// DeepSeek-V3's FP8 checkpoint converted by llama.cpp (which dequantizes
+/// the blocks to f32): the same routing and greedy choices as the FP8
+/// safetensors, logits within float rounding (the FP8 file computes with
+/// one-byte blocks, the GGUF with f32 rows: other summation orders).
+#[test]
+fn deepseek_v3_fp8_converted_by_llama_cpp_computes_as_the_fp8_checkpoint() -> Result<()> {
+    let dir = fixtures().join("deepseek_v3_fp8");
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let from_gguf = read_config(&gguf("deepseek_v3_fp8.gguf"))?;
+    ensure!(from_gguf.moe == cfg.moe && from_gguf.layers == cfg.layers, "config {from_gguf:?}");
+    ensure!(from_gguf.attention == cfg.attention, "attention {:?} vs {:?}", from_gguf.attention, cfg.attention);
+    let tokens: Vec<u32> = (0..23).map(|i| (i * 37 + 5) % 256).collect();
+    let (m1, e1) = load_weights(&dir, &cfg, &mut ())?;
+    let (m2, e2) = load_weights(&gguf("deepseek_v3_fp8.gguf"), &from_gguf, &mut ())?;
+    let a = all_logits(&m1, &e1, &cfg, &tokens)?;
+    let b = all_logits(&m2, &e2, &from_gguf, &tokens)?;
+    let worst = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    ensure!(worst < 1e-5, "max |logit difference| {worst}");
+    let v = cfg.vocab_size;
+    for i in 0..tokens.len() {
+        let (x, y) = (&a[i * v..(i + 1) * v], &b[i * v..(i + 1) * v]);
+        ensure!(moe_model::sampling::argmax(x) == moe_model::sampling::argmax(y), "position {i}: greedy choice");
     }
     Ok(())
 }

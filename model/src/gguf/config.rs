@@ -1,9 +1,13 @@
 //! A GGUF file's hyperparameters (llama.cpp's metadata keys) as a
 //! [`ModelConfig`], for the architectures llama.cpp writes our models as:
-//! `llama` with experts (Mixtral), `qwen2moe`, `qwen3moe`, `olmoe`.
+//! `llama` with experts (Mixtral), `qwen2moe`, `qwen3moe`, `olmoe`,
+//! `deepseek2` (DeepSeek-V2/V3, Kimi K2: latent attention, its keys' up-projection
+//! stored per head as `attn_k_b`, values' as `attn_v_b`) and `glm4moe`.
 
 use super::file::{GgufFile, MetaValue};
-use crate::config::{Arch, AttentionConfig, ExpertAct, FfnKind, MoeConfig, QkNorm, RopeScaling, Routing};
+use crate::config::{
+    Arch, AttentionConfig, ExpertAct, FfnKind, MlaConfig, MoeConfig, QkNorm, RopeScaling, Routing, Yarn,
+};
 use crate::{ModelConfig, ModelError, Result};
 
 /// Reads the config of the model in `files` (metadata from the first, tensor
@@ -20,9 +24,15 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
         "qwen2moe" => Arch::Qwen2Moe,
         "qwen3moe" => Arch::Qwen3Moe,
         "olmoe" => Arch::Olmoe,
+        // V3's router (sigmoid, correction bias) is told by its bias tensors
+        "deepseek2" if files.iter().any(|f| f.tensors.keys().any(|n| n.ends_with("exp_probs_b.bias"))) => {
+            Arch::DeepseekV3
+        }
+        "deepseek2" => Arch::DeepseekV2,
+        "glm4moe" => Arch::Glm4Moe,
         other => {
             return Err(ModelError::UnsupportedArch(format!(
-                "{other} (GGUF architecture; supported: llama with experts, qwen2moe, qwen3moe, olmoe)"
+                "{other} (GGUF architecture; supported: llama with experts, qwen2moe, qwen3moe, olmoe, deepseek2, glm4moe)"
             )))
         }
     };
@@ -34,9 +44,28 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
     let has = |n: &str| tensor(n).is_some();
 
     let hidden_size = need("embedding_length")?;
-    let num_layers = need("block_count")?;
+    // multi-token-prediction layers follow the decoder's (GLM's converter writes them)
+    let num_layers = need("block_count")?.saturating_sub(uint("nextn_predict_layers").unwrap_or(0));
     let num_heads = need("attention.head_count")?;
+    let mla = match arch.is_deepseek() {
+        true => {
+            let rope = need("rope.dimension_count")?;
+            let qk = need("attention.key_length_mla")?;
+            Some(MlaConfig {
+                q_lora_rank: uint("attention.q_lora_rank").filter(|&r| r > 0),
+                kv_lora_rank: need("attention.kv_lora_rank")?,
+                qk_nope_head_dim: qk.checked_sub(rope).filter(|&n| n > 0).ok_or_else(|| {
+                    bad(format!("key_length_mla {qk} is not above rope.dimension_count {rope}"))
+                })?,
+                qk_rope_head_dim: rope,
+                v_head_dim: need("attention.value_length_mla")?,
+            })
+        }
+        false => None,
+    };
     let num_kv_heads = match get(&key("attention.head_count_kv")) {
+        // the converter writes latent attention as one shared KV head
+        _ if mla.is_some() => num_heads,
         None => num_heads,
         Some(v) => {
             v.as_u64().map(|v| v as usize).ok_or_else(|| bad("per-layer head_count_kv is not supported".into()))?
@@ -45,7 +74,10 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
     if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) || hidden_size == 0 {
         return Err(bad(format!("head counts {num_heads}/{num_kv_heads} or width {hidden_size} are inconsistent")));
     }
-    let head_dim = uint("attention.key_length").unwrap_or(hidden_size / num_heads);
+    let head_dim = match mla {
+        Some(m) => m.qk_nope_head_dim + m.qk_rope_head_dim,
+        None => uint("attention.key_length").unwrap_or(hidden_size / num_heads),
+    };
     let num_experts = uint("expert_count").unwrap_or(0);
     if num_experts == 0 {
         return Err(ModelError::Unsupported(format!(
@@ -70,11 +102,48 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
             layers.push(FfnKind::Dense(dense as usize));
         }
     }
+    let mut softmax_scale = 1.0 / (head_dim as f32).sqrt();
     let rope_scaling = match get(&key("rope.scaling.type")).and_then(MetaValue::as_str) {
         None | Some("none") => RopeScaling::None,
         Some("linear") => RopeScaling::Linear { factor: float("rope.scaling.factor").unwrap_or(1.0) },
+        // DeepSeek's YaRN: the file keeps 0.1 mscale_all_dim, not mscale;
+        // every release has mscale = mscale_all_dim, so cosines and sines
+        // are unscaled and the softmax scale takes mscale(factor)^2
+        Some("yarn") if mla.is_some() => {
+            let factor = float("rope.scaling.factor").ok_or_else(|| bad("yarn without rope.scaling.factor".into()))?;
+            let log_mul = float("rope.scaling.yarn_log_multiplier").unwrap_or(0.0);
+            if factor > 1.0 && log_mul != 0.0 {
+                let m = log_mul * factor.ln() + 1.0;
+                softmax_scale = ((head_dim as f64).powf(-0.5) * m * m) as f32;
+            } else {
+                softmax_scale = (head_dim as f64).powf(-0.5) as f32;
+            }
+            RopeScaling::Yarn(Yarn {
+                factor,
+                original_max_position_embeddings: need("rope.scaling.original_context_length")?,
+                beta_fast: float("rope.scaling.yarn_beta_fast").filter(|&b| b != 0.0).unwrap_or(32.0),
+                beta_slow: float("rope.scaling.yarn_beta_slow").filter(|&b| b != 0.0).unwrap_or(1.0),
+                attention_factor: 1.0,
+                truncate: true,
+            })
+        }
         Some(other) => return Err(ModelError::Unsupported(format!("GGUF rope scaling {other:?}"))),
     };
+    if mla.is_some() && !matches!(rope_scaling, RopeScaling::Yarn(_)) {
+        softmax_scale = (head_dim as f64).powf(-0.5) as f32; // as transformers computes it
+    }
+    let sigmoid = arch == Arch::DeepseekV3 || arch == Arch::Glm4Moe;
+    let (groups, topk_groups) = (uint("expert_group_count").unwrap_or(1), uint("expert_group_used_count").unwrap_or(1));
+    if groups == 0 || !num_experts.is_multiple_of(groups) || topk_groups == 0 || topk_groups > groups {
+        return Err(bad(format!("expert groups {topk_groups} of {groups} do not fit {num_experts} experts")));
+    }
+    let routing = match (arch, sigmoid) {
+        (Arch::DeepseekV2, _) if groups > 1 => Routing::SoftmaxGroupLimited { groups, topk_groups },
+        (_, true) => Routing::SigmoidGrouped { groups, topk_groups },
+        _ => Routing::SoftmaxTopK,
+    };
+    let flag = |k: &str| matches!(get(&key(k)), Some(MetaValue::Bool(true)));
+    let shared_count = uint("expert_shared_count").unwrap_or(0);
     let q_norm = tensor("blk.0.attn_q_norm.weight").map(|t| t.dims[0] as usize);
     let qk_norm = match q_norm {
         None => QkNorm::None,
@@ -98,10 +167,11 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
             num_heads,
             num_kv_heads,
             head_dim,
-            rotary_dim: head_dim,
-            rope_interleaved: false,
-            softmax_scale: 1.0 / (head_dim as f32).sqrt(),
-            mla: None,
+            rotary_dim: uint("rope.dimension_count").filter(|&d| d > 0 && d <= head_dim).unwrap_or(head_dim),
+            // llama.cpp rotates DeepSeek's pairs (its "normal" RoPE), as transformers does
+            rope_interleaved: mla.is_some(),
+            softmax_scale,
+            mla,
             qkv_bias: has("blk.0.attn_q.bias"),
             o_bias: has("blk.0.attn_output.bias"),
             qk_norm,
@@ -119,11 +189,16 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
             top_k,
             expert_ffn,
             // as llama.cpp computes each architecture
-            norm_topk_prob: matches!(arch, Arch::Mixtral | Arch::Qwen3Moe),
-            shared_expert_ffn: uint("expert_shared_feed_forward_length").filter(|&w| w > 0),
-            shared_expert_gated: true,
-            routed_scaling_factor: 1.0,
-            routing: Routing::SoftmaxTopK,
+            norm_topk_prob: matches!(arch, Arch::Mixtral | Arch::Qwen3Moe)
+                || (matches!(arch, Arch::DeepseekV3 | Arch::Glm4Moe) && flag("expert_weights_norm")),
+            shared_expert_ffn: match arch {
+                Arch::DeepseekV2 | Arch::DeepseekV3 | Arch::Glm4Moe => Some(shared_count * expert_ffn),
+                _ => uint("expert_shared_feed_forward_length"),
+            }
+            .filter(|&w| w > 0),
+            shared_expert_gated: arch == Arch::Qwen2Moe,
+            routed_scaling_factor: float("expert_weights_scale").unwrap_or(1.0) as f32,
+            routing,
             router_bias: false,
             expert_act: ExpertAct::Swiglu,
             expert_bias: false,

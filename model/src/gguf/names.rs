@@ -14,8 +14,9 @@ use std::collections::HashMap;
 #[derive(Clone, Copy)]
 enum Part {
     Whole,
-    /// Expert `e` of a merged expert tensor.
-    Expert(usize),
+    /// Slice `i` of `n` along the outermost dimension: one expert of a
+    /// merged expert tensor, one head of DeepSeek's `attn_k_b`/`attn_v_b`.
+    Slice(usize, usize),
 }
 
 /// The index of `files` under HuggingFace names for `cfg`.
@@ -32,15 +33,12 @@ pub(crate) fn index(files: &[GgufFile], cfg: &ModelConfig) -> Result<HashMap<Str
         let start = if t.len.is_some() { t.offset as usize } else { 0 };
         let (start, end, shape) = match part {
             Part::Whole => (start, start + len, shape),
-            Part::Expert(e) => {
-                if shape.len() != 3 || shape[0] != cfg.moe.num_experts {
-                    return Err(bad(format!(
-                        "tensor {gguf} has shape {shape:?}, expected [{}, rows, cols]",
-                        cfg.moe.num_experts
-                    )));
+            Part::Slice(i, n) => {
+                if shape.len() != 3 || shape[0] != n {
+                    return Err(bad(format!("tensor {gguf} has shape {shape:?}, expected [{n}, rows, cols]")));
                 }
-                let each = len / cfg.moe.num_experts;
-                (start + e * each, start + (e + 1) * each, shape[1..].to_vec())
+                let each = len / n;
+                (start + i * each, start + (i + 1) * each, shape[1..].to_vec())
             }
         };
         let dtype = match t.ty {
@@ -67,6 +65,26 @@ pub(crate) fn index(files: &[GgufFile], cfg: &ModelConfig) -> Result<HashMap<Str
         let b = |s: &str| format!("blk.{l}.{s}");
         add(n.get("input_layernorm.weight"), b("attn_norm.weight"), Part::Whole, None)?;
         add(n.get("post_attention_layernorm.weight"), b("ffn_norm.weight"), Part::Whole, None)?;
+        add(n.get("post_attention_layernorm.weight"), b("post_attention_norm.weight"), Part::Whole, None)?; // GLM
+        if cfg.attention.mla.is_some() {
+            for (hf, g) in [
+                ("q_a_proj.weight", "attn_q_a.weight"),
+                ("q_a_layernorm.weight", "attn_q_a_norm.weight"),
+                ("q_b_proj.weight", "attn_q_b.weight"),
+                ("kv_a_proj_with_mqa.weight", "attn_kv_a_mqa.weight"),
+                ("kv_a_layernorm.weight", "attn_kv_a_norm.weight"),
+                ("kv_b_proj.weight", "attn_kv_b.weight"),
+            ] {
+                add(n.get(&format!("self_attn.{hf}")), b(g), Part::Whole, None)?;
+            }
+            // per head: the key up-projection transposed, [kv_lora_rank,
+            // qk_nope_head_dim], and the value's, [v_head_dim, kv_lora_rank]
+            for h in 0..a.num_heads {
+                let s = Part::Slice(h, a.num_heads);
+                add(n.get(&format!("self_attn.k_b_proj.{h}.weight")), b("attn_k_b.weight"), s, None)?;
+                add(n.get(&format!("self_attn.v_b_proj.{h}.weight")), b("attn_v_b.weight"), s, None)?;
+            }
+        }
         add(n.get("self_attn.q_proj.weight"), b("attn_q.weight"), Part::Whole, interleaved.then_some(a.num_heads))?;
         add(n.get("self_attn.k_proj.weight"), b("attn_k.weight"), Part::Whole, interleaved.then_some(a.num_kv_heads))?;
         add(n.get("self_attn.v_proj.weight"), b("attn_v.weight"), Part::Whole, None)?;
@@ -87,13 +105,15 @@ pub(crate) fn index(files: &[GgufFile], cfg: &ModelConfig) -> Result<HashMap<Str
             }
             FfnKind::Moe => {
                 add(n.router(), b("ffn_gate_inp.weight"), Part::Whole, None)?;
-                for e in 0..cfg.moe.num_experts {
+                add(n.correction_bias(), b("exp_probs_b.bias"), Part::Whole, None)?;
+                let ne = cfg.moe.num_experts;
+                for e in 0..ne {
                     for (hf, g) in n.expert(e).into_iter().zip(["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]) {
-                        add(hf, b(&format!("{g}.weight")), Part::Expert(e), None)?;
+                        add(hf, b(&format!("{g}.weight")), Part::Slice(e, ne), None)?;
                     }
                 }
                 for (hf, g) in
-                    n.mlp(Some("shared_expert")).into_iter().zip(["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"])
+                    n.mlp(Some(n.shared_expert())).into_iter().zip(["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"])
                 {
                     add(hf, b(&format!("{g}.weight")), Part::Whole, None)?;
                 }
