@@ -30,11 +30,9 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
         }
         "deepseek2" => Arch::DeepseekV2,
         "glm4moe" => Arch::Glm4Moe,
-        other => {
-            return Err(ModelError::UnsupportedArch(format!(
-                "{other} (GGUF architecture; supported: llama with experts, qwen2moe, qwen3moe, olmoe, deepseek2, glm4moe)"
-            )))
-        }
+        other => return Err(ModelError::UnsupportedArch(format!(
+            "{other} (GGUF architecture; supported: llama with experts, qwen2moe, qwen3moe, olmoe, deepseek2, glm4moe)"
+        ))),
     };
     let key = |k: &str| format!("{name}.{k}");
     let uint = |k: &str| get(&key(k)).and_then(MetaValue::as_u64).map(|v| v as usize);
@@ -54,9 +52,10 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
             Some(MlaConfig {
                 q_lora_rank: uint("attention.q_lora_rank").filter(|&r| r > 0),
                 kv_lora_rank: need("attention.kv_lora_rank")?,
-                qk_nope_head_dim: qk.checked_sub(rope).filter(|&n| n > 0).ok_or_else(|| {
-                    bad(format!("key_length_mla {qk} is not above rope.dimension_count {rope}"))
-                })?,
+                qk_nope_head_dim: qk
+                    .checked_sub(rope)
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| bad(format!("key_length_mla {qk} is not above rope.dimension_count {rope}")))?,
                 qk_rope_head_dim: rope,
                 v_head_dim: need("attention.value_length_mla")?,
             })
