@@ -10,6 +10,9 @@ use crate::config::{
 };
 use crate::{ModelConfig, ModelError, Result};
 
+/// The GGUF architectures read, for messages.
+const READ: &str = "llama with experts, qwen2moe, qwen3moe, olmoe, deepseek2, glm4moe";
+
 /// Reads the config of the model in `files` (metadata from the first, tensor
 /// shapes from whichever holds them).
 pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
@@ -30,9 +33,7 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
         }
         "deepseek2" => Arch::DeepseekV2,
         "glm4moe" => Arch::Glm4Moe,
-        other => return Err(ModelError::UnsupportedArch(format!(
-            "{other} (GGUF architecture; supported: llama with experts, qwen2moe, qwen3moe, olmoe, deepseek2, glm4moe)"
-        ))),
+        other => return Err(ModelError::UnsupportedArch(format!("{other} (GGUF architecture; supported: {READ})"))),
     };
     let key = |k: &str| format!("{name}.{k}");
     let uint = |k: &str| get(&key(k)).and_then(MetaValue::as_u64).map(|v| v as usize);
