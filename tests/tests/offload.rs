@@ -149,3 +149,40 @@ fn regrouped_micro_batches_give_the_same_tokens_as_fcfs() {
         assert!(core.scheduler().deferrals() > 0, "{mode:?}: nothing was deferred");
     }
 }
+
+/// DeepSeek (latent attention, grouped softmax and sigmoid routing with a
+/// correction bias, FP8 experts) and GLM fixtures: the resident tokens at half
+/// the experts under every policy and predictor that needs no trained file,
+/// and under every grouping mode (shared experts stay outside the cache).
+#[test]
+fn deepseek_and_glm_tokens_are_identical_under_every_policy_predictor_and_grouping() {
+    use moe_scheduler::{GroupingConfig, GroupingMode};
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    for name in ["deepseek_v2_grouped", "deepseek_v3", "deepseek_v3_fp8", "glm4_moe"] {
+        let dir = fixtures.join(name);
+        let reqs = requests(&dir);
+        let resident = Experts::Resident(load_model(&dir, &mut ()).unwrap().experts);
+        let reference = run(&mut engine(&dir, resident), &reqs);
+        let slots = 8; // of 2 MoE layers x 8 experts
+        let tier = (DiskIo::Cached, 2);
+        for policy in PolicyKind::ALL {
+            for predictor in [PredictorKind::None, PredictorKind::PreviousToken, PredictorKind::LookAhead] {
+                if policy == PolicyKind::Predictive && predictor == PredictorKind::None {
+                    continue;
+                }
+                let mut core = engine(&dir, cached(&dir, slots, policy, predictor.clone(), 1, tier));
+                let what = format!("{name}: {} + {}", policy.name(), predictor.name());
+                assert_eq!(run(&mut core, &reqs), reference, "{what}");
+                let t = core.experts().cache_stats().unwrap().total();
+                assert!(t.misses > 0 && t.loads > slots as u64, "{what}: {t:?}");
+            }
+        }
+        for mode in [GroupingMode::Fcfs, GroupingMode::Random, GroupingMode::Regroup] {
+            let g = GroupingConfig { mode, micro_batch: 2, max_deferral: 8, seed: 1 };
+            let experts = cached(&dir, slots, PolicyKind::Predictive, PredictorKind::LookAhead, 1, tier);
+            let mut core = engine(&dir, experts).with_grouping(g).unwrap();
+            assert_eq!(run(&mut core, &reqs), reference, "{name}: {mode:?}");
+            assert!(core.scheduler().deferrals() > 0, "{name}: {mode:?}: nothing was deferred");
+        }
+    }
+}
