@@ -20,14 +20,13 @@ needs: numpy and the gguf package
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_large_gguf import Q8, copy_tokenizer, gguf, q8_0_bytes, write_plan  # noqa: E402
+from make_large_gguf import Q8, check_disk, copy_tokenizer, gguf, q8_0_bytes, write_plan  # noqa: E402
 
 HIDDEN, HEADS, DENSE_FF = 2048, 16, 10944
 RANK, NOPE, ROPE, V = 512, 128, 64, 128
@@ -44,11 +43,7 @@ def main():
     q8 = lambda rows, cols: rows * cols // 32 * 34
     per_moe = 3 * EXPERTS * q8(EXPERT_FF, HIDDEN) + 3 * q8(SHARED * EXPERT_FF, HIDDEN)
     per_attn = q8(HEADS * (NOPE + ROPE), HIDDEN) + q8(RANK + ROPE, HIDDEN) + 2 * q8(HEADS * RANK, 128) + q8(HIDDEN, HEADS * V)
-    need = (a.layers - 1) * per_moe + 3 * q8(DENSE_FF, HIDDEN) + a.layers * per_attn + 64 * 2**20
-    free = shutil.disk_usage(a.out.parent if str(a.out.parent) else ".").free
-    print(f"writing {need / 1e9:.1f} GB to {a.out} ({free / 1e9:.1f} GB free)", file=sys.stderr)
-    if need > free - 2 * 2**30:
-        sys.exit(f"not enough free disk: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free (2 GiB kept spare)")
+    check_disk(a.out, (a.layers - 1) * per_moe + 3 * q8(DENSE_FF, HIDDEN) + a.layers * per_attn + 64 * 2**20)
 
     w = gguf.GGUFWriter(a.out, "deepseek2")
     w.add_name("random DeepSeek-V2-Lite shape (moe-serve benchmark)")

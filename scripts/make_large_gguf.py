@@ -67,6 +67,14 @@ def q8_0_bytes(rng, rows, cols, std):
     return data.reshape(rows, cols // 32 * 34)
 
 
+def check_disk(out, need):
+    """Stops unless `need` bytes fit on `out`'s disk with 2 GiB to spare."""
+    free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+    print(f"writing {need / 1e9:.1f} GB to {out} ({free / 1e9:.1f} GB free)", file=sys.stderr)
+    if need > free - 2 * 2**30:
+        sys.exit(f"not enough free disk: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free (2 GiB kept spare)")
+
+
 def copy_tokenizer(w):
     """Copies the built-in model's tokenizer (gpt2 byte-level BPE, 2048 tokens) from the
     committed fixture into GGUF writer `w`; returns the vocabulary size."""
@@ -126,11 +134,7 @@ def main():
 
     per_layer_experts = 3 * EXPERTS * EXPERT_FF * HIDDEN // 32 * 34
     per_layer_attn = (2 * HIDDEN * HEADS * HEAD_DIM + 2 * HIDDEN * KV_HEADS * HEAD_DIM) // 32 * 34
-    need = a.layers * (per_layer_experts + per_layer_attn) + 64 * 2**20
-    free = shutil.disk_usage(a.out.parent if str(a.out.parent) else ".").free
-    print(f"writing {need / 1e9:.1f} GB to {a.out} ({free / 1e9:.1f} GB free)", file=sys.stderr)
-    if need > free - 2 * 2**30:
-        sys.exit(f"not enough free disk: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free (2 GiB kept spare)")
+    check_disk(a.out, a.layers * (per_layer_experts + per_layer_attn) + 64 * 2**20)
 
     w = gguf.GGUFWriter(a.out, "qwen3moe")
     w.add_name("random Qwen3-30B-A3B shape (moe-serve disk benchmark)")
