@@ -10,7 +10,7 @@
 //! are widened to f32. Both give exactly the dequantized values.
 
 use crate::{ModelError, Result};
-use moe_kernels::{QuantFormat, Weight};
+use moe_kernels::{QuantFormat, Weight, WeightData};
 
 /// The side of the square blocks sharing one scale.
 pub(crate) const BLOCK: usize = 128;
@@ -73,6 +73,43 @@ pub(crate) fn weight(name: &str, rows: usize, cols: usize, codes: &[u8], scales:
     Ok(Weight::from_f32(rows, cols, values)?)
 }
 
+/// `w` transposed in FP8, when `w` is FP8 whose 128-row groups share each
+/// block's scale (as [`weight`] builds them from 128x128 blocks) and whose
+/// rows are whole blocks both ways: each block transposes into one block
+/// with the same scale, so the values are exactly `w`'s. `None` otherwise.
+pub(crate) fn transposed(w: &Weight) -> Result<Option<Weight>> {
+    let WeightData::Quant(q) = w.data() else { return Ok(None) };
+    let (rows, cols) = (w.rows(), w.cols());
+    if q.format() != QuantFormat::Fp8E4m3 || !rows.is_multiple_of(BLOCK) || !cols.is_multiple_of(BLOCK) {
+        return Ok(None);
+    }
+    let bb = QuantFormat::Fp8E4m3.block_bytes();
+    let row_bytes = cols / BLOCK * bb;
+    let bytes = q.bytes();
+    let scale_at = |r: usize, cb: usize| &bytes[r * row_bytes + cb * bb..r * row_bytes + cb * bb + 4];
+    // one scale per 128x128 block, or no transposition
+    for r in 0..rows {
+        for cb in 0..cols / BLOCK {
+            if scale_at(r, cb) != scale_at(r - r % BLOCK, cb) {
+                return Ok(None);
+            }
+        }
+    }
+    let out_row_bytes = rows / BLOCK * bb;
+    let mut out = vec![0u8; cols * out_row_bytes];
+    for c in 0..cols {
+        for rb in 0..rows / BLOCK {
+            let at = c * out_row_bytes + rb * bb;
+            out[at..at + 4].copy_from_slice(scale_at(rb * BLOCK, c / BLOCK));
+            for i in 0..BLOCK {
+                let r = rb * BLOCK + i;
+                out[at + 4 + i] = bytes[r * row_bytes + (c / BLOCK) * bb + 4 + c % BLOCK];
+            }
+        }
+    }
+    Ok(Some(Weight::from_quant(cols, rows, QuantFormat::Fp8E4m3, out)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +156,29 @@ mod tests {
         check(130, 256, true); // whole blocks across, a partial block down
         check(3, 200, false); // a partial block across: widened
         check(1, 128, true);
+    }
+
+    #[test]
+    fn whole_blocks_transpose_in_fp8_exactly() {
+        let (rows, cols) = (256, 384);
+        let codes: Vec<u8> = (0..rows * cols).map(|i| code((i * 7 % 15) as i32 - 7)).collect();
+        let [rb, cb] = scale_shape(rows, cols);
+        let scales: Vec<f32> = (0..rb * cb).map(|i| 0.5 + i as f32 * 0.25).collect();
+        let w = weight("t", rows, cols, &codes, &scales).unwrap();
+        let t = transposed(&w).unwrap().expect("whole blocks");
+        assert_eq!(t.quant_format(), Some(QuantFormat::Fp8E4m3));
+        assert_eq!((t.rows(), t.cols()), (cols, rows));
+        let (a, b) = (w.to_f32(), t.to_f32());
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(b[c * rows + r], a[r * cols + c], "({r}, {c})");
+            }
+        }
+        // partial blocks, or rows of one block with differing scales: no FP8 transpose
+        assert!(transposed(&weight("t", 130, 256, &vec![0x38; 130 * 256], &[1.0; 4]).unwrap()).unwrap().is_none());
+        let mut mixed = w.clone().to_f32();
+        mixed[0] = 0.0;
+        assert!(transposed(&Weight::from_f32(rows, cols, mixed).unwrap()).unwrap().is_none());
     }
 
     #[test]

@@ -62,18 +62,26 @@ impl LatentWeights {
         Ok(w)
     }
 
-    /// Recomputes `uk_t` and `uv` from `kv_b`.
+    /// Recomputes `uk_t` and `uv` from `kv_b`: the value rows as stored,
+    /// the key rows transposed (FP8 whole 128x128 blocks stay FP8, each
+    /// block keeping its scale; other quantized rows are widened to f32).
     pub(crate) fn derive(&mut self, m: &crate::config::MlaConfig, heads: usize) -> Result<()> {
         let (dn, dv) = (m.qk_nope_head_dim, m.v_head_dim);
-        let rows = |from: usize, n: usize| -> Result<Weight> {
-            let part = self.kv_b.row_range(from..from + n)?;
-            Ok(match part.quant_format() {
+        let key_t = |from: usize| -> Result<Weight> {
+            let part = self.kv_b.row_range(from..from + dn)?;
+            if let Some(t) = crate::fp8::transposed(&part)? {
+                return Ok(t);
+            }
+            let part = match part.quant_format() {
                 Some(_) => Weight::from_f32(part.rows(), part.cols(), part.to_f32())?,
                 None => part,
-            })
+            };
+            crate::gpt_oss::transposed(&part)
         };
-        self.uk_t = (0..heads).map(|h| crate::gpt_oss::transposed(&rows(h * (dn + dv), dn)?)).collect::<Result<_>>()?;
-        self.uv = (0..heads).map(|h| rows(h * (dn + dv) + dn, dv)).collect::<Result<_>>()?;
+        self.uk_t = (0..heads).map(|h| key_t(h * (dn + dv))).collect::<Result<_>>()?;
+        self.uv = (0..heads)
+            .map(|h| Ok(self.kv_b.row_range(h * (dn + dv) + dn..(h + 1) * (dn + dv))?))
+            .collect::<Result<_>>()?;
         Ok(())
     }
 
