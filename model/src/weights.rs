@@ -16,11 +16,24 @@ pub(crate) enum Attention {
 }
 
 impl Attention {
-    /// Bytes of the projection matrices.
+    /// Bytes of the projection matrices held (latent attention's derived
+    /// per-head matrices included).
     pub(crate) fn nbytes(&self) -> usize {
         match self {
             Attention::Standard(a) => a.qkv.nbytes() + a.o.nbytes(),
-            Attention::Latent(a) => a.matrices().iter().map(|w| w.nbytes()).sum(),
+            Attention::Latent(a) => {
+                let derived: usize = a.uk_t.iter().chain(&a.uv).map(Weight::nbytes).sum();
+                a.matrices().iter().map(|w| w.nbytes()).sum::<usize>() + derived
+            }
+        }
+    }
+
+    /// Bytes one decoded token reads: latent attention decodes in the
+    /// absorbed form, which reads the per-head matrices, not `kv_b`.
+    pub(crate) fn decode_bytes(&self) -> usize {
+        match self {
+            Attention::Standard(_) => self.nbytes(),
+            Attention::Latent(a) => self.nbytes() - a.kv_b.nbytes(),
         }
     }
 }
@@ -240,7 +253,8 @@ impl Model {
         let embed_row = self.embed.nbytes() / self.cfg.vocab_size.max(1);
         let head = self.lm_head().nbytes();
         let non_embed = self.nbytes() - self.embed.nbytes() - self.lm_head.as_ref().map_or(0, Weight::nbytes);
-        non_embed + head + embed_row + moe_layers * self.cfg.moe.top_k * expert_bytes
+        let unread: usize = self.layers.iter().map(|l| l.attn.nbytes() - l.attn.decode_bytes()).sum();
+        non_embed - unread + head + embed_row + moe_layers * self.cfg.moe.top_k * expert_bytes
     }
 
     /// Loads the non-expert weights of `cfg` from a checkpoint.
@@ -288,7 +302,12 @@ impl Model {
                     }
                 },
             };
-            on_tensor(layer.attn.nbytes());
+            // bytes read: latent attention's per-head matrices are derived (or, from
+            // GGUF, read in place of kv_b, which is restacked from them)
+            on_tensor(match &layer.attn {
+                Attention::Standard(a) => a.qkv.nbytes() + a.o.nbytes(),
+                Attention::Latent(a) => a.matrices().iter().map(|w| w.nbytes()).sum(),
+            });
             layers.push(layer);
         }
         let final_norm = ck.vector("model.norm.weight", h)?;
