@@ -283,7 +283,8 @@ def gap_unit(module):
 
 
 def group_limited(module, logits):
-    """(kept-group mask per expert, group scores) of a grouped router, else None."""
+    """The group scores of a grouped router (best expert, or sum of the two best biased
+    scores), else None."""
     groups = getattr(module, "num_group", None)
     if groups is None or getattr(module, "topk_method", "grouped") == "greedy":
         return None

@@ -174,11 +174,16 @@ mod tests {
                 assert_eq!(b[c * rows + r], a[r * cols + c], "({r}, {c})");
             }
         }
-        // partial blocks, or rows of one block with differing scales: no FP8 transpose
+        // no FP8 transpose: partial blocks; rows of one block with differing
+        // scales; float weights
         assert!(transposed(&weight("t", 130, 256, &vec![0x38; 130 * 256], &[1.0; 4]).unwrap()).unwrap().is_none());
-        let mut mixed = w.clone().to_f32();
-        mixed[0] = 0.0;
-        assert!(transposed(&Weight::from_f32(rows, cols, mixed).unwrap()).unwrap().is_none());
+        let mut bytes = vec![0x38u8; 128 * 132];
+        for (r, row) in bytes.chunks_exact_mut(132).enumerate() {
+            row[..4].copy_from_slice(&(if r == 5 { 2.0f32 } else { 1.0 }).to_le_bytes());
+        }
+        let uneven = Weight::from_quant(128, 128, QuantFormat::Fp8E4m3, bytes).unwrap();
+        assert!(transposed(&uneven).unwrap().is_none());
+        assert!(transposed(&Weight::from_f32(rows, cols, w.to_f32()).unwrap()).unwrap().is_none());
     }
 
     #[test]

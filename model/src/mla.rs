@@ -74,6 +74,8 @@ pub(crate) struct MlaScratch {
     /// Per head `[k_nope; k_pe; v]` of each visible position.
     keys_values: Vec<f32>,
     rows: Vec<usize>,
+    /// Indices into the step of the tokens attending in the absorbed form.
+    tokens: Vec<usize>,
     pub(crate) path: LatentPath,
 }
 
@@ -157,8 +159,8 @@ impl Model {
 
         ws.attn.resize(t * d.heads * d.v, 0.0);
         let path = s.path;
+        s.tokens.clear(); // the step's tokens to run absorbed
         let mut first = 0;
-        let mut absorbed = Vec::new(); // token ranges to run absorbed
         for ch in chunks {
             let n = ch.tokens.len();
             let end = ch.start_pos + n;
@@ -170,28 +172,21 @@ impl Model {
             if expand {
                 self.expanded_chunk(l, w, d, first..first + n, kv, ws)?;
             } else {
-                absorbed.push(first..first + n);
+                ws.mla.tokens.extend(first..first + n);
             }
             first += n;
         }
-        if !absorbed.is_empty() {
-            self.absorbed_tokens(l, w, d, &absorbed, kv, ws)?;
+        if !ws.mla.tokens.is_empty() {
+            self.absorbed_tokens(l, w, d, kv, ws)?;
         }
         matmul_nt(&ws.attn, t, &w.o, &mut ws.out)?;
         Ok(())
     }
 
-    /// The absorbed form for the tokens in `ranges` (indices into the step).
-    fn absorbed_tokens(
-        &self,
-        l: usize,
-        w: &LatentWeights,
-        d: Dims,
-        ranges: &[std::ops::Range<usize>],
-        kv: &KvCache,
-        ws: &mut Workspace,
-    ) -> Result<()> {
-        let tokens: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+    /// The absorbed form for the tokens in `ws.mla.tokens` (indices into the step).
+    fn absorbed_tokens(&self, l: usize, w: &LatentWeights, d: Dims, kv: &KvCache, ws: &mut Workspace) -> Result<()> {
+        // taken out for the step and put back, so steady decoding reuses it
+        let tokens = std::mem::take(&mut ws.mla.tokens);
         let n = tokens.len();
         let (dq, dl) = (d.q(), d.latent());
         let s = &mut ws.mla;
@@ -252,6 +247,7 @@ impl Model {
                 ws.attn[at..at + d.v].copy_from_slice(&s.head_out[r * d.v..(r + 1) * d.v]);
             }
         }
+        s.tokens = tokens;
         Ok(())
     }
 

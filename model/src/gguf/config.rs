@@ -27,8 +27,12 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
         "qwen2moe" => Arch::Qwen2Moe,
         "qwen3moe" => Arch::Qwen3Moe,
         "olmoe" => Arch::Olmoe,
-        // V3's router (sigmoid, correction bias) is told by its bias tensors
-        "deepseek2" if files.iter().any(|f| f.tensors.keys().any(|n| n.ends_with("exp_probs_b.bias"))) => {
+        // V3's router (sigmoid, correction bias): gating function 2, or told by its
+        // bias tensors (some converters leave the function out)
+        "deepseek2"
+            if meta.get("deepseek2.expert_gating_func").and_then(MetaValue::as_u64) == Some(2)
+                || files.iter().any(|f| f.tensors.keys().any(|n| n.ends_with("exp_probs_b.bias"))) =>
+        {
             Arch::DeepseekV3
         }
         "deepseek2" => Arch::DeepseekV2,
@@ -102,22 +106,14 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
             layers.push(FfnKind::Dense(dense as usize));
         }
     }
-    let mut softmax_scale = 1.0 / (head_dim as f32).sqrt();
     let rope_scaling = match get(&key("rope.scaling.type")).and_then(MetaValue::as_str) {
         None | Some("none") => RopeScaling::None,
         Some("linear") => RopeScaling::Linear { factor: float("rope.scaling.factor").unwrap_or(1.0) },
         // DeepSeek's YaRN: the file keeps 0.1 mscale_all_dim, not mscale;
         // every release has mscale = mscale_all_dim, so cosines and sines
-        // are unscaled and the softmax scale takes mscale(factor)^2
+        // are unscaled (and the softmax scale takes mscale(factor)^2, below)
         Some("yarn") if mla.is_some() => {
             let factor = float("rope.scaling.factor").ok_or_else(|| bad("yarn without rope.scaling.factor".into()))?;
-            let log_mul = float("rope.scaling.yarn_log_multiplier").unwrap_or(0.0);
-            if factor > 1.0 && log_mul != 0.0 {
-                let m = log_mul * factor.ln() + 1.0;
-                softmax_scale = ((head_dim as f64).powf(-0.5) * m * m) as f32;
-            } else {
-                softmax_scale = (head_dim as f64).powf(-0.5) as f32;
-            }
             RopeScaling::Yarn(Yarn {
                 factor,
                 original_max_position_embeddings: need("rope.scaling.original_context_length")?,
@@ -129,9 +125,17 @@ pub(crate) fn config(files: &[GgufFile]) -> Result<ModelConfig> {
         }
         Some(other) => return Err(ModelError::Unsupported(format!("GGUF rope scaling {other:?}"))),
     };
-    if mla.is_some() && !matches!(rope_scaling, RopeScaling::Yarn(_)) {
-        softmax_scale = (head_dim as f64).powf(-0.5) as f32; // as transformers computes it
-    }
+    // as transformers computes it: latent attention in Python floats, with
+    // YaRN's mscale(factor, mscale_all_dim)^2; the others in f32
+    let softmax_scale = match (mla, rope_scaling) {
+        (Some(_), RopeScaling::Yarn(y)) => {
+            let log_mul = float("rope.scaling.yarn_log_multiplier").unwrap_or(0.0);
+            let m = if y.factor > 1.0 && log_mul != 0.0 { log_mul * y.factor.ln() + 1.0 } else { 1.0 };
+            ((head_dim as f64).powf(-0.5) * m * m) as f32
+        }
+        (Some(_), _) => (head_dim as f64).powf(-0.5) as f32,
+        (None, _) => 1.0 / (head_dim as f32).sqrt(),
+    };
     let sigmoid = arch == Arch::DeepseekV3 || arch == Arch::Glm4Moe;
     let (groups, topk_groups) = (uint("expert_group_count").unwrap_or(1), uint("expert_group_used_count").unwrap_or(1));
     if groups == 0 || !num_experts.is_multiple_of(groups) || topk_groups == 0 || topk_groups > groups {
