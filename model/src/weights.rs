@@ -198,30 +198,6 @@ impl Model {
         &self.cfg
     }
 
-    /// Each MoE layer's router as a linear map of the residual stream divided
-    /// by its root mean square: `(R diag(γ), b)` with `R` the router
-    /// (`[experts, hidden]`, row-major), `γ` the layer's post-attention norm
-    /// and `b` the router's bias (zeros if none), so that the router's
-    /// scores of a residual `h` are `R diag(γ) (h / rms(h)) + b` (up to the
-    /// norm's epsilon). A baseline for hidden-state predictors.
-    pub fn router_maps(&self) -> Vec<(Vec<f32>, Vec<f32>)> {
-        let h = self.cfg.hidden_size;
-        self.layers
-            .iter()
-            .filter_map(|l| match &l.ffn {
-                FfnWeights::Moe { router, .. } => {
-                    let mut r = router.weight.to_f32();
-                    for row in r.chunks_exact_mut(h) {
-                        row.iter_mut().zip(&l.post_attn_norm).for_each(|(w, g)| *w *= g);
-                    }
-                    let b = router.bias.clone().unwrap_or_else(|| vec![0.0; router.weight.rows()]);
-                    Some((r, b))
-                }
-                FfnWeights::Dense(_) => None,
-            })
-            .collect()
-    }
-
     pub(crate) fn lm_head(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }

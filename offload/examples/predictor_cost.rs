@@ -1,11 +1,13 @@
 //! Cost of the hidden-state predictor per token, to set against a decode
 //! step: runs the built-in model's probes (or `--probes FILE`) on random
-//! hidden states at every MoE layer for one token, `depth` layers ahead.
+//! hidden states at every MoE layer for one decoding token (with its
+//! previous token's states as context), `depth` layers ahead.
 //!
 //! `cargo run --release -p moe-offload --example predictor_cost [-- FILE [DEPTH]]`
 
+use moe_model::StepToken;
 use moe_offload::predictor::{HiddenPredictor, HiddenProbes, PathPredictor, Shape};
-use moe_types::{ExpertId, MoeLayerId};
+use moe_types::{ExpertId, MoeLayerId, SeqId};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,6 +29,8 @@ fn main() {
         let t = Instant::now();
         let n = 20_000;
         for _ in 0..n {
+            // one decoding sequence: its previous token's states are the context
+            p.begin_step(&[StepToken { seq: SeqId(0), token: 1 }], &mut out);
             for m in 0..layers {
                 out.clear();
                 p.hidden(MoeLayerId(m as u16), &h, &mut out);

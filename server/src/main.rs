@@ -87,7 +87,7 @@ struct TrainPredictorCmd {
     #[arg(long)]
     trace: PathBuf,
     /// Predictor file to write (safetensors: format moe-path-predictor v1, or with
-    /// --hidden-states moe-hidden-predictor v1).
+    /// --hidden-states moe-hidden-predictor v2).
     #[arg(long)]
     output: PathBuf,
     /// Model directory the trace was recorded with; default: the built-in model.
@@ -97,9 +97,15 @@ struct TrainPredictorCmd {
     /// with the trace by `trace --hidden-states`).
     #[arg(long)]
     hidden_states: Option<PathBuf>,
-    /// With --hidden-states: MoE layers each probe set reaches (1: the layer itself).
-    #[arg(long, default_value_t = 2)]
+    /// With --hidden-states: MoE layers each probe forecasts (1: the layer itself).
+    #[arg(long, default_value_t = 3)]
     distances: usize,
+    /// With --hidden-states: hidden units per probe.
+    #[arg(long, default_value_t = 32)]
+    probe_units: usize,
+    /// With --hidden-states: passes over the training tokens.
+    #[arg(long, default_value_t = 8)]
+    epochs: usize,
 }
 
 #[derive(Args)]
@@ -274,11 +280,17 @@ fn run_train_predictor(t: TrainPredictorCmd) -> anyhow::Result<()> {
             reader.header().hidden_size,
             cfg.hidden_size
         );
-        let (model, _) = moe_model::load_model_without_experts(&dir, &mut ())?;
-        let routers = model.router_maps();
-        let (probes, report) = moe_offload::predictor::train_hidden(&header, &records, reader, t.distances, &routers)?;
+        let cfg = moe_offload::predictor::HiddenTrainConfig {
+            distances: t.distances,
+            units: t.probe_units,
+            epochs: t.epochs,
+        };
+        let (probes, report) = moe_offload::predictor::train_hidden(&header, &records, reader, cfg)?;
         probes.save(&t.output)?;
         eprintln!("trained on {} tokens, validated on {}", report.train_tokens, report.valid_tokens);
+        if report.dropped_tokens > 0 {
+            eprintln!("left out {} tokens past the memory bound", report.dropped_tokens);
+        }
         for d in 0..t.distances {
             let cells: Vec<String> = report
                 .recall
@@ -286,13 +298,6 @@ fn run_train_predictor(t: TrainPredictorCmd) -> anyhow::Result<()> {
                 .map(|r| if r[d].is_nan() { "-".into() } else { format!("{:.1}%", r[d] * 100.0) })
                 .collect();
             eprintln!("held-out recall per MoE layer, forecasting {d} layer(s) past the one read: {}", cells.join(" "));
-        }
-        if !report.next_recall.is_empty() {
-            let cells: Vec<String> = report.next_recall.iter().map(|r| format!("{:.1}%", r * 100.0)).collect();
-            eprintln!(
-                "held-out recall per MoE layer of the next token, from the last one's state (measured only): {}",
-                cells.join(" ")
-            );
         }
         eprintln!("wrote {}", t.output.display());
         return Ok(());

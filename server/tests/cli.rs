@@ -263,10 +263,11 @@ fn hidden_states_are_traced_and_train_probes() {
         .arg(&hidden)
         .arg("--output")
         .arg(&probes)
+        .args(["--probe-units", "16", "--epochs", "2"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("held-out recall per MoE layer"), "{err}");
     let p = moe_offload::predictor::HiddenProbes::load(&probes).unwrap();
-    assert_eq!((p.layers, p.experts, p.hidden, p.distances), (4, 8, 128, 2));
+    assert_eq!((p.layers, p.experts, p.hidden, p.distances, p.units()), (4, 8, 128, 3, 16));
 }

@@ -1,45 +1,49 @@
-//! The hidden-state predictor: linear probes that read the residual stream
-//! entering MoE layer `m` (before its attention, so the forecast is ready
-//! while the attention runs), with the token's path through the MoE layers
-//! before `m`, and score the experts of MoE layers `m`, `m + 1`, ...
-//! `m + D - 1`; the `top_k` best scores are the forecast.
+//! The hidden-state predictor: per MoE layer `m`, a small perceptron (the
+//! probe, [`super::probe_mlp`]) reads the residual stream entering the layer
+//! (before its attention, so the forecast is ready while the attention runs)
+//! with what is known of the token's context, and scores the experts of MoE
+//! layers `m`, `m + 1`, ... `m + D - 1`; the `top_k` best scores of each are
+//! the forecast.
 //!
-//! A probe's input for layer `m` is `[h / rms(h), path, 1]`: the hidden state
-//! divided by its root mean square (as every router's input is normalised),
-//! one indicator per expert of each earlier MoE layer (1 if the token chose
-//! it there), and a bias (width `hidden + m * experts + 1`). Each probe
-//! `W[m][d]` (`[experts, width]`) is fitted offline by ridge regression of
-//! the router's scores at layer `m + d` (its logits, as the hidden-state
-//! trace records them: a richer target than the chosen set alone) on that
-//! input, shrunk towards the router itself: layer `m + d`'s router applied
-//! to the normalised input (look-ahead gating from before the attention) is
-//! linear in it, so the fit is that map plus a ridge-regularised correction
-//! in closed form, `(XᵀX + λI') ΔW = XᵀY - XᵀX W₀ᵀ`, `W = W₀ + ΔW` (`I'` the
-//! identity without the bias entry), from sums over the training tokens (no
-//! pass over the training data is kept in memory), λ chosen per probe by the
-//! recall on held-out sequences (up to 40,000 tokens kept). Its cost at run time is
-//! `D * experts * width` multiply-adds per token and MoE layer.
+//! A probe's input for layer `m` ([`features`]) is `[h / rms(h), c / rms(c),
+//! path, 1]`: the token's hidden state divided by its root mean square (as
+//! every router's input is normalised); `c`, the same sequence's previous
+//! token's state entering MoE layer `min(m + 1, L - 1)`, kept from the
+//! previous step (it has been through one more attention over the context
+//! than `h`; zeros for a sequence's first token, and for a token whose
+//! predecessor runs in the same step, as in a prefill chunk, where that
+//! state does not exist yet); one indicator per expert of each earlier MoE
+//! layer (1 if the token chose it there); and a bias. Width
+//! `2 * hidden + m * experts + 1`. Per live sequence the predictor keeps the
+//! last token's normalised states entering every MoE layer (`L * hidden`
+//! f32, dropped when the sequence ends).
 //!
-//! File format (`moe-hidden-predictor`, version 1): a safetensors file with f32
-//! tensors `probe.{m}.{d}` of shape `[experts, hidden + m * experts + 1]`, and string
-//! metadata `format`, `version`, `model`, `layers`, `experts`, `top_k`,
-//! `hidden`, `distances`, and per probe `recall.{m}.{d}` and `lambda.{m}.{d}`
-//! (held-out recall and the chosen λ).
+//! Trained offline by [`train_hidden`](super::train_hidden) from a routing
+//! trace and its hidden-state trace. Cost at run time per token and MoE layer:
+//! `units * width + D * experts * (units + 1)` multiply-adds.
+//!
+//! File format (`moe-hidden-predictor`, version 2): a safetensors file with
+//! f32 tensors `trunk.{m}` (`[units, width(m)]`) and `head.{m}`
+//! (`[reach(m) * experts, units + 1]`, `reach(m) = min(distances, L - m)`,
+//! distance-major), and string metadata `format`, `version`, `model`,
+//! `layers`, `experts`, `top_k`, `hidden`, `distances`, `units`, and per
+//! probe and distance `recall.{m}.{d}` (held-out recall, NaN past the last
+//! layer). Version 1 (linear probes without the context input) is refused
+//! with a message to retrain.
 
+use super::probe_mlp::{silu, Mlp};
 use super::{Forecast, PathPredictor, Shape};
 use crate::OffloadError;
 use moe_model::StepToken;
-use moe_types::hidden_trace::HiddenReader;
-use moe_types::trace::{TraceHeader, TraceToken};
-use moe_types::{ExpertId, MoeLayerId};
-use std::io::BufRead;
+use moe_types::{ExpertId, MoeLayerId, SeqId};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 /// The `format` metadata value.
 pub const HIDDEN_PREDICTOR_FORMAT: &str = "moe-hidden-predictor";
 /// The version written and read.
-pub const HIDDEN_PREDICTOR_VERSION: u32 = 1;
+pub const HIDDEN_PREDICTOR_VERSION: u32 = 2;
 
 /// The trained probes.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,25 +58,33 @@ pub struct HiddenProbes {
     pub top_k: usize,
     /// Values per hidden state.
     pub hidden: usize,
-    /// Probes per layer: distances 0 (the layer itself) to `distances - 1`.
+    /// Distances each probe forecasts: 0 (the layer itself) to `distances - 1`.
     pub distances: usize,
-    /// `probe(m, d)` at `m * distances + d` (`experts * width(m)` values);
-    /// empty where `m + d` is past the last layer.
-    pub probes: Vec<Vec<f32>>,
-    /// Held-out recall of each probe (NaN where there is none).
+    /// One probe per MoE layer (`reach(m) * experts` scores).
+    pub(crate) probes: Vec<Mlp>,
+    /// Held-out recall per layer and distance (`m * distances + d`; NaN where none).
     pub recall: Vec<f64>,
-    /// The λ chosen for each probe.
-    pub lambda: Vec<f64>,
 }
 
 impl HiddenProbes {
-    fn at(&self, m: usize, d: usize) -> usize {
-        m * self.distances + d
-    }
-
-    /// Inputs of layer `m`'s probes: hidden values, earlier paths, bias.
+    /// Inputs of layer `m`'s probe.
     pub fn width(&self, m: usize) -> usize {
         width(self.hidden, self.experts, m)
+    }
+
+    /// Distances layer `m`'s probe forecasts.
+    pub fn reach(&self, m: usize) -> usize {
+        self.distances.min(self.layers.saturating_sub(m))
+    }
+
+    /// Hidden units per probe.
+    pub fn units(&self) -> usize {
+        self.probes.first().map_or(0, |p| p.units)
+    }
+
+    /// Held-out recall of layer `m`'s probe at distance `d` (NaN if none).
+    pub fn recall(&self, m: usize, d: usize) -> f64 {
+        self.recall.get(m * self.distances + d).copied().unwrap_or(f64::NAN)
     }
 
     /// Whether the probes were trained for a model of `shape` and width `hidden`.
@@ -106,15 +118,13 @@ impl HiddenProbes {
             ("top_k".into(), self.top_k.to_string()),
             ("hidden".into(), self.hidden.to_string()),
             ("distances".into(), self.distances.to_string()),
+            ("units".into(), self.units().to_string()),
         ];
-        for m in 0..self.layers {
+        for (m, p) in self.probes.iter().enumerate() {
+            tensors.push((format!("trunk.{m}"), vec![p.units, p.inputs], &p.w1[..]));
+            tensors.push((format!("head.{m}"), vec![p.outputs, p.units + 1], &p.w2[..]));
             for d in 0..self.distances {
-                let at = self.at(m, d);
-                if !self.probes[at].is_empty() {
-                    tensors.push((format!("probe.{m}.{d}"), vec![self.experts, self.width(m)], &self.probes[at][..]));
-                }
-                meta.push((format!("recall.{m}.{d}"), self.recall[at].to_string()));
-                meta.push((format!("lambda.{m}.{d}"), self.lambda[at].to_string()));
+                meta.push((format!("recall.{m}.{d}"), self.recall(m, d).to_string()));
             }
         }
         super::file::write(path, HIDDEN_PREDICTOR_FORMAT, HIDDEN_PREDICTOR_VERSION, &tensors, meta)
@@ -124,20 +134,19 @@ impl HiddenProbes {
     /// version and tensor shapes.
     pub fn load(path: &Path) -> Result<Self, OffloadError> {
         let f = super::file::PredictorFile::read(path, HIDDEN_PREDICTOR_FORMAT, HIDDEN_PREDICTOR_VERSION)?;
-        let (l, e, h, dist) = (f.num("layers")?, f.num("experts")?, f.num("hidden")?, f.num("distances")?);
-        if l == 0 || e == 0 || h == 0 || dist == 0 {
-            return Err(f.err("layers, experts, hidden and distances must be positive".into()));
+        let (l, e, h) = (f.num("layers")?, f.num("experts")?, f.num("hidden")?);
+        let (dist, units) = (f.num("distances")?, f.num("units")?);
+        if l == 0 || e == 0 || h == 0 || dist == 0 || units == 0 {
+            return Err(f.err("layers, experts, hidden, distances and units must be positive".into()));
         }
-        let (mut probes, mut recall, mut lambda) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut probes, mut recall) = (Vec::new(), Vec::new());
         for m in 0..l {
+            let (n, outputs) = (width(h, e, m), dist.min(l - m) * e);
+            let w1 = f.tensor(&format!("trunk.{m}"), &[units, n])?;
+            let w2 = f.tensor(&format!("head.{m}"), &[outputs, units + 1])?;
+            probes.push(Mlp { inputs: n, units, outputs, w1, w2 });
             for d in 0..dist {
                 recall.push(f.real(&format!("recall.{m}.{d}"))?);
-                lambda.push(f.real(&format!("lambda.{m}.{d}"))?);
-                probes.push(if m + d >= l {
-                    Vec::new()
-                } else {
-                    f.tensor(&format!("probe.{m}.{d}"), &[e, width(h, e, m)])?
-                });
             }
         }
         Ok(Self {
@@ -149,24 +158,40 @@ impl HiddenProbes {
             distances: dist,
             probes,
             recall,
-            lambda,
         })
     }
 }
 
-/// Inputs of layer `m`'s probes for a model of width `hidden`.
-fn width(hidden: usize, experts: usize, m: usize) -> usize {
-    hidden + m * experts + 1
+/// Inputs of layer `m`'s probe for a model of width `hidden`.
+pub(crate) fn width(hidden: usize, experts: usize, m: usize) -> usize {
+    2 * hidden + m * experts + 1
 }
 
-/// One token's probe input at MoE layer `m` into `out`: `h / rms(h)`, an
-/// indicator per expert of each earlier MoE layer's choice (`path[j]` for
-/// layer `j < m`; an empty list leaves that layer's indicators 0), and 1.
-pub fn features(h: &[f32], path: &[&[ExpertId]], experts: usize, out: &mut Vec<f32>) {
+/// The MoE layer whose entering state of the previous token is layer `m`'s
+/// context input (`layers` MoE layers).
+pub(crate) fn context_layer(m: usize, layers: usize) -> usize {
+    (m + 1).min(layers.saturating_sub(1))
+}
+
+/// `h / rms(h)` into `out` (cleared first).
+pub(crate) fn normalise(h: &[f32], out: &mut Vec<f32>) {
     let ms = h.iter().map(|v| v * v).sum::<f32>() / h.len().max(1) as f32;
     let inv = 1.0 / (ms + 1e-6).sqrt();
     out.clear();
     out.extend(h.iter().map(|v| v * inv));
+}
+
+/// One token's probe input into `out` (cleared first): its normalised
+/// state `h`, the normalised context state (`None`: zeros), an indicator
+/// per expert of each earlier MoE layer's choice (`path[j]` for layer
+/// `j < m`; an empty list leaves that layer's indicators 0), and 1.
+pub(crate) fn features(h: &[f32], context: Option<&[f32]>, path: &[&[ExpertId]], experts: usize, out: &mut Vec<f32>) {
+    out.clear();
+    out.extend_from_slice(h);
+    match context {
+        Some(c) => out.extend_from_slice(c),
+        None => out.resize(2 * h.len(), 0.0),
+    }
     for ids in path {
         let at = out.len();
         out.resize(at + experts, 0.0);
@@ -177,36 +202,48 @@ pub fn features(h: &[f32], path: &[&[ExpertId]], experts: usize, out: &mut Vec<f
     out.push(1.0);
 }
 
-/// `out[e] = w[e] · x` for the rows of `w` (`out.len()` rows of `x.len()`).
-fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
-    for (o, row) in out.iter_mut().zip(w.chunks_exact(x.len())) {
-        *o = row.iter().zip(x).map(|(a, b)| a * b).sum();
-    }
-}
-
 /// The `k` best of `scores`, strongest first (ties to the lower index),
 /// appended to `out`.
-fn top_k_into(scores: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<ExpertId>) {
+pub(crate) fn top_k_into(scores: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<ExpertId>) {
     order.clear();
     order.extend(0..scores.len());
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     out.extend(order.iter().take(k).map(|&e| ExpertId(e as u16)));
 }
 
-/// Steps of more tokens than this get no hidden-state forecasts.
+/// Steps of more tokens than this get no hidden-state forecasts (their
+/// context states are still kept).
 const MAX_STEP_TOKENS: usize = 256;
+
+/// One probe as product weights.
+struct Probe {
+    trunk: moe_kernels::Weight,
+    head: moe_kernels::Weight,
+}
 
 /// Forecasts from the probes as each MoE layer's hidden state arrives
 /// (steps of up to `MAX_STEP_TOKENS` tokens).
 pub struct HiddenPredictor {
     probes: Arc<HiddenProbes>,
-    /// The probes as product weights (`None` past the last layer).
-    weights: Vec<Option<moe_kernels::Weight>>,
+    weights: Vec<Probe>,
     shape: Shape,
+    /// The step's tokens; per token, whether an earlier token of the step
+    /// is of its sequence, and whether it is its sequence's last.
+    step: Vec<StepToken>,
+    follows: Vec<bool>,
+    last: Vec<bool>,
     /// This step's routing so far, per MoE layer (`tokens * top_k` ids).
     path: Vec<Vec<ExpertId>>,
-    /// The step's probe inputs (`tokens * width`) and scores (`tokens * experts`).
+    /// Per live sequence: its latest token's normalised states entering
+    /// each MoE layer (`layers * hidden`).
+    context: HashMap<SeqId, Vec<f32>>,
+    /// The same for this step's last tokens, filled layer by layer and
+    /// moved to `context` after the last MoE layer.
+    pending: HashMap<SeqId, Vec<f32>>,
+    /// The step's normalised states, probe inputs, unit outputs, scores.
+    hs: Vec<f32>,
     xs: Vec<f32>,
+    units: Vec<f32>,
     scores: Vec<f32>,
     order: Vec<usize>,
     x: Vec<f32>,
@@ -216,12 +253,12 @@ impl HiddenPredictor {
     /// A predictor for `shape` (forecasts up to `shape.depth` layers ahead,
     /// as far as the probes reach).
     pub fn new(probes: Arc<HiddenProbes>, shape: Shape) -> Self {
-        let e = probes.experts;
-        let weights = (0..probes.layers * probes.distances)
-            .map(|at| {
-                let w = &probes.probes[at];
-                let width = probes.width(at / probes.distances);
-                (!w.is_empty()).then(|| moe_kernels::Weight::from_f32(e, width, w.clone()).expect("probe shape"))
+        let weights = probes
+            .probes
+            .iter()
+            .map(|p| Probe {
+                trunk: moe_kernels::Weight::from_f32(p.units, p.inputs, p.w1.clone()).expect("probe shape"),
+                head: moe_kernels::Weight::from_f32(p.outputs, p.units + 1, p.w2.clone()).expect("probe shape"),
             })
             .collect();
         Self {
@@ -229,11 +266,58 @@ impl HiddenPredictor {
             weights,
             probes,
             shape,
+            step: Vec::new(),
+            follows: Vec::new(),
+            last: Vec::new(),
+            context: HashMap::new(),
+            pending: HashMap::new(),
+            hs: Vec::new(),
             xs: Vec::new(),
+            units: Vec::new(),
             scores: Vec::new(),
-            order: Vec::with_capacity(e),
+            order: Vec::new(),
             x: Vec::new(),
         }
+    }
+
+    /// Sequences whose context states are kept.
+    pub fn sequences(&self) -> usize {
+        self.context.len()
+    }
+
+    /// Keeps the normalised states (`self.hs`) of the step's last tokens
+    /// entering MoE layer `m`; after the last layer they become the context.
+    fn keep(&mut self, m: usize) {
+        let (l, hsz) = (self.probes.layers, self.probes.hidden);
+        for (i, t) in self.step.iter().enumerate() {
+            if self.last[i] {
+                let slot = self.pending.entry(t.seq).or_insert_with(|| vec![0.0; l * hsz]);
+                slot[m * hsz..(m + 1) * hsz].copy_from_slice(&self.hs[i * hsz..(i + 1) * hsz]);
+            }
+        }
+        if m + 1 == l {
+            self.context.extend(self.pending.drain());
+        }
+    }
+
+    /// Scores the step's probe inputs (`self.xs`, `tokens` rows) with layer
+    /// `m`'s probe into `self.scores` (`tokens` rows of its outputs); false
+    /// if a product failed.
+    fn score(&mut self, m: usize, tokens: usize) -> bool {
+        let w = &self.weights[m];
+        let u = w.trunk.rows();
+        self.units.resize(tokens * u, 0.0);
+        if moe_kernels::matmul_nt(&self.xs, tokens, &w.trunk, &mut self.units).is_err() {
+            return false;
+        }
+        // the units' outputs and a 1 per token, as the head reads them
+        self.xs.clear();
+        for z in self.units.chunks_exact(u) {
+            self.xs.extend(z.iter().map(|&v| silu(v)));
+            self.xs.push(1.0);
+        }
+        self.scores.resize(tokens * w.head.rows(), 0.0);
+        moe_kernels::matmul_nt(&self.xs, tokens, &w.head, &mut self.scores).is_ok()
     }
 }
 
@@ -242,8 +326,17 @@ impl PathPredictor for HiddenPredictor {
         true
     }
 
-    fn begin_step(&mut self, _: &[StepToken], _: &mut Vec<Forecast>) {
+    fn begin_step(&mut self, tokens: &[StepToken], _: &mut Vec<Forecast>) {
         self.path.iter_mut().for_each(Vec::clear);
+        self.pending.clear();
+        self.step.clear();
+        self.step.extend_from_slice(tokens);
+        self.follows.clear();
+        self.last.clear();
+        for (i, t) in tokens.iter().enumerate() {
+            self.follows.push(tokens[..i].iter().any(|u| u.seq == t.seq));
+            self.last.push(!tokens[i + 1..].iter().any(|u| u.seq == t.seq));
+        }
     }
 
     fn observe(&mut self, layer: MoeLayerId, ids: &[ExpertId], _: &mut Vec<Forecast>) {
@@ -254,407 +347,149 @@ impl PathPredictor for HiddenPredictor {
     }
 
     fn hidden(&mut self, layer: MoeLayerId, h: &[f32], out: &mut Vec<Forecast>) {
-        let p = &*self.probes;
-        let (m, k) = (layer.index(), p.top_k);
-        if m >= p.layers || h.is_empty() || !h.len().is_multiple_of(p.hidden) {
+        let probes = Arc::clone(&self.probes);
+        let (m, k, hsz, e) = (layer.index(), probes.top_k, probes.hidden, probes.experts);
+        let tokens = h.len() / hsz.max(1);
+        if m >= probes.layers || tokens == 0 || tokens != self.step.len() || h.len() != tokens * hsz {
             return;
         }
-        let (tokens, e) = (h.len() / p.hidden, p.experts);
-        if tokens > MAX_STEP_TOKENS {
-            // a long prefill step uses most experts anyway, and its probes
-            // would run under the cache's lock for a while
-            return;
+        self.hs.clear();
+        for x in h.chunks_exact(hsz) {
+            normalise(x, &mut self.x);
+            self.hs.extend_from_slice(&self.x);
         }
-        let reach = self.shape.depth.min(p.distances).min(p.layers - m);
-        let mut path: Vec<&[ExpertId]> = Vec::with_capacity(m);
-        self.xs.clear();
-        for (i, x) in h.chunks_exact(p.hidden).enumerate() {
-            path.clear();
-            path.extend(self.path[..m].iter().map(|l| l.get(i * k..(i + 1) * k).unwrap_or(&[])));
-            features(x, &path, e, &mut self.x);
-            self.xs.extend_from_slice(&self.x);
-        }
-        for d in 0..reach {
-            let Some(w) = &self.weights[m * p.distances + d] else { continue };
-            self.scores.resize(tokens * e, 0.0);
-            if moe_kernels::matmul_nt(&self.xs, tokens, w, &mut self.scores).is_err() {
-                continue;
+        if tokens <= MAX_STEP_TOKENS {
+            let cl = context_layer(m, probes.layers);
+            let mut path: Vec<&[ExpertId]> = Vec::with_capacity(m);
+            self.xs.clear();
+            for i in 0..tokens {
+                path.clear();
+                path.extend(self.path[..m].iter().map(|l| l.get(i * k..(i + 1) * k).unwrap_or(&[])));
+                let context = if self.follows[i] {
+                    None
+                } else {
+                    self.context.get(&self.step[i].seq).map(|c| &c[cl * hsz..(cl + 1) * hsz])
+                };
+                features(&self.hs[i * hsz..(i + 1) * hsz], context, &path, e, &mut self.x);
+                self.xs.extend_from_slice(&self.x);
             }
-            let mut ids = Vec::with_capacity(tokens * k);
-            for s in self.scores.chunks_exact(e) {
-                top_k_into(s, k, &mut self.order, &mut ids);
-            }
-            out.push(Forecast { layer: MoeLayerId((m + d) as u16), ids });
-        }
-    }
-}
-
-/// What training measured on held-out sequences.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HiddenTrainReport {
-    /// Tokens fitted.
-    pub train_tokens: usize,
-    /// Tokens held out (every sequence whose id is a multiple of 5).
-    pub valid_tokens: usize,
-    /// Held-out recall per MoE layer and distance (`[m][d]`, NaN past the end).
-    pub recall: Vec<Vec<f64>>,
-    /// Held-out recall per MoE layer of probes forecasting the next token's
-    /// experts from a token's state entering the last MoE layer and its path
-    /// (what regrouping could read before a step); measured, not saved: the
-    /// learned predictor's token-only forecasts are better there. Empty if
-    /// the trace had no consecutive tokens.
-    pub next_recall: Vec<f64>,
-}
-
-/// Relative ridge strengths tried for each probe (times the mean diagonal of XᵀX).
-const LAMBDAS: [f64; 7] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e3];
-/// Held-out tokens kept in memory for choosing λ and measuring recall: at
-/// most this many, and at most `MAX_VALID_BYTES` of probe inputs.
-const MAX_VALID_TOKENS: usize = 40_000;
-const MAX_VALID_BYTES: usize = 1 << 30;
-
-/// A token's probe inputs at every MoE layer (`features`), and last its
-/// next-token probe input (the last layer's hidden state with the whole path).
-fn token_features(values: &[f32], t: &TraceToken, hsz: usize, e: usize) -> Vec<Vec<f32>> {
-    let path: Vec<Vec<ExpertId>> = t.experts.iter().map(|l| l.iter().map(|&x| ExpertId(x)).collect()).collect();
-    let refs: Vec<&[ExpertId]> = path.iter().map(Vec::as_slice).collect();
-    let l = values.len() / hsz;
-    let mut x = Vec::new();
-    (0..=l)
-        .map(|m| {
-            let at = m.min(l - 1);
-            features(&values[at * hsz..(at + 1) * hsz], &refs[..m], e, &mut x);
-            x.clone()
-        })
-        .collect()
-}
-
-/// Accumulates `x xᵀ` (upper triangle) into `a`, if given, and `x yᵀ` into `b`.
-fn accumulate(mut a: Option<&mut [f64]>, b: &mut [f64], x: &[f32], y: &[f32]) {
-    let (n, e) = (x.len(), y.len());
-    for (p, &xp) in x.iter().enumerate() {
-        if let Some(a) = a.as_deref_mut() {
-            for (q, &xq) in x.iter().enumerate().skip(p) {
-                a[p * n + q] += (xp * xq) as f64;
-            }
-        }
-        for (bq, &yq) in b[p * e..(p + 1) * e].iter_mut().zip(y) {
-            *bq += (xp * yq) as f64;
-        }
-    }
-}
-
-/// Fits probes for distances `0..distances` from a routing trace and its
-/// hidden-state trace (same token order), holding out every sequence whose
-/// id is a multiple of 5. Memory: the sums take `8 * n²` bytes for MoE layer
-/// `m` (`n` = hidden + m x experts + 1): 0.1-0.2 MB per layer for the
-/// built-in model, but 134-404 MB per layer and about 12 GB in all for a
-/// 48-layer, 4096-wide model with 64 experts (too much for most hosts: such
-/// a model needs the path indicators dropped or a subset of layers, not
-/// built yet); plus up to 1 GiB of held-out inputs. `routers` (per MoE layer, `Model::router_maps`)
-/// are the baselines the fit corrects; empty: none (zero baseline).
-pub fn train_hidden<R: BufRead>(
-    header: &TraceHeader,
-    tokens: &[TraceToken],
-    mut hidden: HiddenReader<R>,
-    distances: usize,
-    routers: &[(Vec<f32>, Vec<f32>)],
-) -> Result<(HiddenProbes, HiddenTrainReport), OffloadError> {
-    let bad = |m: String| OffloadError::Trace(m);
-    let (l, e, k) = (header.moe_layers.len(), header.num_experts, header.top_k);
-    let hsz = hidden.header().hidden_size;
-    if (hidden.header().moe_layers, hidden.header().experts) != (l, e) {
-        let hh = hidden.header();
-        return Err(bad(format!(
-            "the hidden states cover {} MoE layers x {} experts, the trace {l} x {e}",
-            hh.moe_layers, hh.experts
-        )));
-    }
-    if l == 0 || e == 0 || k == 0 || distances == 0 {
-        return Err(bad("nothing to fit: no MoE layers, experts or distances".into()));
-    }
-    if !routers.is_empty() && (routers.len() != l || routers.iter().any(|(r, b)| r.len() != e * hsz || b.len() != e)) {
-        return Err(bad(format!("the model's routers do not match {l} MoE layers x {e} experts of width {hsz}")));
-    }
-    // per layer: XᵀX (shared by its distances), and XᵀY per distance
-    let mut xtx: Vec<Vec<f64>> = (0..l).map(|m| vec![0f64; width(hsz, e, m).pow(2)]).collect();
-    let mut xty: Vec<Vec<Vec<f64>>> = (0..l).map(|m| vec![vec![0f64; width(hsz, e, m) * e]; distances]).collect();
-    let mut valid: Vec<(Vec<Vec<f32>>, &TraceToken)> = Vec::new();
-    // next-token probes: one XᵀX, XᵀY per layer, and their held-out pairs
-    let nw = width(hsz, e, l);
-    let mut next_xtx = vec![0f64; nw * nw];
-    let mut next_xty = vec![vec![0f64; nw * e]; l];
-    let mut next_valid: Vec<(Vec<Vec<f32>>, &TraceToken)> = Vec::new();
-    let mut prev: Option<(u64, u32, Vec<f32>)> = None;
-    let per_token = 4 * (0..=l).map(|m| width(hsz, e, m)).sum::<usize>();
-    let max_valid = MAX_VALID_TOKENS.min(MAX_VALID_BYTES / per_token.max(1)).max(1);
-    let (mut train_tokens, mut valid_tokens) = (0, 0);
-    for (i, t) in tokens.iter().enumerate() {
-        let r = hidden.next_record().map_err(|e| bad(e.to_string()))?;
-        let r = r.ok_or_else(|| bad(format!("the hidden states end at record {i} of {}", tokens.len())))?;
-        if (r.seq, r.pos) != (t.seq, t.pos) {
-            return Err(bad(format!(
-                "record {i} is seq {} pos {}, the trace has seq {} pos {}",
-                r.seq, r.pos, t.seq, t.pos
-            )));
-        }
-        let mut x = token_features(&r.values, t, hsz, e);
-        let nx = x.pop().expect("the next-token input");
-        // the previous token of the same sequence, if the trace has it
-        let before = match prev.replace((t.seq, t.pos, nx)) {
-            Some((seq, pos, px)) if seq == t.seq && pos + 1 == t.pos => Some(px),
-            _ => None,
-        };
-        if t.seq % 5 == 0 {
-            valid_tokens += 1;
-            if valid.len() < max_valid {
-                valid.push((x, t));
-            }
-            if let Some(px) = before {
-                if next_valid.len() < max_valid {
-                    next_valid.push((vec![px], t));
+            if self.score(m, tokens) {
+                let outputs = probes.reach(m) * e;
+                for d in 0..self.shape.depth.min(probes.reach(m)) {
+                    let mut ids = Vec::with_capacity(tokens * k);
+                    for s in self.scores.chunks_exact(outputs) {
+                        top_k_into(&s[d * e..(d + 1) * e], k, &mut self.order, &mut ids);
+                    }
+                    out.push(Forecast { layer: MoeLayerId((m + d) as u16), ids });
                 }
             }
-            continue;
         }
-        train_tokens += 1;
-        if let Some(px) = before {
-            for (j, b) in next_xty.iter_mut().enumerate() {
-                let a = (j == 0).then_some(next_xtx.as_mut_slice());
-                accumulate(a, b, &px, &r.logits[j * e..(j + 1) * e]);
-            }
-        }
-        // upper triangles only; mirrored before solving
-        for (m, x) in x.iter().enumerate() {
-            for (d, b) in xty[m].iter_mut().enumerate().take(l - m) {
-                let a = (d == 0).then_some(xtx[m].as_mut_slice());
-                accumulate(a, b, x, &r.logits[(m + d) * e..(m + d + 1) * e]);
-            }
-        }
+        self.keep(m);
     }
-    if train_tokens == 0 || valid.is_empty() {
-        return Err(bad("the trace needs sequences for training and for validation (ids multiple of 5)".into()));
-    }
-    let cells = l * distances;
-    let mut probes = HiddenProbes {
-        model: header.model.clone(),
-        layers: l,
-        experts: e,
-        top_k: k,
-        hidden: hsz,
-        distances,
-        probes: vec![Vec::new(); cells],
-        recall: vec![f64::NAN; cells],
-        lambda: vec![f64::NAN; cells],
-    };
-    let mut report = HiddenTrainReport {
-        train_tokens,
-        valid_tokens,
-        recall: vec![vec![f64::NAN; distances]; l],
-        next_recall: Vec::new(),
-    };
-    for m in 0..l {
-        let n = width(hsz, e, m);
-        let a = &mut xtx[m];
-        for p in 0..n {
-            for q in 0..p {
-                a[p * n + q] = a[q * n + p];
-            }
-        }
-        let scale = (0..n - 1).map(|p| a[p * n + p]).sum::<f64>() / (n - 1) as f64;
-        for (d, xty_d) in xty[m].iter().enumerate().take(l - m) {
-            // the baseline W₀ ([experts, n]): router m + d on the hidden part,
-            // its bias in the bias column; the right side becomes Xᵀ(Y - X W₀)
-            let mut w0 = vec![0f32; e * n];
-            if let Some((r, b)) = routers.get(m + d) {
-                for ex in 0..e {
-                    w0[ex * n..ex * n + hsz].copy_from_slice(&r[ex * hsz..(ex + 1) * hsz]);
-                    w0[ex * n + n - 1] = b[ex];
-                }
-            }
-            let mut rhs = xty_d.clone();
-            for p in 0..n {
-                for (ex, out) in rhs[p * e..(p + 1) * e].iter_mut().enumerate() {
-                    *out -= (0..n).map(|q| a[p * n + q] * w0[ex * n + q] as f64).sum::<f64>();
-                }
-            }
-            let mut best: Option<(f64, f64, Vec<f32>)> = None;
-            for rel in LAMBDAS {
-                let lambda = rel * scale.max(f64::MIN_POSITIVE);
-                let mut w = ridge(a, &rhs, n, e, lambda, n - 1)
-                    .ok_or_else(|| bad(format!("the ridge system of layer {m} distance {d} has no finite solution")))?;
-                w.iter_mut().zip(&w0).for_each(|(v, b)| *v += b);
-                let recall = held_out_recall(&w, &valid, m, d, e, k);
-                if best.as_ref().is_none_or(|b| recall > b.0) {
-                    best = Some((recall, lambda, w));
-                }
-            }
-            let (recall, lambda, w) = best.expect("at least one λ");
-            let at = m * distances + d;
-            (probes.probes[at], probes.recall[at], probes.lambda[at]) = (w, recall, lambda);
-            report.recall[m][d] = recall;
-        }
-    }
-    if !next_valid.is_empty() {
-        let a = &mut next_xtx;
-        for p in 0..nw {
-            for q in 0..p {
-                a[p * nw + q] = a[q * nw + p];
-            }
-        }
-        let scale = (0..nw - 1).map(|p| a[p * nw + p]).sum::<f64>() / (nw - 1) as f64;
-        for (j, rhs) in next_xty.iter().enumerate() {
-            let mut best: Option<(f64, Vec<f32>)> = None;
-            for rel in LAMBDAS {
-                let w = ridge(a, rhs, nw, e, rel * scale.max(f64::MIN_POSITIVE), nw - 1)
-                    .ok_or_else(|| bad(format!("the next-token ridge system of layer {j} has no finite solution")))?;
-                // the held-out pairs keep their input at index 0 (as "layer 0,
-                // distance j": scored against the token's layer-j experts)
-                let recall = held_out_recall(&w, &next_valid, 0, j, e, k);
-                if best.as_ref().is_none_or(|b| recall > b.0) {
-                    best = Some((recall, w));
-                }
-            }
-            report.next_recall.push(best.expect("at least one λ").0);
-        }
-    }
-    Ok((probes, report))
-}
 
-/// Solves `(A + λI') W = B` (`A` `[n, n]` symmetric positive semi-definite,
-/// `B` `[n, e]`, `I'` the identity without the bias entry `bias`) by
-/// Cholesky (a pivot at or below zero is nudged to 1e-12, as a tiny ridge
-/// would); returns `W` transposed as `[e, n]` f32, `None` if the result is
-/// not finite (non-finite inputs).
-fn ridge(a: &[f64], b: &[f64], n: usize, e: usize, lambda: f64, bias: usize) -> Option<Vec<f32>> {
-    let mut c = a.to_vec();
-    for p in 0..n {
-        if p != bias {
-            c[p * n + p] += lambda;
-        }
+    fn end_sequence(&mut self, seq: SeqId) {
+        self.context.remove(&seq);
+        self.pending.remove(&seq);
     }
-    // in place: lower triangle L with L Lᵀ = c
-    for j in 0..n {
-        let mut s = c[j * n + j] - (0..j).map(|q| c[j * n + q] * c[j * n + q]).sum::<f64>();
-        if s <= 0.0 {
-            // the bias row of a constant-free problem: nudge, as ridge would
-            s = 1e-12;
-        }
-        let d = s.sqrt();
-        c[j * n + j] = d;
-        for i in j + 1..n {
-            let s = c[i * n + j] - (0..j).map(|q| c[i * n + q] * c[j * n + q]).sum::<f64>();
-            c[i * n + j] = s / d;
-        }
-    }
-    let mut w = vec![0f32; e * n];
-    let mut y = vec![0f64; n];
-    for col in 0..e {
-        // L y = b, then Lᵀ x = y
-        for i in 0..n {
-            let s = b[i * e + col] - (0..i).map(|q| c[i * n + q] * y[q]).sum::<f64>();
-            y[i] = s / c[i * n + i];
-        }
-        for i in (0..n).rev() {
-            let s = y[i] - (i + 1..n).map(|q| c[q * n + i] * w[col * n + q] as f64).sum::<f64>();
-            let v = s / c[i * n + i];
-            if !v.is_finite() {
-                return None;
-            }
-            w[col * n + i] = v as f32;
-        }
-    }
-    Some(w)
-}
-
-/// Mean share of the actual top-k set of layer `m + d` found in the top k
-/// of probe `w` applied to the held-out tokens' inputs at layer `m`.
-fn held_out_recall(w: &[f32], valid: &[(Vec<Vec<f32>>, &TraceToken)], m: usize, d: usize, e: usize, k: usize) -> f64 {
-    let (mut scores, mut order, mut ids) = (vec![0f32; e], Vec::new(), Vec::new());
-    let mut right = 0usize;
-    for (x, t) in valid {
-        dot_rows(w, &x[m], &mut scores);
-        ids.clear();
-        top_k_into(&scores, k, &mut order, &mut ids);
-        right += ids.iter().filter(|id| t.experts[m + d].contains(&id.0)).count();
-    }
-    right as f64 / (valid.len() * k) as f64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moe_types::hidden_trace::{write_header, write_record, HiddenHeader, HiddenRecord};
 
-    /// Tokens whose router scores at layer j are a linear function of their
-    /// hidden state there: the probes must find it.
-    fn synthetic(tokens: usize) -> (TraceHeader, Vec<TraceToken>, Vec<u8>) {
-        let (l, e, k, hsz) = (2, 4, 2, 6);
-        let header = TraceHeader::new("synthetic", 2, vec![0, 1], e, k);
-        let mut buf = Vec::new();
-        write_header(&mut buf, &HiddenHeader::new(hsz, l, e)).unwrap();
-        let mut toks = Vec::new();
-        let mut state = 12345u64;
-        let mut rnd = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
-        for i in 0..tokens {
-            let values: Vec<f32> = (0..l * hsz).map(|_| rnd()).collect();
-            // layer j's experts: the top 2 of (h0[e] + h0[e + 1]) for layer 0,
-            // of -h1[e] for layer 1
-            let (mut experts, mut logits) = (Vec::new(), Vec::new());
-            for j in 0..l {
-                let s: Vec<f32> =
-                    (0..e).map(|x| if j == 0 { values[x] + values[x + 1] } else { -values[hsz + x] }).collect();
-                let mut o: Vec<usize> = (0..e).collect();
-                o.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
-                experts.push(o[..k].iter().map(|&x| x as u16).collect());
-                logits.extend(s);
-            }
-            let (seq, pos) = ((i / 10) as u64, (i % 10) as u32);
-            write_record(&mut buf, &HiddenRecord { seq, pos, values, logits }).unwrap();
-            toks.push(TraceToken { step: 0, seq, pos, token: 0, experts, weights: vec![vec![0.5, 0.5]; l] });
+    fn probes(l: usize, e: usize, hsz: usize, dist: usize) -> HiddenProbes {
+        let probes = (0..l).map(|m| Mlp::new(width(hsz, e, m), 4, dist.min(l - m) * e, m as u64)).collect::<Vec<_>>();
+        HiddenProbes {
+            model: "t".into(),
+            layers: l,
+            experts: e,
+            top_k: 2,
+            hidden: hsz,
+            distances: dist,
+            probes,
+            recall: (0..l * dist).map(|i| i as f64 / 10.0).collect(),
         }
-        (header, toks, buf)
     }
 
     #[test]
-    fn probes_learn_a_linear_routing_rule_and_round_trip() {
-        let (header, toks, buf) = synthetic(3000);
-        let (probes, report) = train_hidden(&header, &toks, HiddenReader::new(&buf[..]).unwrap(), 2, &[]).unwrap();
-        assert!(report.recall[0][0] > 0.9, "{report:?}");
-        assert!(report.recall[1][0] > 0.9, "{report:?}");
-        assert!(report.recall[1][1].is_nan(), "no layer 2 to forecast");
+    fn round_trips_and_refuses_other_shapes_and_versions() {
+        let p = probes(3, 4, 6, 2);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h.safetensors");
-        probes.save(&path).unwrap();
-        let back = HiddenProbes::load(&path).unwrap();
-        assert_eq!(back.probes, probes.probes);
-        assert_eq!(back.hidden, 6);
-        // the predictor forecasts the layer itself and the next from layer 0
-        let shape = Shape { layers: 2, experts: 4, top_k: 2, depth: 2 };
-        let mut p = HiddenPredictor::new(Arc::new(back), shape);
-        let mut out = Vec::new();
-        let h: Vec<f32> = (0..12).map(|i| i as f32 * 0.1 - 0.5).collect();
-        p.hidden(MoeLayerId(0), &h, &mut out);
-        assert_eq!(out.len(), 2);
-        assert_eq!((out[0].layer, out[0].ids.len()), (MoeLayerId(0), 4));
-        assert_eq!(out[1].layer, MoeLayerId(1));
-        // a wrong shape is refused with both shapes named
-        let other = Shape { layers: 3, ..shape };
-        assert!(probes.check_shape(other, Some(6), &path).unwrap_err().to_string().contains("3 x 4"));
-        // and so is another model width, before any forecast is made
+        p.save(&path).unwrap();
+        assert_eq!(HiddenProbes::load(&path).unwrap(), p);
+        let shape = Shape { layers: 3, experts: 4, top_k: 2, depth: 2 };
+        assert!(p.check_shape(shape, Some(6), &path).is_ok());
+        let e = p.check_shape(Shape { layers: 4, ..shape }, Some(6), &path).unwrap_err();
+        assert!(e.to_string().contains("4 x 4"), "{e}");
         let kind = super::super::PredictorKind::Hidden(path.clone());
         assert!(kind.check_width(6).is_ok());
         assert!(kind.check_width(12).unwrap_err().to_string().contains("width 6"));
+        // a version 1 file (linear probes) is refused by name
+        let v1 = dir.path().join("v1.safetensors");
+        super::super::file::write(&v1, HIDDEN_PREDICTOR_FORMAT, 1, &[], Vec::new()).unwrap();
+        let e = HiddenProbes::load(&v1).unwrap_err().to_string();
+        assert!(e.contains("unsupported version 1"), "{e}");
     }
 
     #[test]
-    fn a_trace_and_hidden_states_out_of_step_are_refused() {
-        let (header, mut toks, buf) = synthetic(100);
-        toks[3].pos = 99;
-        let e = train_hidden(&header, &toks, HiddenReader::new(&buf[..]).unwrap(), 1, &[]).unwrap_err();
-        assert!(e.to_string().contains("record 3"), "{e}");
+    fn forecasts_match_the_probe_and_context_is_kept_per_sequence_until_it_ends() {
+        let (l, e, hsz) = (2, 4, 6);
+        let p = Arc::new(probes(l, e, hsz, 2));
+        let shape = Shape { layers: l, experts: e, top_k: 2, depth: 2 };
+        let mut pred = HiddenPredictor::new(Arc::clone(&p), shape);
+        let state = |s: f32| -> Vec<f32> { (0..hsz).map(|i| (i as f32 * 0.37 + s).sin()).collect() };
+        let tok = |seq| StepToken { seq: SeqId(seq), token: 1 };
+        // token i of a step enters layer m with state(s + i + m)
+        let run_step = |pred: &mut HiddenPredictor, toks: &[StepToken], s: f32| {
+            let mut all = Vec::new();
+            pred.begin_step(toks, &mut Vec::new());
+            for m in 0..l {
+                let h: Vec<f32> = (0..toks.len()).flat_map(|i| state(s + i as f32 + m as f32)).collect();
+                let mut out = Vec::new();
+                pred.hidden(MoeLayerId(m as u16), &h, &mut out);
+                let ids: Vec<ExpertId> = (0..toks.len() * 2).map(|i| ExpertId((i % e) as u16)).collect();
+                pred.observe(MoeLayerId(m as u16), &ids, &mut Vec::new());
+                all.push(out);
+            }
+            all
+        };
+        let expect = |h: &[f32], c: Option<&[f32]>| {
+            let (mut n, mut cn, mut x, mut s) = (Vec::new(), Vec::new(), Vec::new(), vec![0f32; 2 * e]);
+            normalise(h, &mut n);
+            let c = c.map(|c| {
+                normalise(c, &mut cn);
+                &cn[..]
+            });
+            features(&n, c, &[], e, &mut x);
+            p.probes[0].scores(&x, &mut s);
+            let mut want = Vec::new();
+            top_k_into(&s[..e], 2, &mut Vec::new(), &mut want);
+            want
+        };
+        // a prefill step of two tokens of sequence 7: both forecast layers 0 and 1 from layer 0
+        let first = run_step(&mut pred, &[tok(7), tok(7)], 0.0);
+        assert_eq!(first[0].len(), 2);
+        assert_eq!(first[0][1].layer, MoeLayerId(1));
+        assert_eq!(pred.sequences(), 1);
+        // the first token's forecast is the probe's scores with no context;
+        // so is the second's (its predecessor runs in the same step)
+        assert_eq!(first[0][0].ids[..2], expect(&state(0.0), None)[..]);
+        assert_eq!(first[0][0].ids[2..], expect(&state(1.0), None)[..]);
+        // the next step reads the last token's state entering layer 1 as layer 0's context
+        let next = run_step(&mut pred, &[tok(7)], 5.0);
+        assert_eq!(next[0][0].ids, expect(&state(5.0), Some(&state(2.0))));
+        // the context goes with the sequence
+        pred.end_sequence(SeqId(7));
+        assert_eq!(pred.sequences(), 0);
+        // depth 1 forecasts only the layer itself; a wrong-sized state forecasts nothing
+        let mut one = HiddenPredictor::new(p, Shape { depth: 1, ..shape });
+        one.begin_step(&[tok(1)], &mut Vec::new());
+        let mut out = Vec::new();
+        one.hidden(MoeLayerId(0), &state(0.0), &mut out);
+        assert_eq!(out.len(), 1);
+        out.clear();
+        one.hidden(MoeLayerId(1), &state(0.0)[..5], &mut out);
+        assert!(out.is_empty());
     }
 }

@@ -9,14 +9,15 @@
 mod combined;
 mod file;
 mod hidden;
+mod hidden_train;
 mod learned;
 mod lookahead;
 mod previous;
+mod probe_mlp;
 
 pub use combined::Combined;
-pub use hidden::{
-    train_hidden, HiddenPredictor, HiddenProbes, HiddenTrainReport, HIDDEN_PREDICTOR_FORMAT, HIDDEN_PREDICTOR_VERSION,
-};
+pub use hidden::{HiddenPredictor, HiddenProbes, HIDDEN_PREDICTOR_FORMAT, HIDDEN_PREDICTOR_VERSION};
+pub use hidden_train::{train_hidden, HiddenTrainConfig, HiddenTrainReport};
 pub use learned::{train, LearnedPredictor, PathTables, TrainReport, PREDICTOR_FORMAT, PREDICTOR_VERSION};
 pub use lookahead::LookAhead;
 pub use previous::PreviousToken;
