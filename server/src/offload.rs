@@ -135,9 +135,9 @@ impl OffloadSettings {
         }
     }
 
-    /// The predictor for a model in `dir`: `auto` is the learned one when the
-    /// directory has a trained predictor file, else the hidden-state one when
-    /// it has its probes file, else look-ahead gating. A predictor file given
+    /// The predictor for a model in `dir`: `auto` is `hidden+learned` when the
+    /// directory has both files, else the one it has, else look-ahead
+    /// gating (`PredictorChoice::Auto`). A predictor file given
     /// replaces the chosen predictor's default (with `auto`: the learned
     /// one's).
     pub fn predictor_kind(&self, dir: &Path) -> PredictorKind {
