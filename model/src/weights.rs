@@ -198,6 +198,17 @@ impl Model {
         &self.cfg
     }
 
+    /// Token `token`'s embedding row into `out` (`hidden_size` values);
+    /// false, leaving `out` as it was, if the token is outside the vocabulary
+    /// or `out` has another length.
+    pub fn embedding(&self, token: u32, out: &mut [f32]) -> bool {
+        let ok = (token as usize) < self.embed.rows() && out.len() == self.embed.cols();
+        if ok {
+            self.embed.row_to_f32(token as usize, out);
+        }
+        ok
+    }
+
     pub(crate) fn lm_head(&self) -> &Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }

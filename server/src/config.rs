@@ -158,7 +158,7 @@ serve_config! {
     expert_cache: moe_offload::ExpertBudget = moe_offload::ExpertBudget::All => "all", env = "MOE_EXPERT_CACHE";
     /// Expert cache policy: lru, lfu or predictive (ExpertFlow: evict by predicted demand).
     expert_policy: moe_offload::PolicyKind = moe_offload::PolicyKind::Predictive => "predictive", env = "MOE_EXPERT_POLICY";
-    /// Routing-path predictor: auto (hidden+learned if the model directory has both trained files, else the one it has, else lookahead), hidden, learned, lookahead, previous or none.
+    /// Routing-path predictor: auto (hidden if the model directory has hidden-state probes, else learned if it has a trained path predictor, else lookahead), hidden, learned, lookahead, previous or none.
     predictor: moe_offload::PredictorChoice = moe_offload::PredictorChoice::Auto => "auto", env = "MOE_PREDICTOR";
     /// MoE layers ahead to forecast and prefetch.
     prefetch_depth: usize = 1 => "1", env = "MOE_PREFETCH_DEPTH";

@@ -79,6 +79,9 @@ struct BenchRegroupCmd {
     /// `serve` does by default), release or cached (through the page cache).
     #[arg(long, default_value = "direct")]
     disk_io: moe_offload::DiskIo,
+    /// Routing-path predictor whose forecasts regrouping reads (as `serve --predictor`).
+    #[arg(long, default_value = "auto")]
+    predictor: moe_offload::PredictorChoice,
 }
 
 #[derive(Args)]
@@ -285,7 +288,11 @@ fn run_train_predictor(t: TrainPredictorCmd) -> anyhow::Result<()> {
             units: t.probe_units,
             epochs: t.epochs,
         };
-        let (probes, report) = moe_offload::predictor::train_hidden(&header, &records, reader, cfg)?;
+        // the token embeddings, for the probe that forecasts before a step
+        let (model, _) = moe_model::load_model_without_experts(&dir, &mut ())?;
+        let row = |t: u32, out: &mut [f32]| model.embedding(t, out);
+        let emb = moe_offload::predictor::TokenEmbeddings { vocab: model.config().vocab_size, row: &row };
+        let (probes, report) = moe_offload::predictor::train_hidden(&header, &records, reader, cfg, Some(&emb))?;
         probes.save(&t.output)?;
         eprintln!("trained on {} tokens, validated on {}", report.train_tokens, report.valid_tokens);
         if report.dropped_tokens > 0 {
@@ -299,6 +306,8 @@ fn run_train_predictor(t: TrainPredictorCmd) -> anyhow::Result<()> {
                 .collect();
             eprintln!("held-out recall per MoE layer, forecasting {d} layer(s) past the one read: {}", cells.join(" "));
         }
+        let cells: Vec<String> = report.pre_recall.iter().map(|r| format!("{:.1}%", r * 100.0)).collect();
+        eprintln!("held-out recall per MoE layer before the step (for regrouping): {}", cells.join(" "));
         eprintln!("wrote {}", t.output.display());
         return Ok(());
     }
@@ -336,9 +345,9 @@ fn run_bench_regroup(b: BenchRegroupCmd) -> anyhow::Result<()> {
         let stride = ids.len() / per;
         prompts.push((name.clone(), ids[j * stride..j * stride + b.prompt_tokens].to_vec()));
     }
-    let learned = dir.join(moe_server::offload::PREDICTOR_FILE);
-    anyhow::ensure!(learned.is_file(), "regrouping needs the learned predictor at {}", learned.display());
-    let predictor = moe_offload::PredictorKind::Learned(learned);
+    let files = (dir.join(moe_server::offload::PREDICTOR_FILE), dir.join(moe_server::offload::HIDDEN_PREDICTOR_FILE));
+    let predictor = b.predictor.resolve(files.0, files.1);
+    predictor.check_width(model.config().hidden_size)?;
     let bench = moe_bench::regroup::RegroupBench {
         model,
         dir: dir.clone(),

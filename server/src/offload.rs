@@ -135,19 +135,25 @@ impl OffloadSettings {
         }
     }
 
-    /// The predictor for a model in `dir`: `auto` is `hidden+learned` when the
-    /// directory has both files, else the one it has, else look-ahead
-    /// gating (`PredictorChoice::Auto`). A predictor file given
-    /// replaces the chosen predictor's default (with `auto`: the learned
-    /// one's).
+    /// The predictor for a model in `dir`: `auto` is the hidden-state one when
+    /// the directory has its probes file, else the learned one when it has
+    /// its file, else look-ahead gating (`PredictorChoice::Auto`). A predictor file given
+    /// replaces the chosen predictor's default (with `auto`: the kind its
+    /// format names).
     pub fn predictor_kind(&self, dir: &Path) -> PredictorKind {
         let (learned, hidden) = (dir.join(PREDICTOR_FILE), dir.join(HIDDEN_PREDICTOR_FILE));
-        let (learned, hidden) = match (&self.predictor_file, self.predictor) {
-            (Some(f), PredictorChoice::Hidden) => (learned, f.clone()),
-            (Some(f), _) => (f.clone(), hidden),
-            (None, _) => (learned, hidden),
-        };
-        self.predictor.resolve(learned, hidden)
+        match (&self.predictor_file, self.predictor) {
+            (Some(f), PredictorChoice::Auto)
+                if moe_offload::predictor::format_of(f).as_deref()
+                    == Some(moe_offload::predictor::HIDDEN_PREDICTOR_FORMAT) =>
+            {
+                PredictorKind::Hidden(f.clone())
+            }
+            (Some(f), PredictorChoice::Auto) => PredictorKind::Learned(f.clone()),
+            (Some(f), PredictorChoice::Hidden) => self.predictor.resolve(learned, f.clone()),
+            (Some(f), _) => self.predictor.resolve(f.clone(), hidden),
+            (None, _) => self.predictor.resolve(learned, hidden),
+        }
     }
 }
 
@@ -381,4 +387,32 @@ fn check_all_experts_fit(dir: &Path) -> anyhow::Result<()> {
         &format!("all {total} experts of {}", dir.display()),
         "pass --expert-cache with a budget (for example --expert-cache 50%) to stream the rest from disk",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_the_probes_and_a_named_file_by_its_format() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-shakespeare-moe");
+        let (learned, hidden) = (dir.join(PREDICTOR_FILE), dir.join(HIDDEN_PREDICTOR_FILE));
+        let with = |choice, file: Option<&Path>| OffloadSettings {
+            predictor: choice,
+            predictor_file: file.map(Path::to_path_buf),
+            ..OffloadSettings::resident()
+        };
+        assert_eq!(with(PredictorChoice::Auto, None).predictor_kind(&dir), PredictorKind::Hidden(hidden.clone()));
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(with(PredictorChoice::Auto, None).predictor_kind(empty.path()), PredictorKind::LookAhead);
+        assert_eq!(
+            with(PredictorChoice::Auto, Some(&learned)).predictor_kind(empty.path()),
+            PredictorKind::Learned(learned.clone())
+        );
+        assert_eq!(
+            with(PredictorChoice::Auto, Some(&hidden)).predictor_kind(empty.path()),
+            PredictorKind::Hidden(hidden.clone())
+        );
+        assert_eq!(with(PredictorChoice::Learned, None).predictor_kind(&dir), PredictorKind::Learned(learned));
+    }
 }

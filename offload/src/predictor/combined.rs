@@ -3,7 +3,10 @@
 //! layer have been right most often so far (precision with a prior of 3
 //! right in 4, ties to the earlier member). Every member's forecasts are
 //! scored against the layer's routing, whether they were used or not, so
-//! the choice follows the text being served.
+//! the choice follows the text being served. The paths forecast before a
+//! step (for regrouping) are chosen the same way, layer by layer, from
+//! their own record: each member's path for each of the step's tokens is
+//! scored against the routing the step then takes.
 
 use super::{Forecast, PathPredictor, Shape};
 use moe_model::StepToken;
@@ -29,6 +32,12 @@ pub struct Combined {
     members: Vec<Box<dyn PathPredictor>>,
     /// `[member][layer]`.
     scores: Vec<Vec<Score>>,
+    /// `[member][layer]`, of the paths forecast before a step.
+    path_scores: Vec<Vec<Score>>,
+    /// `[member]`: each member's path for each of the step's tokens, scored
+    /// as the layers run.
+    step_paths: Vec<Vec<Option<Vec<ExpertId>>>>,
+    layers: usize,
     buf: Vec<Forecast>,
     top_k: usize,
 }
@@ -37,7 +46,16 @@ impl Combined {
     /// Combines `members` for a model of `shape`.
     pub fn new(members: Vec<Box<dyn PathPredictor>>, shape: Shape) -> Self {
         let scores = vec![vec![Score::default(); shape.layers]; members.len()];
-        Self { members, scores, buf: Vec::new(), top_k: shape.top_k.max(1) }
+        let (path_scores, step_paths) = (scores.clone(), vec![Vec::new(); members.len()]);
+        Self {
+            members,
+            scores,
+            path_scores,
+            step_paths,
+            layers: shape.layers,
+            buf: Vec::new(),
+            top_k: shape.top_k.max(1),
+        }
     }
 
     /// The member chosen for `layer` now.
@@ -94,11 +112,25 @@ impl PathPredictor for Combined {
     fn begin_step(&mut self, tokens: &[StepToken], out: &mut Vec<Forecast>) {
         // forecasts of a step that did not run to its end are not scored
         self.scores.iter_mut().flatten().for_each(|s| s.latest = None);
+        for (m, paths) in self.step_paths.iter_mut().enumerate() {
+            paths.clear();
+            paths.extend(tokens.iter().map(|&t| self.members[m].path(t)));
+        }
         self.each(out, |p, buf| p.begin_step(tokens, buf));
     }
 
     fn observe(&mut self, layer: MoeLayerId, ids: &[ExpertId], out: &mut Vec<Forecast>) {
         let (j, k) = (layer.index(), self.top_k);
+        for (paths, scores) in self.step_paths.iter().zip(self.path_scores.iter_mut()) {
+            let Some(s) = scores.get_mut(j) else { continue };
+            for (path, used) in paths.iter().zip(ids.chunks_exact(k)) {
+                if let Some(f) = path.as_ref().and_then(|p| p.get(j * k..(j + 1) * k)) {
+                    let (predicted, right) = super::score(f, used, k);
+                    s.predicted += predicted;
+                    s.right += right;
+                }
+            }
+        }
         for member in self.scores.iter_mut() {
             let Some(s) = member.get_mut(j) else { continue };
             let Some(f) = s.latest.take() else { continue };
@@ -122,7 +154,16 @@ impl PathPredictor for Combined {
     }
 
     fn path(&self, token: StepToken) -> Option<Vec<ExpertId>> {
-        self.members.iter().find_map(|m| m.path(token))
+        let paths: Vec<Option<Vec<ExpertId>>> = self.members.iter().map(|m| m.path(token)).collect();
+        let k = self.top_k;
+        let mut out = Vec::with_capacity(self.layers * k);
+        for j in 0..self.layers {
+            let best = (0..paths.len()).filter(|&m| paths[m].as_ref().is_some_and(|p| p.len() >= (j + 1) * k)).reduce(
+                |a, b| if self.path_scores[b][j].precision() > self.path_scores[a][j].precision() { b } else { a },
+            )?;
+            out.extend_from_slice(&paths[best].as_ref().expect("filtered")[j * k..(j + 1) * k]);
+        }
+        Some(out)
     }
 }
 
@@ -140,6 +181,9 @@ mod tests {
             }
         }
         fn observe(&mut self, _: MoeLayerId, _: &[ExpertId], _: &mut Vec<Forecast>) {}
+        fn path(&self, _: StepToken) -> Option<Vec<ExpertId>> {
+            Some(vec![ExpertId(self.0); self.1.layers])
+        }
     }
 
     #[test]
@@ -160,5 +204,7 @@ mod tests {
         let mut by_layer: Vec<_> = out.iter().map(|f| (f.layer.index(), f.ids[0].0)).collect();
         by_layer.sort();
         assert_eq!(by_layer, vec![(0, 2), (1, 1)], "{:?}", c.precisions());
+        // the paths before a step follow the same record, layer by layer
+        assert_eq!(c.path(tok[0]).unwrap(), vec![ExpertId(2), ExpertId(1)]);
     }
 }

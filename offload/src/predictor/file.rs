@@ -29,6 +29,14 @@ pub(super) fn write(
     safetensors::serialize_to_file(views, Some(meta), path).map_err(|x| err(x.to_string()))
 }
 
+/// The `format` metadata of the predictor file at `path`, if it is a
+/// readable safetensors file that has one.
+pub fn format_of(path: &Path) -> Option<String> {
+    let raw = std::fs::read(path).ok()?;
+    let (_, header) = SafeTensors::read_metadata(&raw).ok()?;
+    header.metadata().as_ref()?.get("format").cloned()
+}
+
 /// A predictor file read whole, its format and version checked.
 pub(super) struct PredictorFile {
     path: PathBuf,

@@ -20,6 +20,13 @@
 //! last token's normalised states entering every MoE layer (`L * hidden`
 //! f32, dropped when the sequence ends).
 //!
+//! Before a step, for regrouping ([`PathPredictor::path`]), a separate
+//! probe (the pre-step probe) forecasts a token's whole path from its
+//! normalised embedding and the sequence's previous token's state entering
+//! the last MoE layer: its first layer's response to every token's embedding
+//! is kept as a table (`[vocab, units]`), so the predictor needs no
+//! embedding matrix at run time.
+//!
 //! Trained offline by [`train_hidden`](super::train_hidden) from a routing
 //! trace and its hidden-state trace. Cost at run time per token and MoE layer:
 //! `units * width + D * experts * (units + 1)` multiply-adds.
@@ -30,8 +37,10 @@
 //! distance-major), and string metadata `format`, `version`, `model`,
 //! `layers`, `experts`, `top_k`, `hidden`, `distances`, `units`, and per
 //! probe and distance `recall.{m}.{d}` (held-out recall, NaN past the last
-//! layer). Version 1 (linear probes without the context input) is refused
-//! with a message to retrain.
+//! layer); with a pre-step probe (metadata `pre_vocab` above 0) also
+//! `pre.table` (`[pre_vocab, units]`), `pre.context` (`[units, hidden + 1]`),
+//! `pre.head` (`[layers * experts, units + 1]`) and `pre_recall.{j}` per MoE
+//! layer. Version 1 (linear probes without the context input) is refused.
 
 use super::probe_mlp::{dot, silu, Mlp};
 use super::{Forecast, PathPredictor, Shape};
@@ -66,6 +75,26 @@ pub struct HiddenProbes {
     pub(crate) probes: Vec<Mlp>,
     /// Held-out recall per layer and distance (`m * distances + d`; NaN where none).
     pub recall: Vec<f64>,
+    /// The pre-step probe, if trained (it needs the model's embeddings).
+    pub(crate) pre: Option<PreProbe>,
+}
+
+/// The probe forecasting a token's whole path before its step.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct PreProbe {
+    /// Tokens in the table.
+    pub vocab: usize,
+    /// Hidden units.
+    pub units: usize,
+    /// `[vocab, units]`: the first layer's response to each token's
+    /// normalised embedding.
+    pub table: Vec<f32>,
+    /// `[units, hidden + 1]`: the first layer on the context state, and its bias.
+    pub context: Vec<f32>,
+    /// `[layers * experts, units + 1]`.
+    pub head: Vec<f32>,
+    /// Held-out recall per MoE layer.
+    pub recall: Vec<f64>,
 }
 
 impl HiddenProbes {
@@ -82,6 +111,11 @@ impl HiddenProbes {
     /// Hidden units per probe.
     pub fn units(&self) -> usize {
         self.probes.first().map_or(0, |p| p.units)
+    }
+
+    /// Held-out recall per MoE layer of the pre-step probe (empty if none).
+    pub fn pre_recall(&self) -> &[f64] {
+        self.pre.as_ref().map_or(&[], |p| &p.recall)
     }
 
     /// Held-out recall of layer `m`'s probe at distance `d` (NaN if none).
@@ -122,6 +156,14 @@ impl HiddenProbes {
             ("distances".into(), self.distances.to_string()),
             ("units".into(), self.units().to_string()),
         ];
+        meta.push(("pre_vocab".into(), self.pre.as_ref().map_or(0, |p| p.vocab).to_string()));
+        if let Some(p) = &self.pre {
+            let (u, l) = (p.units, self.layers);
+            tensors.push(("pre.table".into(), vec![p.vocab, u], &p.table[..]));
+            tensors.push(("pre.context".into(), vec![u, self.hidden + 1], &p.context[..]));
+            tensors.push(("pre.head".into(), vec![l * self.experts, u + 1], &p.head[..]));
+            meta.extend(p.recall.iter().enumerate().map(|(j, r)| (format!("pre_recall.{j}"), r.to_string())));
+        }
         for (m, p) in self.probes.iter().enumerate() {
             tensors.push((format!("trunk.{m}"), vec![p.units, p.inputs], &p.w1[..]));
             tensors.push((format!("head.{m}"), vec![p.outputs, p.units + 1], &p.w2[..]));
@@ -151,6 +193,19 @@ impl HiddenProbes {
                 recall.push(f.real(&format!("recall.{m}.{d}"))?);
             }
         }
+        let vocab = f.num("pre_vocab")?;
+        let pre = if vocab == 0 {
+            None
+        } else {
+            Some(PreProbe {
+                vocab,
+                units,
+                table: f.tensor("pre.table", &[vocab, units])?,
+                context: f.tensor("pre.context", &[units, h + 1])?,
+                head: f.tensor("pre.head", &[l * e, units + 1])?,
+                recall: (0..l).map(|j| f.real(&format!("pre_recall.{j}"))).collect::<Result<_, _>>()?,
+            })
+        };
         Ok(Self {
             model: f.get("model")?,
             layers: l,
@@ -160,6 +215,7 @@ impl HiddenProbes {
             distances: dist,
             probes,
             recall,
+            pre,
         })
     }
 }
@@ -259,7 +315,8 @@ pub struct HiddenPredictor {
     /// This step's routing so far, per MoE layer (`tokens * top_k` ids).
     path: Vec<Vec<ExpertId>>,
     /// Per live sequence: its latest token's normalised states entering
-    /// each MoE layer (`layers * hidden`).
+    /// each MoE layer (`layers * hidden`), then the pre-step probe's first
+    /// layer on the last of them (`units`, with a pre-step probe).
     context: SeqMap<Vec<f32>>,
     /// The same for this step's last tokens, filled layer by layer and
     /// moved to `context` after the last MoE layer.
@@ -274,8 +331,13 @@ pub struct HiddenPredictor {
 }
 
 impl HiddenPredictor {
-    /// A predictor for `shape` (forecasts up to `shape.depth` layers ahead,
-    /// as far as the probes reach).
+    /// A predictor for `shape`: at each MoE layer's state it forecasts that
+    /// layer and the `shape.depth` after it, as far as the probes reach (the
+    /// learned predictor's forecasts at depth 1 come as a layer's routing is
+    /// known, a whole expert computation before the next layer; these come
+    /// after it, so they reach one layer further to leave the loads as much
+    /// time: measured at a 50% budget, depth 1 this way stalled 77 us per
+    /// token against 182 us forecasting the layer alone; BENCHMARKS.md).
     pub fn new(probes: Arc<HiddenProbes>, shape: Shape) -> Self {
         let weights = probes
             .probes
@@ -320,7 +382,17 @@ impl HiddenPredictor {
             }
         }
         if m + 1 == l {
-            self.context.extend(self.pending.drain());
+            for (seq, mut states) in self.pending.drain() {
+                // the pre-step probe's first layer on the new context, kept
+                // after the states: regrouping asks for paths many times a step
+                if let Some(pre) = &self.probes.pre {
+                    let c = &states[(l - 1) * hsz..l * hsz];
+                    let z: Vec<f32> =
+                        pre.context.chunks_exact(hsz + 1).map(|row| row[hsz] + dot(&row[..hsz], c)).collect();
+                    states.extend_from_slice(&z);
+                }
+                self.context.insert(seq, states);
+            }
         }
     }
 
@@ -350,7 +422,23 @@ impl PathPredictor for HiddenPredictor {
         true
     }
 
-    fn begin_step(&mut self, tokens: &[StepToken], _: &mut Vec<Forecast>) {
+    fn begin_step(&mut self, tokens: &[StepToken], out: &mut Vec<Forecast>) {
+        // with a pre-step probe, the first layers are forecast before the
+        // step (the in-step probes refine them as each layer's state arrives)
+        if self.probes.pre.is_some() && tokens.len() <= MAX_STEP_TOKENS {
+            let (l, k) = (self.probes.layers, self.probes.top_k);
+            let paths: Vec<Option<Vec<ExpertId>>> = tokens.iter().map(|&t| self.path(t)).collect();
+            for j in super::window(0, self.shape.depth, l) {
+                let mut ids = Vec::with_capacity(tokens.len() * k);
+                for p in &paths {
+                    match p {
+                        Some(p) => ids.extend_from_slice(&p[j * k..(j + 1) * k]),
+                        None => ids.extend(std::iter::repeat_n(super::NO_EXPERT, k)),
+                    }
+                }
+                out.push(Forecast { layer: MoeLayerId(j as u16), ids });
+            }
+        }
         self.path.iter_mut().for_each(Vec::clear);
         self.pending.clear();
         self.step.clear();
@@ -400,7 +488,9 @@ impl PathPredictor for HiddenPredictor {
             }
             if self.score(m, tokens) {
                 let outputs = probes.reach(m) * e;
-                for d in 0..self.shape.depth.min(probes.reach(m)) {
+                // the layer about to run (its routing is not known yet: a
+                // refinement of earlier forecasts) and `depth` layers after it
+                for d in 0..(self.shape.depth + 1).min(probes.reach(m)) {
                     let mut ids = Vec::with_capacity(tokens * k);
                     for s in self.scores.chunks_exact(outputs) {
                         top_k_into(&s[d * e..(d + 1) * e], k, &mut self.order, &mut ids);
@@ -415,6 +505,27 @@ impl PathPredictor for HiddenPredictor {
     fn end_sequence(&mut self, seq: SeqId) {
         self.context.remove(&seq);
         self.pending.remove(&seq);
+    }
+
+    fn path(&self, token: StepToken) -> Option<Vec<ExpertId>> {
+        let p = &*self.probes;
+        let pre = p.pre.as_ref()?;
+        let (u, hsz, e) = (pre.units, p.hidden, p.experts);
+        let at = token.token as usize * u;
+        let mut z = pre.table.get(at..at + u)?.to_vec();
+        match self.context.get(&token.seq) {
+            // the first layer's response to the context, computed as it was kept
+            Some(c) => z.iter_mut().zip(&c[p.layers * hsz..]).for_each(|(zj, cz)| *zj += cz),
+            None => z.iter_mut().zip(pre.context.chunks_exact(hsz + 1)).for_each(|(zj, row)| *zj += row[hsz]),
+        }
+        let mut act: Vec<f32> = z.iter().map(|&v| silu(v)).collect();
+        act.push(1.0);
+        let scores: Vec<f32> = pre.head.chunks_exact(u + 1).map(|row| dot(row, &act)).collect();
+        let (mut ids, mut order) = (Vec::with_capacity(p.layers * p.top_k), Vec::new());
+        for s in scores.chunks_exact(e) {
+            top_k_into(s, p.top_k, &mut order, &mut ids);
+        }
+        Some(ids)
     }
 }
 
@@ -433,6 +544,7 @@ mod tests {
             distances: dist,
             probes,
             recall: (0..l * dist).map(|i| i as f64 / 10.0).collect(),
+            pre: None,
         }
     }
 
@@ -443,7 +555,23 @@ mod tests {
         let path = dir.path().join("h.safetensors");
         p.save(&path).unwrap();
         assert_eq!(HiddenProbes::load(&path).unwrap(), p);
+        // with a pre-step probe over 5 tokens
+        let table: Vec<f32> = (0..20).map(|i| (i as f32 * 0.7).sin()).collect();
+        let context: Vec<f32> = (0..28).map(|i| (i as f32 * 0.3).cos()).collect();
+        let head: Vec<f32> = (0..60).map(|i| (i as f32 * 1.1).sin()).collect();
+        let pre = PreProbe { vocab: 5, units: 4, table, context, head, recall: vec![0.5, 0.25, 0.125] };
+        let with = HiddenProbes { pre: Some(pre), ..p.clone() };
+        with.save(&path).unwrap();
+        let back = HiddenProbes::load(&path).unwrap();
+        assert_eq!(back, with);
+        assert_eq!(back.pre_recall(), &[0.5, 0.25, 0.125]);
         let shape = Shape { layers: 3, experts: 4, top_k: 2, depth: 2 };
+        let pred = HiddenPredictor::new(Arc::new(back), shape);
+        let ids = pred.path(StepToken { seq: SeqId(1), token: 4 }).unwrap();
+        assert_eq!(ids.len(), 3 * 2);
+        assert!(ids.iter().all(|id| id.index() < 4) && ids[0] != ids[1]);
+        assert!(pred.path(StepToken { seq: SeqId(1), token: 5 }).is_none(), "outside the table");
+        assert!(HiddenPredictor::new(Arc::new(p.clone()), shape).path(StepToken { seq: SeqId(1), token: 0 }).is_none());
         assert!(p.check_shape(shape, Some(6), &path).is_ok());
         let e = p.check_shape(Shape { layers: 4, ..shape }, Some(6), &path).unwrap_err();
         assert!(e.to_string().contains("4 x 4"), "{e}");
@@ -462,7 +590,6 @@ mod tests {
         let (l, e, hsz) = (2, 4, 6);
         let p = Arc::new(probes(l, e, hsz, 2));
         let shape = Shape { layers: l, experts: e, top_k: 2, depth: 2 };
-        let mut pred = HiddenPredictor::new(Arc::clone(&p), shape);
         let state = |s: f32| -> Vec<f32> { (0..hsz).map(|i| (i as f32 * 0.37 + s).sin()).collect() };
         let tok = |seq| StepToken { seq: SeqId(seq), token: 1 };
         // token i of a step enters layer m with state(s + i + m)
@@ -493,6 +620,7 @@ mod tests {
             want
         };
         // a prefill step of two tokens of sequence 7: both forecast layers 0 and 1 from layer 0
+        let mut pred = HiddenPredictor::new(Arc::clone(&p), Shape { depth: 1, ..shape });
         let first = run_step(&mut pred, &[tok(7), tok(7)], 0.0);
         assert_eq!(first[0].len(), 2);
         assert_eq!(first[0][1].layer, MoeLayerId(1));
@@ -507,12 +635,15 @@ mod tests {
         // the context goes with the sequence
         pred.end_sequence(SeqId(7));
         assert_eq!(pred.sequences(), 0);
-        // depth 1 forecasts only the layer itself; a wrong-sized state forecasts nothing
+        // depth 1 forecasts the layer itself and the next; a wrong-sized state forecasts nothing
         let mut one = HiddenPredictor::new(p, Shape { depth: 1, ..shape });
         one.begin_step(&[tok(1)], &mut Vec::new());
         let mut out = Vec::new();
+        one.hidden(MoeLayerId(1), &state(0.0), &mut out);
+        assert_eq!(out.len(), 1, "layer 1 is the last");
+        out.clear();
         one.hidden(MoeLayerId(0), &state(0.0), &mut out);
-        assert_eq!(out.len(), 1);
+        assert_eq!(out.len(), 2);
         out.clear();
         one.hidden(MoeLayerId(1), &state(0.0)[..5], &mut out);
         assert!(out.is_empty());

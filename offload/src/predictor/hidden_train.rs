@@ -3,7 +3,10 @@
 //! --hidden-states`): every sequence whose id is a multiple of 5 is held
 //! out; each MoE layer's probe is fitted ([`super::probe_mlp::fit`]) to the
 //! router's softmax at the layer itself and the `distances - 1` after it,
-//! and the epoch with the best held-out recall is kept. Layers train in
+//! and the epoch with the best held-out recall is kept. Given the model's
+//! token embeddings, the pre-step probe is fitted too (to every MoE layer's
+//! softmax, from the token's embedding and its predecessor's state entering
+//! the last MoE layer). Layers train in
 //! parallel (one thread each, as many as the host has cores); the result does
 //! not depend on the thread count.
 //!
@@ -13,8 +16,8 @@
 //! and counted in the report. Time: `epochs` passes of `2 * units *
 //! width` multiply-adds per token and layer.
 
-use super::hidden::{context_layer, features, normalise, top_k_into, width, HiddenProbes};
-use super::probe_mlp::{fit, Mlp, Samples};
+use super::hidden::{context_layer, features, normalise, top_k_into, width, HiddenProbes, PreProbe};
+use super::probe_mlp::{dot, fit, Mlp, Samples};
 use crate::OffloadError;
 use moe_types::hidden_trace::HiddenReader;
 use moe_types::trace::{TraceHeader, TraceToken};
@@ -57,6 +60,8 @@ pub struct HiddenTrainReport {
     pub dropped_tokens: usize,
     /// Held-out recall per MoE layer and distance (`[m][d]`, NaN past the end).
     pub recall: Vec<Vec<f64>>,
+    /// Held-out recall per MoE layer of the pre-step probe (empty without embeddings).
+    pub pre_recall: Vec<f64>,
 }
 
 /// The trace in memory.
@@ -69,6 +74,8 @@ struct Set {
     states: Vec<f32>,
     /// The previous token of the same sequence, if the trace has it.
     previous: Vec<Option<usize>>,
+    /// Token ids.
+    token: Vec<u32>,
     /// `tokens * layers * top_k`.
     chosen: Vec<ExpertId>,
     /// `tokens * layers * experts`: the router's softmax.
@@ -112,6 +119,54 @@ impl Samples for Layer<'_> {
     }
 }
 
+/// The pre-step probe's samples: `[e / rms(e), c / rms(c), 1]` for the
+/// token's embedding `e` (`embedded`: normalised, by token id) and its
+/// predecessor's state `c` entering the last MoE layer (zeros if none);
+/// targets: every MoE layer's router softmax.
+struct PreStep<'a> {
+    set: &'a Set,
+    embedded: &'a HashMap<u32, Vec<f32>>,
+}
+
+impl Samples for PreStep<'_> {
+    fn input(&self, i: usize, out: &mut Vec<f32>) {
+        let s = self.set;
+        let context = s.previous[i].map(|p| s.state(p, s.layers - 1));
+        features(&self.embedded[&s.token[i]], context, &[], s.experts, out);
+    }
+
+    fn target(&self, i: usize, out: &mut [f32]) {
+        let n = self.set.layers * self.set.experts;
+        out.copy_from_slice(&self.set.target[i * n..(i + 1) * n]);
+    }
+}
+
+/// Held-out recall of the pre-step probe per MoE layer.
+fn pre_recall(mlp: &Mlp, pre: &PreStep, valid: &[usize]) -> Vec<f64> {
+    let (s, e, k) = (pre.set, pre.set.experts, pre.set.top_k);
+    let (mut x, mut scores, mut order, mut ids) = (Vec::new(), vec![0f32; mlp.outputs], Vec::new(), Vec::new());
+    let mut right = vec![0usize; s.layers];
+    for &i in valid {
+        pre.input(i, &mut x);
+        mlp.scores(&x, &mut scores);
+        for (j, r) in right.iter_mut().enumerate() {
+            ids.clear();
+            top_k_into(&scores[j * e..(j + 1) * e], k, &mut order, &mut ids);
+            *r += ids.iter().filter(|id| s.chosen(i, j).contains(id)).count();
+        }
+    }
+    right.iter().map(|&r| r as f64 / (valid.len() * k).max(1) as f64).collect()
+}
+
+/// A model's token embeddings, for the pre-step probe.
+pub struct TokenEmbeddings<'a> {
+    /// Tokens.
+    pub vocab: usize,
+    /// Writes token `t`'s embedding into the slice (`hidden` values); false
+    /// if it has none.
+    pub row: &'a (dyn Fn(u32, &mut [f32]) -> bool + Sync),
+}
+
 /// Held-out recall of `mlp` per distance on the tokens `valid`.
 fn recall(mlp: &Mlp, layer: &Layer, valid: &[usize]) -> Vec<f64> {
     let (s, e, k) = (layer.set, layer.set.experts, layer.set.top_k);
@@ -133,6 +188,24 @@ fn recall(mlp: &Mlp, layer: &Layer, valid: &[usize]) -> Vec<f64> {
 /// A layer's probe and its held-out recall per distance.
 type Trained = (Mlp, Vec<f64>);
 
+/// The pre-step probe's run-time form: its first layer's response to every
+/// token's normalised embedding as a table (a token without one keeps the
+/// bias alone), the context columns with the bias, and the head.
+fn pre_probe(mlp: &Mlp, emb: &TokenEmbeddings, hidden: usize, recall: Vec<f64>) -> PreProbe {
+    let (u, n) = (mlp.units, mlp.inputs);
+    let (mut table, mut row, mut x) = (vec![0f32; emb.vocab * u], vec![0f32; hidden], Vec::new());
+    for (t, out) in table.chunks_exact_mut(u).enumerate() {
+        if (emb.row)(t as u32, &mut row) {
+            normalise(&row, &mut x);
+            for (o, w) in out.iter_mut().zip(mlp.w1.chunks_exact(n)) {
+                *o = dot(&w[..hidden], &x);
+            }
+        }
+    }
+    let context = mlp.w1.chunks_exact(n).flat_map(|w| w[hidden..].iter().copied()).collect();
+    PreProbe { vocab: emb.vocab, units: u, table, context, head: mlp.w2.clone(), recall }
+}
+
 /// Reads the traces (same token order) into memory.
 fn read<R: BufRead>(
     header: &TraceHeader,
@@ -151,6 +224,7 @@ fn read<R: BufRead>(
         hidden: hsz,
         states: Vec::with_capacity(keep * l * hsz),
         previous: Vec::with_capacity(keep),
+        token: Vec::with_capacity(keep),
         chosen: Vec::with_capacity(keep * l * k),
         target: Vec::with_capacity(keep * l * e),
     };
@@ -181,6 +255,7 @@ fn read<R: BufRead>(
         }
         set.chosen.extend(t.experts.iter().flatten().map(|&x| ExpertId(x)));
         set.previous.push(t.pos.checked_sub(1).and_then(|p| index.get(&(t.seq, p)).copied()));
+        set.token.push(t.token);
         index.insert((t.seq, t.pos), i);
     }
     if set.states.iter().chain(&set.target).any(|v| !v.is_finite()) {
@@ -196,6 +271,7 @@ pub fn train_hidden<R: BufRead>(
     tokens: &[TraceToken],
     hidden: HiddenReader<R>,
     cfg: HiddenTrainConfig,
+    embeddings: Option<&TokenEmbeddings>,
 ) -> Result<(HiddenProbes, HiddenTrainReport), OffloadError> {
     let bad = |m: String| OffloadError::Trace(m);
     let (l, e, k) = (header.moe_layers.len(), header.num_experts, header.top_k);
@@ -218,26 +294,55 @@ pub fn train_hidden<R: BufRead>(
         return Err(bad("the trace needs sequences for training and for validation (ids multiple of 5)".into()));
     }
     let scored = &valid[..valid.len().min(MAX_SCORED_TOKENS)];
-    let results: Mutex<Vec<Option<Trained>>> = Mutex::new(vec![None; l]);
+    // each traced token's normalised embedding, by id
+    let mut embedded: HashMap<u32, Vec<f32>> = HashMap::new();
+    if let Some(emb) = embeddings {
+        let (mut row, mut x) = (vec![0f32; set.hidden], Vec::new());
+        for &t in &set.token {
+            if let std::collections::hash_map::Entry::Vacant(v) = embedded.entry(t) {
+                if !(emb.row)(t, &mut row) {
+                    return Err(bad(format!("token {t} of the trace has no embedding in the model")));
+                }
+                normalise(&row, &mut x);
+                v.insert(x.clone());
+            }
+        }
+    }
+    // jobs 0..l: the layers' probes; job l: the pre-step probe
+    let jobs = l + usize::from(embeddings.is_some());
+    let results: Mutex<Vec<Option<Trained>>> = Mutex::new(vec![None; jobs]);
     let next = AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism().map_or(1, |p| p.get()).min(l);
+    let workers = std::thread::available_parallelism().map_or(1, |p| p.get()).min(jobs);
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| loop {
                 let m = next.fetch_add(1, Ordering::Relaxed);
-                if m >= l {
+                if m >= jobs {
                     break;
+                }
+                let mean = |r: Vec<f64>| r.iter().sum::<f64>() / r.len() as f64;
+                if m == l {
+                    let pre = PreStep { set: &set, embedded: &embedded };
+                    let mut mlp = Mlp::new(2 * set.hidden + 1, cfg.units, l * e, 999);
+                    fit(&mut mlp, &pre, &train, cfg.epochs, e, 999, |w| mean(pre_recall(w, &pre, scored)));
+                    let r = pre_recall(&mlp, &pre, &valid);
+                    results.lock().expect("no worker panics holding the lock")[m] = Some((mlp, r));
+                    continue;
                 }
                 let layer = Layer { set: &set, m, reach: cfg.distances.min(l - m) };
                 let mut mlp = Mlp::new(width(set.hidden, e, m), cfg.units, layer.reach * e, 1000 + m as u64);
-                let mean = |r: Vec<f64>| r.iter().sum::<f64>() / r.len() as f64;
                 fit(&mut mlp, &layer, &train, cfg.epochs, e, m as u64, |w| mean(recall(w, &layer, scored)));
                 let r = recall(&mlp, &layer, &valid);
                 results.lock().expect("no worker panics holding the lock")[m] = Some((mlp, r));
             });
         }
     });
-    let results = results.into_inner().expect("no worker panicked");
+    let mut results = results.into_inner().expect("no worker panicked");
+    let pre = match (embeddings, results.get_mut(l).and_then(Option::take)) {
+        (Some(emb), Some((mlp, recall))) => Some(pre_probe(&mlp, emb, set.hidden, recall)),
+        _ => None,
+    };
+    results.truncate(l);
     let (mut probes, mut report_recall, mut flat) = (Vec::new(), Vec::new(), Vec::new());
     for r in results {
         let (mlp, r) = r.expect("every layer trained");
@@ -255,12 +360,14 @@ pub fn train_hidden<R: BufRead>(
         distances: cfg.distances,
         probes,
         recall: flat,
+        pre,
     };
     let report = HiddenTrainReport {
         train_tokens: train.len(),
         valid_tokens: valid.len(),
         dropped_tokens: dropped,
         recall: report_recall,
+        pre_recall: probes.pre_recall().to_vec(),
     };
     Ok((probes, report))
 }
@@ -309,7 +416,14 @@ mod tests {
             write_record(&mut buf, &HiddenRecord { seq, pos, values: values.clone(), logits }).unwrap();
             // the recorded (half precision) values are what the predictor sees
             before = values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
-            toks.push(TraceToken { step: 0, seq, pos, token: 0, experts, weights: vec![vec![0.5, 0.5]; l] });
+            toks.push(TraceToken {
+                step: 0,
+                seq,
+                pos,
+                token: (i % 3) as u32,
+                experts,
+                weights: vec![vec![0.5, 0.5]; l],
+            });
         }
         (header, toks, buf)
     }
@@ -318,24 +432,39 @@ mod tests {
     fn probes_learn_non_linear_and_context_rules_and_forecast_them_at_run_time() {
         let (header, toks, buf) = synthetic(6000);
         let cfg = HiddenTrainConfig { distances: 2, units: 32, epochs: 40 };
-        let (probes, report) = train_hidden(&header, &toks, HiddenReader::new(&buf[..]).unwrap(), cfg).unwrap();
+        // three tokens, each its own embedding
+        let row = |t: u32, out: &mut [f32]| {
+            out.iter_mut().enumerate().for_each(|(i, v)| *v = f32::from(i as u32 == t));
+            t < 3
+        };
+        let emb = TokenEmbeddings { vocab: 3, row: &row };
+        let (probes, report) =
+            train_hidden(&header, &toks, HiddenReader::new(&buf[..]).unwrap(), cfg, Some(&emb)).unwrap();
+        // before the step, layer 1 (which follows the context) is forecast;
+        // layer 0 (which follows the token's own state) cannot be
+        assert!(report.pre_recall[1] > 0.85 && report.pre_recall[0] < 0.8, "{report:?}");
         assert!(report.recall[0][0] > 0.85, "{report:?}");
         assert!(report.recall[1][0] > 0.85, "{report:?}");
         assert!(report.recall[1][1].is_nan(), "no layer 2 to forecast");
         assert_eq!((report.train_tokens, report.valid_tokens, report.dropped_tokens), (4800, 1200, 0));
         // the same training again gives the same probes
-        let again = train_hidden(&header, &toks, HiddenReader::new(&buf[..]).unwrap(), cfg).unwrap().0;
-        assert_eq!(again.probes, probes.probes);
+        let again = train_hidden(&header, &toks, HiddenReader::new(&buf[..]).unwrap(), cfg, Some(&emb)).unwrap().0;
+        assert_eq!((again.probes, again.pre), (probes.probes.clone(), probes.pre.clone()));
         // at run time, decoding sequence 0 token by token, the layer-1
         // forecasts follow the context as the trace's routing does
         let shape = Shape { layers: 2, experts: 4, top_k: 2, depth: 1 };
         let mut p = HiddenPredictor::new(Arc::new(probes), shape);
         let mut reader = HiddenReader::new(&buf[..]).unwrap();
-        let (mut right, mut total) = (0, 0);
+        let (mut right, mut total, mut pre_right) = (0, 0, 0);
         for t in toks.iter().take(400) {
             let r = reader.next_record().unwrap().unwrap();
             let mut out = Vec::new();
-            p.begin_step(&[StepToken { seq: SeqId(t.seq), token: 0 }], &mut out);
+            let tok = StepToken { seq: SeqId(t.seq), token: t.token };
+            let before = p.path(tok).unwrap();
+            if t.pos > 0 {
+                pre_right += before[2..].iter().filter(|id| t.experts[1].contains(&id.0)).count();
+            }
+            p.begin_step(&[tok], &mut out);
             for m in 0..2 {
                 out.clear();
                 p.hidden(MoeLayerId(m as u16), &r.values[m * 6..(m + 1) * 6], &mut out);
@@ -351,6 +480,7 @@ mod tests {
             }
         }
         assert!(right as f64 / total as f64 > 0.85, "{right} of {total}");
+        assert!(pre_right as f64 / total as f64 > 0.85, "before the step: {pre_right} of {total}");
         assert_eq!(p.sequences(), 0, "ended sequences leave no context behind");
     }
 
@@ -359,7 +489,7 @@ mod tests {
         let (header, mut toks, buf) = synthetic(100);
         toks[3].pos = 99;
         let cfg = HiddenTrainConfig { distances: 1, units: 4, epochs: 1 };
-        let e = train_hidden(&header, &toks, HiddenReader::new(&buf[..]).unwrap(), cfg).unwrap_err();
+        let e = train_hidden(&header, &toks, HiddenReader::new(&buf[..]).unwrap(), cfg, None).unwrap_err();
         assert!(e.to_string().contains("record 3"), "{e}");
     }
 }
