@@ -1,9 +1,11 @@
 //! Cost of the hidden-state predictor per token, to set against a decode
-//! step: runs the built-in model's probes (or `--probes FILE`) on random
-//! hidden states at every MoE layer for one decoding token (with its
-//! previous token's states as context), `depth` layers ahead.
+//! step: runs the built-in model's probes (or those in FILE, or with `large`
+//! random probes of the 1.19B bench shape: width 1024, 8 MoE layers of 16
+//! experts, top 2, 32 units, vocabulary 32000) on synthetic hidden states
+//! at every MoE layer for one decoding token (with its previous token's
+//! states as context), `depth` layers ahead.
 //!
-//! `cargo run --release -p moe-offload --example predictor_cost [-- FILE [DEPTH]]`
+//! `cargo run --release -p moe-offload --example predictor_cost [-- FILE|large [DEPTH]]`
 
 use moe_model::StepToken;
 use moe_offload::predictor::{HiddenPredictor, HiddenProbes, PathPredictor, Shape};
@@ -17,7 +19,11 @@ fn main() {
         concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny-shakespeare-moe/hidden_predictor.safetensors").into()
     });
     let depth: usize = args.next().and_then(|d| d.parse().ok()).unwrap_or(1);
-    let probes = HiddenProbes::load(std::path::Path::new(&path)).expect("probes");
+    let probes = if path == "large" {
+        HiddenProbes::random(8, 16, 2, 1024, 3, 32, 32000, 1)
+    } else {
+        HiddenProbes::load(std::path::Path::new(&path)).expect("probes")
+    };
     let shape = Shape { layers: probes.layers, experts: probes.experts, top_k: probes.top_k, depth };
     let (hsz, layers, k) = (probes.hidden, probes.layers, probes.top_k);
     let mut p = HiddenPredictor::new(Arc::new(probes), shape);
@@ -27,7 +33,7 @@ fn main() {
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();
-        let n = 20_000;
+        let n = if hsz > 512 { 2_000 } else { 20_000 };
         for _ in 0..n {
             // one decoding sequence: its previous token's states are the context
             p.begin_step(&[StepToken { seq: SeqId(0), token: 1 }], &mut out);

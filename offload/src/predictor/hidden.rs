@@ -98,6 +98,41 @@ pub(crate) struct PreProbe {
 }
 
 impl HiddenProbes {
+    /// Probes of random weights for a model of this shape, with a pre-step
+    /// probe over `vocab` tokens: their forecasts mean nothing, but they
+    /// cost what trained ones do (`examples/predictor_cost`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn random(
+        layers: usize,
+        experts: usize,
+        top_k: usize,
+        hidden: usize,
+        distances: usize,
+        units: usize,
+        vocab: usize,
+        seed: u64,
+    ) -> Self {
+        let probes = (0..layers)
+            .map(|m| Mlp::new(width(hidden, experts, m), units, distances.min(layers - m) * experts, seed + m as u64))
+            .collect();
+        let first = Mlp::new(vocab + hidden + 1, units, layers * experts, seed + layers as u64);
+        let (n, table_end) = (first.inputs, vocab);
+        let table = (0..vocab).flat_map(|t| first.w1.chunks_exact(n).map(move |w| w[t])).collect();
+        let context = first.w1.chunks_exact(n).flat_map(|w| w[table_end..].iter().copied()).collect();
+        let pre = PreProbe { vocab, units, table, context, head: first.w2, recall: vec![f64::NAN; layers] };
+        Self {
+            model: "random".into(),
+            layers,
+            experts,
+            top_k,
+            hidden,
+            distances,
+            probes,
+            recall: vec![f64::NAN; layers * distances],
+            pre: Some(pre),
+        }
+    }
+
     /// Inputs of layer `m`'s probe.
     pub fn width(&self, m: usize) -> usize {
         width(self.hidden, self.experts, m)
@@ -263,10 +298,18 @@ pub(crate) fn features(h: &[f32], context: Option<&[f32]>, path: &[&[ExpertId]],
 /// The `k` best of `scores`, strongest first (ties to the lower index),
 /// appended to `out`.
 pub(crate) fn top_k_into(scores: &[f32], k: usize, order: &mut Vec<usize>, out: &mut Vec<ExpertId>) {
+    // k passes of selection: k is small, and a full sort cost 8% of a token's forecasts
     order.clear();
-    order.extend(0..scores.len());
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    out.extend(order.iter().take(k).map(|&e| ExpertId(e as u16)));
+    for _ in 0..k.min(scores.len()) {
+        let mut best: Option<usize> = None;
+        for (e, s) in scores.iter().enumerate() {
+            if !order.contains(&e) && best.is_none_or(|b| s.total_cmp(&scores[b]).is_gt()) {
+                best = Some(e);
+            }
+        }
+        order.extend(best);
+    }
+    out.extend(order.iter().map(|&e| ExpertId(e as u16)));
 }
 
 /// Steps of more tokens than this get no hidden-state forecasts (their
@@ -301,11 +344,22 @@ struct Probe {
     head: moe_kernels::Weight,
 }
 
+impl Probe {
+    fn new(trunk: (usize, usize, &[f32]), head: (usize, usize, &[f32])) -> Self {
+        Self {
+            trunk: moe_kernels::Weight::from_f32(trunk.0, trunk.1, trunk.2.to_vec()).expect("probe shape"),
+            head: moe_kernels::Weight::from_f32(head.0, head.1, head.2.to_vec()).expect("probe shape"),
+        }
+    }
+}
+
 /// Forecasts from the probes as each MoE layer's hidden state arrives
 /// (steps of up to `MAX_STEP_TOKENS` tokens).
 pub struct HiddenPredictor {
     probes: Arc<HiddenProbes>,
     weights: Vec<Probe>,
+    /// The pre-step probe's context columns (with the bias) and head.
+    pre: Option<Probe>,
     shape: Shape,
     /// The step's tokens; per token, the nearest earlier token of the step
     /// of its sequence (if any), and whether it is its sequence's last.
@@ -342,14 +396,14 @@ impl HiddenPredictor {
         let weights = probes
             .probes
             .iter()
-            .map(|p| Probe {
-                trunk: moe_kernels::Weight::from_f32(p.units, p.inputs, p.w1.clone()).expect("probe shape"),
-                head: moe_kernels::Weight::from_f32(p.outputs, p.units + 1, p.w2.clone()).expect("probe shape"),
-            })
+            .map(|p| Probe::new((p.units, p.inputs, &p.w1), (p.outputs, p.units + 1, &p.w2)))
             .collect();
+        let (h, out) = (probes.hidden + 1, probes.layers * probes.experts);
+        let pre = probes.pre.as_ref().map(|p| Probe::new((p.units, h, &p.context), (out, p.units + 1, &p.head)));
         Self {
             path: vec![Vec::new(); probes.layers],
             weights,
+            pre,
             probes,
             shape,
             step: Vec::new(),
@@ -385,11 +439,13 @@ impl HiddenPredictor {
             for (seq, mut states) in self.pending.drain() {
                 // the pre-step probe's first layer on the new context, kept
                 // after the states: regrouping asks for paths many times a step
-                if let Some(pre) = &self.probes.pre {
-                    let c = &states[(l - 1) * hsz..l * hsz];
-                    let z: Vec<f32> =
-                        pre.context.chunks_exact(hsz + 1).map(|row| row[hsz] + dot(&row[..hsz], c)).collect();
-                    states.extend_from_slice(&z);
+                if let Some(pre) = &self.pre {
+                    let mut c = states[(l - 1) * hsz..l * hsz].to_vec();
+                    c.push(1.0);
+                    let mut z = vec![0f32; pre.trunk.rows()];
+                    if moe_kernels::matmul_nt(&c, 1, &pre.trunk, &mut z).is_ok() {
+                        states.extend_from_slice(&z);
+                    }
                 }
                 self.context.insert(seq, states);
             }
@@ -513,14 +569,16 @@ impl PathPredictor for HiddenPredictor {
         let (u, hsz, e) = (pre.units, p.hidden, p.experts);
         let at = token.token as usize * u;
         let mut z = pre.table.get(at..at + u)?.to_vec();
-        match self.context.get(&token.seq) {
+        match self.context.get(&token.seq).and_then(|c| c.get(p.layers * hsz..)) {
             // the first layer's response to the context, computed as it was kept
-            Some(c) => z.iter_mut().zip(&c[p.layers * hsz..]).for_each(|(zj, cz)| *zj += cz),
-            None => z.iter_mut().zip(pre.context.chunks_exact(hsz + 1)).for_each(|(zj, row)| *zj += row[hsz]),
+            Some(cz) if cz.len() == u => z.iter_mut().zip(cz).for_each(|(zj, cz)| *zj += cz),
+            _ => z.iter_mut().zip(pre.context.chunks_exact(hsz + 1)).for_each(|(zj, row)| *zj += row[hsz]),
         }
         let mut act: Vec<f32> = z.iter().map(|&v| silu(v)).collect();
         act.push(1.0);
-        let scores: Vec<f32> = pre.head.chunks_exact(u + 1).map(|row| dot(row, &act)).collect();
+        let head = &self.pre.as_ref()?.head;
+        let mut scores = vec![0f32; head.rows()];
+        moe_kernels::matmul_nt(&act, 1, head, &mut scores).ok()?;
         let (mut ids, mut order) = (Vec::with_capacity(p.layers * p.top_k), Vec::new());
         for s in scores.chunks_exact(e) {
             top_k_into(s, p.top_k, &mut order, &mut ids);
