@@ -141,23 +141,6 @@ impl Samples for PreStep<'_> {
     }
 }
 
-/// Held-out recall of the pre-step probe per MoE layer.
-fn pre_recall(mlp: &Mlp, pre: &PreStep, valid: &[usize]) -> Vec<f64> {
-    let (s, e, k) = (pre.set, pre.set.experts, pre.set.top_k);
-    let (mut x, mut scores, mut order, mut ids) = (Vec::new(), vec![0f32; mlp.outputs], Vec::new(), Vec::new());
-    let mut right = vec![0usize; s.layers];
-    for &i in valid {
-        pre.input(i, &mut x);
-        mlp.scores(&x, &mut scores);
-        for (j, r) in right.iter_mut().enumerate() {
-            ids.clear();
-            top_k_into(&scores[j * e..(j + 1) * e], k, &mut order, &mut ids);
-            *r += ids.iter().filter(|id| s.chosen(i, j).contains(id)).count();
-        }
-    }
-    right.iter().map(|&r| r as f64 / (valid.len() * k).max(1) as f64).collect()
-}
-
 /// A model's token embeddings, for the pre-step probe.
 pub struct TokenEmbeddings<'a> {
     /// Tokens.
@@ -167,18 +150,19 @@ pub struct TokenEmbeddings<'a> {
     pub row: &'a (dyn Fn(u32, &mut [f32]) -> bool + Sync),
 }
 
-/// Held-out recall of `mlp` per distance on the tokens `valid`.
-fn recall(mlp: &Mlp, layer: &Layer, valid: &[usize]) -> Vec<f64> {
-    let (s, e, k) = (layer.set, layer.set.experts, layer.set.top_k);
+/// Held-out recall of `mlp` on `samples` at the tokens `valid`, per score
+/// group: group `g` forecasts MoE layer `first + g`.
+fn recall(mlp: &Mlp, samples: &dyn Samples, set: &Set, first: usize, valid: &[usize]) -> Vec<f64> {
+    let (e, k) = (set.experts, set.top_k);
     let (mut x, mut scores, mut order, mut ids) = (Vec::new(), vec![0f32; mlp.outputs], Vec::new(), Vec::new());
-    let mut right = vec![0usize; layer.reach];
+    let mut right = vec![0usize; mlp.outputs / e];
     for &i in valid {
-        layer.input(i, &mut x);
+        samples.input(i, &mut x);
         mlp.scores(&x, &mut scores);
-        for (d, r) in right.iter_mut().enumerate() {
+        for (g, r) in right.iter_mut().enumerate() {
             ids.clear();
-            top_k_into(&scores[d * e..(d + 1) * e], k, &mut order, &mut ids);
-            let actual = s.chosen(i, layer.m + d);
+            top_k_into(&scores[g * e..(g + 1) * e], k, &mut order, &mut ids);
+            let actual = set.chosen(i, first + g);
             *r += ids.iter().filter(|id| actual.contains(id)).count();
         }
     }
@@ -324,15 +308,15 @@ pub fn train_hidden<R: BufRead>(
                 if m == l {
                     let pre = PreStep { set: &set, embedded: &embedded };
                     let mut mlp = Mlp::new(2 * set.hidden + 1, cfg.units, l * e, 999);
-                    fit(&mut mlp, &pre, &train, cfg.epochs, e, 999, |w| mean(pre_recall(w, &pre, scored)));
-                    let r = pre_recall(&mlp, &pre, &valid);
+                    fit(&mut mlp, &pre, &train, cfg.epochs, e, 999, |w| mean(recall(w, &pre, &set, 0, scored)));
+                    let r = recall(&mlp, &pre, &set, 0, &valid);
                     results.lock().expect("no worker panics holding the lock")[m] = Some((mlp, r));
                     continue;
                 }
                 let layer = Layer { set: &set, m, reach: cfg.distances.min(l - m) };
                 let mut mlp = Mlp::new(width(set.hidden, e, m), cfg.units, layer.reach * e, 1000 + m as u64);
-                fit(&mut mlp, &layer, &train, cfg.epochs, e, m as u64, |w| mean(recall(w, &layer, scored)));
-                let r = recall(&mlp, &layer, &valid);
+                fit(&mut mlp, &layer, &train, cfg.epochs, e, m as u64, |w| mean(recall(w, &layer, &set, m, scored)));
+                let r = recall(&mlp, &layer, &set, m, &valid);
                 results.lock().expect("no worker panics holding the lock")[m] = Some((mlp, r));
             });
         }
