@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 mod expert_set;
 pub mod hidden_trace;
 pub mod placement;
+pub mod rng;
 pub mod slots;
 pub mod testing;
 pub mod trace;

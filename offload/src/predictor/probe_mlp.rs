@@ -10,6 +10,8 @@
 //! size, keeping the weights of the epoch that scored best on held-out
 //! samples. Deterministic: seeded initialisation and shuffling, one thread.
 
+use moe_types::rng::SplitMix64;
+
 /// Mini-batch size.
 const BATCH: usize = 256;
 /// Adam's peak step size and moment decays.
@@ -32,25 +34,21 @@ pub(crate) struct Mlp {
     pub w2: Vec<f32>,
 }
 
-/// A deterministic generator (SplitMix64).
-struct Rng(u64);
+/// The seeded generator, with the draws the probe needs.
+struct Rng(SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    fn new(seed: u64) -> Self {
+        Self(SplitMix64::new(seed))
     }
 
     /// Uniform in `[-1, 1)`.
     fn symmetric(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        (self.0.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.below(n)
     }
 }
 
@@ -86,7 +84,7 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 impl Mlp {
     /// Weights drawn uniformly in `±1/sqrt(fan-in)` from `seed`.
     pub fn new(inputs: usize, units: usize, outputs: usize, seed: u64) -> Self {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let b1 = 1.0 / (inputs.max(1) as f32).sqrt();
         let b2 = 1.0 / ((units + 1) as f32).sqrt();
         let w1 = (0..units * inputs).map(|_| rng.symmetric() * b1).collect();
@@ -174,7 +172,7 @@ pub(crate) fn fit(
     mut score: impl FnMut(&Mlp) -> f64,
 ) -> f64 {
     let (n, u, o) = (mlp.inputs, mlp.units, mlp.outputs);
-    let mut rng = Rng(seed ^ 0x5EED);
+    let mut rng = Rng::new(seed ^ 0x5EED);
     let mut order = train.to_vec();
     let (mut g1, mut g2) = (vec![0f32; u * n], vec![0f32; o * (u + 1)]);
     let (mut a1, mut a2) = (Adam::new(g1.len()), Adam::new(g2.len()));
@@ -294,7 +292,7 @@ mod tests {
 
     #[test]
     fn learns_a_rule_no_linear_probe_can_and_is_deterministic() {
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         let data =
             Xor((0..3000).map(|_| [rng.symmetric(), rng.symmetric(), rng.symmetric(), rng.symmetric()]).collect());
         let train: Vec<usize> = (0..2500).collect();

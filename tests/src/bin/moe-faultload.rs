@@ -55,6 +55,7 @@ use clap::Parser;
 use futures_util::StreamExt;
 use moe_proto::v1 as pb;
 use moe_proto::v1::generation_client::GenerationClient;
+use moe_types::rng::SplitMix64;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -154,25 +155,21 @@ struct Args {
 // Deterministic choices
 // ---------------------------------------------------------------------------------------------
 
-/// SplitMix64: small, seedable, good enough to pick request kinds.
-struct Rng(u64);
+/// SplitMix64 (moe-types), seeded apart from other uses of the same seed.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        Self(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+        Self(SplitMix64::new(seed ^ 0x5DEE_CE66_D1CE_4E5B))
     }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.below(n)
     }
     fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.unit()
     }
 }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use futures_util::StreamExt;
+use moe_types::rng::splitmix64;
 use serde_json::{json, Value};
 
 /// Corpus location relative to the repository root (the default `--corpus`).
@@ -399,14 +400,6 @@ async fn stream_request(ctx: &Ctx, body: &Value, start: Instant) -> Result<Strea
 // ---------------------------------------------------------------------------------------------
 // Prompts
 // ---------------------------------------------------------------------------------------------
-
-/// SplitMix64: a small, well-mixed deterministic hash of a counter.
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// A deterministic slice of 20-200 characters (fewer only if the corpus is shorter) chosen by
 /// `key`; different keys give different slices with overwhelming probability.
