@@ -366,6 +366,8 @@ pub struct HiddenPredictor {
     step: Vec<StepToken>,
     follows: Vec<Option<usize>>,
     last: Vec<bool>,
+    /// Scratch for `follows` and `last`: each sequence's latest token so far.
+    latest: SeqMap<usize>,
     /// This step's routing so far, per MoE layer (`tokens * top_k` ids).
     path: Vec<Vec<ExpertId>>,
     /// Per live sequence: its latest token's normalised states entering
@@ -409,6 +411,7 @@ impl HiddenPredictor {
             step: Vec::new(),
             follows: Vec::new(),
             last: Vec::new(),
+            latest: SeqMap::default(),
             context: SeqMap::default(),
             pending: SeqMap::default(),
             hs: Vec::new(),
@@ -499,12 +502,15 @@ impl PathPredictor for HiddenPredictor {
         self.pending.clear();
         self.step.clear();
         self.step.extend_from_slice(tokens);
+        // one pass: each token's nearest earlier token of its sequence, and
+        // each sequence's last token (a prefill step may hold thousands)
+        self.latest.clear();
         self.follows.clear();
-        self.last.clear();
         for (i, t) in tokens.iter().enumerate() {
-            self.follows.push(tokens[..i].iter().rposition(|u| u.seq == t.seq));
-            self.last.push(!tokens[i + 1..].iter().any(|u| u.seq == t.seq));
+            self.follows.push(self.latest.insert(t.seq, i));
         }
+        self.last.clear();
+        self.last.extend(tokens.iter().enumerate().map(|(i, t)| self.latest.get(&t.seq) == Some(&i)));
     }
 
     fn observe(&mut self, layer: MoeLayerId, ids: &[ExpertId], _: &mut Vec<Forecast>) {
@@ -521,12 +527,18 @@ impl PathPredictor for HiddenPredictor {
         if m >= probes.layers || tokens == 0 || tokens != self.step.len() || h.len() != tokens * hsz {
             return;
         }
+        let forecast = tokens <= MAX_STEP_TOKENS;
         self.hs.clear();
-        for x in h.chunks_exact(hsz) {
-            normalise(x, &mut self.x);
-            self.hs.extend_from_slice(&self.x);
+        for (i, x) in h.chunks_exact(hsz).enumerate() {
+            // a step too long to forecast keeps only its sequences' last states
+            if forecast || self.last[i] {
+                normalise(x, &mut self.x);
+                self.hs.extend_from_slice(&self.x);
+            } else {
+                self.hs.resize(self.hs.len() + hsz, 0.0);
+            }
         }
-        if tokens <= MAX_STEP_TOKENS {
+        if forecast {
             let cl = context_layer(m, probes.layers);
             let mut path: Vec<&[ExpertId]> = Vec::with_capacity(m);
             self.xs.clear();
@@ -705,5 +717,17 @@ mod tests {
         out.clear();
         one.hidden(MoeLayerId(1), &state(0.0)[..5], &mut out);
         assert!(out.is_empty());
+        // a step too long to forecast still leaves its sequences' last states as context
+        let long: Vec<StepToken> = (0..MAX_STEP_TOKENS + 1).map(|_| tok(9)).collect();
+        let all = run_step(&mut pred, &long, 3.0);
+        assert!(all.iter().all(Vec::is_empty));
+        assert_eq!(
+            pred.context[&SeqId(9)][hsz..2 * hsz],
+            {
+                let mut c = Vec::new();
+                normalise(&state(3.0 + MAX_STEP_TOKENS as f32 + 1.0), &mut c);
+                c
+            }[..]
+        );
     }
 }
