@@ -78,7 +78,15 @@ fn run() -> Res<()> {
     let stride = (nh + 2 * nkv) * d;
     let q = g.stream().alloc_zeros::<f32>(seqs * stride)?;
     let mut out = g.stream().alloc_zeros::<f32>(seqs * nh * d)?;
-    let shape = AttnShape { n_tok: seqs, num_heads: nh, num_kv_heads: nkv, head_dim: d, block_size: bs, window: None };
+    let shape = AttnShape {
+        n_tok: seqs,
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: d,
+        block_size: bs,
+        window: None,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
     let meta = AttnMeta { blocks: &db, block_off: &doff, pos: &dpos };
     let rows = QkvRows { qkv: &q, stride };
     let ms = time_ms(&g, 20, || Ok(ops::paged_attention(&g, &rows, shape, &meta, (&kc, &vc), &mut out)?))?;
@@ -100,6 +108,7 @@ fn run() -> Res<()> {
     let x = g.stream().alloc_zeros::<f32>(t * h)?;
     let idx: Vec<i32> = (0..t as i32).collect();
     let (di, dw) = (g.stream().clone_htod(&idx)?, g.stream().clone_htod(&vec![1.0f32; t])?);
+    let (di, dw) = (di.as_view(), dw.as_view());
     let group = TokenGroup { rows: &di, weights: &dw, len: t };
     let mut scratch = FfnScratch::new(&g, t, h, f)?;
     let mut y = g.stream().alloc_zeros::<f32>(t * h)?;

@@ -292,6 +292,7 @@ fn expert_ffn_through_the_slot_pool_matches_cpu() {
         pool.load(key).unwrap();
         pool.wait_ready(&g, key).unwrap();
         let (dr, dw) = (up(&g, &rows.iter().map(|&r| r as i32).collect::<Vec<_>>()), up(&g, &wts));
+        let (dr, dw) = (dr.as_view(), dw.as_view());
         let group = TokenGroup { rows: &dr, weights: &dw, len: rows.len() };
         let views = pool.views(key).unwrap();
         gemm::expert_ffn(&g, &dx, &group, pool.matrices(&views), &mut scratch, &mut out).unwrap();
@@ -327,7 +328,7 @@ fn expert_ffn_from_resident_weights_matches_cpu() {
     gemm::expert_ffn(
         &g,
         &up(&g, &x),
-        &TokenGroup { rows: &dr, weights: &dw, len: rows.len() },
+        &TokenGroup { rows: &dr.as_view(), weights: &dw.as_view(), len: rows.len() },
         m,
         &mut scratch,
         &mut out,
@@ -373,8 +374,15 @@ fn paged_attention_matches_cpu() {
     let pos: Vec<i32> = toks.iter().map(|&(_, p)| p as i32).collect();
     let slots: Vec<i32> = toks.iter().map(|&(s, p)| row_of(s, p) as i32).collect();
     for window in [None, Some(5)] {
-        let shape =
-            AttnShape { n_tok: toks.len(), num_heads: nh, num_kv_heads: nkv, head_dim: d, block_size: bs, window };
+        let shape = AttnShape {
+            n_tok: toks.len(),
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: d,
+            block_size: bs,
+            window,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
         let (mut kc, mut vc) = (up(&g, &kc0), up(&g, &vc0));
         let dq = up(&g, &qkv);
         let rows = QkvRows { qkv: &dq, stride };

@@ -83,4 +83,15 @@ pub enum ModelError {
     /// A kernel rejected its operands (an internal shape bug).
     #[error(transparent)]
     Kernel(#[from] moe_kernels::KernelError),
+    /// The GPU backend failed (feature `cuda`): a driver, cuBLAS or pool error.
+    #[cfg(feature = "cuda")]
+    #[error("GPU: {0}")]
+    Cuda(#[from] moe_kernels::cuda::CudaError),
+}
+
+#[cfg(feature = "cuda")]
+impl From<cudarc::driver::DriverError> for ModelError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        Self::Cuda(e.into())
+    }
 }

@@ -123,7 +123,7 @@ impl Model {
         experts: &E,
         ws: &mut Workspace,
     ) -> Result<ForwardOutput> {
-        self.validate(chunks, kv)?;
+        self.validate(chunks, kv.block_size(), kv.num_blocks())?;
         let cfg = &self.cfg;
         let hsz = cfg.hidden_size;
         ws.tok.clear();
@@ -188,18 +188,7 @@ impl Model {
 
     fn logits(&self, chunks: &[SeqChunk<'_>], ws: &mut Workspace, routing: StepRouting) -> Result<ForwardOutput> {
         let hsz = self.cfg.hidden_size;
-        let mut rows = Vec::new();
-        let mut first = 0;
-        for (c, ch) in chunks.iter().enumerate() {
-            let n = ch.tokens.len();
-            let pick = match ch.logits {
-                LogitsRequest::None => 0..0,
-                LogitsRequest::Last => n - 1..n,
-                LogitsRequest::All => 0..n,
-            };
-            rows.extend(pick.map(|i| (first + i, LogitRow { chunk: c, pos: ch.start_pos + i })));
-            first += n;
-        }
+        let rows = crate::step_layout::logit_rows(chunks);
         // gather the chosen rows into xn, normalise, project
         for (r, &(t, _)) in rows.iter().enumerate() {
             ws.xn[r * hsz..(r + 1) * hsz].copy_from_slice(&ws.h[t * hsz..(t + 1) * hsz]);
@@ -217,7 +206,9 @@ impl Model {
         })
     }
 
-    fn validate(&self, chunks: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {
+    /// Checks every chunk against the vocabulary, the context length and a
+    /// cache of `num_blocks` blocks of `block_size` slots.
+    pub(crate) fn validate(&self, chunks: &[SeqChunk<'_>], block_size: usize, num_blocks: usize) -> Result<()> {
         let bad = |m: String| Err(ModelError::Input(m));
         for (c, ch) in chunks.iter().enumerate() {
             if ch.tokens.is_empty() {
@@ -234,15 +225,15 @@ impl Model {
                     self.cfg.max_position_embeddings
                 ));
             }
-            if ch.blocks.len() * kv.block_size() < end {
+            if ch.blocks.len() * block_size < end {
                 return bad(format!(
                     "chunk {c} needs {end} KV slots but holds {} blocks of {}",
                     ch.blocks.len(),
-                    kv.block_size()
+                    block_size
                 ));
             }
-            if let Some(b) = ch.blocks.iter().find(|b| b.index() >= kv.num_blocks()) {
-                return bad(format!("KV block {b} does not exist (cache has {})", kv.num_blocks()));
+            if let Some(b) = ch.blocks.iter().find(|b| b.index() >= num_blocks) {
+                return bad(format!("KV block {b} does not exist (cache has {num_blocks})"));
             }
         }
         Ok(())

@@ -30,6 +30,8 @@ mod forward;
 mod fp8;
 pub mod gguf;
 mod gpt_oss;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 mod kv_cache;
 mod loader;
 mod mla;
@@ -39,6 +41,7 @@ pub mod random;
 mod rope;
 mod routing;
 pub mod sampling;
+mod step_layout;
 mod tokenizer;
 mod weights;
 
@@ -58,6 +61,7 @@ pub use loader::{
 pub use mla::LatentPath;
 pub use quantize::{quantize_weight, QuantScope, QuantTarget};
 pub use sampling::{SampledToken, Sampler, SamplingParams};
+pub use step_layout::{LayoutTooLarge, StepLayout};
 pub use tokenizer::{GenerationDefaults, IncrementalDecoder, TextCodec};
 pub use weights::Model;
 

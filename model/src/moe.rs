@@ -25,7 +25,7 @@ thread_local! {
 /// Buffers of the FFN half, reused across steps.
 #[derive(Default)]
 pub(crate) struct MoeScratch {
-    router: Vec<f32>,
+    pub(crate) router: Vec<f32>,
     gather: Vec<f32>,
     ffn: FfnScratch,
     y: Vec<f32>,
@@ -34,12 +34,12 @@ pub(crate) struct MoeScratch {
     chosen: Vec<f32>,
     route: RouteScratch,
     /// Per expert: (token, weight) pairs routed to it this layer.
-    groups: Vec<Vec<(usize, f32)>>,
-    used: Vec<ExpertId>,
+    pub(crate) groups: Vec<Vec<(usize, f32)>>,
+    pub(crate) used: Vec<ExpertId>,
     /// Look-ahead gating: normalised hidden states, router probabilities, ids.
     ahead_x: Vec<f32>,
-    ahead_probs: Vec<f32>,
-    ahead_ids: Vec<ExpertId>,
+    pub(crate) ahead_probs: Vec<f32>,
+    pub(crate) ahead_ids: Vec<ExpertId>,
 }
 
 impl MoeScratch {
@@ -106,18 +106,53 @@ impl Model {
             ops::rms_norm(&ws.h, norm, self.cfg.rms_norm_eps, &mut s.ahead_x);
             s.ahead_probs.resize(t * ne, 0.0);
             matmul_nt(&s.ahead_x, t, &router.weight, &mut s.ahead_probs)?;
-            s.ahead_ids.clear();
-            for probs in s.ahead_probs.chunks_exact_mut(ne) {
-                // the layer's own rule (groups, correction bias) on a stale residual
-                if let Some(b) = &router.bias {
-                    ops::add_inplace(probs, b);
-                }
-                route(probs, &self.cfg.moe, router.correction.as_deref(), &mut s.route, &mut s.topk, &mut s.chosen);
-                s.ahead_ids.extend(s.topk.iter().map(|&e| ExpertId(e as u16)));
-            }
+            self.route_ahead(router, t, s);
             experts.forecast(LayerId(l as u16), LayerId(j as u16), &s.ahead_ids);
         }
         Ok(())
+    }
+
+    /// Look-ahead gating's routing: the `t` rows of router logits in
+    /// `s.ahead_probs` (overwritten) to the chosen experts, in `s.ahead_ids`.
+    pub(crate) fn route_ahead(&self, router: &Router, t: usize, s: &mut MoeScratch) {
+        let ne = self.cfg.moe.num_experts;
+        s.ahead_ids.clear();
+        for probs in s.ahead_probs[..t * ne].chunks_exact_mut(ne) {
+            // the layer's own rule (groups, correction bias) on a stale residual
+            if let Some(b) = &router.bias {
+                ops::add_inplace(probs, b);
+            }
+            route(probs, &self.cfg.moe, router.correction.as_deref(), &mut s.route, &mut s.topk, &mut s.chosen);
+            s.ahead_ids.extend(s.topk.iter().map(|&e| ExpertId(e as u16)));
+        }
+    }
+
+    /// Routes the `t` tokens whose router logits are in `s.router` (`[t,
+    /// experts]`, overwritten) by the layer's rule: returns the routing and
+    /// leaves each expert's `(token, weight)` group in `s.groups` and the
+    /// distinct experts, ascending, in `s.used`. One routing step for the CPU
+    /// and GPU forward passes.
+    pub(crate) fn route_step(&self, layer: LayerId, router: &Router, t: usize, s: &mut MoeScratch) -> LayerRouting {
+        let m = &self.cfg.moe;
+        let (ne, k) = (m.num_experts, m.top_k);
+        s.groups.resize_with(ne, Vec::new);
+        s.groups.iter_mut().for_each(Vec::clear);
+        let mut routing =
+            LayerRouting { layer, top_k: k, ids: Vec::with_capacity(t * k), weights: Vec::with_capacity(t * k) };
+        for (i, probs) in s.router[..t * ne].chunks_exact_mut(ne).enumerate() {
+            if let Some(b) = &router.bias {
+                ops::add_inplace(probs, b);
+            }
+            route(probs, m, router.correction.as_deref(), &mut s.route, &mut s.topk, &mut s.chosen);
+            for (&e, &wgt) in s.topk.iter().zip(&s.chosen) {
+                routing.ids.push(ExpertId(e as u16));
+                routing.weights.push(wgt);
+                s.groups[e].push((i, wgt));
+            }
+        }
+        s.used.clear();
+        s.used.extend((0..ne).filter(|&e| !s.groups[e].is_empty()).map(|e| ExpertId(e as u16)));
+        routing
     }
 
     /// The MoE block of layer `l`: reads `ws.xn`, writes `ws.out`, returns the
@@ -147,25 +182,9 @@ impl Model {
             }
             ws.captured_logits.push(scores);
         }
+        let routing = self.route_step(layer, router, t, &mut ws.moe);
         let s = &mut ws.moe;
-        s.groups.resize_with(ne, Vec::new);
-        s.groups.iter_mut().for_each(Vec::clear);
-        let mut routing =
-            LayerRouting { layer, top_k: k, ids: Vec::with_capacity(t * k), weights: Vec::with_capacity(t * k) };
-        for (i, probs) in s.router.chunks_exact_mut(ne).enumerate() {
-            if let Some(b) = &router.bias {
-                ops::add_inplace(probs, b);
-            }
-            route(probs, m, router.correction.as_deref(), &mut s.route, &mut s.topk, &mut s.chosen);
-            for (&e, &wgt) in s.topk.iter().zip(&s.chosen) {
-                routing.ids.push(ExpertId(e as u16));
-                routing.weights.push(wgt);
-                s.groups[e].push((i, wgt));
-            }
-        }
         let act = m.expert_act;
-        s.used.clear();
-        s.used.extend((0..ne).filter(|&e| !s.groups[e].is_empty()).map(|e| ExpertId(e as u16)));
         experts.prepare(&routing, &s.used)?;
         self.look_ahead(l, experts, ws)?;
         let s = &mut ws.moe;

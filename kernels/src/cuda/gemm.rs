@@ -203,9 +203,9 @@ unsafe fn gemm_ex(
 /// and the router weight of each.
 pub struct TokenGroup<'a> {
     /// Token rows (indices into the step's `[t, hidden]` activations), distinct.
-    pub rows: &'a CudaSlice<i32>,
+    pub rows: &'a CudaView<'a, i32>,
     /// Router weight per row.
-    pub weights: &'a CudaSlice<f32>,
+    pub weights: &'a CudaView<'a, f32>,
     /// Rows in the group.
     pub len: usize,
 }

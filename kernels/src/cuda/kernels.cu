@@ -287,3 +287,64 @@ extern "C" __global__ void paged_attention(const float* q, int q_stride, const f
         if (dim < d) out[(size_t)t * nh * d + (size_t)h * d + dim] = acc[c] / l;
     }
 }
+
+// x[e] += y[e] for n values (ops::add_inplace: the residual adds).
+extern "C" __global__ void add_inplace(float* x, const float* y, int n) {
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) x[e] += y[e];
+}
+
+// Each of `rows` rows of width d gets the bias b added (ops::add_inplace per row).
+extern "C" __global__ void add_bias_rows(float* x, const float* b, int rows, int d) {
+    int n = rows * d;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) x[e] += b[e % d];
+}
+
+// Every value clamped to [-c, c] (the clip_qkv option).
+extern "C" __global__ void clamp_inplace(float* x, int n, float c) {
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x)
+        x[e] = fminf(fmaxf(x[e], -c), c);
+}
+
+// RMSNorm in place of n_seg consecutive segments of `seg` floats starting at column
+// `col` of each `stride`-float row, each with the weights w[seg] (per-head or
+// full-width query/key norms: ops::rms_norm_inplace on a slice of the row).
+// grid: (n_tok, n_seg); shared memory: blockDim.x floats.
+extern "C" __global__ void rms_norm_segments(float* x, const float* w, int n_tok, int stride, int col, int seg,
+                                             int n_seg, float eps) {
+    extern __shared__ float sh[];
+    int t = blockIdx.x, s = blockIdx.y;
+    if (t >= n_tok || s >= n_seg) return;
+    float* xr = x + (size_t)t * stride + col + (size_t)s * seg;
+    float acc = 0.0f;
+    for (int j = threadIdx.x; j < seg; j += blockDim.x) acc += xr[j] * xr[j];
+    float ms = block_sum(acc, sh) / (float)seg;
+    float inv = 1.0f / sqrtf(ms + eps);
+    for (int j = threadIdx.x; j < seg; j += blockDim.x) xr[j] = xr[j] * inv * w[j];
+}
+
+// Rotary embedding from precomputed tables (moe-model's Rope::apply, not
+// interleaved): token t's cosines and sines are cos/sin[t * half ..]; heads of
+// `head_stride` floats start at column `col`; the first 2 * half floats of each
+// head are rotated. grid: (n_tok, n_heads).
+extern "C" __global__ void rope_tables(float* x, const float* cosv, const float* sinv, int n_tok, int stride,
+                                       int col, int n_heads, int head_stride, int half) {
+    int t = blockIdx.x, h = blockIdx.y;
+    if (t >= n_tok || h >= n_heads) return;
+    float* head = x + (size_t)t * stride + col + (size_t)h * head_stride;
+    const float* c = cosv + (size_t)t * half;
+    const float* s = sinv + (size_t)t * half;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        float x1 = head[j], x2 = head[j + half];
+        head[j] = x1 * c[j] - x2 * s[j];
+        head[j + half] = x2 * c[j] + x1 * s[j];
+    }
+}
+
+// out[r] += sigmoid(g[r]) * y[r] for rows of width d (Qwen2-MoE's gated shared
+// expert). grid: rows blocks.
+extern "C" __global__ void sigmoid_gate_add(const float* y, const float* g, float* out, int rows, int d) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    float s = 1.0f / (1.0f + expf(-g[r]));
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[(size_t)r * d + j] += s * y[(size_t)r * d + j];
+}

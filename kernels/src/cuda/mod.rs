@@ -19,6 +19,7 @@ mod context;
 mod error;
 pub mod expert_pool;
 pub mod gemm;
+pub mod layer_ops;
 pub mod ops;
 
 pub use context::{compile_ptx, DeviceInfo, GpuContext};
@@ -42,4 +43,10 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "scatter_add_weighted",
     "kv_write",
     "paged_attention",
+    "add_inplace",
+    "add_bias_rows",
+    "clamp_inplace",
+    "rms_norm_segments",
+    "rope_tables",
+    "sigmoid_gate_add",
 ];

@@ -9,14 +9,14 @@
 use super::context::GpuContext;
 use super::error::{check_len, i32_arg, CudaError};
 use super::gemm::{GpuWeight, GpuWeightData, TokenGroup};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 /// Threads per block of the row-wise kernels (a power of two).
-const ROW_THREADS: u32 = 256;
+pub(super) const ROW_THREADS: u32 = 256;
 /// Threads per block of the attention kernel (its `d <= 4 * ATTN_THREADS`).
 const ATTN_THREADS: u32 = 128;
 
-fn rows_cfg(rows: usize, shared_floats: u32) -> Result<LaunchConfig, CudaError> {
+pub(super) fn rows_cfg(rows: usize, shared_floats: u32) -> Result<LaunchConfig, CudaError> {
     Ok(LaunchConfig {
         grid_dim: (u32::try_from(rows).map_err(|_| CudaError::TooLarge("rows"))?, 1, 1),
         block_dim: (ROW_THREADS, 1, 1),
@@ -24,7 +24,7 @@ fn rows_cfg(rows: usize, shared_floats: u32) -> Result<LaunchConfig, CudaError> 
     })
 }
 
-fn elems_cfg(n: usize) -> LaunchConfig {
+pub(super) fn elems_cfg(n: usize) -> LaunchConfig {
     // grid-stride loops inside the kernels cover anything beyond the grid
     let blocks = n.div_ceil(ROW_THREADS as usize).clamp(1, 65_535) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
@@ -298,7 +298,7 @@ pub fn cast_bf16(g: &GpuContext, x: &CudaSlice<f32>, n: usize, out: &mut CudaSli
 pub fn gather_rows(
     g: &GpuContext,
     x: &CudaSlice<f32>,
-    idx: &CudaSlice<i32>,
+    idx: &CudaView<'_, i32>,
     (n, d): (usize, usize),
     out: &mut CudaSlice<f32>,
 ) -> Result<(), CudaError> {
@@ -372,6 +372,8 @@ pub struct AttnShape {
     pub block_size: usize,
     /// Sliding window, if any.
     pub window: Option<usize>,
+    /// Multiplies the query-key dot products (usually `1 / sqrt(head_dim)`).
+    pub scale: f32,
 }
 
 impl AttnShape {
@@ -481,7 +483,7 @@ pub fn paged_attention(
         i32_arg("window", s.window.unwrap_or(0))?,
         i32_arg("tokens", s.n_tok)?,
     ];
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = s.scale;
     let cfg = LaunchConfig {
         grid_dim: (a[6] as u32, a[2] as u32, 1),
         block_dim: (ATTN_THREADS, 1, 1),
