@@ -2,9 +2,7 @@
 //! one step at a time. No threads, channels or clocks.
 
 use crate::{EngineError, FinishReason, GenerationRequest};
-use moe_model::{
-    ExpertPlanner, ExpertProvider, KvCache, LogitsRequest, Model, SampledToken, Sampler, SeqChunk, StepToken, Workspace,
-};
+use moe_model::{KvCache, LogitsRequest, Model, SampledToken, Sampler, SeqChunk, StepBackend, StepToken, Workspace};
 use moe_scheduler::{BlockAllocator, GroupingConfig, GroupingMode, PathHints, Scheduler, SchedulerConfig, StepPlan};
 use moe_types::hidden_trace::HiddenRecord;
 use moe_types::trace::{TraceHeader, TraceToken};
@@ -51,11 +49,15 @@ pub struct EngineCore<E> {
     hidden: Option<Vec<HiddenRecord>>,
 }
 
-impl<E: ExpertProvider + ExpertPlanner + Sync> EngineCore<E> {
+impl<E: StepBackend> EngineCore<E> {
     /// An engine with `num_blocks` KV blocks of `block_size` slots.
     pub fn new(model: Model, experts: E, eos: Vec<TokenId>, sched: SchedulerConfig, kv_blocks: (usize, usize)) -> Self {
         let (num_blocks, block_size) = kv_blocks;
-        let kv = KvCache::new(model.config(), num_blocks, block_size);
+        let kv = if experts.host_kv() {
+            KvCache::new(model.config(), num_blocks, block_size)
+        } else {
+            KvCache::without_storage(model.config(), num_blocks, block_size)
+        };
         Self {
             model,
             experts,
@@ -235,7 +237,7 @@ impl<E: ExpertProvider + ExpertPlanner + Sync> EngineCore<E> {
             self.step_tokens.extend(ch.tokens.iter().map(|&token| StepToken { seq: c.seq, token }));
         }
         self.experts.begin_step(&self.step_tokens);
-        let out = match self.model.forward(&chunks, &mut self.kv, &self.experts, &mut self.ws) {
+        let out = match self.experts.forward_step(&self.model, &chunks, &mut self.kv, &mut self.ws) {
             Ok(o) => o,
             Err(e) => {
                 let ids: Vec<SeqId> = plan.chunks.iter().map(|c| c.seq).collect();

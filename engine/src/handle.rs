@@ -3,7 +3,7 @@
 use crate::core::{check_request, EngineCore};
 use crate::metric_names as m;
 use crate::{EngineError, EngineEvent, GenerationRequest};
-use moe_model::{ExpertPlanner, ExpertProvider};
+use moe_model::StepBackend;
 use moe_types::trace::TraceToken;
 use moe_types::SeqId;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -154,7 +154,7 @@ pub type TraceSink = SyncSender<Vec<TraceToken>>;
 /// Starts the engine thread. It runs until every handle is dropped and the
 /// work in hand is done. With a `trace` sink it records every computed
 /// token's routing.
-pub fn spawn_engine<E: ExpertProvider + ExpertPlanner + Send + Sync + 'static>(
+pub fn spawn_engine<E: StepBackend + Send + 'static>(
     mut core: EngineCore<E>,
     limits: EngineLimits,
     trace: Option<TraceSink>,
@@ -195,7 +195,7 @@ pub fn spawn_engine<E: ExpertProvider + ExpertPlanner + Send + Sync + 'static>(
     handle
 }
 
-fn run<E: ExpertProvider + ExpertPlanner + Sync>(
+fn run<E: StepBackend>(
     mut core: EngineCore<E>,
     rx: Receiver<Command>,
     aborts: Receiver<SeqId>,
@@ -295,7 +295,7 @@ fn run<E: ExpertProvider + ExpertPlanner + Sync>(
     }
 }
 
-fn accept<E: ExpertProvider + ExpertPlanner + Sync>(
+fn accept<E: StepBackend>(
     core: &mut EngineCore<E>,
     streams: &mut std::collections::HashMap<SeqId, tmpsc::Sender<EngineEvent>>,
     cmd: Command,
@@ -314,7 +314,7 @@ fn accept<E: ExpertProvider + ExpertPlanner + Sync>(
     }
 }
 
-fn publish<E: ExpertProvider + ExpertPlanner + Sync>(core: &EngineCore<E>, stats: &EngineStats) {
+fn publish<E: StepBackend>(core: &EngineCore<E>, stats: &EngineStats) {
     let s = core.scheduler();
     let (used, total) = s.blocks_used();
     stats.running.store(s.num_running(), Ordering::Relaxed);

@@ -105,6 +105,12 @@ impl Workspace {
         self.capture = on;
     }
 
+    /// Whether steps capture hidden states and router scores (see
+    /// [`Self::capture_hidden`]).
+    pub fn captures_hidden(&self) -> bool {
+        self.capture
+    }
+
     /// How latent attention attends (tests pin one form; the default picks
     /// per chunk).
     pub fn set_latent_path(&mut self, path: crate::mla::LatentPath) {

@@ -30,6 +30,14 @@ impl KvCache {
         Self { block_size, num_blocks, widths, layers }
     }
 
+    /// A cache of the same shape whose keys and values live elsewhere (a
+    /// GPU backend's device cache): it holds no storage, and only its shape
+    /// is read ([`Self::block_size`], [`Self::num_blocks`]).
+    pub fn without_storage(cfg: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
+        assert!(block_size > 0, "block_size must be positive");
+        Self { block_size, num_blocks, widths: cfg.kv_cache_widths(), layers: Vec::new() }
+    }
+
     /// Floats per slot of keys (or latents) and of values.
     pub fn widths(&self) -> (usize, usize) {
         self.widths

@@ -22,6 +22,7 @@
 
 mod arch;
 mod attention;
+mod backend;
 mod checkpoint;
 mod config;
 mod error;
@@ -45,6 +46,7 @@ mod step_layout;
 mod tokenizer;
 mod weights;
 
+pub use backend::StepBackend;
 pub use checkpoint::{Checkpoint, StoredType, TensorLocation};
 pub use config::{
     Arch, AttentionConfig, ExpertAct, FfnKind, MlaConfig, ModelConfig, MoeConfig, QkNorm, RopeScaling, Routing, Yarn,

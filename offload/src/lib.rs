@@ -35,6 +35,8 @@ mod cache;
 mod disk_io;
 mod error;
 mod experts;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod metric_names;
 mod policy;
 pub mod predictor;

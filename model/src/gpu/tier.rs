@@ -38,7 +38,7 @@ pub trait GpuExpertTier {
     fn prepare(&mut self, g: &GpuContext, routing: &LayerRouting, used: &[ExpertId]) -> Result<()>;
 
     /// The slot pool holding the prepared experts.
-    fn pool(&self) -> &ExpertSlotPool;
+    fn pool(&mut self) -> &ExpertSlotPool;
 
     /// The pool's key of an expert of decoder layer `layer`.
     fn key(&self, layer: LayerId, expert: ExpertId) -> Result<ExpertKey>;

@@ -8,7 +8,7 @@
 //! computed, and the movers' reports ([`ResidencyCore::loaded`],
 //! [`ResidencyCore::evicted`]). Outputs: [`Command`]s, taken one at a time
 //! with [`ResidencyCore::poll`] by a mover (the CPU loader thread, the CUDA
-//! slot pool), which executes them in order and reports back.
+//! slot pool through [`DeviceMover`]), which executes them in order and reports back.
 //!
 //! Each expert moves `Home -> Loading -> Resident -> Evicting -> Home` (a
 //! failed load goes back `Loading -> Home` with its error kept). Invariants,
@@ -21,11 +21,9 @@
 //! - the core changes *when* weights are read, never their values.
 
 mod core;
-#[cfg(feature = "cuda")]
-mod cuda;
 mod forecast;
+mod mover;
 
 pub use self::core::{Command, Pin, ResidencyConfig, ResidencyCore, ResidencyError, State};
-#[cfg(feature = "cuda")]
-pub use self::cuda::CudaMover;
+pub use self::mover::{CopyStats, DeviceMover, MoverError, SlotDevice};
 pub use moe_types::{ExpertKey, SlotId, SlotTable};
