@@ -11,6 +11,8 @@
 //! regrouping). Timing uses the wall clock; nothing here is on the serving
 //! path.
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod offload;
 pub mod regroup;
 pub mod throughput;

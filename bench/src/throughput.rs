@@ -7,7 +7,7 @@
 //! close the engine gets to that bound.
 
 use moe_engine::{EngineCore, GenerationRequest};
-use moe_model::{ExpertPlanner, ExpertProvider, ModelConfig};
+use moe_model::{ModelConfig, StepBackend};
 use moe_types::SeqId;
 use rayon::prelude::*;
 use std::time::Instant;
@@ -64,7 +64,7 @@ pub fn read_bandwidth() -> f64 {
 /// Prefill and decode one sequence at a time through `core` (greedy,
 /// `args.repeats` times, best run kept): the prefill step (which also samples
 /// the first token), then `args.decode_tokens` decode steps.
-pub fn bench_model<E: ExpertProvider + ExpertPlanner + Sync>(
+pub fn bench_model<E: StepBackend>(
     name: &str,
     core: &mut EngineCore<E>,
     expert_bytes: usize,
@@ -139,7 +139,7 @@ pub fn render(rows: &[BenchRow], bandwidth: f64, args: BenchArgs) -> String {
 
 /// Engine-level decode throughput with `batch` concurrent greedy sequences
 /// (no HTTP): generated tokens per second over the whole run.
-pub fn engine_throughput<E: ExpertProvider + ExpertPlanner + Sync>(
+pub fn engine_throughput<E: StepBackend>(
     core: &mut EngineCore<E>,
     batch: usize,
     max_tokens: usize,

@@ -307,6 +307,11 @@ impl GpuBackend {
     pub fn model(&self) -> &GpuModel {
         &self.model
     }
+
+    /// The device model and the tier, to run [`GpuModel::forward`] directly.
+    pub fn parts(&mut self) -> (&mut GpuModel, &mut GpuExperts) {
+        (&mut self.model, &mut self.experts)
+    }
 }
 
 impl ExpertPlanner for GpuBackend {
@@ -343,3 +348,9 @@ impl StepBackend for GpuBackend {
         false
     }
 }
+
+/// The engine thread owns the backend: it must move there.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<GpuBackend>();
+};
