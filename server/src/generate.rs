@@ -2,7 +2,7 @@
 
 use crate::offload::ServedModel;
 use moe_engine::{EngineCore, GenerationRequest};
-use moe_model::{IncrementalDecoder, SamplingParams};
+use moe_model::{IncrementalDecoder, SamplingParams, StepBackend};
 use moe_scheduler::SchedulerConfig;
 use moe_types::SeqId;
 use std::io::Write;
@@ -47,20 +47,58 @@ pub struct GenerateStats {
 /// [`EngineCore`]) and writes the text, as produced, to `out`. Generation
 /// stops at `max_tokens`, an eos token or the end of the context.
 pub fn generate(m: ServedModel, args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<GenerateStats> {
-    let prompt = m.codec.encode(&args.prompt, true)?;
+    let (prompt, blocks) = plan(&m.codec, m.model.config(), args)?;
+    let sched = SchedulerConfig { max_num_seqs: 1, max_batched_tokens: prompt.len().max(1) };
+    let eos = m.codec.eos_ids().to_vec();
+    let core = EngineCore::new(m.model, m.experts, eos, sched, (blocks, BLOCK_SIZE));
+    drive(core, &m.codec, prompt, args, out, |e| e.cache_stats().map(|s| s.total()))
+}
+
+/// [`generate`] on GPU 0 (`--device cuda`).
+#[cfg(feature = "cuda")]
+pub fn generate_gpu(
+    host: crate::gpu::GpuHost,
+    dir: &std::path::Path,
+    settings: &crate::offload::OffloadSettings,
+    args: &GenerateArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<GenerateStats> {
+    let (prompt, blocks) = plan(host.codec(), host.config(), args)?;
+    let served = host.upload(dir, settings, (blocks, BLOCK_SIZE))?;
+    let sched = SchedulerConfig { max_num_seqs: 1, max_batched_tokens: prompt.len().max(1) };
+    let eos = served.codec.eos_ids().to_vec();
+    let core = EngineCore::new(served.model, served.backend, eos, sched, (blocks, BLOCK_SIZE));
+    drive(core, &served.codec, prompt, args, out, |b| Some(b.experts().stats().total()))
+}
+
+/// The prompt's tokens and the KV blocks the generation needs.
+fn plan(
+    codec: &moe_model::TextCodec,
+    cfg: &moe_model::ModelConfig,
+    args: &GenerateArgs,
+) -> anyhow::Result<(Vec<u32>, usize)> {
+    let prompt = codec.encode(&args.prompt, true)?;
     if prompt.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens");
     }
-    let ctx = m.model.config().max_position_embeddings;
+    let ctx = cfg.max_position_embeddings;
     if prompt.len() >= ctx {
         anyhow::bail!("the prompt has {} tokens; the model's context is {ctx}", prompt.len());
     }
     let tokens = prompt.len() + args.max_tokens;
-    let blocks = tokens.min(ctx).div_ceil(BLOCK_SIZE);
-    let sched = SchedulerConfig { max_num_seqs: 1, max_batched_tokens: prompt.len().max(1) };
-    let eos = m.codec.eos_ids().to_vec();
-    let codec = m.codec;
-    let mut core = EngineCore::new(m.model, m.experts, eos.clone(), sched, (blocks, BLOCK_SIZE));
+    Ok((prompt, tokens.min(ctx).div_ceil(BLOCK_SIZE)))
+}
+
+/// Runs one request through `core` to the end, writing text as it comes.
+fn drive<E: StepBackend>(
+    mut core: EngineCore<E>,
+    codec: &moe_model::TextCodec,
+    prompt: Vec<u32>,
+    args: &GenerateArgs,
+    out: &mut dyn Write,
+    cache_stats: impl Fn(&E) -> Option<moe_offload::LayerStats>,
+) -> anyhow::Result<GenerateStats> {
+    let eos = codec.eos_ids().to_vec();
     let req = GenerationRequest {
         max_tokens: args.max_tokens.min(core.max_model_len() - prompt.len()),
         prompt,
@@ -82,17 +120,17 @@ pub fn generate(m: ServedModel, args: &GenerateArgs, out: &mut dyn Write) -> any
             if eos.contains(&o.token.id) {
                 continue;
             }
-            let text = dec.push(&codec, o.token.id)?;
+            let text = dec.push(codec, o.token.id)?;
             if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
                 core.abort(SEQ);
                 return Err(e.into());
             }
         }
     }
-    out.write_all(dec.finish(&codec)?.as_bytes())?;
+    out.write_all(dec.finish(codec)?.as_bytes())?;
     out.write_all(b"\n")?;
     out.flush()?;
     let first = first.unwrap_or(start);
-    let cache = core.experts().cache_stats().map(|s| s.total());
+    let cache = cache_stats(core.experts());
     Ok(GenerateStats { prompt_tokens, generated, first_token: first - start, decode: first.elapsed(), cache })
 }

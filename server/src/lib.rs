@@ -12,6 +12,8 @@ pub mod config;
 pub mod device;
 pub mod frontend;
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod grpc;
 pub mod http;
 pub mod memory;

@@ -451,14 +451,46 @@ fn run_bench_offload(b: BenchOffloadCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A model loaded for `generate`, on its device.
+enum Loaded {
+    Cpu(moe_server::offload::ServedModel),
+    #[cfg(feature = "cuda")]
+    Gpu(moe_server::gpu::GpuHost),
+}
+
+impl Loaded {
+    fn codec(&self) -> &moe_model::TextCodec {
+        match self {
+            Self::Cpu(m) => &m.codec,
+            #[cfg(feature = "cuda")]
+            Self::Gpu(h) => h.codec(),
+        }
+    }
+
+    fn config(&self) -> &moe_model::ModelConfig {
+        match self {
+            Self::Cpu(m) => m.model.config(),
+            #[cfg(feature = "cuda")]
+            Self::Gpu(h) => h.config(),
+        }
+    }
+}
+
 fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
     g.device.check()?;
     let dir = g.model.unwrap_or_else(default_model_dir);
     let t = Instant::now();
-    let m = load_served(&dir, false, &g.offload.settings()?)?;
-    eprintln!("loaded {} ({}) in {:.2}s", dir.display(), m.model.config().arch.name(), t.elapsed().as_secs_f64());
+    let settings = g.offload.settings()?;
+    let m = match g.device {
+        moe_server::device::Device::Cpu => Loaded::Cpu(load_served(&dir, false, &settings)?),
+        #[cfg(feature = "cuda")]
+        moe_server::device::Device::Cuda => Loaded::Gpu(moe_server::gpu::load_host(&dir, false, &settings)?),
+        #[cfg(not(feature = "cuda"))]
+        moe_server::device::Device::Cuda => anyhow::bail!(moe_server::device::NO_CUDA_BUILD),
+    };
+    eprintln!("loaded {} ({}) in {:.2}s", dir.display(), m.config().arch.name(), t.elapsed().as_secs_f64());
     // the same request rules as the REST and gRPC APIs (frontend::params)
-    let d = m.codec.defaults();
+    let d = m.codec().defaults();
     let raw = RawParams {
         max_tokens: Some(("max_tokens", i64::try_from(g.max_tokens).unwrap_or(i64::MAX))),
         temperature: g.temperature.or(d.temperature).map(f64::from),
@@ -468,7 +500,7 @@ fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
     };
     let limits = RequestLimits { max_tokens: usize::MAX >> 1, max_n: 1, max_stop: 0, max_logit_bias: 0 };
     let sampling = raw
-        .validate(&limits, m.model.config().vocab_size)
+        .validate(&limits, m.config().vocab_size)
         .map_err(|e| anyhow::anyhow!("--{}: {}", e.param.as_deref().unwrap_or("").replace('_', "-"), e.message))?
         .sampling;
     let seed = g.seed.unwrap_or_else(|| {
@@ -476,7 +508,13 @@ fn run_generate(g: GenerateCmd) -> anyhow::Result<()> {
     });
     let args = GenerateArgs { prompt: g.prompt, max_tokens: g.max_tokens, sampling, seed, ignore_eos: g.ignore_eos };
     let t = Instant::now();
-    let stats = generate(m, &args, &mut std::io::stdout().lock())?;
+    let stats = match m {
+        Loaded::Cpu(m) => generate(m, &args, &mut std::io::stdout().lock())?,
+        #[cfg(feature = "cuda")]
+        Loaded::Gpu(host) => {
+            moe_server::generate::generate_gpu(host, &dir, &settings, &args, &mut std::io::stdout().lock())?
+        }
+    };
     let secs = t.elapsed().as_secs_f64();
     eprintln!(
         "{} prompt tokens, {} generated in {:.2}s ({:.1} tok/s), seed {}",

@@ -51,37 +51,65 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 /// async runtime).
 pub fn load_ready(cfg: &ServeConfig) -> anyhow::Result<Ready> {
     let dir = cfg.model.clone().unwrap_or_else(default_model_dir);
-    let mut loaded = load_served(&dir, cfg.random_weights, &cfg.offload()?)?;
-    if let Some(plan) = &cfg.placement {
-        loaded = crate::offload::apply_placement(loaded, plan)?;
+    let blocks = cfg.kv_cache_tokens.div_ceil(cfg.block_size);
+    let sched = SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batched_tokens: cfg.max_batched_tokens };
+    match cfg.device {
+        crate::device::Device::Cpu => {
+            let mut loaded = load_served(&dir, cfg.random_weights, &cfg.offload()?)?;
+            if let Some(plan) = &cfg.placement {
+                loaded = crate::offload::apply_placement(loaded, plan)?;
+            }
+            let eos = loaded.codec.eos_ids().to_vec();
+            let core = EngineCore::new(loaded.model, loaded.experts, eos, sched, (blocks, cfg.block_size));
+            start(cfg, &dir, core, loaded.codec)
+        }
+        #[cfg(feature = "cuda")]
+        crate::device::Device::Cuda => {
+            if cfg.placement.is_some() {
+                anyhow::bail!("--placement spreads experts over CPU shards; it does not apply to --device cuda");
+            }
+            let settings = cfg.offload()?;
+            let host = crate::gpu::load_host(&dir, cfg.random_weights, &settings)?;
+            let served = host.upload(&dir, &settings, (blocks, cfg.block_size))?;
+            let eos = served.codec.eos_ids().to_vec();
+            let core = EngineCore::new(served.model, served.backend, eos, sched, (blocks, cfg.block_size));
+            start(cfg, &dir, core, served.codec)
+        }
+        #[cfg(not(feature = "cuda"))]
+        crate::device::Device::Cuda => anyhow::bail!(crate::device::NO_CUDA_BUILD),
     }
-    let model_cfg = loaded.model.config().clone();
-    let template = match loaded.codec.chat_template() {
+}
+
+/// Starts the engine thread over `core` and gathers what the front ends need.
+fn start<E: moe_model::StepBackend + Send + 'static>(
+    cfg: &ServeConfig,
+    dir: &std::path::Path,
+    core: EngineCore<E>,
+    codec: moe_model::TextCodec,
+) -> anyhow::Result<Ready> {
+    let model_cfg = core.model().config().clone();
+    let template = match codec.chat_template() {
         Some(src) => Some(
-            ChatTemplate::new(src, loaded.codec.bos_token(), loaded.codec.eos_token())
+            ChatTemplate::new(src, codec.bos_token(), codec.eos_token())
                 .context("compiling the checkpoint's chat template")?,
         ),
         None => None,
     };
-    let name = cfg.served_model_name.clone().unwrap_or_else(|| crate::model_dir::model_name(&dir));
-    let blocks = cfg.kv_cache_tokens.div_ceil(cfg.block_size);
-    let sched = SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batched_tokens: cfg.max_batched_tokens };
-    let eos = loaded.codec.eos_ids().to_vec();
-    let core = EngineCore::new(loaded.model, loaded.experts, eos, sched, (blocks, cfg.block_size))
-        .with_grouping(cfg.grouping())
-        .map_err(|e| anyhow::anyhow!("--micro-batch / --max-deferral: {e}"))?;
+    let name = cfg.served_model_name.clone().unwrap_or_else(|| crate::model_dir::model_name(dir));
+    let core =
+        core.with_grouping(cfg.grouping()).map_err(|e| anyhow::anyhow!("--micro-batch / --max-deferral: {e}"))?;
     let sink = match &cfg.record_routing {
         Some(path) => Some(crate::trace::start_writer(path, &core.trace_header(&name))?),
         None => None,
     };
     let engine =
         spawn_engine(core, EngineLimits { max_in_flight: cfg.max_num_seqs + cfg.max_waiting, inbox: 1024 }, sink);
-    tracing::info!(model = %name, arch = model_cfg.arch.name(), kv_blocks = blocks, "model ready");
-    let harmony = crate::frontend::harmony::HarmonyTokens::from_codec(&loaded.codec);
+    tracing::info!(model = %name, arch = model_cfg.arch.name(), kv_blocks = cfg.kv_cache_tokens.div_ceil(cfg.block_size), device = %cfg.device, "model ready");
+    let harmony = crate::frontend::harmony::HarmonyTokens::from_codec(&codec);
     Ok(Ready {
         engine,
         harmony,
-        codec: Arc::new(loaded.codec),
+        codec: Arc::new(codec),
         template,
         model_name: name,
         created: http_now(),
