@@ -33,6 +33,7 @@ pub mod gguf;
 mod gpt_oss;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+mod gpu_plan;
 mod kv_cache;
 mod loader;
 mod mla;
@@ -56,6 +57,7 @@ pub use experts::{
     locate_experts, ExpertLocation, ExpertPlanner, ExpertProvider, ExpertWeights, ResidentExperts, StepToken,
 };
 pub use forward::{ForwardOutput, LogitRow, LogitsRequest, SeqChunk, Workspace};
+pub use gpu_plan::GpuPlan;
 pub use kv_cache::KvCache;
 pub use loader::{
     load_model, load_model_without_experts, load_random, load_weights, read_config, LoadProgress, LoadedModel,

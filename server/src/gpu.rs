@@ -78,8 +78,15 @@ impl GpuHost {
         let cfg = model.config();
         let total = cfg.moe_layers().count() * cfg.moe.num_experts;
         let slots = settings.budget.slots(total, source.expert_bytes()).unwrap_or(total);
+        let plan = model.gpu_plan(kv_blocks, block_size, slots).context("--device cuda")?;
+        crate::memory::check_fits(
+            plan.pinned_host as u64,
+            "--device cuda: the experts, staged in pinned host memory,",
+            "serve a smaller model",
+        )?;
         let gpu = GpuContext::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
         tracing::info!(device = %gpu.info(), "GPU");
+        fits_device(&plan, gpu.info().total_mem)?;
         let device = GpuModel::new(gpu, &model, kv_blocks, block_size).context("--device cuda")?;
         let tier = GpuTierConfig {
             slots,
@@ -98,5 +105,42 @@ impl GpuHost {
             "model on the GPU"
         );
         Ok(GpuServed { model, backend: GpuBackend::new(device, experts), codec })
+    }
+}
+
+/// Device memory kept free for the step buffers, cuBLAS's workspace and the
+/// driver: a fifteenth of the card.
+const DEVICE_HEADROOM: f64 = 1.0 / 15.0;
+
+/// A clear error when the plan does not fit a device of `total` bytes.
+fn fits_device(plan: &moe_model::GpuPlan, total: usize) -> anyhow::Result<()> {
+    let usable = (total as f64 * (1.0 - DEVICE_HEADROOM)) as u64;
+    let need = plan.device_bytes() as u64;
+    let gib = |b: usize| crate::memory::gib(b as u64);
+    anyhow::ensure!(
+        need <= usable,
+        "--device cuda: the model needs {} on the GPU (weights {}, KV cache {}, {} expert slots of {}) but {} of \
+         its {} are usable: lower --expert-cache or --kv-cache-tokens",
+        gib(plan.device_bytes()),
+        gib(plan.weights),
+        gib(plan.kv),
+        plan.slots,
+        gib(plan.slot_bytes),
+        crate::memory::gib(usable),
+        gib(total)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plan_larger_than_the_card_names_the_flags_to_lower() {
+        let plan = moe_model::GpuPlan { weights: 1 << 30, kv: 1 << 30, slots: 64, slot_bytes: 1 << 26, pinned_host: 0 };
+        assert!(fits_device(&plan, 8 << 30).is_ok());
+        let e = fits_device(&plan, 4 << 30).unwrap_err().to_string();
+        assert!(e.contains("--expert-cache") && e.contains("64 expert slots"), "{e}");
     }
 }

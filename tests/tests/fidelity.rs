@@ -552,3 +552,41 @@ fn incremental_decoding_matches_full_decode() {
     assert_eq!(streamed, text);
     assert!(partial_seen, "the text should exercise held-back bytes");
 }
+
+/// The GPU forward pass's plan (checked on the host, before any device is
+/// touched): the architectures it implements pass, with their variants
+/// (shared-expert gates, q/k norms, sliding windows, YaRN, partial rotary,
+/// grouped sigmoid routing, bf16); the others are refused, naming what is
+/// missing.
+#[test]
+fn the_gpu_plan_covers_five_architectures_and_names_the_rest() {
+    let supported = [
+        "mixtral",
+        "mixtral_bf16",
+        "mixtral_window",
+        "mixtral_yarn",
+        "qwen2_moe",
+        "qwen3_moe",
+        "qwen3_moe_yarn",
+        "olmoe",
+        "glm4_moe",
+    ];
+    for name in supported {
+        let dir = fixture_dir(name);
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let (model, _) = load_weights(&dir, &cfg, &mut ()).unwrap();
+        let plan = model.gpu_plan(4, 16, 8).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(plan.weights >= model.nbytes() && plan.kv > 0, "{name}: {plan:?}");
+    }
+    for (name, missing) in [
+        ("deepseek_v3", "multi-head latent attention"),
+        ("deepseek_v2", "multi-head latent attention"),
+        ("gpt_oss", "gpt-oss"),
+    ] {
+        let dir = fixture_dir(name);
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let (model, _) = load_weights(&dir, &cfg, &mut ()).unwrap();
+        let e = model.check_gpu_support().err().unwrap_or_else(|| panic!("{name} passed")).to_string();
+        assert!(e.contains(missing) && e.contains("--device cpu"), "{name}: {e}");
+    }
+}

@@ -22,10 +22,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Fixtures of architectures the GPU forward pass implements.
-const SUPPORTED: &[&str] =
-    &["mixtral", "mixtral_bf16", "mixtral_window", "mixtral_yarn", "qwen2_moe", "qwen3_moe", "qwen3_moe_yarn", "olmoe"];
+const SUPPORTED: &[&str] = &[
+    "mixtral",
+    "mixtral_bf16",
+    "mixtral_window",
+    "mixtral_yarn",
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_moe_yarn",
+    "olmoe",
+    "glm4_moe",
+];
 /// Fixtures it must refuse with a clear error.
-const REFUSED: &[&str] = &["deepseek_v3", "gpt_oss"];
+const REFUSED: &[&str] = &["deepseek_v3", "deepseek_v2", "gpt_oss"];
 
 fn main() {
     match run() {

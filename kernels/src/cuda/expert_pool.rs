@@ -123,22 +123,31 @@ impl ExpertSlotPool {
         Ok(start..start + n)
     }
 
-    /// Copies one expert's bf16 weights into the pinned host tier (loading
+    /// Copies one expert's weights into the pinned host tier, in bf16 (f32
+    /// experts are rounded to nearest even: the slots hold bf16). Loading
     /// time, not the hot path: it first waits for every queued copy, since
-    /// one may still be reading this expert's bytes).
+    /// one may still be reading this expert's bytes.
     pub fn stage(&mut self, k: ExpertKey, gate_up: &Weight, down: &Weight) -> Result<(), CudaError> {
         let (h, f) = (self.shape.hidden, self.shape.ffn);
-        let (WeightData::Bf16(gu), WeightData::Bf16(dn)) = (gate_up.data(), down.data()) else {
-            return Err(CudaError::Pool("the GPU pool holds bf16 experts only".into()));
-        };
         if (gate_up.rows(), gate_up.cols(), down.rows(), down.cols()) != (2 * f, h, h, f) {
             return Err(CudaError::Pool(format!("expert {k:?}: shapes do not match hidden {h}, ffn {f}")));
         }
         let r = self.host_range(k)?;
         self.copy.synchronize()?;
         let host = &mut self.host.as_mut_slice()?[r];
-        host[..gu.len()].copy_from_slice(gu);
-        host[gu.len()..].copy_from_slice(dn);
+        let (a, b) = host.split_at_mut(2 * f * h);
+        for (w, dst) in [(gate_up, a), (down, b)] {
+            match w.data() {
+                WeightData::Bf16(bits) => dst.copy_from_slice(bits),
+                WeightData::F32(v) => dst.iter_mut().zip(v).for_each(|(d, &x)| *d = half::bf16::from_f32(x).to_bits()),
+                WeightData::Quant(q) => {
+                    return Err(CudaError::Pool(format!(
+                        "expert {k}: {} experts have no GPU kernel (the GPU tier holds bf16 and f32 experts)",
+                        q.format().name()
+                    )))
+                }
+            }
+        }
         Ok(())
     }
 

@@ -1,13 +1,13 @@
 //! The model's non-expert weights uploaded to the GPU once, in their
 //! checkpoint precision (f32 or bf16). What the CUDA kernels do not cover is
-//! refused here, at start-up, with the reason: latent attention (DeepSeek,
-//! Kimi, GLM), attention sinks and expert biases (gpt-oss), interleaved
-//! rotary pairs, quantized non-expert weights.
+//! refused before anything is uploaded, with the reason
+//! ([`Model::gpu_plan`]): latent attention (DeepSeek, Kimi, GLM), attention
+//! sinks and expert biases (gpt-oss), interleaved rotary pairs, quantized
+//! non-expert weights.
 
-use crate::config::ExpertAct;
 use crate::experts::ExpertWeights;
 use crate::weights::{Attention, FfnWeights, Model};
-use crate::{ModelError, Result};
+use crate::Result;
 use cudarc::driver::CudaSlice;
 use moe_kernels::cuda::gemm::GpuWeight;
 use moe_kernels::cuda::GpuContext;
@@ -56,30 +56,6 @@ pub(crate) struct GpuWeights {
     pub(crate) bytes: usize,
 }
 
-fn unsupported(what: &str) -> ModelError {
-    ModelError::Unsupported(format!("the GPU forward pass does not implement {what} yet; use --device cpu"))
-}
-
-/// Why `model` cannot run on the GPU, if it cannot (checked before anything
-/// is uploaded).
-pub(crate) fn check(model: &Model) -> Result<()> {
-    let cfg = &model.cfg;
-    if cfg.attention.rope_interleaved {
-        return Err(unsupported("interleaved rotary embeddings"));
-    }
-    if !matches!(cfg.moe.expert_act, ExpertAct::Swiglu) {
-        return Err(unsupported("the clamped SwiGLU of gpt-oss experts"));
-    }
-    for layer in &model.layers {
-        match &layer.attn {
-            Attention::Latent(_) => return Err(unsupported("multi-head latent attention (DeepSeek, Kimi, GLM)")),
-            Attention::Standard(a) if a.sinks.is_some() => return Err(unsupported("attention sinks (gpt-oss)")),
-            Attention::Standard(_) => {}
-        }
-    }
-    Ok(())
-}
-
 struct Uploader<'a> {
     g: &'a GpuContext,
     bytes: usize,
@@ -97,17 +73,15 @@ impl Uploader<'_> {
     }
 
     fn mlp(&mut self, w: &ExpertWeights) -> Result<GpuMlp> {
-        if w.bias.is_some() {
-            return Err(unsupported("MLP biases"));
-        }
         Ok(GpuMlp { gate_up: self.weight(&w.gate_up)?, down: self.weight(&w.down)? })
     }
 }
 
 impl GpuWeights {
-    /// Uploads every non-expert weight of `model` (after [`check`]).
+    /// Uploads every non-expert weight of `model` (after checking that the
+    /// GPU covers it: [`Model::gpu_plan`]).
     pub(crate) fn upload(g: &GpuContext, model: &Model) -> Result<Self> {
-        check(model)?;
+        let plan = model.gpu_plan(0, 1, 0)?;
         let mut up = Uploader { g, bytes: 0 };
         let mut layers = Vec::with_capacity(model.layers.len());
         for layer in &model.layers {
@@ -143,6 +117,7 @@ impl GpuWeights {
         let embed = up.weight(&model.embed)?;
         let final_norm = up.vector(&model.final_norm)?;
         let lm_head = model.lm_head.as_ref().map(|w| up.weight(w)).transpose()?;
+        debug_assert_eq!(up.bytes, plan.weights, "the plan counts what is uploaded");
         Ok(Self { embed, layers, final_norm, lm_head, bytes: up.bytes })
     }
 
