@@ -16,6 +16,9 @@
 //! ([`gguf`]), both indexed under HuggingFace tensor names so one loader
 //! serves both.
 //!
+//! With feature `cuda`, [`gpu`] runs the same forward pass on an NVIDIA GPU
+//! (what it covers is decided on the host by [`Model::gpu_plan`]).
+//!
 //! Invariants: compute is f32; weights keep the checkpoint precision (f32,
 //! bf16 or GGUF's quantized blocks; f16 is widened at load). The forward pass is deterministic and free
 //! of IO, clocks and environment reads.

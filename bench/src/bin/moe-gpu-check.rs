@@ -1,7 +1,7 @@
 //! `moe-gpu-check`: the model-level half of `scripts/gpu-check.sh`, for a
 //! machine with an NVIDIA GPU (built with `--features cuda`).
 //!
-//!   moe-gpu-check [--fixtures DIR] [--model DIR] [--no-large]
+//!   moe-gpu-check [--fixtures DIR] [--model DIR] [--only fidelity|builtin|large]
 //!
 //! 1. fidelity: every fixture the GPU supports, on the GPU, against
 //!    transformers' logits, routing and greedy tokens (tolerance
@@ -58,11 +58,26 @@ fn arg(name: &str) -> Option<String> {
 fn run() -> Result<bool> {
     let fixtures = PathBuf::from(arg("--fixtures").unwrap_or_else(|| "tests/fixtures".into()));
     let model_dir = PathBuf::from(arg("--model").unwrap_or_else(|| "models/tiny-shakespeare-moe".into()));
-    let large = !std::env::args().any(|a| a == "--no-large");
+    let only = arg("--only");
+    let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let info = moe_kernels::cuda::GpuContext::probe(0).context("no usable GPU")?;
     println!("GPU: {info}");
     let mut ok = true;
+    if part("fidelity") {
+        ok &= fidelity(&fixtures);
+    }
+    if part("builtin") {
+        ok &= builtin(&model_dir)?;
+    }
+    if part("large") {
+        ok &= bench_shape()?;
+    }
+    Ok(ok)
+}
 
+/// Every fixture the GPU supports against transformers; the others refused.
+fn fidelity(fixtures: &Path) -> bool {
+    let mut ok = true;
     println!("\n## fidelity on the GPU (tolerance {} of the largest reference logit)\n", gpu::GPU_LOGIT_TOL);
     println!(
         "| fixture | prompt max err / max logit | decode max err (relative) | routing equal | greedy equal | pass |"
@@ -100,12 +115,7 @@ fn run() -> Result<bool> {
             }
         }
     }
-
-    ok &= builtin(&model_dir)?;
-    if large {
-        ok &= bench_shape()?;
-    }
-    Ok(ok)
+    ok
 }
 
 fn prompts(codec: &moe_model::TextCodec) -> Result<Vec<Vec<u32>>> {
