@@ -191,32 +191,6 @@ pub fn fidelity(dir: &Path) -> Result<Fidelity> {
     })
 }
 
-/// Greedy continuations of `prompts`, all in flight together, through `core`.
-pub fn greedy<E: StepBackend>(
-    core: &mut EngineCore<E>,
-    prompts: &[Vec<u32>],
-    max_tokens: usize,
-) -> Result<Vec<Vec<u32>>> {
-    for (i, p) in prompts.iter().enumerate() {
-        let req = GenerationRequest {
-            prompt: p.clone(),
-            sampling: moe_model::SamplingParams::default(),
-            seed: 0,
-            max_tokens,
-            min_tokens: 0,
-            ignore_eos: true,
-        };
-        core.add(SeqId(i as u64), req)?;
-    }
-    let mut out = vec![Vec::new(); prompts.len()];
-    while !core.is_idle() {
-        for o in core.step().map_err(|(_, e)| e)? {
-            out[o.seq.0 as usize].push(o.token.id);
-        }
-    }
-    Ok(out)
-}
-
 /// One configuration of the GPU tier.
 #[derive(Clone, Debug)]
 pub struct TierCase {
@@ -279,7 +253,7 @@ pub fn tier_bench(
         let sched = SchedulerConfig { max_num_seqs: 1, max_batched_tokens: prompt.len().max(16) };
         let mut core = EngineCore::new(model.clone(), be, vec![], sched, (blocks, BLOCK));
         // warm-up (kernel first launches, cuBLAS heuristics), then measure
-        greedy(&mut core, &[prompt.to_vec()], 2)?;
+        core.generate_greedy(&[prompt.to_vec()], 2)?;
         let bytes0 = core.experts().experts().bytes_copied();
         let req = GenerationRequest {
             prompt: prompt.to_vec(),

@@ -184,6 +184,35 @@ impl<E: StepBackend> EngineCore<E> {
         &self.last_plan
     }
 
+    /// Runs `prompts` (sequence ids `0..n`, all in flight together, greedy,
+    /// past end-of-sequence tokens) to completion and returns each one's
+    /// generated tokens: what benchmarks and tests compare across
+    /// configurations. A failed step ends the run with its cause.
+    pub fn generate_greedy(
+        &mut self,
+        prompts: &[Vec<TokenId>],
+        max_tokens: usize,
+    ) -> Result<Vec<Vec<TokenId>>, EngineError> {
+        for (i, p) in prompts.iter().enumerate() {
+            let req = GenerationRequest {
+                prompt: p.clone(),
+                sampling: moe_model::SamplingParams::default(),
+                seed: 0,
+                max_tokens,
+                min_tokens: 0,
+                ignore_eos: true,
+            };
+            self.add(SeqId(i as u64), req)?;
+        }
+        let mut out = vec![Vec::new(); prompts.len()];
+        while !self.is_idle() {
+            for o in self.step().map_err(|(_, e)| EngineError::from(&e))? {
+                out[o.seq.0 as usize].push(o.token.id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs one step. On a model error every sequence of the step is
     /// removed and returned with the error.
     pub fn step(&mut self) -> Result<Vec<StepOutput>, (Vec<SeqId>, moe_model::ModelError)> {

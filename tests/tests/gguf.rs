@@ -11,15 +11,14 @@
 //!   float checkpoint quantized at load (`--quantize-experts`).
 
 use anyhow::{ensure, Context, Result};
-use moe_engine::{EngineCore, GenerationRequest};
+use moe_engine::EngineCore;
 use moe_kernels::QuantFormat;
 use moe_model::{
     load_model, load_model_without_experts, load_weights, read_config, ExpertProvider, KvCache, LoadedModel,
-    LogitsRequest, Model, ModelConfig, SamplingParams, SeqChunk, Workspace,
+    LogitsRequest, Model, ModelConfig, SeqChunk, Workspace,
 };
 use moe_offload::{CacheConfig, DiskExperts, ExpertCache, Experts, PolicyKind, PredictorKind, QuantizingSource};
 use moe_scheduler::{BlockAllocator, BlockTable, SchedulerConfig};
-use moe_types::SeqId;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -264,27 +263,6 @@ fn perplexity_is_within_one_percent_of_llama_cpp() -> Result<()> {
     Ok(())
 }
 
-fn greedy(core: &mut EngineCore<Experts>, prompts: &[Vec<u32>], max_tokens: usize) -> Result<Vec<Vec<u32>>> {
-    for (i, p) in prompts.iter().enumerate() {
-        let req = GenerationRequest {
-            prompt: p.clone(),
-            sampling: SamplingParams::default(),
-            seed: 0,
-            max_tokens,
-            min_tokens: 0,
-            ignore_eos: true,
-        };
-        core.add(SeqId(i as u64), req)?;
-    }
-    let mut out = vec![Vec::new(); prompts.len()];
-    while !core.is_idle() {
-        for o in core.step().map_err(|(_, e)| e)? {
-            out[o.seq.0 as usize].push(o.token.id);
-        }
-    }
-    Ok(out)
-}
-
 fn engine(path: &Path, experts: Experts) -> Result<EngineCore<Experts>> {
     let (model, _) = load_model_without_experts(path, &mut ())?;
     let sched = SchedulerConfig { max_num_seqs: 8, max_batched_tokens: 64 };
@@ -345,7 +323,7 @@ fn quantized_experts_read_on_demand_give_the_resident_tokens() -> Result<()> {
         .iter()
         .map(|p| m.codec.encode(p, true))
         .collect::<Result<_, _>>()?;
-    let want = greedy(&mut engine(&path, Experts::Resident(m.experts))?, &prompts, 16)?;
+    let want = engine(&path, Experts::Resident(m.experts))?.generate_greedy(&prompts, 16)?;
     for slots in [8, 11, 20] {
         let src = DiskExperts::open(&path, &cfg, moe_offload::DiskIo::Direct)?;
         let policy = PolicyKind::Lru;
@@ -354,7 +332,7 @@ fn quantized_experts_read_on_demand_give_the_resident_tokens() -> Result<()> {
             Box::new(src),
             CacheConfig { slots, policy, predictor: PredictorKind::None, depth: 1, min_precision: 0.0, readers: 2 },
         )?;
-        let got = greedy(&mut engine(&path, Experts::Cached(cache))?, &prompts, 16)?;
+        let got = engine(&path, Experts::Cached(cache))?.generate_greedy(&prompts, 16)?;
         ensure!(got == want, "{slots} slots: tokens differ from the resident run");
     }
     Ok(())
@@ -371,7 +349,7 @@ fn experts_quantized_at_load_give_the_same_tokens_at_every_budget() -> Result<()
         let full = m.experts.nbytes();
         let resident = m.experts.quantized(format)?;
         ensure!(resident.nbytes() * 3 < full * 2, "{format}: {} of {full} bytes", resident.nbytes());
-        let want = greedy(&mut engine(&dir, Experts::Resident(resident))?, &prompts, 16)?;
+        let want = engine(&dir, Experts::Resident(resident))?.generate_greedy(&prompts, 16)?;
         for slots in [8, 16] {
             let src = QuantizingSource::new(
                 Box::new(DiskExperts::open(&dir, &cfg, moe_offload::DiskIo::Direct)?),
@@ -387,7 +365,7 @@ fn experts_quantized_at_load_give_the_same_tokens_at_every_budget() -> Result<()
                 readers: 1,
             };
             let cache = ExpertCache::new(&cfg, Box::new(src), cc)?;
-            let got = greedy(&mut engine(&dir, Experts::Cached(cache))?, &prompts, 16)?;
+            let got = engine(&dir, Experts::Cached(cache))?.generate_greedy(&prompts, 16)?;
             ensure!(got == want, "{format}, {slots} slots: tokens differ from the resident quantized run");
         }
     }

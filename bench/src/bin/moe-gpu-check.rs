@@ -135,11 +135,11 @@ fn builtin(dir: &Path) -> Result<bool> {
     let sched = moe_scheduler::SchedulerConfig { max_num_seqs: 8, max_batched_tokens: 256 };
     let cpu_experts = moe_model::ResidentExperts::from_weights(weights.clone());
     let mut cpu = moe_engine::EngineCore::new(model.clone(), cpu_experts, vec![], sched, (64, 16));
-    let cpu_tokens = gpu::greedy(&mut cpu, &ps, 32)?;
+    let cpu_tokens = cpu.generate_greedy(&ps, 32)?;
     let source = moe_offload::MemoryExperts::new(weights.clone());
     let be = gpu::backend(&model, &source, gpu::resident_tier(&model), 64)?;
     let mut g = moe_engine::EngineCore::new(model.clone(), be, vec![], sched, (64, 16));
-    let gpu_tokens = gpu::greedy(&mut g, &ps, 32)?;
+    let gpu_tokens = g.generate_greedy(&ps, 32)?;
     let mut ok = true;
     for (i, (c, g)) in cpu_tokens.iter().zip(&gpu_tokens).enumerate() {
         let same = c.iter().zip(g).take_while(|(a, b)| a == b).count();

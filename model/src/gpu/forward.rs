@@ -226,7 +226,7 @@ impl GpuModel {
             match &layer.ffn {
                 GpuFfn::Dense(m) => mlp(g, m, t, b, MlpOut::Out)?,
                 GpuFfn::Moe { .. } => {
-                    let r = moe_block(g, model, &w.layers, l, t, tier, b, host)?;
+                    let r = moe_block(StepCtx { g, model, dev: &w.layers }, (l, t), tier, b, host)?;
                     routing.layers.push(r);
                 }
             }
@@ -332,18 +332,24 @@ fn mlp(g: &GpuContext, m: &GpuMlp, t: usize, b: &mut Buffers, to: MlpOut) -> Res
     Ok(())
 }
 
+/// What every layer of a step reads: the device, the host model and its
+/// weights on the device.
+#[derive(Clone, Copy)]
+struct StepCtx<'a> {
+    g: &'a GpuContext,
+    model: &'a Model,
+    dev: &'a [GpuLayer],
+}
+
 /// The MoE block of layer `l` over the `t` rows of `b.xn`, into `b.out`.
-#[allow(clippy::too_many_arguments)]
 fn moe_block<T: GpuExpertTier>(
-    g: &GpuContext,
-    model: &Model,
-    dev: &[GpuLayer],
-    l: usize,
-    t: usize,
+    cx: StepCtx<'_>,
+    (l, t): (usize, usize),
     tier: &mut T,
     b: &mut Buffers,
     host: &mut Workspace,
 ) -> Result<moe_types::LayerRouting> {
+    let StepCtx { g, model, dev } = cx;
     let cfg = &model.cfg;
     let (hsz, ne) = (cfg.hidden_size, cfg.moe.num_experts);
     let s = g.stream();
@@ -368,7 +374,7 @@ fn moe_block<T: GpuExpertTier>(
     }
     let routing = model.route_step(layer, host_router, t, &mut host.moe);
     tier.prepare(g, &routing, &host.moe.used)?;
-    look_ahead(g, model, dev, l, t, tier, b, host)?;
+    look_ahead(cx, (l, t), tier, b, host)?;
 
     // every chosen expert once over its token group, adding into b.out
     let m = &mut host.moe;
@@ -413,17 +419,14 @@ fn moe_block<T: GpuExpertTier>(
 /// Look-ahead gating on the device: the next `tier.lookahead()` MoE layers'
 /// routers applied to the residual stream `b.h` (each after its own
 /// post-attention norm); the choices go to `tier.forecast`.
-#[allow(clippy::too_many_arguments)]
 fn look_ahead<T: GpuExpertTier>(
-    g: &GpuContext,
-    model: &Model,
-    dev: &[GpuLayer],
-    l: usize,
-    t: usize,
+    cx: StepCtx<'_>,
+    (l, t): (usize, usize),
     tier: &mut T,
     b: &mut Buffers,
     host: &mut Workspace,
 ) -> Result<()> {
+    let StepCtx { g, model, dev } = cx;
     let depth = tier.lookahead();
     if depth == 0 {
         return Ok(());
