@@ -8,7 +8,7 @@ use crate::Result;
 use moe_engine::{EngineCore, GenerationRequest};
 use moe_kernels::cuda::GpuContext;
 use moe_model::gpu::GpuModel;
-use moe_model::{ExpertWeights, LogitsRequest, Model, ModelError, SeqChunk, StepBackend};
+use moe_model::{ExpertWeights, LogitsRequest, Model, ModelError, SeqChunk};
 use moe_offload::gpu::{GpuBackend, GpuExperts, GpuTierConfig};
 use moe_offload::{ExpertSource, MemoryExperts, PolicyKind, PredictorKind};
 use moe_scheduler::SchedulerConfig;
