@@ -9,7 +9,7 @@
 //! metrics registry from the core's statistics after each change.
 
 use crate::residency::{Command, Pin, ResidencyConfig, ResidencyCore, ResidencyError, State};
-use crate::stats::{CacheStats, LayerStats};
+use crate::stats::{CacheStats, Publisher};
 use crate::{metric_names as m, ExpertSource, OffloadError, PolicyKind, PredictorKind};
 use moe_model::{ExpertPlanner, ExpertProvider, ExpertWeights, ModelConfig, ModelError, StepToken};
 use moe_types::{ExpertId, ExpertKey, ExpertSet, LayerId, LayerRouting, MoeLayerId, SeqId};
@@ -44,8 +44,7 @@ struct Inner {
     core: ResidencyCore,
     /// `[slot]`: the weights of the resident expert in it.
     slots: Vec<Option<Arc<ExpertWeights>>>,
-    published: Vec<LayerStats>,
-    published_failures: u64,
+    published: Publisher,
     /// The loaders found nothing they can do now and none is reading
     /// (cleared by every change).
     settled: bool,
@@ -144,8 +143,7 @@ impl ExpertCache {
         metrics::gauge!(m::SLOTS).set(cfg.slots as f64);
         let inner = Inner {
             slots: vec![None; cfg.slots],
-            published: vec![LayerStats::default(); moe_layers.len()],
-            published_failures: 0,
+            published: Publisher::new(moe_layers.len()),
             settled: false,
             reading: 0,
             prefetching: 0,
@@ -308,35 +306,7 @@ fn loader_loop(shared: &Shared) {
 impl Inner {
     /// Publishes what changed in the core's counters since the last call.
     fn publish(&mut self) {
-        for (l, (now, was)) in self.core.stats_per_layer().iter().zip(self.published.iter_mut()).enumerate() {
-            if now == was {
-                continue;
-            }
-            let label = l.to_string();
-            let delta = |a: u64, b: u64| a.saturating_sub(b);
-            metrics::counter!(m::HITS, "layer" => label.clone()).increment(delta(now.hits, was.hits));
-            metrics::counter!(m::MISSES, "layer" => label.clone()).increment(delta(now.misses, was.misses));
-            metrics::counter!(m::PREFETCH_ISSUED, "layer" => label.clone())
-                .increment(delta(now.prefetch_issued, was.prefetch_issued));
-            metrics::counter!(m::PREFETCH_USED, "layer" => label.clone())
-                .increment(delta(now.prefetch_used, was.prefetch_used));
-            metrics::counter!(m::PREFETCH_WASTED, "layer" => label.clone())
-                .increment(delta(now.prefetch_wasted, was.prefetch_wasted));
-            metrics::counter!(m::BYTES_LOADED).increment(delta(now.bytes_loaded, was.bytes_loaded));
-            metrics::counter!(m::STALL_MICROSECONDS).increment(delta(now.stall_ns / 1000, was.stall_ns / 1000));
-            if now.actual != was.actual {
-                metrics::gauge!(m::PREDICTOR_PRECISION, "layer" => label.clone()).set(now.precision());
-                metrics::gauge!(m::PREDICTOR_RECALL, "layer" => label).set(now.recall());
-            }
-            *was = now.clone();
-        }
-        let failures = self.core.load_failures();
-        if failures != self.published_failures {
-            metrics::counter!(m::LOAD_FAILURES).increment(failures - self.published_failures);
-            self.published_failures = failures;
-        }
-        metrics::gauge!(m::RESIDENT).set(self.core.occupied() as f64);
-        metrics::gauge!(m::RESIDENT_BYTES).set(self.core.occupied_bytes() as f64);
+        self.published.publish(&self.core);
     }
 }
 

@@ -11,7 +11,7 @@
 //! for the experts it reads.
 
 use crate::residency::{CopyStats, DeviceMover, Pin, ResidencyConfig, ResidencyCore, SlotDevice};
-use crate::stats::CacheStats;
+use crate::stats::{CacheStats, Publisher};
 use crate::{ExpertSource, OffloadError, PolicyKind, PredictorKind};
 use moe_kernels::cuda::expert_pool::{ExpertSlotPool, PoolShape};
 use moe_kernels::cuda::{CudaError, GpuContext};
@@ -57,6 +57,19 @@ pub struct GpuTierConfig {
 struct TierState {
     core: ResidencyCore,
     mover: DeviceMover<ExpertSlotPool>,
+    published: Publisher,
+    /// Copy waits already published.
+    waits: u64,
+}
+
+impl TierState {
+    /// Publishes the counters that changed (once per step).
+    fn publish(&mut self) {
+        self.published.publish(&self.core);
+        let waited = self.mover.stats().waited;
+        metrics::counter!(crate::metric_names::COPY_WAITS).increment(waited - self.waits);
+        self.waits = waited;
+    }
 }
 
 /// Expert slots on the GPU over pinned host memory, driven by a residency core.
@@ -117,12 +130,10 @@ impl GpuExperts {
         }
         let lookahead = core.lookahead();
         let wants_hidden = core.wants_hidden();
-        let tier = Self {
-            state: Mutex::new(TierState { core, mover: DeviceMover::new(pool) }),
-            moe_of,
-            lookahead,
-            wants_hidden,
-        };
+        metrics::gauge!(crate::metric_names::SLOTS).set(cfg.slots as f64);
+        let state =
+            TierState { core, mover: DeviceMover::new(pool), published: Publisher::new(moe_layers.len()), waits: 0 };
+        let tier = Self { state: Mutex::new(state), moe_of, lookahead, wants_hidden };
         if cfg.slots >= shape.layers * shape.experts {
             tier.load_all().map_err(|e| OffloadError::Config(e.to_string()))?;
         }
@@ -136,7 +147,7 @@ impl GpuExperts {
     /// Queues the copy of every expert (fully resident), then waits for them.
     fn load_all(&self) -> Result<(), ModelError> {
         let mut st = self.lock();
-        let TierState { core, mover } = &mut *st;
+        let TierState { core, mover, .. } = &mut *st;
         let shape = mover.device().shape();
         let (layers, experts) = (shape.layers, shape.experts);
         for l in 0..layers {
@@ -186,7 +197,7 @@ impl GpuExpertTier for GpuExperts {
     fn forecast(&mut self, from: LayerId, layer: LayerId, ids: &[ExpertId]) {
         let (Ok(from), Ok(layer)) = (self.moe(from), self.moe(layer)) else { return };
         let mut st = self.lock();
-        let TierState { core, mover } = &mut *st;
+        let TierState { core, mover, .. } = &mut *st;
         core.gating(from, layer, ids);
         // a prefetch the device refuses is a failed load for the core, not an error of this step
         let _ = mover.pump(core);
@@ -199,7 +210,7 @@ impl GpuExpertTier for GpuExperts {
     fn hidden(&mut self, layer: LayerId, h: &[f32]) {
         let Ok(layer) = self.moe(layer) else { return };
         let mut st = self.lock();
-        let TierState { core, mover } = &mut *st;
+        let TierState { core, mover, .. } = &mut *st;
         core.hidden(layer, h);
         let _ = mover.pump(core);
     }
@@ -207,7 +218,7 @@ impl GpuExpertTier for GpuExperts {
     fn prepare(&mut self, _g: &GpuContext, routing: &LayerRouting, used: &[ExpertId]) -> moe_model::Result<()> {
         let moe = self.moe(routing.layer)?;
         let mut st = self.lock();
-        let TierState { core, mover } = &mut *st;
+        let TierState { core, mover, .. } = &mut *st;
         mover.reap().map_err(gpu_err)?;
         core.prepare(moe, routing, used).map_err(gpu_err)?;
         mover.pump(core).map_err(gpu_err)?;
@@ -257,7 +268,7 @@ impl GpuExpertTier for GpuExperts {
         for &e in used {
             st.core.unpin(ExpertKey { layer: moe, expert: e }).map_err(gpu_err)?;
         }
-        let TierState { core, mover } = &mut *st;
+        let TierState { core, mover, .. } = &mut *st;
         // slots freed by the unpins may admit prefetches now
         mover.pump(core).map_err(gpu_err)?;
         Ok(())
@@ -267,7 +278,8 @@ impl GpuExpertTier for GpuExperts {
 impl ExpertPlanner for GpuExperts {
     fn begin_step(&self, tokens: &[StepToken]) {
         let mut st = self.lock();
-        let TierState { core, mover } = &mut *st;
+        st.publish();
+        let TierState { core, mover, .. } = &mut *st;
         core.begin_step(tokens);
         // the first layers' forecasts start copying before the step's compute
         let _ = mover.pump(core);

@@ -33,3 +33,6 @@ pub const SLOTS: &str = "moe_expert_cache_slots";
 /// Gauge: bytes of expert weights in the fast tier (every expert when all are
 /// resident; with a budget, the slots in use times the bytes of one expert).
 pub const RESIDENT_BYTES: &str = "moe_expert_resident_bytes";
+/// Counter: experts a GPU layer needed while their copy to the device was
+/// still running (the compute waited for it on the device).
+pub const COPY_WAITS: &str = "moe_expert_copy_waits_total";

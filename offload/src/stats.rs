@@ -94,3 +94,51 @@ impl CacheStats {
         t
     }
 }
+
+/// Publishes a residency core's counters to the metrics registry: what
+/// changed since the last call (one per fast tier: the CPU cache, the GPU tier).
+pub(crate) struct Publisher {
+    published: Vec<LayerStats>,
+    failures: u64,
+}
+
+impl Publisher {
+    /// Nothing published yet for `layers` MoE layers.
+    pub(crate) fn new(layers: usize) -> Self {
+        Self { published: vec![LayerStats::default(); layers], failures: 0 }
+    }
+
+    /// Publishes what changed in `core`'s counters since the last call.
+    pub(crate) fn publish(&mut self, core: &crate::residency::ResidencyCore) {
+        use crate::metric_names as m;
+        for (l, (now, was)) in core.stats_per_layer().iter().zip(self.published.iter_mut()).enumerate() {
+            if now == was {
+                continue;
+            }
+            let label = l.to_string();
+            let delta = |a: u64, b: u64| a.saturating_sub(b);
+            metrics::counter!(m::HITS, "layer" => label.clone()).increment(delta(now.hits, was.hits));
+            metrics::counter!(m::MISSES, "layer" => label.clone()).increment(delta(now.misses, was.misses));
+            metrics::counter!(m::PREFETCH_ISSUED, "layer" => label.clone())
+                .increment(delta(now.prefetch_issued, was.prefetch_issued));
+            metrics::counter!(m::PREFETCH_USED, "layer" => label.clone())
+                .increment(delta(now.prefetch_used, was.prefetch_used));
+            metrics::counter!(m::PREFETCH_WASTED, "layer" => label.clone())
+                .increment(delta(now.prefetch_wasted, was.prefetch_wasted));
+            metrics::counter!(m::BYTES_LOADED).increment(delta(now.bytes_loaded, was.bytes_loaded));
+            metrics::counter!(m::STALL_MICROSECONDS).increment(delta(now.stall_ns / 1000, was.stall_ns / 1000));
+            if now.actual != was.actual {
+                metrics::gauge!(m::PREDICTOR_PRECISION, "layer" => label.clone()).set(now.precision());
+                metrics::gauge!(m::PREDICTOR_RECALL, "layer" => label).set(now.recall());
+            }
+            *was = now.clone();
+        }
+        let failures = core.load_failures();
+        if failures != self.failures {
+            metrics::counter!(m::LOAD_FAILURES).increment(failures - self.failures);
+            self.failures = failures;
+        }
+        metrics::gauge!(m::RESIDENT).set(core.occupied() as f64);
+        metrics::gauge!(m::RESIDENT_BYTES).set(core.occupied_bytes() as f64);
+    }
+}
