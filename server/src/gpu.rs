@@ -77,7 +77,9 @@ impl GpuHost {
         let GpuHost { model, codec, source } = self;
         let cfg = model.config();
         let total = cfg.moe_layers().count() * cfg.moe.num_experts;
-        let slots = settings.budget.slots(total, source.expert_bytes()).unwrap_or(total);
+        // a byte budget counts device slots, which hold bf16 experts whatever the file holds
+        let slot_bytes = model.gpu_plan(0, block_size, 0).context("--device cuda")?.slot_bytes;
+        let slots = settings.budget.slots(total, slot_bytes).unwrap_or(total);
         let plan = model.gpu_plan(kv_blocks, block_size, slots).context("--device cuda")?;
         crate::memory::check_fits(
             plan.pinned_host as u64,
