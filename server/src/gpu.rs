@@ -99,6 +99,7 @@ impl GpuHost {
         };
         let experts =
             GpuExperts::new(device.gpu(), cfg, source.as_ref(), tier).context("--device cuda: expert tier")?;
+        metrics::gauge!(moe_engine::metric_names::NON_EXPERT_BYTES).set(device.weight_bytes() as f64);
         tracing::info!(
             weights = %crate::memory::gib(device.weight_bytes() as u64),
             kv_cache = %crate::memory::gib(device.kv_bytes() as u64),
