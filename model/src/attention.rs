@@ -57,8 +57,7 @@ impl Model {
             let (cos, sin) = (&ws.cos[i * half..(i + 1) * half], &ws.sin[i * half..(i + 1) * half]);
             self.rope.apply(q, d, 0, cos, sin);
             self.rope.apply(k, d, 0, cos, sin);
-            let (c, pos) = ws.tok[i];
-            let slot = kv.row(chunks[c].blocks, pos);
+            let slot = ws.layout.slots[i] as usize;
             kv.write(l, slot, k, v);
         }
 

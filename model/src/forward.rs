@@ -85,6 +85,8 @@ pub struct Workspace {
     /// same for every layer, so computed once per step.
     pub(crate) kv_rows: Vec<usize>,
     pub(crate) kv_rows_at: Vec<usize>,
+    /// The step's per-token addressing (cache rows written, block tables).
+    pub(crate) layout: crate::step_layout::StepLayout,
     pub(crate) moe: crate::moe::MoeScratch,
     pub(crate) mla: crate::mla::MlaScratch,
     /// Whether steps return the residual stream entering each MoE layer.
@@ -138,13 +140,18 @@ impl Model {
         }
         let t = ws.tok.len();
         let (bs, kvw) = (kv.block_size(), kv.widths().0);
+        // the same addressing the GPU pass uploads (crate::step_layout)
+        ws.layout.fill(chunks, bs).map_err(|_| ModelError::Input("step too large to address".into()))?;
         ws.kv_rows.clear();
         ws.kv_rows_at.clear();
+        let mut first = 0;
         for ch in chunks {
             ws.kv_rows_at.push(ws.kv_rows.len());
             let end = ch.start_pos + ch.tokens.len();
-            let slots = ch.blocks.iter().flat_map(|b| (0..bs).map(move |s| (b.index() * bs + s) * kvw));
-            ws.kv_rows.extend(slots.take(end));
+            // this chunk's block table, as the layout holds it
+            let table = &ws.layout.blocks[ws.layout.block_off[first] as usize..];
+            ws.kv_rows.extend((0..end).map(|p| (table[p / bs] as usize * bs + p % bs) * kvw));
+            first += ch.tokens.len();
         }
         let half = self.rope.half();
         ws.cos.resize(t * half, 0.0);

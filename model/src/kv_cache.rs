@@ -4,7 +4,6 @@
 //! sequence's block ids.
 
 use crate::ModelConfig;
-use moe_types::BlockId;
 
 /// Keys and values of every layer, addressed by (block, slot). With latent
 /// attention a slot holds the compressed latent and the shared RoPE key
@@ -51,12 +50,6 @@ impl KvCache {
     /// Blocks in the cache.
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
-    }
-
-    /// Row index of token position `pos` of a sequence holding `blocks`.
-    #[inline]
-    pub(crate) fn row(&self, blocks: &[BlockId], pos: usize) -> usize {
-        blocks[pos / self.block_size].index() * self.block_size + pos % self.block_size
     }
 
     /// Writes one token's key and value for `layer` at `row` (`v` empty

@@ -153,8 +153,7 @@ impl Model {
             ops::rms_norm_inplace(&mut row[..d.rank], &w.kv_a_norm, LATENT_NORM_EPS);
             self.rope.apply(&mut row[d.rank..], d.rope, 0, cos, sin);
             self.rope.apply(q, d.q(), d.nope, cos, sin);
-            let (c, pos) = ws.tok[i];
-            kv.write(l, kv.row(chunks[c].blocks, pos), row, &[]);
+            kv.write(l, ws.layout.slots[i] as usize, row, &[]);
         }
 
         ws.attn.resize(t * d.heads * d.v, 0.0);

@@ -48,8 +48,20 @@ impl StepLayout {
     /// The layout of `chunks` (already validated: every chunk's blocks
     /// cover its positions).
     pub fn new(chunks: &[SeqChunk<'_>], block_size: usize) -> Result<Self, LayoutTooLarge> {
-        let i32_of = |v: usize| i32::try_from(v).map_err(|_| LayoutTooLarge);
         let mut l = Self::default();
+        l.fill(chunks, block_size)?;
+        Ok(l)
+    }
+
+    /// [`Self::new`] into this layout's buffers (steady-state steps do not allocate).
+    pub fn fill(&mut self, chunks: &[SeqChunk<'_>], block_size: usize) -> Result<(), LayoutTooLarge> {
+        let i32_of = |v: usize| i32::try_from(v).map_err(|_| LayoutTooLarge);
+        let l = self;
+        l.ids.clear();
+        l.pos.clear();
+        l.slots.clear();
+        l.blocks.clear();
+        l.block_off.clear();
         for ch in chunks {
             let end = ch.start_pos + ch.tokens.len();
             let off = i32_of(l.blocks.len())?;
@@ -64,7 +76,7 @@ impl StepLayout {
                 l.block_off.push(off);
             }
         }
-        Ok(l)
+        Ok(())
     }
 
     /// Tokens in the step.
