@@ -10,8 +10,8 @@
 //! current layer's compute, and the compute stream waits, on the device, only
 //! for the experts it reads.
 
-use crate::residency::{CopyStats, DeviceMover, Pin, ResidencyConfig, ResidencyCore, SlotDevice};
-use crate::stats::{CacheStats, Publisher};
+use crate::residency::{CopyStats, DeviceTier, ResidencyConfig, ResidencyCore, SlotDevice};
+use crate::stats::CacheStats;
 use crate::{ExpertSource, OffloadError, PolicyKind, PredictorKind};
 use moe_kernels::cuda::expert_pool::{ExpertSlotPool, PoolShape};
 use moe_kernels::cuda::{CudaError, GpuContext};
@@ -54,35 +54,12 @@ pub struct GpuTierConfig {
     pub min_precision: f64,
 }
 
-struct TierState {
-    core: ResidencyCore,
-    mover: DeviceMover<ExpertSlotPool>,
-    published: Publisher,
-    /// Copy waits already published.
-    waits: u64,
-}
-
-impl TierState {
-    /// Publishes the counters that changed (once per step).
-    fn publish(&mut self) {
-        self.published.publish(&self.core);
-        let waited = self.mover.stats().waited;
-        metrics::counter!(crate::metric_names::COPY_WAITS).increment(waited - self.waits);
-        self.waits = waited;
-    }
-}
-
 /// Expert slots on the GPU over pinned host memory, driven by a residency core.
 pub struct GpuExperts {
-    state: Mutex<TierState>,
-    /// Decoder layer -> MoE index.
-    moe_of: Vec<Option<MoeLayerId>>,
+    /// Behind a mutex for the engine's planner, which asks through `&self`.
+    state: Mutex<DeviceTier<ExpertSlotPool>>,
     lookahead: usize,
     wants_hidden: bool,
-}
-
-fn gpu_err(e: impl std::fmt::Display) -> ModelError {
-    ModelError::Unsupported(format!("GPU expert tier: {e}"))
 }
 
 impl GpuExperts {
@@ -124,68 +101,39 @@ impl GpuExperts {
                 pool.stage(key, &w.gate_up, &w.down).map_err(cuda)?;
             }
         }
-        let mut moe_of = vec![None; model.num_layers()];
-        for (i, &l) in moe_layers.iter().enumerate() {
-            moe_of[l] = Some(MoeLayerId(i as u16));
-        }
         let lookahead = core.lookahead();
         let wants_hidden = core.wants_hidden();
         metrics::gauge!(crate::metric_names::SLOTS).set(cfg.slots as f64);
-        let state =
-            TierState { core, mover: DeviceMover::new(pool), published: Publisher::new(moe_layers.len()), waits: 0 };
-        let tier = Self { state: Mutex::new(state), moe_of, lookahead, wants_hidden };
+        let mut tier = DeviceTier::new(core, pool, model.num_layers(), &moe_layers);
         if cfg.slots >= shape.layers * shape.experts {
-            tier.load_all().map_err(|e| OffloadError::Config(e.to_string()))?;
+            let full = |e: ModelError| OffloadError::Config(format!("GPU expert tier: loading every expert: {e}"));
+            tier.load_all(shape.layers, shape.experts).map_err(full)?;
+            tier.device().synchronize_copies().map_err(cuda)?;
         }
-        Ok(tier)
+        Ok(Self { state: Mutex::new(tier), lookahead, wants_hidden })
     }
 
-    fn lock(&self) -> MutexGuard<'_, TierState> {
+    fn lock(&self) -> MutexGuard<'_, DeviceTier<ExpertSlotPool>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues the copy of every expert (fully resident), then waits for them.
-    fn load_all(&self) -> Result<(), ModelError> {
-        let mut st = self.lock();
-        let TierState { core, mover, .. } = &mut *st;
-        let shape = mover.device().shape();
-        let (layers, experts) = (shape.layers, shape.experts);
-        for l in 0..layers {
-            for e in 0..experts {
-                let key = ExpertKey { layer: MoeLayerId(l as u16), expert: ExpertId(e as u16) };
-                if core.pin(key, false).map_err(gpu_err)? == Pin::Wait {
-                    mover.pump(core).map_err(gpu_err)?;
-                }
-                core.unpin(key).map_err(gpu_err)?;
-            }
-        }
-        mover.pump(core).map_err(gpu_err)?;
-        mover.device().synchronize_copies().map_err(gpu_err)?;
-        mover.reap().map_err(gpu_err)?;
-        Ok(())
-    }
-
-    fn moe(&self, layer: LayerId) -> Result<MoeLayerId, ModelError> {
-        self.moe_of
-            .get(layer.index())
-            .copied()
-            .flatten()
-            .ok_or_else(|| ModelError::Input(format!("layer {} has no experts", layer.index())))
+    fn tier(&mut self) -> &mut DeviceTier<ExpertSlotPool> {
+        self.state.get_mut().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The residency counters (hits, misses, prefetches, bytes).
     pub fn stats(&self) -> CacheStats {
-        self.lock().core.stats()
+        self.lock().core().stats()
     }
 
     /// The copy counters (copies queued; experts needed while their copy ran).
     pub fn copy_stats(&self) -> CopyStats {
-        self.lock().mover.stats()
+        self.lock().copy_stats()
     }
 
     /// Bytes copied host-to-device so far.
     pub fn bytes_copied(&self) -> u64 {
-        self.lock().mover.device().bytes_loaded()
+        self.lock().device().bytes_loaded()
     }
 }
 
@@ -195,12 +143,7 @@ impl GpuExpertTier for GpuExperts {
     }
 
     fn forecast(&mut self, from: LayerId, layer: LayerId, ids: &[ExpertId]) {
-        let (Ok(from), Ok(layer)) = (self.moe(from), self.moe(layer)) else { return };
-        let mut st = self.lock();
-        let TierState { core, mover, .. } = &mut *st;
-        core.gating(from, layer, ids);
-        // a prefetch the device refuses is a failed load for the core, not an error of this step
-        let _ = mover.pump(core);
+        self.tier().forecast(from, layer, ids);
     }
 
     fn wants_hidden(&self) -> bool {
@@ -208,93 +151,41 @@ impl GpuExpertTier for GpuExperts {
     }
 
     fn hidden(&mut self, layer: LayerId, h: &[f32]) {
-        let Ok(layer) = self.moe(layer) else { return };
-        let mut st = self.lock();
-        let TierState { core, mover, .. } = &mut *st;
-        core.hidden(layer, h);
-        let _ = mover.pump(core);
+        self.tier().hidden(layer, h);
     }
 
     fn prepare(&mut self, _g: &GpuContext, routing: &LayerRouting, used: &[ExpertId]) -> moe_model::Result<()> {
-        let moe = self.moe(routing.layer)?;
-        let mut st = self.lock();
-        let TierState { core, mover, .. } = &mut *st;
-        mover.reap().map_err(gpu_err)?;
-        core.prepare(moe, routing, used).map_err(gpu_err)?;
-        mover.pump(core).map_err(gpu_err)?;
-        for &e in used {
-            let key = ExpertKey { layer: moe, expert: e };
-            let mut waited = false;
-            loop {
-                match core.pin(key, waited).map_err(gpu_err)? {
-                    Pin::Ready(_) => break,
-                    Pin::Failed(msg) => {
-                        return Err(ModelError::ExpertUnavailable {
-                            layer: routing.layer.index(),
-                            expert: e.index(),
-                            message: msg,
-                        })
-                    }
-                    // queued: issuing it reports it (loads are reported when queued)
-                    Pin::Wait if !waited => {
-                        mover.pump(core).map_err(gpu_err)?;
-                        waited = true;
-                    }
-                    Pin::Wait => {
-                        return Err(ModelError::ExpertUnavailable {
-                            layer: routing.layer.index(),
-                            expert: e.index(),
-                            message: "no slot could be freed for it".into(),
-                        })
-                    }
-                }
-            }
-            mover.needed(key).map_err(gpu_err)?;
-        }
-        Ok(())
+        self.tier().prepare(routing, used)
     }
 
     fn pool(&mut self) -> &ExpertSlotPool {
-        self.state.get_mut().unwrap_or_else(|p| p.into_inner()).mover.device()
+        self.tier().device()
     }
 
     fn key(&self, layer: LayerId, expert: ExpertId) -> moe_model::Result<ExpertKey> {
-        Ok(ExpertKey { layer: self.moe(layer)?, expert })
+        self.lock().key(layer, expert)
     }
 
     fn release(&mut self, layer: LayerId, used: &[ExpertId]) -> moe_model::Result<()> {
-        let moe = self.moe(layer)?;
-        let mut st = self.lock();
-        for &e in used {
-            st.core.unpin(ExpertKey { layer: moe, expert: e }).map_err(gpu_err)?;
-        }
-        let TierState { core, mover, .. } = &mut *st;
-        // slots freed by the unpins may admit prefetches now
-        mover.pump(core).map_err(gpu_err)?;
-        Ok(())
+        self.tier().release(layer, used)
     }
 }
 
 impl ExpertPlanner for GpuExperts {
     fn begin_step(&self, tokens: &[StepToken]) {
-        let mut st = self.lock();
-        st.publish();
-        let TierState { core, mover, .. } = &mut *st;
-        core.begin_step(tokens);
-        // the first layers' forecasts start copying before the step's compute
-        let _ = mover.pump(core);
+        self.lock().begin_step(tokens);
     }
 
     fn end_sequence(&self, seq: SeqId) {
-        self.lock().core.end_sequence(seq);
+        self.lock().core_mut().end_sequence(seq);
     }
 
     fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
-        self.lock().core.predict_paths(tokens)
+        self.lock().core().predict_paths(tokens)
     }
 
     fn resident_sets(&self) -> Vec<ExpertSet> {
-        self.lock().core.resident_sets()
+        self.lock().core().resident_sets()
     }
 }
 

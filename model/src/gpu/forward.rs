@@ -374,7 +374,7 @@ fn moe_block<T: GpuExpertTier>(
     }
     let routing = model.route_step(layer, host_router, t, &mut host.moe);
     tier.prepare(g, &routing, &host.moe.used)?;
-    look_ahead(cx, (l, t), tier, b, host)?;
+    let ahead = look_ahead(cx, (l, t), tier, b, host);
 
     // every chosen expert once over its token group, adding into b.out
     let m = &mut host.moe;
@@ -389,19 +389,26 @@ fn moe_block<T: GpuExpertTier>(
         }
         spans.push(start..rows.len());
     }
-    s.memcpy_htod(&rows, &mut b.group_rows)?;
-    s.memcpy_htod(&weights, &mut b.group_weights)?;
-    s.memset_zeros(&mut b.out)?;
-    for (&e, span) in m.used.iter().zip(&spans) {
-        let key = tier.key(layer, e)?;
-        let pool = tier.pool();
-        pool.wait_ready(g, key)?;
-        let views = pool.views(key)?;
-        let (rv, wv) = (b.group_rows.slice(span.clone()), b.group_weights.slice(span.clone()));
-        let group = TokenGroup { rows: &rv, weights: &wv, len: span.len() };
-        gemm::expert_ffn(g, &b.xn, &group, pool.matrices(&views), &mut b.experts, &mut b.out)?;
-    }
+    let products = || -> Result<()> {
+        ahead?;
+        s.memcpy_htod(&rows, &mut b.group_rows)?;
+        s.memcpy_htod(&weights, &mut b.group_weights)?;
+        s.memset_zeros(&mut b.out)?;
+        for (&e, span) in m.used.iter().zip(&spans) {
+            let key = tier.key(layer, e)?;
+            let pool = tier.pool();
+            pool.wait_ready(g, key)?;
+            let views = pool.views(key)?;
+            let (rv, wv) = (b.group_rows.slice(span.clone()), b.group_weights.slice(span.clone()));
+            let group = TokenGroup { rows: &rv, weights: &wv, len: span.len() };
+            gemm::expert_ffn(g, &b.xn, &group, pool.matrices(&views), &mut b.experts, &mut b.out)?;
+        }
+        Ok(())
+    };
+    let done = products();
+    // the pins go whether or not the products could be queued
     tier.release(layer, &m.used)?;
+    done?;
 
     if let Some(sh) = shared.as_ref() {
         mlp(g, &sh.mlp, t, b, MlpOut::Shared)?;

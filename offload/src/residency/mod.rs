@@ -21,9 +21,13 @@
 //! - the core changes *when* weights are read, never their values.
 
 mod core;
+#[cfg(test)]
+mod fake_device;
 mod forecast;
 mod mover;
+mod tier;
 
 pub use self::core::{Command, Pin, ResidencyConfig, ResidencyCore, ResidencyError, State};
 pub use self::mover::{CopyStats, DeviceMover, MoverError, SlotDevice};
+pub use self::tier::DeviceTier;
 pub use moe_types::{ExpertKey, SlotId, SlotTable};

@@ -3,62 +3,12 @@
 //! issued before its slot's eviction would fail the test).
 
 use super::*;
+use crate::residency::fake_device::FakeDevice;
 use crate::residency::{Pin, ResidencyConfig};
 use crate::{PolicyKind, PredictorKind};
 use moe_model::StepToken;
 use moe_types::rng::SplitMix64;
 use moe_types::{ExpertId, LayerId, LayerRouting, MoeLayerId, SeqId};
-use std::collections::VecDeque;
-
-#[derive(Default)]
-struct FakeDevice {
-    slots: Vec<Option<ExpertKey>>,
-    /// Copies queued and not finished, in issue order.
-    copying: VecDeque<ExpertKey>,
-    /// A load of this expert is refused.
-    refuse: Option<ExpertKey>,
-}
-
-impl FakeDevice {
-    fn new(slots: usize) -> Self {
-        Self { slots: vec![None; slots], ..Default::default() }
-    }
-
-    /// The oldest `n` queued copies finish (copies complete in issue order).
-    fn finish(&mut self, n: usize) {
-        for _ in 0..n.min(self.copying.len()) {
-            self.copying.pop_front();
-        }
-    }
-}
-
-impl SlotDevice for FakeDevice {
-    type Error = String;
-
-    fn load_into(&mut self, key: ExpertKey, slot: SlotId) -> Result<(), String> {
-        if self.refuse == Some(key) {
-            return Err(format!("cannot copy {key}"));
-        }
-        match self.slots[slot.index()] {
-            Some(old) => Err(format!("load of {key} into slot {slot:?} still holding {old}")),
-            None => {
-                self.slots[slot.index()] = Some(key);
-                self.copying.push_back(key);
-                Ok(())
-            }
-        }
-    }
-
-    fn evict(&mut self, key: ExpertKey) -> Result<SlotId, String> {
-        let i = self.slots.iter().position(|&k| k == Some(key)).ok_or(format!("{key} is not resident"))?;
-        self.slots[i] = None;
-        Ok(SlotId(i as u32))
-    }
-
-    fn is_ready(&self, key: ExpertKey) -> Result<bool, String> {
-        Ok(self.slots.contains(&Some(key)) && !self.copying.contains(&key))
-    }
-}
 
 fn core(layers: usize, experts: usize, slots: usize, predictor: PredictorKind) -> ResidencyCore {
     ResidencyCore::new(ResidencyConfig {
