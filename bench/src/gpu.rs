@@ -7,7 +7,7 @@
 use crate::Result;
 use moe_engine::{EngineCore, GenerationRequest};
 use moe_kernels::cuda::GpuContext;
-use moe_model::gpu::GpuModel;
+use moe_model::gpu::{CudaDevice, GpuModel};
 use moe_model::{ExpertWeights, LogitsRequest, Model, ModelError, SeqChunk};
 use moe_offload::gpu::{GpuBackend, GpuExperts, GpuTierConfig};
 use moe_offload::{ExpertSource, MemoryExperts, PolicyKind, PredictorKind};
@@ -27,7 +27,7 @@ const BLOCK: usize = 16;
 /// A GPU backend for `model` whose experts come from `source`.
 pub fn backend(model: &Model, source: &dyn ExpertSource, tier: GpuTierConfig, kv_blocks: usize) -> Result<GpuBackend> {
     let g = GpuContext::new(0).map_err(ModelError::from)?;
-    let gm = GpuModel::new(g, model, kv_blocks, BLOCK)?;
+    let gm = GpuModel::new(CudaDevice::new(g), model, kv_blocks, BLOCK)?;
     let experts = GpuExperts::new(gm.gpu(), model.config(), source, tier)?;
     Ok(GpuBackend::new(gm, experts))
 }

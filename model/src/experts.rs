@@ -274,7 +274,7 @@ pub trait ExpertPlanner {
 /// Every expert of every MoE layer held in memory.
 pub struct ResidentExperts {
     /// Indexed `[layer][expert]`; dense layers have no entries.
-    experts: Vec<Vec<ExpertWeights>>,
+    pub(crate) experts: Vec<Vec<ExpertWeights>>,
 }
 
 impl ResidentExperts {

@@ -28,6 +28,7 @@ mod attention;
 mod backend;
 mod checkpoint;
 mod config;
+pub mod device;
 mod error;
 mod experts;
 mod forward;

@@ -15,7 +15,8 @@ use crate::stats::CacheStats;
 use crate::{ExpertSource, OffloadError, PolicyKind, PredictorKind};
 use moe_kernels::cuda::expert_pool::{ExpertSlotPool, PoolShape};
 use moe_kernels::cuda::{CudaError, GpuContext};
-use moe_model::gpu::{GpuExpertTier, GpuModel};
+use moe_model::device::DeviceExperts;
+use moe_model::gpu::{CudaDevice, CudaExpert, GpuModel};
 use moe_model::{
     ExpertPlanner, ForwardOutput, KvCache, Model, ModelConfig, ModelError, SeqChunk, StepBackend, StepToken, Workspace,
 };
@@ -137,7 +138,7 @@ impl GpuExperts {
     }
 }
 
-impl GpuExpertTier for GpuExperts {
+impl DeviceExperts<CudaDevice> for GpuExperts {
     fn lookahead(&self) -> usize {
         self.lookahead
     }
@@ -154,16 +155,14 @@ impl GpuExpertTier for GpuExperts {
         self.tier().hidden(layer, h);
     }
 
-    fn prepare(&mut self, _g: &GpuContext, routing: &LayerRouting, used: &[ExpertId]) -> moe_model::Result<()> {
+    fn prepare(&mut self, routing: &LayerRouting, used: &[ExpertId]) -> moe_model::Result<()> {
         self.tier().prepare(routing, used)
     }
 
-    fn pool(&mut self) -> &ExpertSlotPool {
-        self.tier().device()
-    }
-
-    fn key(&self, layer: LayerId, expert: ExpertId) -> moe_model::Result<ExpertKey> {
-        self.lock().key(layer, expert)
+    fn expert(&mut self, layer: LayerId, expert: ExpertId) -> moe_model::Result<CudaExpert<'_>> {
+        let tier = self.tier();
+        let key = tier.key(layer, expert)?;
+        Ok(CudaExpert { pool: tier.device(), key })
     }
 
     fn release(&mut self, layer: LayerId, used: &[ExpertId]) -> moe_model::Result<()> {

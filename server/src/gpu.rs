@@ -7,7 +7,7 @@
 use crate::offload::OffloadSettings;
 use anyhow::Context;
 use moe_kernels::cuda::GpuContext;
-use moe_model::gpu::GpuModel;
+use moe_model::gpu::{CudaDevice, GpuModel};
 use moe_model::{Model, QuantTarget, TextCodec};
 use moe_offload::gpu::{GpuBackend, GpuExperts, GpuTierConfig};
 use moe_offload::{DiskExperts, DiskIo, ExpertSource, MemoryExperts};
@@ -89,7 +89,7 @@ impl GpuHost {
         let gpu = GpuContext::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
         tracing::info!(device = %gpu.info(), "GPU");
         fits_device(&plan, gpu.info().total_mem)?;
-        let device = GpuModel::new(gpu, &model, kv_blocks, block_size).context("--device cuda")?;
+        let device = GpuModel::new(CudaDevice::new(gpu), &model, kv_blocks, block_size).context("--device cuda")?;
         let tier = GpuTierConfig {
             slots,
             policy: settings.policy,

@@ -1,16 +1,16 @@
-//! What the GPU forward pass needs of the experts.
+//! What the device forward pass needs of the experts.
 
+use super::Device;
 use crate::Result;
-use moe_kernels::cuda::expert_pool::ExpertSlotPool;
-use moe_kernels::cuda::GpuContext;
-use moe_types::{ExpertId, ExpertKey, LayerId, LayerRouting};
+use moe_types::{ExpertId, LayerId, LayerRouting};
 
-/// The experts' fast tier on the GPU, as the forward pass drives it. Per MoE
+/// The experts' fast tier on a device, as the forward pass drives it. Per MoE
 /// layer, in order: [`hidden`](Self::hidden) (when wanted),
 /// [`prepare`](Self::prepare), [`forecast`](Self::forecast) for each later
-/// layer when [`lookahead`](Self::lookahead) asks, the experts' products
-/// (reading [`pool`](Self::pool)), then [`release`](Self::release).
-pub trait GpuExpertTier {
+/// layer when [`lookahead`](Self::lookahead) asks, [`expert`](Self::expert)
+/// for each expert's product, then [`release`](Self::release) (also when a
+/// product failed).
+pub trait DeviceExperts<D: Device> {
     /// MoE layers ahead to apply later routers to the current hidden states.
     fn lookahead(&self) -> usize {
         0
@@ -35,13 +35,10 @@ pub trait GpuExpertTier {
     /// MoE layer `routing.layer` runs next over the distinct experts `used`
     /// (ascending): every one of them is resident or its copy queued ahead of
     /// the compute that reads it, and pinned until [`release`](Self::release).
-    fn prepare(&mut self, g: &GpuContext, routing: &LayerRouting, used: &[ExpertId]) -> Result<()>;
+    fn prepare(&mut self, routing: &LayerRouting, used: &[ExpertId]) -> Result<()>;
 
-    /// The slot pool holding the prepared experts.
-    fn pool(&mut self) -> &ExpertSlotPool;
-
-    /// The pool's key of an expert of decoder layer `layer`.
-    fn key(&self, layer: LayerId, expert: ExpertId) -> Result<ExpertKey>;
+    /// A prepared expert of decoder layer `layer`, for its product.
+    fn expert(&mut self, layer: LayerId, expert: ExpertId) -> Result<D::Expert<'_>>;
 
     /// The products reading the layer's experts are queued: their pins go
     /// (a later copy into their slots still waits for those products).
