@@ -7,7 +7,7 @@
 #   scripts/gpu-check.sh --prebuilt DIR [--only PART]
 #                                        run the binaries from DIR (carry DIR to the GPU machine)
 #
-# PART: kernels, fidelity, builtin, large or serve (default: all). Prints everything to
+# PART: kernels, ops, fidelity, builtin, large or serve (default: all). Prints everything to
 # stdout, needs no network, and stops itself within 8 minutes (each phase has its own
 # time limit). Exit status is non-zero if any check fails or no GPU is usable.
 #
@@ -15,6 +15,8 @@
 # - kernels: NVRTC compiles the kernel source for the device; every CUDA kernel against its
 #   CPU counterpart (kernels/tests/cuda_vs_cpu.rs); kernels/examples/cuda_bench.rs
 #   (pinned host-to-device bandwidth, expert products, attention, copy/compute overlap);
+# - ops: every operation of the device forward pass on the GPU against the host device (the
+#   same pass on host memory, which the fidelity tests hold to transformers on every machine);
 # - fidelity: the GPU forward pass on every fixture it supports against transformers'
 #   logits (tolerance moe_bench::gpu::GPU_LOGIT_TOL of the largest logit: bf16 activations),
 #   routing and greedy tokens; DeepSeek and gpt-oss refused with a clear error;
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
     --prebuild) MODE=prebuild; DIR=${2:?--prebuild needs a directory}; shift 2 ;;
     --prebuilt) MODE=prebuilt; DIR=${2:?--prebuilt needs a directory}; shift 2 ;;
     --only) ONLY=${2:?--only needs a part}; shift 2 ;;
-    *) echo "usage: $0 [--prebuild DIR | --prebuilt DIR] [--only kernels|fidelity|builtin|large|serve]"; exit 2 ;;
+    *) echo "usage: $0 [--prebuild DIR | --prebuilt DIR] [--only kernels|ops|fidelity|builtin|large|serve]"; exit 2 ;;
   esac
 done
 part() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
@@ -144,7 +146,7 @@ if part kernels; then
   timeout 60 "$BIN/cuda_bench" || FAILED=1
 fi
 
-for p in fidelity builtin large; do
+for p in ops fidelity builtin large; do
   if part $p; then
     section "model check: $p (bench/src/bin/moe-gpu-check.rs)"
     timeout 240 "$BIN/moe-gpu-check" --only $p --fixtures tests/fixtures --model models/tiny-shakespeare-moe || FAILED=1

@@ -32,6 +32,19 @@ pub fn backend(model: &Model, source: &dyn ExpertSource, tier: GpuTierConfig, kv
     Ok(GpuBackend::new(gm, experts))
 }
 
+/// Every device operation on the GPU against the host device
+/// ([`crate::device_ops::op_suite`]): `(name, error, tolerance)` each.
+pub fn compare_ops() -> Result<Vec<(&'static str, f32, f32)>> {
+    let g = GpuContext::new(0).map_err(ModelError::from)?;
+    let got = crate::device_ops::op_suite(&CudaDevice::new(g))?;
+    let want = crate::device_ops::op_suite(&moe_model::device::host::HostDevice)?;
+    Ok(got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (b.name, crate::device_ops::scaled_error(&a.values, &b.values), b.tol))
+        .collect())
+}
+
 /// Every expert resident on the GPU.
 pub fn resident_tier(model: &Model) -> GpuTierConfig {
     let c = model.config();

@@ -11,6 +11,7 @@
 //! regrouping). Timing uses the wall clock; nothing here is on the serving
 //! path.
 
+pub mod device_ops;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod offload;

@@ -23,6 +23,17 @@ fn gpu_usable(test: &str) -> bool {
 }
 
 #[test]
+fn every_device_operation_matches_the_host_device() {
+    if !gpu_usable("gpu::every_device_operation_matches_the_host_device") {
+        return;
+    }
+    for (name, err, tol) in gpu::compare_ops().unwrap() {
+        eprintln!("{name}: {err:.2e} (tolerance {tol:.0e})");
+        assert!(err <= tol.max(1e-6), "{name}: {err} > {tol}");
+    }
+}
+
+#[test]
 fn fixtures_match_transformers_on_the_gpu() {
     if !gpu_usable("gpu::fixtures_match_transformers_on_the_gpu") {
         return;

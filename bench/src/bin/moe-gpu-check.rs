@@ -1,8 +1,10 @@
 //! `moe-gpu-check`: the model-level half of `scripts/gpu-check.sh`, for a
 //! machine with an NVIDIA GPU (built with `--features cuda`).
 //!
-//!   moe-gpu-check [--fixtures DIR] [--model DIR] [--only fidelity|builtin|large]
+//!   moe-gpu-check [--fixtures DIR] [--model DIR] [--only ops|fidelity|builtin|large]
 //!
+//! 0. ops: every operation of the device forward pass on the GPU against the
+//!    host device (the reference the fidelity tests hold to transformers);
 //! 1. fidelity: every fixture the GPU supports, on the GPU, against
 //!    transformers' logits, routing and greedy tokens (tolerance
 //!    `moe_bench::gpu::GPU_LOGIT_TOL` of the largest reference logit); the
@@ -63,6 +65,9 @@ fn run() -> Result<bool> {
     let info = moe_kernels::cuda::GpuContext::probe(0).context("no usable GPU")?;
     println!("GPU: {info}");
     let mut ok = true;
+    if part("ops") {
+        ok &= ops()?;
+    }
     if part("fidelity") {
         ok &= fidelity(&fixtures);
     }
@@ -71,6 +76,19 @@ fn run() -> Result<bool> {
     }
     if part("large") {
         ok &= bench_shape()?;
+    }
+    Ok(ok)
+}
+
+/// Each device operation on the GPU against the host device.
+fn ops() -> Result<bool> {
+    println!("\n## device operations: GPU against the host device\n");
+    println!("| operation | max scaled error | tolerance | pass |\n|---|---|---|---|");
+    let mut ok = true;
+    for (name, err, tol) in gpu::compare_ops()? {
+        let pass = err <= tol.max(1e-6);
+        ok &= pass;
+        println!("| {name} | {err:.2e} | {tol:.0e} | {} |", if pass { "yes" } else { "NO" });
     }
     Ok(ok)
 }
