@@ -553,6 +553,19 @@ fn incremental_decoding_matches_full_decode() {
     assert!(partial_seen, "the text should exercise held-back bytes");
 }
 
+/// The fixtures of the architectures the device (GPU) forward pass implements.
+const DEVICE_FIXTURES: [&str; 9] = [
+    "mixtral",
+    "mixtral_bf16",
+    "mixtral_window",
+    "mixtral_yarn",
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_moe_yarn",
+    "olmoe",
+    "glm4_moe",
+];
+
 /// The GPU forward pass's plan (checked on the host, before any device is
 /// touched): the architectures it implements pass, with their variants
 /// (shared-expert gates, q/k norms, sliding windows, YaRN, partial rotary,
@@ -560,18 +573,7 @@ fn incremental_decoding_matches_full_decode() {
 /// missing.
 #[test]
 fn the_gpu_plan_covers_five_architectures_and_names_the_rest() {
-    let supported = [
-        "mixtral",
-        "mixtral_bf16",
-        "mixtral_window",
-        "mixtral_yarn",
-        "qwen2_moe",
-        "qwen3_moe",
-        "qwen3_moe_yarn",
-        "olmoe",
-        "glm4_moe",
-    ];
-    for name in supported {
+    for name in DEVICE_FIXTURES {
         let dir = fixture_dir(name);
         let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         let (model, _) = load_weights(&dir, &cfg, &mut ()).unwrap();
@@ -660,17 +662,7 @@ fn check_device_pass(name: &str) -> Result<()> {
 
 #[test]
 fn the_device_pass_matches_transformers_on_every_architecture_it_covers() {
-    for name in [
-        "mixtral",
-        "mixtral_bf16",
-        "mixtral_window",
-        "mixtral_yarn",
-        "qwen2_moe",
-        "qwen3_moe",
-        "qwen3_moe_yarn",
-        "olmoe",
-        "glm4_moe",
-    ] {
+    for name in DEVICE_FIXTURES {
         check_device_pass(name).unwrap();
     }
 }
