@@ -70,16 +70,20 @@ pub struct Fidelity {
     pub decode_rel: f32,
     /// (token, layer) routings equal to the reference's, and how many.
     pub routing: (usize, usize),
-    /// Greedy tokens equal to the reference's (prefix), and how many.
+    /// Steps whose greedy choice equals the reference's, and how many steps.
     pub greedy: (usize, usize),
+    /// Steps choosing another token where the reference's two candidates
+    /// are within the tolerance (bf16 rounding may flip those).
+    pub near_ties: usize,
 }
 
 impl Fidelity {
-    /// Within [`GPU_LOGIT_TOL`] and every greedy token equal.
+    /// Within [`GPU_LOGIT_TOL`], and every greedy choice equal to the
+    /// reference's but at near ties.
     pub fn pass(&self) -> bool {
         self.prompt_err <= GPU_LOGIT_TOL * self.prompt_scale
             && self.decode_rel <= GPU_LOGIT_TOL
-            && self.greedy.0 == self.greedy.1
+            && self.greedy.0 + self.near_ties == self.greedy.1
     }
 }
 
@@ -175,8 +179,20 @@ pub fn fidelity(dir: &Path) -> Result<Fidelity> {
             routing.1 += 1;
         }
     }
-    let mut next = argmax(out.row(out.rows.len() - 1));
-    let mut agree = usize::from(greedy.first() == Some(&next));
+    // greedy: each step's choice against the reference's (the reference's
+    // tokens are fed, so steps are independent); a different choice where
+    // the reference's two candidates are within the tolerance is a near tie
+    let mut agree = (0, 0);
+    let mut judge = |got: &[f32], want: &[f32], tok: u32| {
+        let pick = argmax(got);
+        if pick == tok {
+            agree.0 += 1;
+        } else if want[tok as usize] - want[pick as usize] <= GPU_LOGIT_TOL * max_abs(want) {
+            agree.1 += 1;
+        }
+    };
+    let last = &r.logits[(ids.len() - 1) * vocab..];
+    judge(out.row(out.rows.len() - 1), last, greedy[0]);
     let (mut worst, mut scale) = (0.0f32, 0.0f32);
     // decode: feed the reference's greedy tokens, compare each step's logits
     for (i, &tok) in greedy.iter().enumerate().take(greedy.len().saturating_sub(1)) {
@@ -189,10 +205,7 @@ pub fn fidelity(dir: &Path) -> Result<Fidelity> {
         let want = &r.decode_logits[i * vocab..(i + 1) * vocab];
         worst = worst.max(max_diff(o.row(0), want));
         scale = scale.max(max_abs(want));
-        next = argmax(o.row(0));
-        if agree == i + 1 && greedy.get(i + 1) == Some(&next) {
-            agree += 1;
-        }
+        judge(o.row(0), want, greedy[i + 1]);
     }
     Ok(Fidelity {
         name,
@@ -200,7 +213,8 @@ pub fn fidelity(dir: &Path) -> Result<Fidelity> {
         prompt_scale,
         decode_rel: if scale > 0.0 { worst / scale } else { worst },
         routing,
-        greedy: (agree, greedy.len()),
+        greedy: (agree.0, greedy.len()),
+        near_ties: agree.1,
     })
 }
 

@@ -20,7 +20,7 @@ fn gpu() -> Option<MutexGuard<'static, GpuContext>> {
     static GPU: OnceLock<Option<Mutex<GpuContext>>> = OnceLock::new();
     let g = GPU.get_or_init(|| match GpuContext::new(0) {
         Ok(g) => {
-            eprintln!("running on {}", g.info());
+            eprintln!("running on {} ({})", g.info(), g.kernel_image());
             Some(Mutex::new(g))
         }
         Err(e) => {

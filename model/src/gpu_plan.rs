@@ -11,8 +11,8 @@ use moe_kernels::Weight;
 /// Device memory a model takes on a GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GpuPlan {
-    /// Non-expert weights, in their checkpoint precision (f32 or bf16),
-    /// norms and biases in f32.
+    /// Non-expert weights, in their checkpoint precision (f32 or bf16), but
+    /// routers, norms and biases in f32.
     pub weights: usize,
     /// The paged KV cache (f32 keys and values of every layer).
     pub kv: usize,
@@ -92,7 +92,9 @@ impl Model {
                         }
                         None => 0,
                     };
-                    gpu_weight(&router.weight, "routers")? + sh
+                    // routers are held in f32 (Device::upload_router)
+                    gpu_weight(&router.weight, "routers")?;
+                    4 * router.weight.rows() * router.weight.cols() + sh
                 }
             };
         }
@@ -121,9 +123,17 @@ mod tests {
         let (model, _) = random_model(&cfg, 0).unwrap();
         let p = model.gpu_plan(3, 16, 5).unwrap();
         // the weights as uploaded are the host's non-expert weights plus the
-        // f32 norms the host keeps outside `nbytes`
+        // f32 norms the host keeps outside `nbytes`, routers widened to f32
         let norms = 4 * (2 * 2 * 16 + 16);
-        assert_eq!(p.weights, model.nbytes() + norms);
+        let widened: usize = model
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                crate::weights::FfnWeights::Moe { router, .. } => 4 * 4 * 16 - router.weight.nbytes(),
+                crate::weights::FfnWeights::Dense(_) => 0,
+            })
+            .sum();
+        assert_eq!(p.weights, model.nbytes() + norms + widened);
         // 2 layers x 48 rows x (8 + 8 floats) x 4 bytes
         assert_eq!(p.kv, 2 * 3 * 16 * (8 + 8) * 4);
         assert_eq!(p.slot_bytes, 3 * 16 * 24 * 2);

@@ -62,8 +62,9 @@ fn run() -> Result<bool> {
     let model_dir = PathBuf::from(arg("--model").unwrap_or_else(|| "models/tiny-shakespeare-moe".into()));
     let only = arg("--only");
     let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
-    let info = moe_kernels::cuda::GpuContext::probe(0).context("no usable GPU")?;
-    println!("GPU: {info}");
+    let gpu = moe_kernels::cuda::GpuContext::new(0).context("no usable GPU")?;
+    println!("GPU: {} (kernels: {})", gpu.info(), gpu.kernel_image());
+    drop(gpu);
     let mut ok = true;
     if part("ops") {
         ok &= ops()?;
@@ -107,7 +108,7 @@ fn fidelity(fixtures: &Path) -> bool {
                 let pass = f.pass();
                 ok &= pass;
                 println!(
-                    "| {name} | {:.2e} / {:.2} | {:.2e} | {}/{} | {}/{} | {} |",
+                    "| {name} | {:.2e} / {:.2} | {:.2e} | {}/{} | {}/{} | {} | {} |",
                     f.prompt_err,
                     f.prompt_scale,
                     f.decode_rel,
@@ -115,12 +116,13 @@ fn fidelity(fixtures: &Path) -> bool {
                     f.routing.1,
                     f.greedy.0,
                     f.greedy.1,
+                    f.near_ties,
                     if pass { "yes" } else { "NO" }
                 );
             }
             Err(e) => {
                 ok = false;
-                println!("| {name} | ERROR: {e} | | | | NO |");
+                println!("| {name} | ERROR: {e} | | | | | NO |");
             }
         }
     }

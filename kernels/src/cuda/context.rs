@@ -81,6 +81,8 @@ pub struct GpuContext {
     blas: CudaBlas,
     _module: Arc<CudaModule>,
     funcs: HashMap<&'static str, CudaFunction>,
+    /// What the kernels were loaded as (machine code or PTX).
+    image: String,
 }
 
 impl GpuContext {
@@ -100,14 +102,20 @@ impl GpuContext {
         require(CudaLibrary::Nvrtc)?;
         require(CudaLibrary::Cublas)?;
         let stream = ctx.new_stream()?;
-        let (module, funcs) = compile(&ctx, info.compute_capability)?;
+        let (module, funcs, image) = compile(&ctx, info.compute_capability)?;
         let blas = CudaBlas::new(stream.clone())?;
-        Ok(Self { info, ctx, stream, blas, _module: module, funcs })
+        Ok(Self { info, ctx, stream, blas, _module: module, funcs, image })
     }
 
     /// The device this context runs on.
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// What the kernels were loaded as: machine code for the device, or
+    /// PTX compiled by the driver (with why the machine code was not used).
+    pub fn kernel_image(&self) -> &str {
+        &self.image
     }
 
     /// The driver context.
@@ -160,18 +168,65 @@ pub fn compile_ptx((major, minor): (i32, i32)) -> Result<cudarc::nvrtc::Ptx, Cud
     cudarc::nvrtc::compile_ptx_with_opts(super::KERNELS_SRC, opts).map_err(|e| CudaError::Compile(e.to_string()))
 }
 
-/// Compiles `KERNELS_SRC` for the device's architecture and loads every kernel.
+/// Compiles `KERNELS_SRC` to machine code (a CUBIN) for compute capability
+/// `major.minor` with NVRTC (no GPU needed). Preferred to PTX: a driver
+/// JIT-compiles only PTX no newer than its own CUDA version, while a CUBIN of
+/// the same major version loads whatever NVRTC minor version built it.
+pub fn compile_cubin((major, minor): (i32, i32)) -> Result<Vec<u8>, CudaError> {
+    use cudarc::nvrtc::{result, sys};
+    require(CudaLibrary::Nvrtc)?;
+    let src = std::ffi::CString::new(super::KERNELS_SRC).map_err(|e| CudaError::Compile(e.to_string()))?;
+    let name = c"moe_kernels.cu";
+    let prog = result::create_program(&src, Some(name)).map_err(|e| CudaError::Compile(e.to_string()))?;
+    let opts = [format!("--gpu-architecture=sm_{major}{minor}"), "--std=c++14".to_string()];
+    // SAFETY: `prog` was just created from a live source string and is
+    // destroyed exactly once below; the size and buffer calls follow
+    // NVRTC's contract (the buffer holds the size it reported).
+    unsafe {
+        let out = (|| {
+            if let Err(e) = result::compile_program(prog, &opts) {
+                let log = result::get_program_log(prog)
+                    .map(|l| std::ffi::CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                return Err(CudaError::Compile(format!("{e:?}: {log}")));
+            }
+            let mut size = 0usize;
+            sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| CudaError::Compile(format!("{e:?}")))?;
+            let mut buf = vec![0u8; size];
+            sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut _)
+                .result()
+                .map_err(|e| CudaError::Compile(format!("{e:?}")))?;
+            Ok(buf)
+        })();
+        let _ = result::destroy_program(prog);
+        out
+    }
+}
+
+/// Compiles `KERNELS_SRC` for the device and loads every kernel: machine
+/// code for its architecture, or PTX for the driver to compile where that
+/// cannot be built or loaded. Returns which it loaded.
 #[allow(clippy::type_complexity)]
 fn compile(
     ctx: &Arc<CudaContext>,
     cc: (i32, i32),
-) -> Result<(Arc<CudaModule>, HashMap<&'static str, CudaFunction>), CudaError> {
-    let module = ctx.load_module(compile_ptx(cc)?)?;
+) -> Result<(Arc<CudaModule>, HashMap<&'static str, CudaFunction>, String), CudaError> {
+    let (ma, mi) = cc;
+    let (module, image) =
+        match compile_cubin(cc).and_then(|bin| Ok(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin))?)) {
+            Ok(m) => (m, format!("sm_{ma}{mi} machine code")),
+            Err(cubin) => {
+                let m = ctx.load_module(compile_ptx(cc)?).map_err(|e| {
+                    CudaError::Compile(format!("machine code: {cubin}; PTX: {e} (is NVRTC newer than the driver?)"))
+                })?;
+                (m, format!("compute_{ma}{mi} PTX (machine code failed: {cubin})"))
+            }
+        };
     let mut funcs = HashMap::new();
     for &name in super::KERNEL_NAMES {
         funcs.insert(name, module.load_function(name)?);
     }
-    Ok((module, funcs))
+    Ok((module, funcs, image))
 }
 
 #[cfg(test)]
@@ -199,6 +254,17 @@ mod tests {
             for name in super::super::KERNEL_NAMES {
                 assert!(ptx.contains(&format!(".entry {name}(")), "sm_{}{}: no kernel {name} in the PTX", cc.0, cc.1);
             }
+            let bin = compile_cubin(cc).unwrap_or_else(|e| panic!("sm_{}{}: {e}", cc.0, cc.1));
+            for name in super::super::KERNEL_NAMES {
+                assert!(
+                    bin.windows(name.len()).any(|w| w == name.as_bytes()),
+                    "sm_{}{}: no {name} in the machine code",
+                    cc.0,
+                    cc.1
+                );
+            }
+            assert!(bin.starts_with(b"\x7fELF"), "sm_{}{}: the machine code is not an ELF image", cc.0, cc.1);
+            eprintln!("sm_{}{}: {} bytes of machine code", cc.0, cc.1, bin.len());
             eprintln!(
                 "compute_{}{}: {} kernels, {} bytes of PTX",
                 cc.0,

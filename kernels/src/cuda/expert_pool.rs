@@ -244,6 +244,13 @@ impl ExpertSlotPool {
     }
 }
 
+impl Drop for ExpertSlotPool {
+    /// Copies still queued read the pinned tier: they finish before it is freed.
+    fn drop(&mut self) {
+        let _ = self.copy.synchronize();
+    }
+}
+
 /// Measures host-to-device bandwidth from pinned memory on a separate copy
 /// stream: `bytes` per copy, best of `repeats`, in GB/s (10^9 bytes/s).
 pub fn pinned_h2d_bandwidth(g: &GpuContext, bytes: usize, repeats: usize) -> Result<f64, CudaError> {

@@ -185,7 +185,8 @@ extern "C" __global__ void argmax_rows(const float* x, int rows, int n, unsigned
 
 // Activations to bf16 for the cuBLAS products (bf16 in, f32 accumulate).
 extern "C" __global__ void cast_f32_to_bf16(const float* x, unsigned short* out, int n) {
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) out[e] = f32_to_bf16(x[e]);
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < (size_t)n; e += (size_t)gridDim.x * blockDim.x)
+        out[e] = f32_to_bf16(x[e]);
 }
 
 // out[r] = x[idx[r]] for d-wide rows (an expert's token group). grid: n blocks.
@@ -290,18 +291,20 @@ extern "C" __global__ void paged_attention(const float* q, int q_stride, const f
 
 // x[e] += y[e] for n values (ops::add_inplace: the residual adds).
 extern "C" __global__ void add_inplace(float* x, const float* y, int n) {
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) x[e] += y[e];
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < (size_t)n; e += (size_t)gridDim.x * blockDim.x)
+        x[e] += y[e];
 }
 
 // Each of `rows` rows of width d gets the bias b added (ops::add_inplace per row).
 extern "C" __global__ void add_bias_rows(float* x, const float* b, int rows, int d) {
-    int n = rows * d;
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) x[e] += b[e % d];
+    size_t n = (size_t)rows * d;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
+        x[e] += b[e % d];
 }
 
 // Every value clamped to [-c, c] (the clip_qkv option).
 extern "C" __global__ void clamp_inplace(float* x, int n, float c) {
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x)
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < (size_t)n; e += (size_t)gridDim.x * blockDim.x)
         x[e] = fminf(fmaxf(x[e], -c), c);
 }
 

@@ -31,6 +31,7 @@ pub fn add_bias_rows(g: &GpuContext, x: &mut CudaSlice<f32>, b: &CudaSlice<f32>,
         return Ok(());
     }
     let (r, dd) = (i32_arg("rows", rows)?, i32_arg("width", d)?);
+    i32_arg("values", rows * d)?;
     // SAFETY: the kernel writes rows*d values of x and reads d of b (checked).
     unsafe {
         g.stream().launch_builder(g.func("add_bias_rows")).arg(x).arg(b).arg(&r).arg(&dd).launch(elems_cfg(rows * d))?

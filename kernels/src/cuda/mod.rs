@@ -1,6 +1,8 @@
 //! The CUDA backend (feature `cuda`): a device context, kernels compiled at
 //! run time with NVRTC from the source in `kernels.cu` (no nvcc at build
-//! time), cuBLAS products for the expert FFNs, and the GPU expert-slot pool.
+//! time; machine code for the device's architecture, PTX for the driver to
+//! compile where that fails), cuBLAS products, the per-layer operations of
+//! the forward pass, and the GPU expert-slot pool.
 //!
 //! Every CUDA library is loaded at run time (cudarc's `dynamic-loading`), so
 //! this module builds on machines without a CUDA toolkit. cudarc's loaders

@@ -117,6 +117,13 @@ pub trait Device {
     fn upload_ids(&self, v: &[u32]) -> Result<Self::Ids>;
     /// A weight in its checkpoint precision (an error for formats the device has no product for).
     fn upload_weight(&self, w: &Weight) -> Result<Self::Weight>;
+    /// A router's weight: products whose results pick experts. The GPU
+    /// widens bf16 routers to f32 (an f32 product, no bf16 rounding of the
+    /// activations), so routing does not flip on that rounding; the plan
+    /// counts routers at 4 bytes a value.
+    fn upload_router(&self, w: &Weight) -> Result<Self::Weight> {
+        self.upload_weight(w)
+    }
     /// Input features of a weight.
     fn cols(w: &Self::Weight) -> usize;
     /// `dst[..v.len()] = v`.

@@ -64,6 +64,11 @@ impl<D: Device> Uploader<'_, D> {
         self.dev.upload_weight(w)
     }
 
+    fn router(&mut self, w: &moe_kernels::Weight) -> Result<D::Weight> {
+        self.bytes += 4 * w.rows() * w.cols();
+        self.dev.upload_router(w)
+    }
+
     fn vector(&mut self, v: &[f32]) -> Result<D::Buf> {
         self.bytes += 4 * v.len();
         self.dev.upload(v)
@@ -91,7 +96,7 @@ impl<D: Device> DevWeights<D> {
             let ffn = match &layer.ffn {
                 FfnWeights::Dense(m) => DevFfn::Dense(up.mlp(m)?),
                 FfnWeights::Moe { router, shared } => DevFfn::Moe {
-                    router: up.weight(&router.weight)?,
+                    router: up.router(&router.weight)?,
                     shared: match shared {
                         Some(sh) => Some(DevShared {
                             mlp: up.mlp(&sh.mlp)?,

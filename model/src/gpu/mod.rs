@@ -11,7 +11,9 @@
 //! the routing before the experts run); logits come down for sampling.
 //!
 //! Precision: products take bf16 activations against bf16 weights with f32
-//! accumulation (`moe_kernels::cuda::gemm`); everything else is f32. The
+//! accumulation (`moe_kernels::cuda::gemm`), except the routers, widened to
+//! f32 at upload so routing does not flip on that rounding; everything else
+//! is f32. The
 //! orchestration is the host device's (`crate::device::host`), tested against
 //! the CPU forward pass everywhere; these operations are checked against the
 //! CPU kernels on a GPU by `scripts/gpu-check.sh`.
@@ -124,6 +126,11 @@ impl Device for CudaDevice {
 
     fn upload_weight(&self, w: &Weight) -> Result<GpuWeight> {
         Ok(GpuWeight::upload(&self.g, w)?)
+    }
+
+    fn upload_router(&self, w: &Weight) -> Result<GpuWeight> {
+        let wide = Weight::from_f32(w.rows(), w.cols(), w.to_f32())?;
+        Ok(GpuWeight::upload(&self.g, &wide)?)
     }
 
     fn cols(w: &GpuWeight) -> usize {
