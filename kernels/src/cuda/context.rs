@@ -203,6 +203,19 @@ pub fn compile_cubin((major, minor): (i32, i32)) -> Result<Vec<u8>, CudaError> {
     }
 }
 
+/// [`compile_cubin`], once per architecture per process (a process that
+/// opens several contexts, like the GPU check, compiles once).
+fn cached_cubin(cc: (i32, i32)) -> Result<Vec<u8>, CudaError> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<HashMap<(i32, i32), Vec<u8>>>> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(bin) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&cc) {
+        return Ok(bin.clone());
+    }
+    let bin = compile_cubin(cc)?;
+    cache.lock().unwrap_or_else(|p| p.into_inner()).insert(cc, bin.clone());
+    Ok(bin)
+}
+
 /// Compiles `KERNELS_SRC` for the device and loads every kernel: machine
 /// code for its architecture, or PTX for the driver to compile where that
 /// cannot be built or loaded. Returns which it loaded.
@@ -213,7 +226,7 @@ fn compile(
 ) -> Result<(Arc<CudaModule>, HashMap<&'static str, CudaFunction>, String), CudaError> {
     let (ma, mi) = cc;
     let (module, image) =
-        match compile_cubin(cc).and_then(|bin| Ok(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin))?)) {
+        match cached_cubin(cc).and_then(|bin| Ok(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin))?)) {
             Ok(m) => (m, format!("sm_{ma}{mi} machine code")),
             Err(cubin) => {
                 let m = ctx.load_module(compile_ptx(cc)?).map_err(|e| {
