@@ -206,7 +206,8 @@ pub fn compile_cubin((major, minor): (i32, i32)) -> Result<Vec<u8>, CudaError> {
 /// [`compile_cubin`], once per architecture per process (a process that
 /// opens several contexts, like the GPU check, compiles once).
 fn cached_cubin(cc: (i32, i32)) -> Result<Vec<u8>, CudaError> {
-    static CACHE: std::sync::OnceLock<std::sync::Mutex<HashMap<(i32, i32), Vec<u8>>>> = std::sync::OnceLock::new();
+    type Cache = std::sync::Mutex<HashMap<(i32, i32), Vec<u8>>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(bin) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&cc) {
         return Ok(bin.clone());
