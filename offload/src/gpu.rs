@@ -176,15 +176,15 @@ impl ExpertPlanner for GpuExperts {
     }
 
     fn end_sequence(&self, seq: SeqId) {
-        self.lock().core_mut().end_sequence(seq);
+        self.lock().end_sequence(seq);
     }
 
     fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
-        self.lock().core().predict_paths(tokens)
+        self.lock().predict_paths(tokens)
     }
 
     fn resident_sets(&self) -> Vec<ExpertSet> {
-        self.lock().core().resident_sets()
+        self.lock().resident_sets()
     }
 }
 

@@ -111,15 +111,15 @@ impl ExpertPlanner for HostBackend {
     }
 
     fn end_sequence(&self, seq: SeqId) {
-        self.tier.borrow_mut().tier.core_mut().end_sequence(seq);
+        self.tier.borrow_mut().tier.end_sequence(seq);
     }
 
     fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
-        self.tier.borrow().tier.core().predict_paths(tokens)
+        self.tier.borrow().tier.predict_paths(tokens)
     }
 
     fn resident_sets(&self) -> Vec<ExpertSet> {
-        self.tier.borrow().tier.core().resident_sets()
+        self.tier.borrow().tier.resident_sets()
     }
 }
 

@@ -40,11 +40,6 @@ impl<D: SlotDevice> DeviceTier<D> {
         &self.core
     }
 
-    /// The core, mutably (sequence ends).
-    pub fn core_mut(&mut self) -> &mut ResidencyCore {
-        &mut self.core
-    }
-
     /// The device.
     pub fn device(&self) -> &D {
         self.mover.device()
@@ -164,6 +159,21 @@ impl<D: SlotDevice> DeviceTier<D> {
         let moe = self.moe(layer)?;
         self.unpin_all(moe, used);
         self.mover.pump(&mut self.core).map_err(refused)
+    }
+
+    /// A sequence ended: the predictor forgets it.
+    pub fn end_sequence(&mut self, seq: moe_types::SeqId) {
+        self.core.end_sequence(seq);
+    }
+
+    /// The forecast paths of `tokens`, for the engine's regrouping.
+    pub fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<moe_types::ExpertSet>>> {
+        self.core.predict_paths(tokens)
+    }
+
+    /// The resident experts of each MoE layer, for the engine's regrouping.
+    pub fn resident_sets(&self) -> Vec<moe_types::ExpertSet> {
+        self.core.resident_sets()
     }
 
     /// Publishes the counters that changed since the last call.
