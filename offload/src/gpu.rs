@@ -10,16 +10,15 @@
 //! current layer's compute, and the compute stream waits, on the device, only
 //! for the experts it reads.
 
+use crate::backend::DeviceBackend;
 use crate::residency::{CopyStats, DeviceTier, ResidencyConfig, ResidencyCore, SlotDevice};
 use crate::stats::CacheStats;
 use crate::{ExpertSource, OffloadError, PolicyKind, PredictorKind};
 use moe_kernels::cuda::expert_pool::{ExpertSlotPool, PoolShape};
 use moe_kernels::cuda::{CudaError, GpuContext};
 use moe_model::device::DeviceExperts;
-use moe_model::gpu::{CudaDevice, CudaExpert, GpuModel};
-use moe_model::{
-    ExpertPlanner, ForwardOutput, KvCache, Model, ModelConfig, ModelError, SeqChunk, StepBackend, StepToken, Workspace,
-};
+use moe_model::gpu::{CudaDevice, CudaExpert};
+use moe_model::{ExpertPlanner, ModelConfig, ModelError, StepToken};
 use moe_types::{ExpertId, ExpertKey, ExpertSet, LayerId, LayerRouting, MoeLayerId, SeqId, SlotId};
 use std::sync::{Mutex, MutexGuard};
 
@@ -189,67 +188,7 @@ impl ExpertPlanner for GpuExperts {
 }
 
 /// The engine's backend on a GPU: the model on the device and the GPU expert tier.
-pub struct GpuBackend {
-    model: GpuModel,
-    experts: GpuExperts,
-}
-
-impl GpuBackend {
-    /// Pairs a device model with its expert tier (built on the same context).
-    pub fn new(model: GpuModel, experts: GpuExperts) -> Self {
-        Self { model, experts }
-    }
-
-    /// The expert tier (counters).
-    pub fn experts(&self) -> &GpuExperts {
-        &self.experts
-    }
-
-    /// The device model (sizes).
-    pub fn model(&self) -> &GpuModel {
-        &self.model
-    }
-
-    /// The device model and the tier, to run [`GpuModel::forward`] directly.
-    pub fn parts(&mut self) -> (&mut GpuModel, &mut GpuExperts) {
-        (&mut self.model, &mut self.experts)
-    }
-}
-
-impl ExpertPlanner for GpuBackend {
-    fn begin_step(&self, tokens: &[StepToken]) {
-        self.experts.begin_step(tokens);
-    }
-
-    fn end_sequence(&self, seq: SeqId) {
-        self.experts.end_sequence(seq);
-    }
-
-    fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
-        self.experts.predict_paths(tokens)
-    }
-
-    fn resident_sets(&self) -> Vec<ExpertSet> {
-        self.experts.resident_sets()
-    }
-}
-
-impl StepBackend for GpuBackend {
-    fn forward_step(
-        &mut self,
-        model: &Model,
-        chunks: &[SeqChunk<'_>],
-        _kv: &mut KvCache,
-        ws: &mut Workspace,
-    ) -> moe_model::Result<ForwardOutput> {
-        self.model.capture_hidden(ws.captures_hidden());
-        self.model.forward(model, chunks, &mut self.experts)
-    }
-
-    fn host_kv(&self) -> bool {
-        false
-    }
-}
+pub type GpuBackend = DeviceBackend<CudaDevice, GpuExperts>;
 
 /// The engine thread owns the backend: it must move there.
 const _: fn() = || {

@@ -29,6 +29,7 @@
 //! (`ResidencyCore::check`, property-tested).
 
 mod activations;
+mod backend;
 pub mod bounds;
 mod budget;
 mod cache;
@@ -46,6 +47,7 @@ mod source;
 mod stats;
 
 pub use activations::{ExpertActivations, Int8ActivationSource};
+pub use backend::DeviceBackend;
 pub use budget::ExpertBudget;
 pub use cache::{CacheConfig, CacheGuard, ExpertCache};
 pub use disk_io::DiskIo;

@@ -1,20 +1,18 @@
 //! The GPU backend's whole stack on host memory: the device forward pass
 //! (`moe_model::device`) over a `DeviceTier` (the residency core and device
 //! mover the GPU tier uses) whose slot device holds experts in host memory,
-//! driven by the engine exactly as `moe_offload::gpu::GpuBackend` is. Only
-//! the CUDA operations and the pinned-memory copies differ on a GPU. Greedy
+//! in the backend type the GPU uses (`moe_offload::DeviceBackend`; the CUDA
+//! one is `moe_offload::gpu::GpuBackend`). Only the CUDA operations, the
+//! pinned-memory copies and `GpuExperts`' staging differ on a GPU. Greedy
 //! tokens of concurrent sequences must equal the CPU engine's at every
 //! budget, policy and predictor, and no pin may be left behind.
 
 use moe_engine::EngineCore;
 use moe_model::device::host::HostDevice;
 use moe_model::device::{DeviceExperts, DeviceModel};
-use moe_model::{
-    load_model, ExpertPlanner, ExpertWeights, ForwardOutput, KvCache, Model, ResidentExperts, SeqChunk, StepBackend,
-    StepToken, Workspace,
-};
+use moe_model::{load_model, ExpertPlanner, ExpertWeights, Model, ResidentExperts, StepToken};
 use moe_offload::residency::{DeviceTier, ResidencyConfig, ResidencyCore, SlotDevice};
-use moe_offload::{PolicyKind, PredictorKind};
+use moe_offload::{DeviceBackend, PolicyKind, PredictorKind};
 use moe_scheduler::SchedulerConfig;
 use moe_types::{ExpertId, ExpertKey, ExpertSet, LayerId, LayerRouting, MoeLayerId, SeqId, SlotId};
 use std::cell::RefCell;
@@ -57,8 +55,10 @@ impl SlotDevice for HostSlots {
     }
 }
 
+/// The GPU tier (`GpuExperts`) with host slots: the planner asks through
+/// `&self`, so the tier sits in a `RefCell` (the GPU's in a mutex).
 struct HostTier {
-    tier: DeviceTier<HostSlots>,
+    tier: RefCell<DeviceTier<HostSlots>>,
     lookahead: usize,
     wants_hidden: bool,
 }
@@ -69,7 +69,7 @@ impl DeviceExperts<HostDevice> for HostTier {
     }
 
     fn forecast(&mut self, from: LayerId, layer: LayerId, ids: &[ExpertId]) {
-        self.tier.forecast(from, layer, ids);
+        self.tier.get_mut().forecast(from, layer, ids);
     }
 
     fn wants_hidden(&self) -> bool {
@@ -77,68 +77,49 @@ impl DeviceExperts<HostDevice> for HostTier {
     }
 
     fn hidden(&mut self, layer: LayerId, h: &[f32]) {
-        self.tier.hidden(layer, h);
+        self.tier.get_mut().hidden(layer, h);
     }
 
     fn prepare(&mut self, routing: &LayerRouting, used: &[ExpertId]) -> moe_model::Result<()> {
-        self.tier.prepare(routing, used)
+        self.tier.get_mut().prepare(routing, used)
     }
 
     fn expert(&mut self, layer: LayerId, expert: ExpertId) -> moe_model::Result<&ExpertWeights> {
-        let key = self.tier.key(layer, expert)?;
-        let slot = self.tier.core().table().slot_of(key).expect("a prepared expert has a slot");
-        let (k, w) = self.tier.device().slots[slot.index()].as_ref().expect("its slot is filled");
+        let tier = self.tier.get_mut();
+        let key = tier.key(layer, expert)?;
+        let slot = tier.core().table().slot_of(key).expect("a prepared expert has a slot");
+        let (k, w) = tier.device().slots[slot.index()].as_ref().expect("its slot is filled");
         assert_eq!(*k, key, "the slot holds another expert");
         Ok(w)
     }
 
     fn release(&mut self, layer: LayerId, used: &[ExpertId]) -> moe_model::Result<()> {
-        self.tier.release(layer, used)
+        self.tier.get_mut().release(layer, used)
     }
 }
 
-/// `GpuBackend` with the host device in place of the GPU.
-struct HostBackend {
-    model: DeviceModel<HostDevice>,
-    tier: RefCell<HostTier>,
-}
-
-impl ExpertPlanner for HostBackend {
+impl ExpertPlanner for HostTier {
     fn begin_step(&self, tokens: &[StepToken]) {
         let mut t = self.tier.borrow_mut();
-        t.tier.device_mut().copying.clear();
-        t.tier.begin_step(tokens);
+        t.device_mut().copying.clear();
+        t.begin_step(tokens);
     }
 
     fn end_sequence(&self, seq: SeqId) {
-        self.tier.borrow_mut().tier.end_sequence(seq);
+        self.tier.borrow_mut().end_sequence(seq);
     }
 
     fn predict_paths(&self, tokens: &[StepToken]) -> Vec<Option<Vec<ExpertSet>>> {
-        self.tier.borrow().tier.predict_paths(tokens)
+        self.tier.borrow().predict_paths(tokens)
     }
 
     fn resident_sets(&self) -> Vec<ExpertSet> {
-        self.tier.borrow().tier.resident_sets()
+        self.tier.borrow().resident_sets()
     }
 }
 
-impl StepBackend for HostBackend {
-    fn forward_step(
-        &mut self,
-        model: &Model,
-        chunks: &[SeqChunk<'_>],
-        _kv: &mut KvCache,
-        ws: &mut Workspace,
-    ) -> moe_model::Result<ForwardOutput> {
-        self.model.capture_hidden(ws.captures_hidden());
-        self.model.forward(model, chunks, self.tier.get_mut())
-    }
-
-    fn host_kv(&self) -> bool {
-        false
-    }
-}
+/// `GpuBackend` with the host device in place of the GPU: the same type.
+type HostBackend = DeviceBackend<HostDevice, HostTier>;
 
 fn backend(
     model: &Model,
@@ -169,10 +150,8 @@ fn backend(
         // as GpuExperts does for a tier with a slot for every expert
         tier.load_all(moe_layers.len(), cfg.moe.num_experts).unwrap();
     }
-    HostBackend {
-        model: DeviceModel::new(HostDevice, model, 64, 16).unwrap(),
-        tier: RefCell::new(HostTier { tier, lookahead, wants_hidden }),
-    }
+    let model = DeviceModel::new(HostDevice, model, 64, 16).unwrap();
+    DeviceBackend::new(model, HostTier { tier: RefCell::new(tier), lookahead, wants_hidden })
 }
 
 #[test]
@@ -211,17 +190,17 @@ fn the_gpu_stack_on_host_memory_keeps_greedy_tokens_at_every_budget() {
         let mut core = EngineCore::new(model.clone(), be, vec![], sched, (64, 16));
         let got = core.generate_greedy(&prompts, 24).unwrap();
         assert_eq!(got, want, "{label}: greedy tokens differ from the CPU engine's");
-        let tier = core.experts().tier.borrow();
-        let st = tier.tier.core().stats().total();
+        let tier = core.experts().experts().tier.borrow();
+        let st = tier.core().stats().total();
         assert_eq!(st.misses > 0, slots < total, "{label}: {st:?}");
         let layers = model.config().moe_layers().count();
         for l in 0..layers {
             for e in 0..model.config().moe.num_experts {
                 let key = ExpertKey { layer: MoeLayerId(l as u16), expert: ExpertId(e as u16) };
-                assert_eq!(tier.tier.core().pins(key), 0, "{label}: {key} still pinned");
+                assert_eq!(tier.core().pins(key), 0, "{label}: {key} still pinned");
             }
         }
-        tier.tier.core().check().unwrap();
-        eprintln!("{label}: hit ratio {:.3}, copies {:?}", st.hit_ratio(), tier.tier.copy_stats());
+        tier.core().check().unwrap();
+        eprintln!("{label}: hit ratio {:.3}, copies {:?}", st.hit_ratio(), tier.copy_stats());
     }
 }
