@@ -80,6 +80,10 @@ pub enum ModelError {
         /// Why.
         message: String,
     },
+    /// An expert tier's device or bookkeeping failed (a copy could not be
+    /// queued, the residency core refused a report).
+    #[error("expert tier: {0}")]
+    ExpertTier(String),
     /// A kernel rejected its operands (an internal shape bug).
     #[error(transparent)]
     Kernel(#[from] moe_kernels::KernelError),

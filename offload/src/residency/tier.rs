@@ -21,7 +21,7 @@ pub struct DeviceTier<D> {
 }
 
 fn refused(e: impl std::fmt::Display) -> ModelError {
-    ModelError::Unsupported(format!("expert tier: {e}"))
+    ModelError::ExpertTier(e.to_string())
 }
 
 impl<D: SlotDevice> DeviceTier<D> {
